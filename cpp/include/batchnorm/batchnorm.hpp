@@ -1,0 +1,6 @@
+// batchnorm: batch normalization for the CPU. Include this header for the whole C++ API.
+#pragma once
+
+#include "batchnorm/functional.hpp"
+#include "batchnorm/runtime.hpp"
+#include "batchnorm/types.hpp"

@@ -1,0 +1,104 @@
+// The stateless batch-norm kernels of batchnorm: moments, normalize, forward, backward.
+//
+// Every function works on a strided n-d array described by a Geometry (shape and the
+// feature axes, which are kept; statistics reduce over all the other axes) and, for
+// each array argument, a data pointer and strides in elements (empty = C-contiguous;
+// negative and zero strides are allowed for inputs). Per-channel arrays (mean,
+// variance, gamma, beta, ...) are contiguous, one value per channel, channels in C
+// order of the sorted feature axes; a null gamma means 1, a null beta means 0.
+//
+// Element types: float, double, float16_t, bfloat16_t. Statistics and per-channel
+// arrays are stat_t<T> (float, or double for double); all reductions accumulate in
+// double, so results do not depend on the thread count beyond the final rounding.
+//
+// Example (NCHW float data, feature axis 1):
+//
+//   std::vector<float> x(N * C * H * W), y(x.size()), mean(C), var(C), inv_std(C);
+//   batchnorm::Geometry g{{N, C, H, W}, {1}};
+//   batchnorm::forward<float>(g, {x.data()}, {y.data()}, {}, 1e-5, batchnorm::Activation::none,
+//                             mean.data(), var.data(), inv_std.data());
+//
+// Errors throw batchnorm::value_error or batchnorm::type_error (both std::invalid_argument).
+#pragma once
+
+#include "batchnorm/types.hpp"
+
+namespace batchnorm {
+
+/// The shape of an array and its feature axes (int or several; negative counts from the end).
+struct Geometry {
+  Shape shape;
+  Axes axes;
+};
+
+/// An input array: data pointer and strides in elements (empty = C-contiguous).
+template <class T>
+struct In {
+  const T* data = nullptr;
+  Strides strides = {};
+};
+
+/// An output array: data pointer and strides in elements (empty = C-contiguous).
+/// It must not overlap the inputs, unless it is the same array with the same strides.
+template <class T>
+struct Out {
+  T* data = nullptr;
+  Strides strides = {};
+};
+
+/// Per-channel scale and shift. nullptr: gamma = 1, beta = 0.
+template <class S>
+struct Affine {
+  const S* gamma = nullptr;
+  const S* beta = nullptr;
+};
+
+/// Number of channels (product of the feature axes' sizes) and of values reduced per
+/// channel (product of the others), after validating g.
+struct Extent {
+  index_t channels;
+  index_t count;
+};
+Extent extent(const Geometry& g);
+
+/// Per-channel batch mean and biased (population) variance. Returns the count reduced
+/// per channel. Throws value_error for an empty batch.
+template <class T>
+index_t moments(const Geometry& g, In<T> x, stat_t<T>* mean, stat_t<T>* variance);
+
+/// Mergeable per-channel statistics (count, mean, M2 = sum of squared deviations), in
+/// double. Partials from different arrays merge exactly (Chan et al.); see merge_moments.
+/// An empty batch is allowed here (count 0, mean 0, M2 0).
+template <class T>
+index_t partial_moments(const Geometry& g, In<T> x, double* mean, double* m2);
+
+/// Merges (count_b, mean_b, m2_b) into (count_a, mean_a, m2_a), per channel.
+void merge_moments(index_t channels, double* count_a, double* mean_a, double* m2_a, const double* count_b,
+                   const double* mean_b, const double* m2_b);
+
+/// Inference pass: y = act(gamma * (x - mean) / sqrt(variance + epsilon) + beta).
+template <class T>
+void normalize(const Geometry& g, In<T> x, Out<T> y, const stat_t<T>* mean, const stat_t<T>* variance,
+               Affine<stat_t<T>> affine, double epsilon, Activation activation = Activation::none);
+
+/// Training pass: batch statistics, then y = act(gamma * (x - mean) * inv_std + beta)
+/// with inv_std = 1 / sqrt(variance + epsilon). Writes the statistics (variance biased)
+/// and returns the count reduced per channel. y may be x itself (in place).
+template <class T>
+index_t forward(const Geometry& g, In<T> x, Out<T> y, Affine<stat_t<T>> affine, double epsilon, Activation activation,
+                stat_t<T>* mean, stat_t<T>* variance, stat_t<T>* inv_std);
+
+/// Whether the statistics used in the forward pass were the batch's own (training) or
+/// constants such as moving averages (inference): the latter have no gradient.
+enum class Statistics { batch, fixed };
+
+/// Backward of forward() (Statistics::batch) or of normalize() (Statistics::fixed, with
+/// inv_std = 1/sqrt(variance + epsilon)). With Activation::relu the mask is rebuilt from
+/// x, mean, inv_std, gamma and beta exactly as the forward pass computed it.
+/// dgamma = sum(dy' * x_hat), dbeta = sum(dy'), always written (dy' = dy masked by relu).
+template <class T>
+void backward(const Geometry& g, In<T> dy, In<T> x, Out<T> dx, const stat_t<T>* mean, const stat_t<T>* inv_std,
+              Affine<stat_t<T>> affine, Activation activation, stat_t<T>* dgamma, stat_t<T>* dbeta,
+              Statistics statistics = Statistics::batch);
+
+}  // namespace batchnorm

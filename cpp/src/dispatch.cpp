@@ -1,0 +1,106 @@
+// Picks the kernel table once: the best instruction set that is compiled in, that the CPU
+// (and the OS, for the AVX register state) supports, and that BATCHNORM_MAX_ISA allows.
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "batchnorm/runtime.hpp"
+#include "isa_region.hpp"
+#include "kernels.hpp"
+
+namespace batchnorm {
+namespace detail {
+namespace {
+
+struct Candidate {
+  const char* name;
+  const Tables* (*tables)();
+  bool (*supported)();
+};
+
+bool cpu_has_avx2() {
+#if BATCHNORM_HAVE_TARGETS
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
+         __builtin_cpu_supports("bmi2");
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_avx512() {
+#if BATCHNORM_HAVE_TARGETS
+  return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+#else
+  return false;
+#endif
+}
+
+bool always() { return true; }
+
+// Best first; the portable baseline is last and always usable.
+const std::vector<Candidate>& candidates() {
+  static const std::vector<Candidate> list{
+      {"avx512", &avx512::tables, &cpu_has_avx512},
+      {"avx2", &avx2::tables, &cpu_has_avx2},
+      {"baseline", &baseline::tables, &always},
+  };
+  return list;
+}
+
+int rank_of(const std::string& name) {
+  const auto& list = candidates();
+  for (std::size_t i = 0; i < list.size(); ++i)
+    if (name == list[i].name) return static_cast<int>(i);
+  return -1;
+}
+
+const Tables& choose() {
+  int cap = 0;
+  if (const char* env = std::getenv("BATCHNORM_MAX_ISA"); env && *env) {
+    cap = rank_of(env);
+    if (cap < 0) {
+      std::fprintf(stderr, "batchnorm: ignoring BATCHNORM_MAX_ISA=%s (expected baseline, avx2 or avx512)\n", env);
+      cap = 0;
+    }
+  }
+  const auto& list = candidates();
+  for (std::size_t i = static_cast<std::size_t>(cap); i < list.size(); ++i)
+    if (list[i].tables() && list[i].supported()) return *list[i].tables();
+  return *baseline::tables();
+}
+
+}  // namespace
+
+const Tables& active_tables() {
+  static const Tables& t = choose();
+  return t;
+}
+
+const Tables* tables_for(const std::string& isa) {
+  for (const Candidate& c : candidates())
+    if (isa == c.name) return c.tables() && c.supported() ? c.tables() : nullptr;
+  return nullptr;
+}
+
+}  // namespace detail
+
+std::vector<std::string> compiled_isas() {
+  std::vector<std::string> out;
+  for (const auto& c : detail::candidates())
+    if (c.tables()) out.emplace_back(c.name);
+  return out;
+}
+
+std::vector<std::string> supported_isas() {
+  std::vector<std::string> out;
+  for (const auto& c : detail::candidates())
+    if (c.tables() && c.supported()) out.emplace_back(c.name);
+  return out;
+}
+
+std::string active_isa() { return detail::active_tables().isa; }
+
+}  // namespace batchnorm

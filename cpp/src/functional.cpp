@@ -1,0 +1,450 @@
+// The functional API: validation, the canonical view, the per-channel math between the
+// passes, and the split of each pass over threads. The passes themselves are the
+// kernels of the active instruction set (kernels.hpp).
+//
+// Statistics. Each channel's values are shifted by the channel's first value K before
+// they are summed, in double: s = sum(x - K), ss = sum((x - K)^2). Then
+//     mean = K + s/M,   M2 = ss - s^2/M,   variance = M2/M.
+// The shift removes the offset that ruins the textbook E[x^2] - E[x]^2 (float32 data with
+// mean/std = 1e4 loses all digits there); what cancels in M2 is at most about the ratio
+// of (K - mean)^2 to the variance, harmless in double. Per-thread partial sums share K,
+// so they add; they are merged in thread order, so a result depends only on the data and
+// the thread count, and across thread counts only in double rounding.
+//
+// Backward (per channel, g = dy masked by the fused ReLU, x_hat = (x - mean)*inv_std):
+//     dbeta  = sum g,   dgamma = sum g*x_hat = inv_std * sum g*(x - mean)
+//     batch statistics:  dx = a*(g - dbeta/M - x_hat*dgamma/M),  a = gamma*inv_std
+//                          = k1*g + k2*(x - mean) + k3,  k1 = a, k2 = -a*inv_std*dgamma/M,
+//                                                         k3 = -a*dbeta/M
+//     fixed statistics:  dx = a*g
+// The per-channel coefficients of every pass are derived from the stored (rounded)
+// mean and inv_std, so backward rebuilds the forward's ReLU mask bit for bit.
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "batchnorm/functional.hpp"
+#include "kernels.hpp"
+#include "plan.hpp"
+#include "threads.hpp"
+
+namespace batchnorm {
+namespace detail {
+namespace {
+
+using Offsets = std::array<index_t, kMaxOperands>;
+
+std::vector<const Strides*> operand_strides(std::initializer_list<const Strides*> s) { return s; }
+
+void check_epsilon(double epsilon) {
+  if (!std::isfinite(epsilon) || epsilon < 0)
+    throw value_error("epsilon must be a finite number >= 0, got " + std::to_string(epsilon));
+}
+
+void check_not_null(const void* p, const char* what) {
+  if (!p) throw value_error(std::string(what) + " must not be null");
+}
+
+void check_output(const Plan& p, int op, const char* what) {
+  for (const std::vector<Dim>* dims : {&p.channel_dims, &p.reduce_dims})
+    for (const Dim& d : *dims)
+      if (d.stride[static_cast<std::size_t>(op)] == 0)
+        throw value_error(std::string(what) + " has a zero stride: several elements would share one location");
+}
+
+bool empty(const Plan& p) { return p.channels == 0 || p.count == 0; }
+
+// Calls rows(offsets, nrows, row_strides) for rows [begin, end) of a channels_last plan.
+template <class F>
+void for_rows(const Plan& p, index_t begin, index_t end, const F& rows) {
+  if (p.reduce_dims.empty()) {
+    if (begin < end) rows(p.offset, index_t{1}, Offsets{});
+    return;
+  }
+  const Dim& inner = p.reduce_dims.back();
+  const std::size_t outer_dims = p.reduce_dims.size() - 1;
+  for (index_t r = begin; r < end;) {
+    const index_t i = r % inner.size;
+    const index_t len = std::min(inner.size - i, end - r);
+    Offsets off{};
+    for (int op = 0; op < p.operands; ++op) {
+      const auto o = static_cast<std::size_t>(op);
+      off[o] = p.offset[o] + p.reduce_offset(r / inner.size, outer_dims, op) + i * inner.stride[o];
+    }
+    rows(off, len, inner.stride);
+    r += len;
+  }
+}
+
+// The runs of a channels_first / strided plan: channel-major units (channel, outer index),
+// each a stretch of `length` values along the innermost reduce dimension.
+struct Runs {
+  index_t length = 1;
+  Offsets stride{};
+  index_t per_channel = 1;
+  index_t total = 0;
+};
+
+Runs runs_of(const Plan& p) {
+  Runs r;
+  if (!p.reduce_dims.empty()) {
+    r.length = p.reduce_dims.back().size;
+    r.stride = p.reduce_dims.back().stride;
+  }
+  r.per_channel = p.count / r.length;
+  r.total = p.channels * r.per_channel;
+  return r;
+}
+
+// Calls run(channel, offsets) for units [begin, end).
+template <class F>
+void for_runs(const Plan& p, const Runs& r, index_t begin, index_t end, const F& run) {
+  const std::size_t outer_dims = p.reduce_dims.empty() ? 0 : p.reduce_dims.size() - 1;
+  for (index_t u = begin; u < end; ++u) {
+    const index_t c = u / r.per_channel;
+    Offsets off{};
+    for (int op = 0; op < p.operands; ++op) {
+      const auto o = static_cast<std::size_t>(op);
+      off[o] = p.offset[o] + p.channel_offset(c, op) + p.reduce_offset(u % r.per_channel, outer_dims, op);
+    }
+    run(c, off);
+  }
+}
+
+// Work items of a plan (rows or runs), for splitting among threads.
+index_t work_items(const Plan& p) { return p.kind == Kind::channels_last ? p.count : runs_of(p).total; }
+
+// A per-channel sum pass (reduce-1 or reduce-2): sums (s, ss) per channel into out_s,
+// out_ss (zeroed here). rows_fn(offsets, nrows, row_strides, s, ss) and
+// run_fn(c, offsets, runs, s_c, ss_c) do one work item.
+template <class RowsFn, class RunFn>
+void reduce_pass(const Plan& p, double* out_s, double* out_ss, const RowsFn& rows_fn, const RunFn& run_fn) {
+  const index_t C = p.channels;
+  std::fill(out_s, out_s + C, 0.0);
+  std::fill(out_ss, out_ss + C, 0.0);
+  const int nt = threads_for(p.channels * p.count);
+  std::vector<double> partial(nt > 1 ? static_cast<std::size_t>(2 * nt * C) : 0, 0.0);
+  const Runs runs = runs_of(p);
+  const index_t items = work_items(p);
+  parallel(nt, [&](int t, int n) {
+    double* s = nt > 1 ? partial.data() + 2 * t * C : out_s;
+    double* ss = nt > 1 ? s + C : out_ss;
+    index_t begin, end;
+    partition(items, t, n, begin, end);
+    if (p.kind == Kind::channels_last)
+      for_rows(p, begin, end,
+               [&](const Offsets& off, index_t nrows, const Offsets& rs) { rows_fn(off, nrows, rs, s, ss); });
+    else
+      for_runs(p, runs, begin, end, [&](index_t c, const Offsets& off) { run_fn(c, off, runs, s + c, ss + c); });
+  });
+  if (nt > 1)
+    for (int t = 0; t < nt; ++t) {
+      const double* s = partial.data() + 2 * t * C;
+      for (index_t c = 0; c < C; ++c) {
+        out_s[c] += s[c];
+        out_ss[c] += s[C + c];
+      }
+    }
+}
+
+// An elementwise pass (affine-1 or affine-2).
+template <class RowsFn, class RunFn>
+void map_pass(const Plan& p, const RowsFn& rows_fn, const RunFn& run_fn) {
+  const Runs runs = runs_of(p);
+  const index_t items = work_items(p);
+  parallel(threads_for(p.channels * p.count), [&](int t, int n) {
+    index_t begin, end;
+    partition(items, t, n, begin, end);
+    if (p.kind == Kind::channels_last)
+      for_rows(p, begin, end, rows_fn);
+    else
+      for_runs(p, runs, begin, end, [&](index_t c, const Offsets& off) { run_fn(c, off, runs); });
+  });
+}
+
+template <class T>
+const KernelTable<T>& kernels() {
+  return active_tables().get<T>();
+}
+
+template <class T>
+Coefs<compute_t<T>> at_channel(const Coefs<compute_t<T>>& k, index_t c) {
+  auto at = [c](const compute_t<T>* v) { return v ? v + c : v; };
+  return {at(k.a), at(k.m), at(k.b), at(k.k1), at(k.k2), at(k.k3)};
+}
+
+// Per-channel sums of x - K (K: each channel's first value), then mean and M2 in double.
+template <class T>
+void sum_moments(const Plan& p, const T* x, double* mean, double* m2) {
+  using C = compute_t<T>;
+  const index_t ch = p.channels;
+  std::vector<C> shift(static_cast<std::size_t>(ch));
+  for (index_t c = 0; c < ch; ++c) {
+    C v[1];
+    const T* first = x + p.offset[0] + p.channel_offset(c, 0);
+    if constexpr (std::is_same_v<T, C>)
+      v[0] = *first;
+    else
+      v[0] = static_cast<float>(*first);
+    shift[static_cast<std::size_t>(c)] = v[0];
+  }
+  Coefs<C> k;
+  k.m = shift.data();
+  std::vector<double> s(static_cast<std::size_t>(ch)), ss(static_cast<std::size_t>(ch));
+  const KernelTable<T>& kt = kernels<T>();
+  reduce_pass(
+      p, s.data(), ss.data(),
+      [&](const Offsets& off, index_t rows, const Offsets& rs, double* ps, double* pss) {
+        kt.reduce1_rows({x + off[0], rs[0]}, rows, ch, k, ps, pss);
+      },
+      [&](index_t c, const Offsets& off, const Runs& r, double* ps, double* pss) {
+        kt.reduce1_run({x + off[0], r.stride[0]}, r.length, at_channel<T>(k, c), ps, pss);
+      });
+  const double M = static_cast<double>(p.count);
+  for (index_t c = 0; c < ch; ++c) {
+    const auto i = static_cast<std::size_t>(c);
+    mean[c] = static_cast<double>(shift[i]) + s[i] / M;
+    double v = ss[i] - s[i] * s[i] / M;
+    if (v < 0) v = 0;  // rounding only; NaN stays NaN
+    m2[c] = v;
+  }
+}
+
+template <class T>
+void affine1(const Plan& p, const T* x, T* y, const Coefs<compute_t<T>>& k, bool relu) {
+  const KernelTable<T>& kt = kernels<T>();
+  map_pass(
+      p,
+      [&](const Offsets& off, index_t rows, const Offsets& rs) {
+        kt.affine1_rows({x + off[0], rs[0]}, {y + off[1], rs[1]}, rows, p.channels, k, relu);
+      },
+      [&](index_t c, const Offsets& off, const Runs& r) {
+        kt.affine1_run({x + off[0], r.stride[0]}, {y + off[1], r.stride[1]}, r.length, at_channel<T>(k, c), relu);
+      });
+}
+
+// Per-channel coefficients of an affine pass, in the compute type.
+template <class C>
+struct CoefStore {
+  std::vector<C> a, m, b, k1, k2, k3;
+  explicit CoefStore(index_t channels, bool backward) {
+    const auto n = static_cast<std::size_t>(channels);
+    a.resize(n), m.resize(n), b.resize(n);
+    if (backward) k1.resize(n), k2.resize(n), k3.resize(n);
+  }
+  Coefs<C> view() const {
+    auto ptr = [](const std::vector<C>& v) { return v.empty() ? nullptr : v.data(); };
+    return {ptr(a), ptr(m), ptr(b), ptr(k1), ptr(k2), ptr(k3)};
+  }
+};
+
+template <class S>
+double gamma_of(const Affine<S>& affine, index_t c) {
+  return affine.gamma ? static_cast<double>(affine.gamma[c]) : 1.0;
+}
+template <class S>
+double beta_of(const Affine<S>& affine, index_t c) {
+  return affine.beta ? static_cast<double>(affine.beta[c]) : 0.0;
+}
+
+// a = gamma*inv_std, m = mean, b = beta: the forward pass's coefficients.
+template <class T>
+void set_forward_coefs(CoefStore<compute_t<T>>& k, index_t channels, const stat_t<T>* mean, const double* inv_std,
+                       const Affine<stat_t<T>>& affine) {
+  using C = compute_t<T>;
+  for (index_t c = 0; c < channels; ++c) {
+    const auto i = static_cast<std::size_t>(c);
+    k.a[i] = static_cast<C>(gamma_of(affine, c) * inv_std[c]);
+    k.m[i] = static_cast<C>(mean[c]);
+    k.b[i] = static_cast<C>(beta_of(affine, c));
+  }
+}
+
+}  // namespace
+}  // namespace detail
+
+using namespace detail;
+
+Extent extent(const Geometry& g) {
+  const Strides none;
+  const Plan p = make_plan(g, {&none});
+  return {p.channels, p.count};
+}
+
+template <class T>
+index_t partial_moments(const Geometry& g, In<T> x, double* mean, double* m2) {
+  static_assert(is_element_v<T>, "unsupported element type");
+  const Plan p = make_plan(g, operand_strides({&x.strides}));
+  check_not_null(mean, "mean");
+  check_not_null(m2, "m2");
+  if (p.count == 0) {
+    std::fill(mean, mean + p.channels, 0.0);
+    std::fill(m2, m2 + p.channels, 0.0);
+    return 0;
+  }
+  if (p.channels == 0) return p.count;
+  check_not_null(x.data, "x");
+  sum_moments(p, x.data, mean, m2);
+  return p.count;
+}
+
+void merge_moments(index_t channels, double* count_a, double* mean_a, double* m2_a, const double* count_b,
+                   const double* mean_b, const double* m2_b) {
+  for (index_t c = 0; c < channels; ++c) {
+    const double na = count_a[c], nb = count_b[c], n = na + nb;
+    if (nb == 0) continue;
+    const double delta = mean_b[c] - mean_a[c];
+    mean_a[c] += delta * (nb / n);
+    m2_a[c] += m2_b[c] + delta * delta * (na * nb / n);
+    count_a[c] = n;
+  }
+}
+
+template <class T>
+index_t moments(const Geometry& g, In<T> x, stat_t<T>* mean, stat_t<T>* variance) {
+  static_assert(is_element_v<T>, "unsupported element type");
+  const Plan p = make_plan(g, operand_strides({&x.strides}));
+  if (p.count == 0) throw value_error("moments of an empty batch: the reduced axes hold no values");
+  check_not_null(mean, "mean");
+  check_not_null(variance, "variance");
+  if (p.channels == 0) return p.count;
+  check_not_null(x.data, "x");
+  std::vector<double> mu(static_cast<std::size_t>(p.channels)), m2(mu.size());
+  sum_moments(p, x.data, mu.data(), m2.data());
+  for (index_t c = 0; c < p.channels; ++c) {
+    mean[c] = static_cast<stat_t<T>>(mu[static_cast<std::size_t>(c)]);
+    variance[c] = static_cast<stat_t<T>>(m2[static_cast<std::size_t>(c)] / static_cast<double>(p.count));
+  }
+  return p.count;
+}
+
+template <class T>
+void normalize(const Geometry& g, In<T> x, Out<T> y, const stat_t<T>* mean, const stat_t<T>* variance,
+               Affine<stat_t<T>> affine, double epsilon, Activation activation) {
+  static_assert(is_element_v<T>, "unsupported element type");
+  check_epsilon(epsilon);
+  const Plan p = make_plan(g, operand_strides({&x.strides, &y.strides}));
+  check_output(p, 1, "y");
+  check_not_null(mean, "mean");
+  check_not_null(variance, "variance");
+  if (empty(p)) return;
+  check_not_null(x.data, "x");
+  check_not_null(y.data, "y");
+  std::vector<double> inv_std(static_cast<std::size_t>(p.channels));
+  for (index_t c = 0; c < p.channels; ++c)
+    inv_std[static_cast<std::size_t>(c)] = 1.0 / std::sqrt(static_cast<double>(variance[c]) + epsilon);
+  CoefStore<compute_t<T>> k(p.channels, false);
+  set_forward_coefs<T>(k, p.channels, mean, inv_std.data(), affine);
+  affine1(p, x.data, y.data, k.view(), activation == Activation::relu);
+}
+
+template <class T>
+index_t forward(const Geometry& g, In<T> x, Out<T> y, Affine<stat_t<T>> affine, double epsilon, Activation activation,
+                stat_t<T>* mean, stat_t<T>* variance, stat_t<T>* inv_std) {
+  static_assert(is_element_v<T>, "unsupported element type");
+  check_epsilon(epsilon);
+  const Plan p = make_plan(g, operand_strides({&x.strides, &y.strides}));
+  check_output(p, 1, "y");
+  if (p.count == 0) throw value_error("training on an empty batch: the reduced axes hold no values");
+  check_not_null(mean, "mean");
+  check_not_null(variance, "variance");
+  check_not_null(inv_std, "inv_std");
+  if (p.channels == 0) return p.count;
+  check_not_null(x.data, "x");
+  check_not_null(y.data, "y");
+  const auto n = static_cast<std::size_t>(p.channels);
+  std::vector<double> mu(n), m2(n), inv(n);
+  sum_moments(p, x.data, mu.data(), m2.data());
+  for (std::size_t c = 0; c < n; ++c) {
+    const double var = m2[c] / static_cast<double>(p.count);
+    mean[c] = static_cast<stat_t<T>>(mu[c]);
+    variance[c] = static_cast<stat_t<T>>(var);
+    inv_std[c] = static_cast<stat_t<T>>(1.0 / std::sqrt(var + epsilon));
+    inv[c] = static_cast<double>(inv_std[c]);  // the stored value: backward sees the same one
+  }
+  CoefStore<compute_t<T>> k(p.channels, false);
+  set_forward_coefs<T>(k, p.channels, mean, inv.data(), affine);
+  affine1(p, x.data, y.data, k.view(), activation == Activation::relu);
+  return p.count;
+}
+
+template <class T>
+void backward(const Geometry& g, In<T> dy, In<T> x, Out<T> dx, const stat_t<T>* mean, const stat_t<T>* inv_std,
+              Affine<stat_t<T>> affine, Activation activation, stat_t<T>* dgamma, stat_t<T>* dbeta,
+              Statistics statistics) {
+  static_assert(is_element_v<T>, "unsupported element type");
+  using C = compute_t<T>;
+  const Plan p = make_plan(g, operand_strides({&x.strides, &dy.strides, &dx.strides}));
+  check_output(p, 2, "dx");
+  for (const void* ptr : {static_cast<const void*>(mean), static_cast<const void*>(inv_std)})
+    check_not_null(ptr, "mean and inv_std");
+  check_not_null(dgamma, "dgamma");
+  check_not_null(dbeta, "dbeta");
+  const index_t ch = p.channels;
+  if (empty(p)) {
+    std::fill(dgamma, dgamma + ch, stat_t<T>(0));
+    std::fill(dbeta, dbeta + ch, stat_t<T>(0));
+    return;
+  }
+  for (const void* ptr :
+       {static_cast<const void*>(dy.data), static_cast<const void*>(x.data), static_cast<const void*>(dx.data)})
+    check_not_null(ptr, "dy, x and dx");
+  const bool relu = activation == Activation::relu;
+  const auto n = static_cast<std::size_t>(ch);
+  std::vector<double> inv(n);
+  for (std::size_t c = 0; c < n; ++c) inv[c] = static_cast<double>(inv_std[c]);
+  CoefStore<C> k(ch, true);
+  set_forward_coefs<T>(k, ch, mean, inv.data(), affine);
+
+  std::vector<double> sdy(n), sdyx(n);
+  const KernelTable<T>& kt = kernels<T>();
+  const Coefs<C> kv = k.view();
+  reduce_pass(
+      p, sdy.data(), sdyx.data(),
+      [&](const Offsets& off, index_t rows, const Offsets& rs, double* s, double* ss) {
+        kt.reduce2_rows({dy.data + off[1], rs[1]}, {x.data + off[0], rs[0]}, rows, ch, kv, relu, s, ss);
+      },
+      [&](index_t c, const Offsets& off, const Runs& r, double* s, double* ss) {
+        kt.reduce2_run({dy.data + off[1], r.stride[1]}, {x.data + off[0], r.stride[0]}, r.length, at_channel<T>(kv, c),
+                       relu, s, ss);
+      });
+
+  const double M = static_cast<double>(p.count);
+  for (std::size_t c = 0; c < n; ++c) {
+    const double a = gamma_of(affine, static_cast<index_t>(c)) * inv[c];
+    const double dg = sdyx[c] * inv[c];
+    dbeta[c] = static_cast<stat_t<T>>(sdy[c]);
+    dgamma[c] = static_cast<stat_t<T>>(dg);
+    k.k1[c] = static_cast<C>(a);
+    const bool batch = statistics == Statistics::batch;
+    k.k2[c] = static_cast<C>(batch ? -a * inv[c] * dg / M : 0.0);
+    k.k3[c] = static_cast<C>(batch ? -a * sdy[c] / M : 0.0);
+  }
+  map_pass(
+      p,
+      [&](const Offsets& off, index_t rows, const Offsets& rs) {
+        kt.affine2_rows({dy.data + off[1], rs[1]}, {x.data + off[0], rs[0]}, {dx.data + off[2], rs[2]}, rows, ch, kv,
+                        relu);
+      },
+      [&](index_t c, const Offsets& off, const Runs& r) {
+        kt.affine2_run({dy.data + off[1], r.stride[1]}, {x.data + off[0], r.stride[0]}, {dx.data + off[2], r.stride[2]},
+                       r.length, at_channel<T>(kv, c), relu);
+      });
+}
+
+#define BATCHNORM_INSTANTIATE(T)                                                                                    \
+  template index_t partial_moments<T>(const Geometry&, In<T>, double*, double*);                                    \
+  template index_t moments<T>(const Geometry&, In<T>, stat_t<T>*, stat_t<T>*);                                      \
+  template void normalize<T>(const Geometry&, In<T>, Out<T>, const stat_t<T>*, const stat_t<T>*, Affine<stat_t<T>>, \
+                             double, Activation);                                                                   \
+  template index_t forward<T>(const Geometry&, In<T>, Out<T>, Affine<stat_t<T>>, double, Activation, stat_t<T>*,    \
+                              stat_t<T>*, stat_t<T>*);                                                              \
+  template void backward<T>(const Geometry&, In<T>, In<T>, Out<T>, const stat_t<T>*, const stat_t<T>*,              \
+                            Affine<stat_t<T>>, Activation, stat_t<T>*, stat_t<T>*, Statistics);
+
+BATCHNORM_INSTANTIATE(float)
+BATCHNORM_INSTANTIATE(double)
+BATCHNORM_INSTANTIATE(float16_t)
+BATCHNORM_INSTANTIATE(bfloat16_t)
+
+}  // namespace batchnorm

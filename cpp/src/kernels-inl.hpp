@@ -1,0 +1,351 @@
+// The kernels, written once. This file has no include guard on purpose: each
+// kernels_<isa>.cpp includes it inside its own namespace (batchnorm::detail::<isa>) and
+// its own target region, after defining
+//   BATCHNORM_KERNEL_ISA   the instruction set's name ("baseline", "avx2", "avx512")
+//   BATCHNORM_KERNEL_F16C  1 where the F16C half <-> float conversions may be used
+// so the same loops are compiled for each instruction set. Nothing here may be defined
+// outside that namespace: a function compiled for AVX-512 must never be picked by the
+// linker for baseline code.
+//
+// Structure: the inner loops work on contiguous arrays of the compute type C. Data that
+// is already such an array is used in place; anything else (16-bit types, strided runs)
+// is converted block by block into a small stack buffer first, and written back the same
+// way, so one set of simple loops serves every element type and stride.
+
+constexpr index_t kBlock = 512;  // elements per conversion block (4 KiB of double)
+constexpr int kLanes = 16;       // independent accumulators: enough to hide add latency
+
+// ---- element conversion ------------------------------------------------------------
+
+inline void load(const float* p, index_t stride, index_t n, float* out) {
+  for (index_t i = 0; i < n; ++i) out[i] = p[i * stride];
+}
+inline void load(const double* p, index_t stride, index_t n, double* out) {
+  for (index_t i = 0; i < n; ++i) out[i] = p[i * stride];
+}
+inline void load(const bfloat16_t* p, index_t stride, index_t n, float* out) {
+  for (index_t i = 0; i < n; ++i) {
+    const std::uint32_t u = static_cast<std::uint32_t>(p[i * stride].bits) << 16;
+    std::memcpy(out + i, &u, sizeof u);
+  }
+}
+inline void load(const float16_t* p, index_t stride, index_t n, float* out) {
+  index_t i = 0;
+#if BATCHNORM_KERNEL_F16C
+  if (stride == 1)
+    for (; i + 8 <= n; i += 8)
+      _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i))));
+#endif
+  for (; i < n; ++i) out[i] = float16_t::to_float(p[i * stride].bits);
+}
+
+inline void store(const float* in, float* p, index_t stride, index_t n) {
+  for (index_t i = 0; i < n; ++i) p[i * stride] = in[i];
+}
+inline void store(const double* in, double* p, index_t stride, index_t n) {
+  for (index_t i = 0; i < n; ++i) p[i * stride] = in[i];
+}
+inline void store(const float* in, bfloat16_t* p, index_t stride, index_t n) {
+  for (index_t i = 0; i < n; ++i) {
+    std::uint32_t x;
+    std::memcpy(&x, in + i, sizeof x);
+    const std::uint32_t rounded = (x + 0x7fffu + ((x >> 16) & 1u)) >> 16;
+    const std::uint32_t quiet_nan = (x >> 16) | 0x40u;
+    p[i * stride].bits = static_cast<std::uint16_t>((x & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
+  }
+}
+inline void store(const float* in, float16_t* p, index_t stride, index_t n) {
+  index_t i = 0;
+#if BATCHNORM_KERNEL_F16C
+  if (stride == 1)
+    for (; i + 8 <= n; i += 8)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(p + i),
+                       _mm256_cvtps_ph(_mm256_loadu_ps(in + i), _MM_FROUND_TO_NEAREST_INT));
+#endif
+  for (; i < n; ++i) p[i * stride].bits = float16_t::from_float(in[i]);
+}
+
+// n contiguous compute values starting at p: p itself where it already is that, else buf.
+template <class T, class C>
+inline const C* view(const T* p, index_t stride, index_t n, C* buf) {
+  if constexpr (std::is_same_v<T, C>)
+    if (stride == 1) return p;
+  load(p, stride, n, buf);
+  return buf;
+}
+
+// Where to compute n outputs for p: p itself where it is a contiguous C array, else buf
+// (then finish() writes buf out).
+template <class T, class C>
+inline C* target(T* p, index_t stride, C* buf) {
+  if constexpr (std::is_same_v<T, C>)
+    if (stride == 1) return p;
+  return buf;
+}
+template <class T, class C>
+inline void finish(const C* computed, T* p, index_t stride, index_t n) {
+  if constexpr (std::is_same_v<T, C>)
+    if (stride == 1) return;
+  store(computed, p, stride, n);
+}
+
+// ---- the arithmetic, on contiguous compute arrays ------------------------------------
+
+template <class C>
+inline C affine(C x, C a, C m, C b) {
+  return a * (x - m) + b;
+}
+template <class C>
+inline C relu(C z) {
+  return z < C(0) ? C(0) : z;  // NaN stays NaN, as IEEE max(z, 0) in PyTorch
+}
+
+// Lane accumulators reduced in a fixed pairwise order: the result depends only on the
+// data, never on timing.
+struct Lanes {
+  double v[kLanes] = {};
+  double total() {
+    for (int w = kLanes / 2; w > 0; w /= 2)
+      for (int j = 0; j < w; ++j) v[j] += v[j + w];
+    return v[0];
+  }
+};
+
+template <class C>
+inline void reduce1_block(const C* x, index_t n, double m, double& s, double& ss) {
+  Lanes ls, lss;
+  index_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) {
+      const double d = static_cast<double>(x[i + j]) - m;
+      ls.v[j] += d;
+      lss.v[j] += d * d;
+    }
+  for (int j = 0; i < n; ++i, ++j) {
+    const double d = static_cast<double>(x[i]) - m;
+    ls.v[j] += d;
+    lss.v[j] += d * d;
+  }
+  s += ls.total();
+  ss += lss.total();
+}
+
+template <class C, bool Relu>
+inline double masked(C dy, C x, C a, C m, C b) {
+  if constexpr (Relu) return affine(x, a, m, b) > C(0) ? static_cast<double>(dy) : 0.0;
+  return static_cast<double>(dy);
+}
+
+template <class C, bool Relu>
+inline void reduce2_block(const C* dy, const C* x, index_t n, C a, C m, C b, double& s, double& ss) {
+  Lanes ls, lss;
+  const double md = m;
+  index_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) {
+      const double g = masked<C, Relu>(dy[i + j], x[i + j], a, m, b);
+      ls.v[j] += g;
+      lss.v[j] += g * (static_cast<double>(x[i + j]) - md);
+    }
+  for (int j = 0; i < n; ++i, ++j) {
+    const double g = masked<C, Relu>(dy[i], x[i], a, m, b);
+    ls.v[j] += g;
+    lss.v[j] += g * (static_cast<double>(x[i]) - md);
+  }
+  s += ls.total();
+  ss += lss.total();
+}
+
+template <class C, bool Relu>
+inline void affine1_block(const C* x, C* y, index_t n, C a, C m, C b) {
+  for (index_t i = 0; i < n; ++i) {
+    const C z = affine(x[i], a, m, b);
+    y[i] = Relu ? relu(z) : z;
+  }
+}
+
+template <class C, bool Relu>
+inline void affine2_block(const C* dy, const C* x, C* dx, index_t n, const Coefs<C>& k) {
+  const C k1 = *k.k1, k2 = *k.k2, k3 = *k.k3, m = *k.m;
+  for (index_t i = 0; i < n; ++i) {
+    C g = dy[i];
+    if constexpr (Relu) g = affine(x[i], *k.a, m, *k.b) > C(0) ? g : C(0);
+    dx[i] = k1 * g + k2 * (x[i] - m) + k3;
+  }
+}
+
+// Per-channel (rows) versions: channel c uses coefficient [c] and accumulator [c].
+template <class C>
+inline void reduce1_channels(const C* x, index_t n, const C* m, double* s, double* ss) {
+  for (index_t c = 0; c < n; ++c) {
+    const double d = static_cast<double>(x[c]) - static_cast<double>(m[c]);
+    s[c] += d;
+    ss[c] += d * d;
+  }
+}
+
+template <class C, bool Relu>
+inline void reduce2_channels(const C* dy, const C* x, index_t n, const Coefs<C>& k, double* s, double* ss) {
+  for (index_t c = 0; c < n; ++c) {
+    const double g = masked<C, Relu>(dy[c], x[c], k.a[c], k.m[c], k.b[c]);
+    s[c] += g;
+    ss[c] += g * (static_cast<double>(x[c]) - static_cast<double>(k.m[c]));
+  }
+}
+
+template <class C, bool Relu>
+inline void affine1_channels(const C* x, C* y, index_t n, const Coefs<C>& k) {
+  for (index_t c = 0; c < n; ++c) {
+    const C z = affine(x[c], k.a[c], k.m[c], k.b[c]);
+    y[c] = Relu ? relu(z) : z;
+  }
+}
+
+template <class C, bool Relu>
+inline void affine2_channels(const C* dy, const C* x, C* dx, index_t n, const Coefs<C>& k) {
+  for (index_t c = 0; c < n; ++c) {
+    C g = dy[c];
+    if constexpr (Relu) g = affine(x[c], k.a[c], k.m[c], k.b[c]) > C(0) ? g : C(0);
+    dx[c] = k.k1[c] * g + k.k2[c] * (x[c] - k.m[c]) + k.k3[c];
+  }
+}
+
+template <class C>
+inline const C* at(const C* p, index_t c) {
+  return p ? p + c : p;
+}
+template <class C>
+inline Coefs<C> shifted(const Coefs<C>& k, index_t c) {
+  return {at(k.a, c), at(k.m, c), at(k.b, c), at(k.k1, c), at(k.k2, c), at(k.k3, c)};
+}
+
+// ---- the table entries ----------------------------------------------------------------
+
+template <class T>
+void reduce1_rows(Strided<const T> x, index_t rows, index_t channels, Coefs<compute_t<T>> k, double* s, double* ss) {
+  using C = compute_t<T>;
+  C buf[kBlock];
+  for (index_t r = 0; r < rows; ++r)
+    for (index_t c0 = 0; c0 < channels; c0 += kBlock) {
+      const index_t n = std::min(kBlock, channels - c0);
+      reduce1_channels(view(x.p + r * x.stride + c0, 1, n, buf), n, k.m + c0, s + c0, ss + c0);
+    }
+}
+
+template <class T>
+void reduce1_run(Strided<const T> x, index_t n, Coefs<compute_t<T>> k, double* s, double* ss) {
+  using C = compute_t<T>;
+  C buf[kBlock];
+  for (index_t i = 0; i < n; i += kBlock) {
+    const index_t len = std::min(kBlock, n - i);
+    reduce1_block(view(x.p + i * x.stride, x.stride, len, buf), len, static_cast<double>(*k.m), *s, *ss);
+  }
+}
+
+template <class T>
+void affine1_rows(Strided<const T> x, Strided<T> y, index_t rows, index_t channels, Coefs<compute_t<T>> k,
+                  bool relu_on) {
+  using C = compute_t<T>;
+  C xbuf[kBlock], ybuf[kBlock];
+  for (index_t r = 0; r < rows; ++r)
+    for (index_t c0 = 0; c0 < channels; c0 += kBlock) {
+      const index_t n = std::min(kBlock, channels - c0);
+      const C* xs = view(x.p + r * x.stride + c0, 1, n, xbuf);
+      T* yp = y.p + r * y.stride + c0;
+      C* ys = target(yp, 1, ybuf);
+      const Coefs<C> kc = shifted(k, c0);
+      relu_on ? affine1_channels<C, true>(xs, ys, n, kc) : affine1_channels<C, false>(xs, ys, n, kc);
+      finish(ys, yp, 1, n);
+    }
+}
+
+template <class T>
+void affine1_run(Strided<const T> x, Strided<T> y, index_t n, Coefs<compute_t<T>> k, bool relu_on) {
+  using C = compute_t<T>;
+  C xbuf[kBlock], ybuf[kBlock];
+  for (index_t i = 0; i < n; i += kBlock) {
+    const index_t len = std::min(kBlock, n - i);
+    const C* xs = view(x.p + i * x.stride, x.stride, len, xbuf);
+    T* yp = y.p + i * y.stride;
+    C* ys = target(yp, y.stride, ybuf);
+    relu_on ? affine1_block<C, true>(xs, ys, len, *k.a, *k.m, *k.b)
+            : affine1_block<C, false>(xs, ys, len, *k.a, *k.m, *k.b);
+    finish(ys, yp, y.stride, len);
+  }
+}
+
+template <class T>
+void reduce2_rows(Strided<const T> dy, Strided<const T> x, index_t rows, index_t channels, Coefs<compute_t<T>> k,
+                  bool relu_on, double* s, double* ss) {
+  using C = compute_t<T>;
+  C dbuf[kBlock], xbuf[kBlock];
+  for (index_t r = 0; r < rows; ++r)
+    for (index_t c0 = 0; c0 < channels; c0 += kBlock) {
+      const index_t n = std::min(kBlock, channels - c0);
+      const C* ds = view(dy.p + r * dy.stride + c0, 1, n, dbuf);
+      const C* xs = view(x.p + r * x.stride + c0, 1, n, xbuf);
+      const Coefs<C> kc = shifted(k, c0);
+      relu_on ? reduce2_channels<C, true>(ds, xs, n, kc, s + c0, ss + c0)
+              : reduce2_channels<C, false>(ds, xs, n, kc, s + c0, ss + c0);
+    }
+}
+
+template <class T>
+void reduce2_run(Strided<const T> dy, Strided<const T> x, index_t n, Coefs<compute_t<T>> k, bool relu_on, double* s,
+                 double* ss) {
+  using C = compute_t<T>;
+  C dbuf[kBlock], xbuf[kBlock];
+  for (index_t i = 0; i < n; i += kBlock) {
+    const index_t len = std::min(kBlock, n - i);
+    const C* ds = view(dy.p + i * dy.stride, dy.stride, len, dbuf);
+    const C* xs = view(x.p + i * x.stride, x.stride, len, xbuf);
+    relu_on ? reduce2_block<C, true>(ds, xs, len, *k.a, *k.m, *k.b, *s, *ss)
+            : reduce2_block<C, false>(ds, xs, len, *k.a, *k.m, *k.b, *s, *ss);
+  }
+}
+
+template <class T>
+void affine2_rows(Strided<const T> dy, Strided<const T> x, Strided<T> dx, index_t rows, index_t channels,
+                  Coefs<compute_t<T>> k, bool relu_on) {
+  using C = compute_t<T>;
+  C dbuf[kBlock], xbuf[kBlock], obuf[kBlock];
+  for (index_t r = 0; r < rows; ++r)
+    for (index_t c0 = 0; c0 < channels; c0 += kBlock) {
+      const index_t n = std::min(kBlock, channels - c0);
+      const C* ds = view(dy.p + r * dy.stride + c0, 1, n, dbuf);
+      const C* xs = view(x.p + r * x.stride + c0, 1, n, xbuf);
+      T* op = dx.p + r * dx.stride + c0;
+      C* os = target(op, 1, obuf);
+      const Coefs<C> kc = shifted(k, c0);
+      relu_on ? affine2_channels<C, true>(ds, xs, os, n, kc) : affine2_channels<C, false>(ds, xs, os, n, kc);
+      finish(os, op, 1, n);
+    }
+}
+
+template <class T>
+void affine2_run(Strided<const T> dy, Strided<const T> x, Strided<T> dx, index_t n, Coefs<compute_t<T>> k,
+                 bool relu_on) {
+  using C = compute_t<T>;
+  C dbuf[kBlock], xbuf[kBlock], obuf[kBlock];
+  for (index_t i = 0; i < n; i += kBlock) {
+    const index_t len = std::min(kBlock, n - i);
+    const C* ds = view(dy.p + i * dy.stride, dy.stride, len, dbuf);
+    const C* xs = view(x.p + i * x.stride, x.stride, len, xbuf);
+    T* op = dx.p + i * dx.stride;
+    C* os = target(op, dx.stride, obuf);
+    relu_on ? affine2_block<C, true>(ds, xs, os, len, k) : affine2_block<C, false>(ds, xs, os, len, k);
+    finish(os, op, dx.stride, len);
+  }
+}
+
+template <class T>
+KernelTable<T> make_table() {
+  return {&reduce1_rows<T>, &reduce1_run<T>, &affine1_rows<T>, &affine1_run<T>,
+          &reduce2_rows<T>, &reduce2_run<T>, &affine2_rows<T>, &affine2_run<T>};
+}
+
+const Tables* tables() {
+  static const Tables t{BATCHNORM_KERNEL_ISA, make_table<float>(), make_table<double>(), make_table<float16_t>(),
+                        make_table<bfloat16_t>()};
+  return &t;
+}

@@ -1,0 +1,100 @@
+// The four per-channel kernels (SPEC §2), as a table of function pointers per element
+// type. kernels-inl.hpp is compiled once per instruction set (kernels_<isa>.cpp), each
+// time in its own namespace inside a target region; dispatch.cpp picks one table at run
+// time. The kernels are single-threaded; functional.cpp partitions the work.
+//
+// Two shapes of work item:
+//   rows: `rows` rows of `channels` contiguous values (channels_last), row strides given;
+//         per-channel coefficients and accumulators are arrays indexed by channel.
+//   run:  `n` values of one channel, with a stride (channels_first / strided);
+//         coefficients point at that channel's entry, accumulators at a local pair.
+//
+// Coefficients are in the compute type (float for float and the 16-bit types, double for
+// double). Every affine pass computes z = a*(x - m) + b: m is the mean in the compute
+// type, so x - m loses nothing for data far from zero. Accumulators are double.
+#pragma once
+
+#include <string>
+#include <type_traits>
+
+#include "batchnorm/types.hpp"
+
+namespace batchnorm::detail {
+
+template <class T>
+using compute_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+/// Per-channel coefficients (structure of arrays; unused ones may be null).
+///   affine-1:  y  = act(a*(x - m) + b)
+///   reduce-1:  s += x - m,  ss += (x - m)^2                 (m: the channel's shift)
+///   reduce-2:  s += dy',    ss += dy' * (x - m)              (dy' = dy masked by relu(a*(x-m)+b))
+///   affine-2:  dx = k1*dy' + k2*(x - m) + k3
+template <class C>
+struct Coefs {
+  const C* a = nullptr;
+  const C* m = nullptr;
+  const C* b = nullptr;
+  const C* k1 = nullptr;
+  const C* k2 = nullptr;
+  const C* k3 = nullptr;
+};
+
+/// Pointers with a stride (rows: the row stride; run: the element stride).
+template <class T>
+struct Strided {
+  T* p;
+  index_t stride;
+};
+
+template <class T>
+struct KernelTable {
+  using C = compute_t<T>;
+  void (*reduce1_rows)(Strided<const T> x, index_t rows, index_t channels, Coefs<C> k, double* s, double* ss);
+  void (*reduce1_run)(Strided<const T> x, index_t n, Coefs<C> k, double* s, double* ss);
+  void (*affine1_rows)(Strided<const T> x, Strided<T> y, index_t rows, index_t channels, Coefs<C> k, bool relu);
+  void (*affine1_run)(Strided<const T> x, Strided<T> y, index_t n, Coefs<C> k, bool relu);
+  void (*reduce2_rows)(Strided<const T> dy, Strided<const T> x, index_t rows, index_t channels, Coefs<C> k, bool relu,
+                       double* s, double* ss);
+  void (*reduce2_run)(Strided<const T> dy, Strided<const T> x, index_t n, Coefs<C> k, bool relu, double* s, double* ss);
+  void (*affine2_rows)(Strided<const T> dy, Strided<const T> x, Strided<T> dx, index_t rows, index_t channels,
+                       Coefs<C> k, bool relu);
+  void (*affine2_run)(Strided<const T> dy, Strided<const T> x, Strided<T> dx, index_t n, Coefs<C> k, bool relu);
+};
+
+struct Tables {
+  const char* isa;
+  KernelTable<float> f32;
+  KernelTable<double> f64;
+  KernelTable<float16_t> f16;
+  KernelTable<bfloat16_t> bf16;
+
+  template <class T>
+  const KernelTable<T>& get() const {
+    if constexpr (std::is_same_v<T, float>)
+      return f32;
+    else if constexpr (std::is_same_v<T, double>)
+      return f64;
+    else if constexpr (std::is_same_v<T, float16_t>)
+      return f16;
+    else
+      return bf16;
+  }
+};
+
+// One per compiled instruction set (kernels_<isa>.cpp); null where not compiled.
+namespace baseline {
+const Tables* tables();
+}
+namespace avx2 {
+const Tables* tables();
+}
+namespace avx512 {
+const Tables* tables();
+}
+
+/// The table in use (dispatch.cpp).
+const Tables& active_tables();
+/// The table of a named instruction set if compiled and supported by this CPU, else null.
+const Tables* tables_for(const std::string& isa);
+
+}  // namespace batchnorm::detail

@@ -1,0 +1,25 @@
+// The kernels compiled for AVX-512 F/BW/DQ/VL (x86-64-v4), inside a target region so that
+// no other code in the library is compiled for it.
+#include "isa_region.hpp"
+#include "kernels.hpp"
+
+#if BATCHNORM_HAVE_TARGETS
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#define BATCHNORM_KERNEL_ISA "avx512"
+#define BATCHNORM_KERNEL_F16C 1
+
+BATCHNORM_TARGET_BEGIN("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c,bmi2")
+namespace batchnorm::detail::avx512 {
+#include "kernels-inl.hpp"
+}  // namespace batchnorm::detail::avx512
+BATCHNORM_TARGET_END
+#else
+namespace batchnorm::detail::avx512 {
+const Tables* tables() { return nullptr; }
+}  // namespace batchnorm::detail::avx512
+#endif

@@ -1,0 +1,14 @@
+// The kernels compiled for the baseline of the target architecture (x86-64: SSE2),
+// always present and last in the dispatch order.
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "kernels.hpp"
+
+#define BATCHNORM_KERNEL_ISA "baseline"
+#define BATCHNORM_KERNEL_F16C 0
+
+namespace batchnorm::detail::baseline {
+#include "kernels-inl.hpp"
+}  // namespace batchnorm::detail::baseline

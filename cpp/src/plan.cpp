@@ -1,0 +1,128 @@
+#include "plan.hpp"
+
+#include <algorithm>
+#include <cstdlib>
+#include <string>
+
+namespace batchnorm::detail {
+
+std::vector<int> normalize_axes(const Axes& axes, std::size_t ndim) {
+  const int n = static_cast<int>(ndim);
+  if (axes.empty()) throw value_error("axis must name at least one feature axis");
+  std::vector<int> out;
+  out.reserve(axes.size());
+  for (int a : axes) {
+    if (a < -n || a >= n)
+      throw value_error("axis " + std::to_string(a) + " is out of range for an array of ndim " + std::to_string(n));
+    const int k = a < 0 ? a + n : a;
+    if (std::find(out.begin(), out.end(), k) != out.end())
+      throw value_error("axis " + std::to_string(a) + " is repeated in the feature axes");
+    out.push_back(k);
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+Strides contiguous_strides(const Shape& shape) {
+  Strides s(shape.size());
+  index_t step = 1;
+  for (std::size_t d = shape.size(); d-- > 0;) {
+    s[d] = step;
+    step *= std::max<index_t>(shape[d], 1);
+  }
+  return s;
+}
+
+namespace {
+
+// Merges neighbours (outer, inner) where every array steps over inner exactly into outer.
+std::vector<Dim> coalesce(const std::vector<Dim>& dims, int operands) {
+  std::vector<Dim> out;
+  for (const Dim& d : dims) {
+    if (!out.empty()) {
+      Dim& prev = out.back();
+      bool mergeable = true;
+      for (std::size_t op = 0; op < static_cast<std::size_t>(operands); ++op)
+        mergeable = mergeable && prev.stride[op] == d.stride[op] * d.size;
+      if (mergeable) {
+        prev.size *= d.size;
+        prev.stride = d.stride;
+        continue;
+      }
+    }
+    out.push_back(d);
+  }
+  return out;
+}
+
+bool unit_stride(const Dim& d, int operands) {
+  for (std::size_t op = 0; op < static_cast<std::size_t>(operands); ++op)
+    if (d.stride[op] != 1) return false;
+  return true;
+}
+
+}  // namespace
+
+Plan make_plan(const Geometry& g, const std::vector<const Strides*>& strides) {
+  const std::size_t ndim = g.shape.size();
+  if (ndim == 0) throw value_error("expected an array with at least 1 dimension, got a 0-d array");
+  for (index_t s : g.shape)
+    if (s < 0) throw value_error("shape entries must be non-negative");
+  const std::vector<int> axes = normalize_axes(g.axes, ndim);
+
+  Plan p;
+  p.operands = static_cast<int>(strides.size());
+  if (p.operands < 1 || p.operands > kMaxOperands) throw value_error("internal: bad operand count");
+  std::vector<Strides> st(strides.size());
+  for (std::size_t op = 0; op < strides.size(); ++op) {
+    st[op] = strides[op]->empty() ? contiguous_strides(g.shape) : *strides[op];
+    if (st[op].size() != ndim)
+      throw value_error("strides have " + std::to_string(st[op].size()) + " entries for an array of ndim " +
+                        std::to_string(ndim));
+  }
+
+  std::vector<Dim> channel, reduce;
+  for (std::size_t d = 0; d < ndim; ++d) {
+    const bool is_channel = std::binary_search(axes.begin(), axes.end(), static_cast<int>(d));
+    (is_channel ? p.channels : p.count) *= g.shape[d];
+    if (g.shape[d] == 1) continue;
+    Dim dim;
+    dim.size = g.shape[d];
+    for (std::size_t op = 0; op < strides.size(); ++op) dim.stride[op] = st[op][d];
+    (is_channel ? channel : reduce).push_back(dim);
+  }
+
+  // Reduction order is free: flip to a positive stride in the first array, sort outer to inner.
+  for (Dim& d : reduce) {
+    if (d.stride[0] >= 0) continue;
+    for (std::size_t op = 0; op < strides.size(); ++op) {
+      p.offset[op] += (d.size - 1) * d.stride[op];
+      d.stride[op] = -d.stride[op];
+    }
+  }
+  std::stable_sort(reduce.begin(), reduce.end(), [](const Dim& a, const Dim& b) { return a.stride[0] > b.stride[0]; });
+
+  p.channel_dims = coalesce(channel, p.operands);
+  p.reduce_dims = coalesce(reduce, p.operands);
+
+  if (p.channel_dims.size() == 1 && unit_stride(p.channel_dims[0], p.operands))
+    p.kind = Kind::channels_last;
+  else if (!p.reduce_dims.empty() && unit_stride(p.reduce_dims.back(), p.operands))
+    p.kind = Kind::channels_first;
+  else
+    p.kind = Kind::strided;
+  return p;
+}
+
+const char* kind_name(Kind kind) {
+  switch (kind) {
+    case Kind::channels_last:
+      return "channels_last";
+    case Kind::channels_first:
+      return "channels_first";
+    default:
+      return "strided";
+  }
+}
+
+}  // namespace batchnorm::detail

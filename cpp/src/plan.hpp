@@ -1,0 +1,73 @@
+// The canonical view: any (shape, strides, feature axes) of up to three arrays that share
+// a shape (x and y; or dy, x and dx) becomes a list of channel dimensions and a list of
+// reduction dimensions, size-1 dimensions dropped and mergeable neighbours merged, so the
+// kernels see one of three layouts:
+//
+//   channels_last  (nspc): one channel dimension, stride 1 in every array. Work is split
+//                  by rows (each row: all channels, contiguous); vectorized across C.
+//   channels_first (ncsp): the innermost reduction dimension has stride 1 in every array.
+//                  Work is split by runs (a channel's contiguous stretch); vectorized along it.
+//   strided        anything else: runs along the innermost reduction dimension, any strides.
+//
+// Reduction dimensions may be reordered (sum order only changes rounding), so they are
+// flipped to positive strides in the first array and sorted by decreasing stride, which
+// turns e.g. a torch.channels_last view (NCHW shape, NHWC strides) into channels_last.
+// Channel dimensions keep their order: it defines the channel index.
+#pragma once
+
+#include <array>
+#include <vector>
+
+#include "batchnorm/functional.hpp"
+
+namespace batchnorm::detail {
+
+constexpr int kMaxOperands = 3;
+
+struct Dim {
+  index_t size = 1;
+  std::array<index_t, kMaxOperands> stride{};
+};
+
+enum class Kind { channels_last, channels_first, strided };
+
+struct Plan {
+  Kind kind = Kind::strided;
+  int operands = 1;
+  index_t channels = 1;                        // product of channel_dims sizes
+  index_t count = 1;                           // product of reduce_dims sizes
+  std::vector<Dim> channel_dims;               // outermost first
+  std::vector<Dim> reduce_dims;                // outermost first; the innermost is last
+  std::array<index_t, kMaxOperands> offset{};  // element offset of the first element, per array
+
+  /// Offset of channel c in array op.
+  index_t channel_offset(index_t c, int op) const { return offset_in(channel_dims, channel_dims.size(), c, op); }
+
+  /// Offset (without `offset`) of the multi-index number i over the first n reduce dims.
+  index_t reduce_offset(index_t i, std::size_t n, int op) const { return offset_in(reduce_dims, n, i, op); }
+
+ private:
+  static index_t offset_in(const std::vector<Dim>& dims, std::size_t n, index_t i, int op) {
+    index_t off = 0;
+    for (std::size_t d = n; d-- > 0;) {
+      const index_t size = dims[d].size;
+      off += (i % size) * dims[d].stride[static_cast<std::size_t>(op)];
+      i /= size;
+    }
+    return off;
+  }
+};
+
+/// Validates the feature axes against ndim (range, repeats) and returns them sorted, non-negative.
+std::vector<int> normalize_axes(const Axes& axes, std::size_t ndim);
+
+/// C-contiguous strides for shape, in elements.
+Strides contiguous_strides(const Shape& shape);
+
+/// Builds the plan for arrays sharing g.shape; strides[i] empty means C-contiguous.
+/// Validates the shape, the axes and the strides' lengths.
+Plan make_plan(const Geometry& g, const std::vector<const Strides*>& strides);
+
+const char* kind_name(Kind kind);
+
+}  // namespace batchnorm::detail

@@ -1,0 +1,71 @@
+// Threads and build information.
+#include "batchnorm/runtime.hpp"
+
+#include <atomic>
+#include <string>
+
+#include "batchnorm/types.hpp"
+#include "threads.hpp"
+
+#if BATCHNORM_OPENMP
+#include <omp.h>
+#endif
+
+#ifndef BATCHNORM_VERSION
+#define BATCHNORM_VERSION "0.0.0"
+#endif
+
+namespace batchnorm {
+namespace detail {
+namespace {
+// set_num_threads stores the count with a new generation; each calling thread applies it
+// to its own OpenMP state (which is per thread) the first time it sees that generation.
+std::atomic<int> g_threads{0};
+std::atomic<unsigned> g_generation{0};
+thread_local unsigned t_generation = 0;
+}  // namespace
+
+int threads() {
+  const unsigned gen = g_generation.load(std::memory_order_acquire);
+  if (gen != t_generation) {
+    t_generation = gen;
+#if BATCHNORM_OPENMP
+    omp_set_num_threads(g_threads.load(std::memory_order_relaxed));
+#endif
+  }
+#if BATCHNORM_OPENMP
+  return omp_get_max_threads();
+#else
+  const int n = g_threads.load(std::memory_order_relaxed);
+  return n > 0 ? n : 1;
+#endif
+}
+
+}  // namespace detail
+
+int get_num_threads() { return detail::threads(); }
+
+void set_num_threads(int n) {
+  if (n < 1) throw value_error("set_num_threads needs n >= 1, got " + std::to_string(n));
+  detail::g_threads.store(n, std::memory_order_relaxed);
+  detail::g_generation.fetch_add(1, std::memory_order_release);
+}
+
+std::string version() { return BATCHNORM_VERSION; }
+
+std::string compiler() {
+#if defined(__clang__)
+  return std::string("Clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  return "GCC " + std::to_string(__GNUC__) + "." + std::to_string(__GNUC_MINOR__) + "." +
+         std::to_string(__GNUC_PATCHLEVEL__);
+#elif defined(_MSC_VER)
+  return "MSVC " + std::to_string(_MSC_VER);
+#else
+  return "unknown";
+#endif
+}
+
+bool has_openmp() { return BATCHNORM_OPENMP != 0; }
+
+}  // namespace batchnorm

@@ -1,0 +1,48 @@
+// Static partitions for OpenMP: the work is split into contiguous, equal ranges by thread
+// number, so what each thread computes, and the order partial results are merged in,
+// depend only on the thread count.
+#pragma once
+
+#include <algorithm>
+
+#include "batchnorm/types.hpp"
+
+#if BATCHNORM_OPENMP
+#include <omp.h>
+#endif
+
+namespace batchnorm::detail {
+
+/// Threads the calling thread may use (see runtime.hpp).
+int threads();
+
+/// Elements below which one thread does the work: a parallel region costs a few
+/// microseconds, about what one core needs to stream this many values.
+constexpr index_t kParallelGrain = index_t{1} << 15;
+
+/// Threads worth using for `elements` of work: at most threads(), at least one per grain.
+inline int threads_for(index_t elements) {
+  const index_t by_size = std::max<index_t>(1, elements / kParallelGrain);
+  return static_cast<int>(std::min<index_t>(threads(), by_size));
+}
+
+/// The range [begin, end) of `total` items for part t of n.
+inline void partition(index_t total, int t, int n, index_t& begin, index_t& end) {
+  begin = total * t / n;
+  end = total * (t + 1) / n;
+}
+
+/// Calls f(t, n) for t in [0, n) on n threads (the current thread if n == 1). f must not throw.
+template <class F>
+void parallel(int n, const F& f) {
+#if BATCHNORM_OPENMP
+  if (n > 1) {
+#pragma omp parallel num_threads(n)
+    f(omp_get_thread_num(), omp_get_num_threads());
+    return;
+  }
+#endif
+  f(0, 1);
+}
+
+}  // namespace batchnorm::detail

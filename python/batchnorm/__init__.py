@@ -1,0 +1,28 @@
+"""batchnorm: batch normalization for the CPU.
+
+A C++ core (SIMD chosen at run time, OpenMP threads) under a small NumPy API::
+
+    import batchnorm as bn
+    y, stats = bn.forward(x, gamma, beta, axis=1, epsilon=1e-5)      # training pass
+    dx, dgamma, dbeta = bn.backward(dy, x, stats, gamma, axis=1)      # its gradient
+    y = bn.normalize(x, mean, variance, gamma, beta, axis=1)          # inference pass
+    mean, variance = bn.moments(x, axis=1)                            # statistics only
+
+See ``bn.info()`` for the instruction set and threads in use.
+"""
+
+from ._core import __version__
+from ._functional import BatchStats, backward, forward, moments, normalize
+from ._runtime import get_num_threads, info, set_num_threads
+
+__all__ = [
+    "BatchStats",
+    "__version__",
+    "backward",
+    "forward",
+    "get_num_threads",
+    "info",
+    "moments",
+    "normalize",
+    "set_num_threads",
+]

@@ -1,0 +1,249 @@
+"""The stateless functional API: moments, normalize, forward, backward.
+
+Argument handling lives here (array conversion, feature axes, output allocation and
+checks); the arithmetic is all in the C++ core, which receives the NumPy buffers as they
+are, with the GIL released.
+"""
+
+from __future__ import annotations
+
+import numbers
+import operator
+from collections.abc import Sequence
+from typing import Any, NamedTuple, Union
+
+import numpy as np
+
+from . import _core
+
+__all__ = ["BatchStats", "backward", "forward", "moments", "normalize"]
+
+AxisLike = Union[int, Sequence[int]]
+ArrayLike = Any
+
+
+class BatchStats(NamedTuple):
+    """Statistics of one training batch, as :func:`forward` returns them.
+
+    ``mean`` and ``variance`` (biased) per channel, ``inv_std = 1/sqrt(variance +
+    epsilon)``, and ``count``, the number of values reduced per channel. Float32 for
+    float16/bfloat16/float32 inputs, float64 for float64 inputs.
+    """
+
+    mean: np.ndarray
+    variance: np.ndarray
+    inv_std: np.ndarray
+    count: int
+
+
+_ACTIVATIONS = {None: False, "relu": True}
+
+
+def _data(x: ArrayLike, name: str, min_ndim: int) -> np.ndarray:
+    a = x if type(x) is np.ndarray else np.asarray(x)
+    if a.ndim < min_ndim:
+        need = "1 dimension" if min_ndim == 1 else "2 dimensions (a batch axis and a feature axis)"
+        raise ValueError(f"{name} must have at least {need}; got an array of ndim {a.ndim}")
+    if not a.flags.aligned:  # e.g. np.frombuffer at an odd offset: the kernels need aligned elements
+        a = a.copy()
+    return a
+
+
+def _feature_axes(axis: AxisLike, ndim: int) -> tuple[int, ...]:
+    """The feature axes as sorted non-negative ints, validated against ndim."""
+    items = (axis,) if isinstance(axis, (numbers.Integral, np.integer)) else axis
+    try:
+        raw = [a if not isinstance(a, bool) else None for a in items]
+        axes = [operator.index(a) for a in raw]  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"axis must be an int or a tuple of ints, got {axis!r}") from None
+    if not axes:
+        raise ValueError("axis must name at least one feature axis")
+    out: list[int] = []
+    for a in axes:
+        if not -ndim <= a < ndim:
+            raise ValueError(f"axis {a} is out of range for an array of ndim {ndim}")
+        k = a % ndim
+        if k in out:
+            raise ValueError(f"axis {a} is repeated in the feature axes {tuple(axes)}")
+        out.append(k)
+    return tuple(sorted(out))
+
+
+def _stat_dtype(x: np.ndarray) -> type[np.floating]:
+    return np.float64 if x.dtype == np.float64 else np.float32
+
+
+def _channel_param(p: ArrayLike | None, name: str, dtype: type[np.floating], channels: int) -> np.ndarray | None:
+    if p is None:
+        return None
+    a = np.ascontiguousarray(p, dtype=dtype)
+    if a.size != channels:
+        raise ValueError(f"{name} has {a.size} elements; expected {channels} (one per channel)")
+    return a
+
+
+def _output(out: np.ndarray | None, like: np.ndarray, inputs: tuple[np.ndarray, ...]) -> np.ndarray:
+    """A new array shaped like `like` (same memory order), or the caller's checked `out`."""
+    if out is None:
+        return np.empty_like(like)
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a NumPy array, got {type(out).__name__}")
+    if out.dtype != like.dtype:
+        raise TypeError(f"out has dtype {out.dtype}; expected {like.dtype}, the input's dtype")
+    if out.shape != like.shape:
+        raise ValueError(f"out has shape {out.shape}; expected {like.shape}, the input's shape")
+    if not out.flags.writeable:
+        raise ValueError("out is read-only")
+    for a in inputs:
+        if np.may_share_memory(out, a) and not _same_view(out, a) and np.shares_memory(out, a, max_work=10**6):
+            raise ValueError("out overlaps an input without being that same array; pass the input itself to work in place")
+    return out
+
+
+def _same_view(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.__array_interface__["data"][0] == b.__array_interface__["data"][0] and a.strides == b.strides
+
+
+def _relu(activation: str | None) -> bool:
+    try:
+        return _ACTIVATIONS[activation]
+    except (KeyError, TypeError):
+        raise ValueError(f"activation must be None or 'relu', got {activation!r}") from None
+
+
+def _epsilon(epsilon: float) -> float:
+    if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real):
+        raise TypeError(f"epsilon must be a real number, got {type(epsilon).__name__}")
+    return float(epsilon)
+
+
+def moments(x: ArrayLike, axis: AxisLike = -1) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and biased (population) variance of ``x``.
+
+    ``axis`` names the feature axes (int or tuple), which are kept; the statistics reduce
+    over all the others. Returns arrays shaped like the kept axes, float32 for 16-bit and
+    float32 inputs, float64 for float64. The variance is computed with shifted sums in
+    double precision, so data far from zero (mean/std of 1e6 in float32) keeps its digits.
+    """
+    x = _data(x, "x", 2)
+    axes = _feature_axes(axis, x.ndim)
+    kept = tuple(x.shape[a] for a in axes)
+    dtype = _stat_dtype(x)
+    mean = np.empty(kept, dtype)
+    variance = np.empty(kept, dtype)
+    _core.moments(x, axes, mean, variance)
+    return mean, variance
+
+
+def normalize(
+    x: ArrayLike,
+    mean: ArrayLike,
+    variance: ArrayLike,
+    gamma: ArrayLike | None = None,
+    beta: ArrayLike | None = None,
+    *,
+    axis: AxisLike = -1,
+    epsilon: float = 1e-3,
+    activation: str | None = None,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """Inference pass: ``act(gamma * (x - mean) / sqrt(variance + epsilon) + beta)``.
+
+    ``mean``, ``variance``, ``gamma`` and ``beta`` hold one value per channel of the
+    feature axes (any shape with that many elements, in C order); ``gamma=None`` means 1
+    and ``beta=None`` means 0. ``activation`` is None or ``"relu"`` (fused). ``out`` may be
+    a preallocated array of x's shape and dtype, or x itself.
+    """
+    x = _data(x, "x", 1)
+    axes = _feature_axes(axis, x.ndim)
+    dtype = _stat_dtype(x)
+    channels = int(np.prod([x.shape[a] for a in axes]))
+    y = _output(out, x, (x,))
+    _core.normalize(
+        x,
+        y,
+        axes,
+        _channel_param(mean, "mean", dtype, channels),
+        _channel_param(variance, "variance", dtype, channels),
+        _channel_param(gamma, "gamma", dtype, channels),
+        _channel_param(beta, "beta", dtype, channels),
+        _epsilon(epsilon),
+        _relu(activation),
+    )
+    return y
+
+
+def forward(
+    x: ArrayLike,
+    gamma: ArrayLike | None = None,
+    beta: ArrayLike | None = None,
+    *,
+    axis: AxisLike = -1,
+    epsilon: float = 1e-3,
+    activation: str | None = None,
+    out: np.ndarray | None = None,
+) -> tuple[np.ndarray, BatchStats]:
+    """Training pass: normalize ``x`` with its own batch statistics.
+
+    Returns ``y`` (x's shape and dtype) and :class:`BatchStats` (mean, biased variance,
+    inv_std, count). Raises ValueError for an empty batch.
+    """
+    x = _data(x, "x", 2)
+    axes = _feature_axes(axis, x.ndim)
+    kept = tuple(x.shape[a] for a in axes)
+    dtype = _stat_dtype(x)
+    channels = int(np.prod(kept))
+    g = _channel_param(gamma, "gamma", dtype, channels)
+    b = _channel_param(beta, "beta", dtype, channels)
+    eps = _epsilon(epsilon)
+    relu = _relu(activation)
+    y = _output(out, x, (x,))
+    mean = np.empty(kept, dtype)
+    variance = np.empty(kept, dtype)
+    inv_std = np.empty(kept, dtype)
+    count = _core.forward(x, y, axes, g, b, eps, relu, mean, variance, inv_std)
+    return y, BatchStats(mean, variance, inv_std, int(count))
+
+
+def backward(
+    dy: ArrayLike,
+    x: ArrayLike,
+    stats: BatchStats,
+    gamma: ArrayLike | None = None,
+    beta: ArrayLike | None = None,
+    *,
+    axis: AxisLike = -1,
+    activation: str | None = None,
+    out: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gradient of :func:`forward` with respect to x, gamma and beta.
+
+    ``stats`` is what ``forward`` returned for ``x`` (its ``mean`` and ``inv_std`` are
+    used). ``beta`` matters only with ``activation="relu"``, whose mask is rebuilt from x,
+    stats, gamma and beta exactly as the forward pass computed it. Returns ``dx``
+    (x's shape and dtype), ``dgamma = sum(dy' * x_hat)`` and ``dbeta = sum(dy')``
+    (``dy'``: dy masked by the activation), always, also when gamma/beta are None.
+    """
+    x = _data(x, "x", 2)
+    dy = _data(dy, "dy", 2)
+    axes = _feature_axes(axis, x.ndim)
+    kept = tuple(x.shape[a] for a in axes)
+    dtype = _stat_dtype(x)
+    channels = int(np.prod(kept))
+    try:
+        mean, inv_std = stats.mean, stats.inv_std
+    except AttributeError:
+        raise TypeError("stats must be the BatchStats that forward() returned") from None
+    mean = _channel_param(mean, "stats.mean", dtype, channels)
+    inv_std = _channel_param(inv_std, "stats.inv_std", dtype, channels)
+    g = _channel_param(gamma, "gamma", dtype, channels)
+    b = _channel_param(beta, "beta", dtype, channels)
+    relu = _relu(activation)
+    if dy.shape != x.shape:
+        raise ValueError(f"dy has shape {dy.shape}; expected {x.shape}, the shape of x")
+    dx = _output(out, x, (x, dy))
+    dgamma = np.empty(kept, dtype)
+    dbeta = np.empty(kept, dtype)
+    _core.backward(dy, x, dx, axes, mean, inv_std, g, b, relu, dgamma, dbeta)
+    return dx, dgamma, dbeta

@@ -1,0 +1,27 @@
+// batchnorm._core: the compiled module. This file only wires the register_* functions;
+// each family of bindings lives in its own file. The public API is python/batchnorm.
+#include <pybind11/pybind11.h>
+
+#include "batchnorm/types.hpp"
+#include "bindings.hpp"
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "batchnorm's compiled core (private: use the batchnorm package)";
+  m.attr("__version__") = BATCHNORM_VERSION;
+
+  // The C++ exception types map onto Python's as SPEC §7 says.
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const batchnorm::type_error& e) {
+      PyErr_SetString(PyExc_TypeError, e.what());
+    } catch (const batchnorm::value_error& e) {
+      PyErr_SetString(PyExc_ValueError, e.what());
+    }
+  });
+
+  batchnorm::python::register_runtime(m);
+  batchnorm::python::register_functional(m);
+}

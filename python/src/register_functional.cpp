@@ -1,0 +1,235 @@
+// moments, partial_moments, normalize, forward, backward over NumPy buffers.
+//
+// Arrays arrive as they are (no conversion, no copy): the Python layer has already
+// chosen dtypes and allocated outputs; here their buffers are described for the C++ API
+// and checked (dtype, shape, size, writeable), then the kernel runs with the GIL
+// released. That is safe because the kernels touch only these buffers, which the
+// py::array arguments keep alive, and no Python object.
+#include <cstdint>
+#include <string>
+
+#include "batchnorm/functional.hpp"
+#include "bindings.hpp"
+
+namespace batchnorm::python {
+
+namespace {
+
+const char* element_name(Element e) {
+  switch (e) {
+    case Element::f16:
+      return "float16";
+    case Element::bf16:
+      return "bfloat16";
+    case Element::f32:
+      return "float32";
+    default:
+      return "float64";
+  }
+}
+
+Element element_of(const py::array& a, const char* name) {
+  const py::dtype dt = a.dtype();
+  const auto size = dt.itemsize();
+  const char order = dt.byteorder();
+  std::string what;
+  if (dt.kind() == 'f' && (size == 2 || size == 4 || size == 8)) {
+    if (order != '>') return size == 2 ? Element::f16 : size == 4 ? Element::f32 : Element::f64;
+    what = "a big-endian array (convert it with x.astype(x.dtype.newbyteorder('=')))";
+  } else if (dt.kind() == 'V' && size == 2 && py::str(dt.attr("name")).cast<std::string>() == "bfloat16") {
+    return Element::bf16;
+  } else {
+    what = "dtype " + py::str(dt).cast<std::string>();
+  }
+  throw type_error(std::string(name) + " must be a float16, bfloat16, float32 or float64 array; got " + what);
+}
+
+template <class F>
+decltype(auto) with_element(Element e, F&& f) {
+  switch (e) {
+    case Element::f16:
+      return f(float16_t{});
+    case Element::bf16:
+      return f(bfloat16_t{});
+    case Element::f32:
+      return f(float{});
+    default:
+      return f(double{});
+  }
+}
+
+Axes to_axes(const std::vector<int>& axes) { return Axes(axes.begin(), axes.end()); }
+
+void check_like(const ArrayArg& a, const char* a_name, const ArrayArg& b, const char* b_name) {
+  if (a.element != b.element)
+    throw type_error(std::string(a_name) + " has dtype " + element_name(a.element) + " but " + b_name + " has " +
+                     element_name(b.element) + "; they must match");
+  if (a.shape != b.shape) throw value_error(std::string(a_name) + " and " + b_name + " must have the same shape");
+}
+
+// A per-channel array of S: contiguous, `channels` elements. None gives nullptr if allowed.
+template <class S>
+S* channel_array(const py::object& o, const char* name, index_t channels, bool writeable, bool optional = false) {
+  if (o.is_none()) {
+    if (optional) return nullptr;
+    throw type_error(std::string(name) + " must be an array, not None");
+  }
+  if (!py::isinstance<py::array>(o)) throw type_error(std::string(name) + " must be a NumPy array");
+  auto a = py::reinterpret_borrow<py::array>(o);
+  if (!py::isinstance<py::array_t<S>>(a) || !(a.flags() & py::array::c_style))
+    throw type_error(std::string(name) + " must be a C-contiguous " + (sizeof(S) == 4 ? "float32" : "float64") +
+                     " array");
+  if (a.size() != channels)
+    throw value_error(std::string(name) + " has " + std::to_string(a.size()) + " elements; expected " +
+                      std::to_string(channels) + " (one per channel)");
+  if (writeable && !a.writeable()) throw value_error(std::string(name) + " is read-only");
+  return static_cast<S*>(const_cast<void*>(a.data()));
+}
+
+}  // namespace
+
+ArrayArg describe(const py::array& a, const char* name, bool writeable) {
+  ArrayArg arg;
+  arg.element = element_of(a, name);
+  const auto itemsize = static_cast<index_t>(a.itemsize());
+  if (writeable && !a.writeable()) throw value_error(std::string(name) + " is read-only");
+  arg.data = const_cast<void*>(a.data());
+  if (reinterpret_cast<std::uintptr_t>(arg.data) % static_cast<std::uintptr_t>(itemsize) != 0)
+    throw value_error(std::string(name) + " is not aligned to its element size");
+  const auto ndim = static_cast<std::size_t>(a.ndim());
+  arg.shape.resize(ndim);
+  arg.strides.resize(ndim);
+  for (std::size_t d = 0; d < ndim; ++d) {
+    arg.shape[d] = static_cast<index_t>(a.shape(static_cast<py::ssize_t>(d)));
+    const auto bytes = static_cast<index_t>(a.strides(static_cast<py::ssize_t>(d)));
+    if (bytes % itemsize != 0) throw value_error(std::string(name) + " has strides that are not whole elements");
+    arg.strides[d] = bytes / itemsize;
+  }
+  return arg;
+}
+
+void register_functional(py::module_& m) {
+  m.def(
+      "extent",
+      [](const std::vector<index_t>& shape, const std::vector<int>& axes) {
+        const Extent e = extent({shape, to_axes(axes)});
+        return py::make_tuple(e.channels, e.count);
+      },
+      py::arg("shape"), py::arg("axes"), "(channels, count) of an array shape and feature axes");
+
+  m.def(
+      "moments",
+      [](const py::array& x, const std::vector<int>& axes, const py::object& mean, const py::object& variance) {
+        const ArrayArg xa = describe(x, "x", false);
+        const Geometry g{xa.shape, to_axes(axes)};
+        const index_t channels = extent(g).channels;
+        return with_element(xa.element, [&](auto tag) {
+          using T = decltype(tag);
+          auto* mu = channel_array<stat_t<T>>(mean, "mean", channels, true);
+          auto* var = channel_array<stat_t<T>>(variance, "variance", channels, true);
+          py::gil_scoped_release nogil;
+          return moments<T>(g, {static_cast<const T*>(xa.data), xa.strides}, mu, var);
+        });
+      },
+      py::arg("x").noconvert(), py::arg("axes"), py::arg("mean"), py::arg("variance"));
+
+  m.def(
+      "partial_moments",
+      [](const py::array& x, const std::vector<int>& axes, const py::object& mean, const py::object& m2) {
+        const ArrayArg xa = describe(x, "x", false);
+        const Geometry g{xa.shape, to_axes(axes)};
+        const index_t channels = extent(g).channels;
+        auto* mu = channel_array<double>(mean, "mean", channels, true);
+        auto* sq = channel_array<double>(m2, "m2", channels, true);
+        return with_element(xa.element, [&](auto tag) {
+          using T = decltype(tag);
+          py::gil_scoped_release nogil;
+          return partial_moments<T>(g, {static_cast<const T*>(xa.data), xa.strides}, mu, sq);
+        });
+      },
+      py::arg("x").noconvert(), py::arg("axes"), py::arg("mean"), py::arg("m2"));
+
+  m.def(
+      "normalize",
+      [](const py::array& x, const py::array& y, const std::vector<int>& axes, const py::object& mean,
+         const py::object& variance, const py::object& gamma, const py::object& beta, double epsilon, bool relu) {
+        const ArrayArg xa = describe(x, "x", false);
+        const ArrayArg ya = describe(y, "out", true);
+        check_like(xa, "x", ya, "out");
+        const Geometry g{xa.shape, to_axes(axes)};
+        const index_t channels = extent(g).channels;
+        with_element(xa.element, [&](auto tag) {
+          using T = decltype(tag);
+          using S = stat_t<T>;
+          const S* mu = channel_array<S>(mean, "mean", channels, false);
+          const S* var = channel_array<S>(variance, "variance", channels, false);
+          const Affine<S> affine{channel_array<S>(gamma, "gamma", channels, false, true),
+                                 channel_array<S>(beta, "beta", channels, false, true)};
+          py::gil_scoped_release nogil;
+          normalize<T>(g, {static_cast<const T*>(xa.data), xa.strides}, {static_cast<T*>(ya.data), ya.strides}, mu, var,
+                       affine, epsilon, relu ? Activation::relu : Activation::none);
+        });
+      },
+      py::arg("x").noconvert(), py::arg("out").noconvert(), py::arg("axes"), py::arg("mean"), py::arg("variance"),
+      py::arg("gamma"), py::arg("beta"), py::arg("epsilon"), py::arg("relu"));
+
+  m.def(
+      "forward",
+      [](const py::array& x, const py::array& y, const std::vector<int>& axes, const py::object& gamma,
+         const py::object& beta, double epsilon, bool relu, const py::object& mean, const py::object& variance,
+         const py::object& inv_std) {
+        const ArrayArg xa = describe(x, "x", false);
+        const ArrayArg ya = describe(y, "out", true);
+        check_like(xa, "x", ya, "out");
+        const Geometry g{xa.shape, to_axes(axes)};
+        const index_t channels = extent(g).channels;
+        return with_element(xa.element, [&](auto tag) {
+          using T = decltype(tag);
+          using S = stat_t<T>;
+          const Affine<S> affine{channel_array<S>(gamma, "gamma", channels, false, true),
+                                 channel_array<S>(beta, "beta", channels, false, true)};
+          S* mu = channel_array<S>(mean, "mean", channels, true);
+          S* var = channel_array<S>(variance, "variance", channels, true);
+          S* inv = channel_array<S>(inv_std, "inv_std", channels, true);
+          py::gil_scoped_release nogil;
+          return forward<T>(g, {static_cast<const T*>(xa.data), xa.strides}, {static_cast<T*>(ya.data), ya.strides},
+                            affine, epsilon, relu ? Activation::relu : Activation::none, mu, var, inv);
+        });
+      },
+      py::arg("x").noconvert(), py::arg("out").noconvert(), py::arg("axes"), py::arg("gamma"), py::arg("beta"),
+      py::arg("epsilon"), py::arg("relu"), py::arg("mean"), py::arg("variance"), py::arg("inv_std"));
+
+  m.def(
+      "backward",
+      [](const py::array& dy, const py::array& x, const py::array& dx, const std::vector<int>& axes,
+         const py::object& mean, const py::object& inv_std, const py::object& gamma, const py::object& beta, bool relu,
+         const py::object& dgamma, const py::object& dbeta, bool fixed_statistics) {
+        const ArrayArg xa = describe(x, "x", false);
+        const ArrayArg dya = describe(dy, "dy", false);
+        const ArrayArg dxa = describe(dx, "out", true);
+        check_like(dya, "dy", xa, "x");
+        check_like(xa, "x", dxa, "out");
+        const Geometry g{xa.shape, to_axes(axes)};
+        const index_t channels = extent(g).channels;
+        with_element(xa.element, [&](auto tag) {
+          using T = decltype(tag);
+          using S = stat_t<T>;
+          const S* mu = channel_array<S>(mean, "mean", channels, false);
+          const S* inv = channel_array<S>(inv_std, "inv_std", channels, false);
+          const Affine<S> affine{channel_array<S>(gamma, "gamma", channels, false, true),
+                                 channel_array<S>(beta, "beta", channels, false, true)};
+          S* dg = channel_array<S>(dgamma, "dgamma", channels, true);
+          S* db = channel_array<S>(dbeta, "dbeta", channels, true);
+          py::gil_scoped_release nogil;
+          backward<T>(g, {static_cast<const T*>(dya.data), dya.strides}, {static_cast<const T*>(xa.data), xa.strides},
+                      {static_cast<T*>(dxa.data), dxa.strides}, mu, inv, affine,
+                      relu ? Activation::relu : Activation::none, dg, db,
+                      fixed_statistics ? Statistics::fixed : Statistics::batch);
+        });
+      },
+      py::arg("dy").noconvert(), py::arg("x").noconvert(), py::arg("out").noconvert(), py::arg("axes"), py::arg("mean"),
+      py::arg("inv_std"), py::arg("gamma"), py::arg("beta"), py::arg("relu"), py::arg("dgamma"), py::arg("dbeta"),
+      py::arg("fixed_statistics") = false);
+}
+
+}  // namespace batchnorm::python
