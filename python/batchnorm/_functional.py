@@ -10,7 +10,7 @@ from __future__ import annotations
 import numbers
 import operator
 from collections.abc import Sequence
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -18,7 +18,7 @@ from . import _core
 
 __all__ = ["BatchStats", "backward", "forward", "moments", "normalize"]
 
-AxisLike = Union[int, Sequence[int]]
+AxisLike = int | Sequence[int]
 ArrayLike = Any
 
 
@@ -97,7 +97,7 @@ def _output(out: np.ndarray | None, like: np.ndarray, inputs: tuple[np.ndarray, 
         raise ValueError("out is read-only")
     for a in inputs:
         if np.may_share_memory(out, a) and not _same_view(out, a) and np.shares_memory(out, a, max_work=10**6):
-            raise ValueError("out overlaps an input without being that same array; pass the input itself to work in place")
+            raise ValueError("out overlaps an input without being that same array; pass the input itself for in place")
     return out
 
 
