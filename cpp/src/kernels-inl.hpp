@@ -3,6 +3,8 @@
 // its own target region, after defining
 //   BATCHNORM_KERNEL_ISA   the instruction set's name ("baseline", "avx2", "avx512")
 //   BATCHNORM_KERNEL_F16C  1 where the F16C half <-> float conversions may be used
+//   BATCHNORM_KERNEL_FMA   1 where fused multiply-add instructions may be used
+//   BATCHNORM_KERNEL_SIMD  0, 256 (AVX2) or 512 (AVX-512): the hand-written vector bodies
 // so the same loops are compiled for each instruction set. Nothing here may be defined
 // outside that namespace: a function compiled for AVX-512 must never be picked by the
 // linker for baseline code.
@@ -91,9 +93,22 @@ inline void finish(const C* computed, T* p, index_t stride, index_t n) {
 
 // ---- the arithmetic, on contiguous compute arrays ------------------------------------
 
-template <class C>
-inline C affine(C x, C a, C m, C b) {
+// a*(x - m) + b, rounded the same way everywhere it is computed (forward output, the
+// backward's ReLU mask, scalar tails and vector bodies): one fused multiply-add where the
+// instruction set has it, a multiply and an add where it does not.
+inline float affine(float x, float a, float m, float b) {
+#if BATCHNORM_KERNEL_FMA
+  return __builtin_fmaf(a, x - m, b);
+#else
   return a * (x - m) + b;
+#endif
+}
+inline double affine(double x, double a, double m, double b) {
+#if BATCHNORM_KERNEL_FMA
+  return __builtin_fma(a, x - m, b);
+#else
+  return a * (x - m) + b;
+#endif
 }
 template <class C>
 inline C relu(C z) {
@@ -112,7 +127,7 @@ struct Lanes {
 };
 
 template <class C>
-inline void reduce1_block(const C* x, index_t n, double m, double& s, double& ss) {
+inline void reduce1_block_scalar(const C* x, index_t n, double m, double& s, double& ss) {
   Lanes ls, lss;
   index_t i = 0;
   for (; i + kLanes <= n; i += kLanes)
@@ -137,7 +152,7 @@ inline double masked(C dy, C x, C a, C m, C b) {
 }
 
 template <class C, bool Relu>
-inline void reduce2_block(const C* dy, const C* x, index_t n, C a, C m, C b, double& s, double& ss) {
+inline void reduce2_block_scalar(const C* dy, const C* x, index_t n, C a, C m, C b, double& s, double& ss) {
   Lanes ls, lss;
   const double md = m;
   index_t i = 0;
@@ -155,6 +170,131 @@ inline void reduce2_block(const C* dy, const C* x, index_t n, C a, C m, C b, dou
   s += ls.total();
   ss += lss.total();
 }
+
+#if BATCHNORM_KERNEL_SIMD
+// Hand-written bodies of the two channels-first reductions: GCC does not vectorize the
+// float -> double lane accumulation on its own. W doubles per vector; vf holds W floats.
+#if BATCHNORM_KERNEL_SIMD == 512
+using vd = __m512d;
+using vf = __m256;
+constexpr int W = 8;
+inline vd d_zero() { return _mm512_setzero_pd(); }
+inline vd d_set(double a) { return _mm512_set1_pd(a); }
+inline vd d_add(vd a, vd b) { return _mm512_add_pd(a, b); }
+inline vd d_sub(vd a, vd b) { return _mm512_sub_pd(a, b); }
+inline vd d_fma(vd a, vd b, vd c) { return _mm512_fmadd_pd(a, b, c); }
+inline vd d_load(const double* p) { return _mm512_loadu_pd(p); }
+inline vd d_from(vf f) { return _mm512_cvtps_pd(f); }
+inline void d_store(double* p, vd v) { _mm512_storeu_pd(p, v); }
+inline vd d_positive_and(vd z, vd g) {
+  return _mm512_maskz_mov_pd(_mm512_cmp_pd_mask(z, _mm512_setzero_pd(), _CMP_GT_OQ), g);
+}
+inline vf f_load(const float* p) { return _mm256_loadu_ps(p); }
+inline vf f_set(float a) { return _mm256_set1_ps(a); }
+inline vf f_affine(vf x, vf a, vf m, vf b) { return _mm256_fmadd_ps(a, _mm256_sub_ps(x, m), b); }
+inline vf f_positive_and(vf z, vf g) { return _mm256_and_ps(_mm256_cmp_ps(z, _mm256_setzero_ps(), _CMP_GT_OQ), g); }
+#else
+using vd = __m256d;
+using vf = __m128;
+constexpr int W = 4;
+inline vd d_zero() { return _mm256_setzero_pd(); }
+inline vd d_set(double a) { return _mm256_set1_pd(a); }
+inline vd d_add(vd a, vd b) { return _mm256_add_pd(a, b); }
+inline vd d_sub(vd a, vd b) { return _mm256_sub_pd(a, b); }
+inline vd d_fma(vd a, vd b, vd c) { return _mm256_fmadd_pd(a, b, c); }
+inline vd d_load(const double* p) { return _mm256_loadu_pd(p); }
+inline vd d_from(vf f) { return _mm256_cvtps_pd(f); }
+inline void d_store(double* p, vd v) { _mm256_storeu_pd(p, v); }
+inline vd d_positive_and(vd z, vd g) { return _mm256_and_pd(_mm256_cmp_pd(z, _mm256_setzero_pd(), _CMP_GT_OQ), g); }
+inline vf f_load(const float* p) { return _mm_loadu_ps(p); }
+inline vf f_set(float a) { return _mm_set1_ps(a); }
+inline vf f_affine(vf x, vf a, vf m, vf b) { return _mm_fmadd_ps(a, _mm_sub_ps(x, m), b); }
+inline vf f_positive_and(vf z, vf g) { return _mm_and_ps(_mm_cmp_ps(z, _mm_setzero_ps(), _CMP_GT_OQ), g); }
+#endif
+
+constexpr int kUnroll = 4;  // independent accumulators per sum: hides the add latency
+static_assert(kUnroll * W <= kLanes * 2, "lane buffer too small");
+
+// Spills vector accumulators into scalar lanes, where the tail continues and the fixed
+// pairwise reduction ends.
+struct VectorLanes {
+  vd acc[kUnroll];
+  VectorLanes() {
+    for (vd& a : acc) a = d_zero();
+  }
+  double finish(double tail) {
+    alignas(64) double lanes[kUnroll * W];
+    for (int u = 0; u < kUnroll; ++u) d_store(lanes + u * W, acc[u]);
+    for (int w = kUnroll * W / 2; w > 0; w /= 2)
+      for (int j = 0; j < w; ++j) lanes[j] += lanes[j + w];
+    return lanes[0] + tail;
+  }
+};
+
+inline vd load_d(const float* p) { return d_from(f_load(p)); }
+inline vd load_d(const double* p) { return d_load(p); }
+
+template <class C>
+inline void reduce1_block(const C* x, index_t n, double m, double& s, double& ss) {
+  VectorLanes ls, lss;
+  const vd vm = d_set(m);
+  index_t i = 0;
+  for (; i + kUnroll * W <= n; i += kUnroll * W)
+    for (int u = 0; u < kUnroll; ++u) {
+      const vd d = d_sub(load_d(x + i + u * W), vm);
+      ls.acc[u] = d_add(ls.acc[u], d);
+      lss.acc[u] = d_fma(d, d, lss.acc[u]);
+    }
+  double ts = 0, tss = 0;
+  reduce1_block_scalar(x + i, n - i, m, ts, tss);
+  s += ls.finish(ts);
+  ss += lss.finish(tss);
+}
+
+// dy masked by the ReLU of the pre-activation, as doubles.
+template <bool Relu>
+inline vd masked_d(const float* dy, const float* x, vf a, vf m, vf b) {
+  vf g = f_load(dy);
+  if constexpr (Relu) g = f_positive_and(f_affine(f_load(x), a, m, b), g);
+  return d_from(g);
+}
+template <bool Relu>
+inline vd masked_d(const double* dy, const double* x, vd a, vd m, vd b) {
+  vd g = d_load(dy);
+  if constexpr (Relu) g = d_positive_and(d_fma(a, d_sub(d_load(x), m), b), g);
+  return g;
+}
+inline vf set_c(float v) { return f_set(v); }
+inline vd set_c(double v) { return d_set(v); }
+
+template <class C, bool Relu>
+inline void reduce2_block(const C* dy, const C* x, index_t n, C a, C m, C b, double& s, double& ss) {
+  VectorLanes ls, lss;
+  const auto va = set_c(a), vm = set_c(m), vb = set_c(b);
+  const vd md = d_set(m);
+  index_t i = 0;
+  for (; i + kUnroll * W <= n; i += kUnroll * W)
+    for (int u = 0; u < kUnroll; ++u) {
+      const index_t k = i + u * W;
+      const vd g = masked_d<Relu>(dy + k, x + k, va, vm, vb);
+      ls.acc[u] = d_add(ls.acc[u], g);
+      lss.acc[u] = d_fma(g, d_sub(load_d(x + k), md), lss.acc[u]);
+    }
+  double ts = 0, tss = 0;
+  reduce2_block_scalar<C, Relu>(dy + i, x + i, n - i, a, m, b, ts, tss);
+  s += ls.finish(ts);
+  ss += lss.finish(tss);
+}
+#else
+template <class C>
+inline void reduce1_block(const C* x, index_t n, double m, double& s, double& ss) {
+  reduce1_block_scalar(x, n, m, s, ss);
+}
+template <class C, bool Relu>
+inline void reduce2_block(const C* dy, const C* x, index_t n, C a, C m, C b, double& s, double& ss) {
+  reduce2_block_scalar<C, Relu>(dy, x, n, a, m, b, s, ss);
+}
+#endif
 
 template <class C, bool Relu>
 inline void affine1_block(const C* x, C* y, index_t n, C a, C m, C b) {

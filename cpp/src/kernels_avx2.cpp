@@ -11,6 +11,8 @@
 #include <cstring>
 
 #define BATCHNORM_KERNEL_ISA "avx2"
+#define BATCHNORM_KERNEL_FMA 1
+#define BATCHNORM_KERNEL_SIMD 256
 #define BATCHNORM_KERNEL_F16C 1
 
 BATCHNORM_TARGET_BEGIN("avx2,fma,f16c,bmi2")

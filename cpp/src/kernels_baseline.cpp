@@ -7,6 +7,8 @@
 #include "kernels.hpp"
 
 #define BATCHNORM_KERNEL_ISA "baseline"
+#define BATCHNORM_KERNEL_FMA 0
+#define BATCHNORM_KERNEL_SIMD 0
 #define BATCHNORM_KERNEL_F16C 0
 
 namespace batchnorm::detail::baseline {

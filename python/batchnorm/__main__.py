@@ -1,0 +1,32 @@
+"""Command line: ``python -m batchnorm info``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ._runtime import info
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m batchnorm", description="Batch normalization for the CPU.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_info = sub.add_parser("info", help="version, SIMD level in use, OpenMP threads, compiler")
+    p_info.add_argument("--json", action="store_true", help="print as JSON")
+    args = parser.parse_args(argv)
+
+    if args.command == "info":
+        details = info()
+        if args.json:
+            print(json.dumps(details, indent=2))
+        else:
+            width = max(len(k) for k in details)
+            for key, value in details.items():
+                shown = ", ".join(value) if isinstance(value, list) else value
+                print(f"{key:<{width}}  {shown}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

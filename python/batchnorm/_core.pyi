@@ -1,0 +1,54 @@
+# Type stubs of the compiled module batchnorm._core (private; see batchnorm/__init__.py).
+from collections.abc import Sequence
+
+import numpy as np
+
+__version__: str
+
+def get_num_threads() -> int: ...
+def set_num_threads(n: int) -> None: ...
+def compiled_isas() -> list[str]: ...
+def supported_isas() -> list[str]: ...
+def active_isa() -> str: ...
+def compiler() -> str: ...
+def has_openmp() -> bool: ...
+def extent(shape: Sequence[int], axes: Sequence[int]) -> tuple[int, int]: ...
+def moments(x: np.ndarray, axes: Sequence[int], mean: np.ndarray, variance: np.ndarray) -> int: ...
+def partial_moments(x: np.ndarray, axes: Sequence[int], mean: np.ndarray, m2: np.ndarray) -> int: ...
+def normalize(
+    x: np.ndarray,
+    out: np.ndarray,
+    axes: Sequence[int],
+    mean: np.ndarray | None,
+    variance: np.ndarray | None,
+    gamma: np.ndarray | None,
+    beta: np.ndarray | None,
+    epsilon: float,
+    relu: bool,
+) -> None: ...
+def forward(
+    x: np.ndarray,
+    out: np.ndarray,
+    axes: Sequence[int],
+    gamma: np.ndarray | None,
+    beta: np.ndarray | None,
+    epsilon: float,
+    relu: bool,
+    mean: np.ndarray,
+    variance: np.ndarray,
+    inv_std: np.ndarray,
+) -> int: ...
+def backward(
+    dy: np.ndarray,
+    x: np.ndarray,
+    out: np.ndarray,
+    axes: Sequence[int],
+    mean: np.ndarray | None,
+    inv_std: np.ndarray | None,
+    gamma: np.ndarray | None,
+    beta: np.ndarray | None,
+    relu: bool,
+    dgamma: np.ndarray,
+    dbeta: np.ndarray,
+    fixed_statistics: bool = False,
+) -> None: ...
