@@ -20,6 +20,7 @@ __all__ = ["BatchStats", "backward", "forward", "moments", "normalize"]
 
 AxisLike = int | Sequence[int]
 ArrayLike = Any
+_TooHardError = getattr(np, "exceptions", np).TooHardError  # numpy.exceptions is new in NumPy 1.25
 
 
 class BatchStats(NamedTuple):
@@ -33,7 +34,7 @@ class BatchStats(NamedTuple):
     mean: np.ndarray
     variance: np.ndarray
     inv_std: np.ndarray
-    count: int
+    count: int  # type: ignore[assignment]  # the field shadows tuple.count, by design of the API
 
 
 _ACTIVATIONS = {None: False, "relu": True}
@@ -51,7 +52,7 @@ def _data(x: ArrayLike, name: str, min_ndim: int) -> np.ndarray:
 
 def _feature_axes(axis: AxisLike, ndim: int) -> tuple[int, ...]:
     """The feature axes as sorted non-negative ints, validated against ndim."""
-    items = (axis,) if isinstance(axis, (numbers.Integral, np.integer)) else axis
+    items: Sequence[Any] = [axis] if isinstance(axis, (numbers.Integral, np.integer)) else axis  # type: ignore[assignment]
     try:
         raw = [a if not isinstance(a, bool) else None for a in items]
         axes = [operator.index(a) for a in raw]  # type: ignore[arg-type]
@@ -96,9 +97,17 @@ def _output(out: np.ndarray | None, like: np.ndarray, inputs: tuple[np.ndarray, 
     if not out.flags.writeable:
         raise ValueError("out is read-only")
     for a in inputs:
-        if np.may_share_memory(out, a) and not _same_view(out, a) and np.shares_memory(out, a, max_work=10**6):
+        if np.may_share_memory(out, a) and not _same_view(out, a) and _overlap(out, a):
             raise ValueError("out overlaps an input without being that same array; pass the input itself for in place")
     return out
+
+
+def _overlap(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether a and b share an element (bounded effort; too hard to tell counts as yes)."""
+    try:
+        return bool(np.shares_memory(a, b, max_work=10**6))  # type: ignore[arg-type]  # stubs allow only -1, 0
+    except _TooHardError:
+        return True
 
 
 def _same_view(a: np.ndarray, b: np.ndarray) -> bool:
@@ -232,11 +241,11 @@ def backward(
     dtype = _stat_dtype(x)
     channels = int(np.prod(kept))
     try:
-        mean, inv_std = stats.mean, stats.inv_std
+        stat_mean, stat_inv_std = stats.mean, stats.inv_std
     except AttributeError:
         raise TypeError("stats must be the BatchStats that forward() returned") from None
-    mean = _channel_param(mean, "stats.mean", dtype, channels)
-    inv_std = _channel_param(inv_std, "stats.inv_std", dtype, channels)
+    mean = _channel_param(stat_mean, "stats.mean", dtype, channels)
+    inv_std = _channel_param(stat_inv_std, "stats.inv_std", dtype, channels)
     g = _channel_param(gamma, "gamma", dtype, channels)
     b = _channel_param(beta, "beta", dtype, channels)
     relu = _relu(activation)
