@@ -76,12 +76,18 @@ void for_rows(const Plan& p, index_t begin, index_t end, const F& rows) {
   }
 }
 
-// The runs of a channels_first / strided plan: channel-major units (channel, outer index),
-// each a stretch of `length` values along the innermost reduce dimension.
+// The runs of a channels_first / strided plan: channel-major units (channel, outer index,
+// piece), each a stretch of at most `piece` values along the innermost reduce dimension.
+// Cutting long runs into pieces of a fixed length lets few channels with long runs (C = 1,
+// or RGB planes) use every thread; the cut does not depend on the thread count.
+constexpr index_t kPiece = index_t{1} << 15;
+
 struct Runs {
-  index_t length = 1;
+  index_t length = 1;  // of a whole run
   Offsets stride{};
-  index_t per_channel = 1;
+  index_t piece = 1;  // values per unit (the last piece of a run may be shorter)
+  index_t pieces = 1;
+  index_t per_channel = 1;  // units per channel
   index_t total = 0;
 };
 
@@ -91,23 +97,27 @@ Runs runs_of(const Plan& p) {
     r.length = p.reduce_dims.back().size;
     r.stride = p.reduce_dims.back().stride;
   }
-  r.per_channel = p.count / r.length;
+  r.piece = std::max<index_t>(1, std::min(r.length, kPiece));
+  r.pieces = (r.length + r.piece - 1) / r.piece;
+  r.per_channel = p.count / r.length * r.pieces;
   r.total = p.channels * r.per_channel;
   return r;
 }
 
-// Calls run(channel, offsets) for units [begin, end).
+// Calls run(channel, offsets, length) for units [begin, end).
 template <class F>
 void for_runs(const Plan& p, const Runs& r, index_t begin, index_t end, const F& run) {
   const std::size_t outer_dims = p.reduce_dims.empty() ? 0 : p.reduce_dims.size() - 1;
   for (index_t u = begin; u < end; ++u) {
     const index_t c = u / r.per_channel;
+    const index_t outer = (u % r.per_channel) / r.pieces;
+    const index_t start = (u % r.pieces) * r.piece;
     Offsets off{};
     for (int op = 0; op < p.operands; ++op) {
       const auto o = static_cast<std::size_t>(op);
-      off[o] = p.offset[o] + p.channel_offset(c, op) + p.reduce_offset(u % r.per_channel, outer_dims, op);
+      off[o] = p.offset[o] + p.channel_offset(c, op) + p.reduce_offset(outer, outer_dims, op) + start * r.stride[o];
     }
-    run(c, off);
+    run(c, off, std::min(r.piece, r.length - start));
   }
 }
 
@@ -135,7 +145,8 @@ void reduce_pass(const Plan& p, double* out_s, double* out_ss, const RowsFn& row
       for_rows(p, begin, end,
                [&](const Offsets& off, index_t nrows, const Offsets& rs) { rows_fn(off, nrows, rs, s, ss); });
     else
-      for_runs(p, runs, begin, end, [&](index_t c, const Offsets& off) { run_fn(c, off, runs, s + c, ss + c); });
+      for_runs(p, runs, begin, end,
+               [&](index_t c, const Offsets& off, index_t len) { run_fn(c, off, runs, len, s + c, ss + c); });
   });
   if (nt > 1)
     for (int t = 0; t < nt; ++t) {
@@ -158,7 +169,7 @@ void map_pass(const Plan& p, const RowsFn& rows_fn, const RunFn& run_fn) {
     if (p.kind == Kind::channels_last)
       for_rows(p, begin, end, rows_fn);
     else
-      for_runs(p, runs, begin, end, [&](index_t c, const Offsets& off) { run_fn(c, off, runs); });
+      for_runs(p, runs, begin, end, [&](index_t c, const Offsets& off, index_t len) { run_fn(c, off, runs, len); });
   });
 }
 
@@ -173,7 +184,8 @@ Coefs<compute_t<T>> at_channel(const Coefs<compute_t<T>>& k, index_t c) {
   return {at(k.a), at(k.m), at(k.b), at(k.k1), at(k.k2), at(k.k3)};
 }
 
-// Per-channel sums of x - K (K: each channel's first value), then mean and M2 in double.
+// Per-channel sums of x - K (K: each channel's first finite value, else 0), then mean and
+// M2 in double.
 template <class T>
 void sum_moments(const Plan& p, const T* x, double* mean, double* m2) {
   using C = compute_t<T>;
@@ -186,7 +198,9 @@ void sum_moments(const Plan& p, const T* x, double* mean, double* m2) {
       v[0] = *first;
     else
       v[0] = static_cast<float>(*first);
-    shift[static_cast<std::size_t>(c)] = v[0];
+    // An infinite or NaN first value would turn every x - K into NaN; K = 0 lets the sums
+    // follow IEEE arithmetic instead (mean([inf, 1]) = inf).
+    shift[static_cast<std::size_t>(c)] = std::isfinite(v[0]) ? v[0] : C(0);
   }
   Coefs<C> k;
   k.m = shift.data();
@@ -197,8 +211,8 @@ void sum_moments(const Plan& p, const T* x, double* mean, double* m2) {
       [&](const Offsets& off, index_t rows, const Offsets& rs, double* ps, double* pss) {
         kt.reduce1_rows({x + off[0], rs[0]}, rows, ch, k, ps, pss);
       },
-      [&](index_t c, const Offsets& off, const Runs& r, double* ps, double* pss) {
-        kt.reduce1_run({x + off[0], r.stride[0]}, r.length, at_channel<T>(k, c), ps, pss);
+      [&](index_t c, const Offsets& off, const Runs& r, index_t len, double* ps, double* pss) {
+        kt.reduce1_run({x + off[0], r.stride[0]}, len, at_channel<T>(k, c), ps, pss);
       });
   const double M = static_cast<double>(p.count);
   for (index_t c = 0; c < ch; ++c) {
@@ -218,8 +232,8 @@ void affine1(const Plan& p, const T* x, T* y, const Coefs<compute_t<T>>& k, bool
       [&](const Offsets& off, index_t rows, const Offsets& rs) {
         kt.affine1_rows({x + off[0], rs[0]}, {y + off[1], rs[1]}, rows, p.channels, k, relu);
       },
-      [&](index_t c, const Offsets& off, const Runs& r) {
-        kt.affine1_run({x + off[0], r.stride[0]}, {y + off[1], r.stride[1]}, r.length, at_channel<T>(k, c), relu);
+      [&](index_t c, const Offsets& off, const Runs& r, index_t len) {
+        kt.affine1_run({x + off[0], r.stride[0]}, {y + off[1], r.stride[1]}, len, at_channel<T>(k, c), relu);
       });
 }
 
@@ -404,9 +418,9 @@ void backward(const Geometry& g, In<T> dy, In<T> x, Out<T> dx, const stat_t<T>* 
       [&](const Offsets& off, index_t rows, const Offsets& rs, double* s, double* ss) {
         kt.reduce2_rows({dy.data + off[1], rs[1]}, {x.data + off[0], rs[0]}, rows, ch, kv, relu, s, ss);
       },
-      [&](index_t c, const Offsets& off, const Runs& r, double* s, double* ss) {
-        kt.reduce2_run({dy.data + off[1], r.stride[1]}, {x.data + off[0], r.stride[0]}, r.length, at_channel<T>(kv, c),
-                       relu, s, ss);
+      [&](index_t c, const Offsets& off, const Runs& r, index_t len, double* s, double* ss) {
+        kt.reduce2_run({dy.data + off[1], r.stride[1]}, {x.data + off[0], r.stride[0]}, len, at_channel<T>(kv, c), relu,
+                       s, ss);
       });
 
   const double M = static_cast<double>(p.count);
@@ -426,9 +440,9 @@ void backward(const Geometry& g, In<T> dy, In<T> x, Out<T> dx, const stat_t<T>* 
         kt.affine2_rows({dy.data + off[1], rs[1]}, {x.data + off[0], rs[0]}, {dx.data + off[2], rs[2]}, rows, ch, kv,
                         relu);
       },
-      [&](index_t c, const Offsets& off, const Runs& r) {
+      [&](index_t c, const Offsets& off, const Runs& r, index_t len) {
         kt.affine2_run({dy.data + off[1], r.stride[1]}, {x.data + off[0], r.stride[0]}, {dx.data + off[2], r.stride[2]},
-                       r.length, at_channel<T>(kv, c), relu);
+                       len, at_channel<T>(kv, c), relu);
       });
 }
 
