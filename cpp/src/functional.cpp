@@ -45,14 +45,16 @@ void check_not_null(const void* p, const char* what) {
   if (!p) throw value_error(std::string(what) + " must not be null");
 }
 
+bool empty(const Plan& p) { return p.channels == 0 || p.count == 0; }
+
+// An output must give every element its own location (an empty one has nothing to place).
 void check_output(const Plan& p, int op, const char* what) {
+  if (empty(p)) return;
   for (const std::vector<Dim>* dims : {&p.channel_dims, &p.reduce_dims})
     for (const Dim& d : *dims)
       if (d.stride[static_cast<std::size_t>(op)] == 0)
         throw value_error(std::string(what) + " has a zero stride: several elements would share one location");
 }
-
-bool empty(const Plan& p) { return p.channels == 0 || p.count == 0; }
 
 // Calls rows(offsets, nrows, row_strides) for rows [begin, end) of a channels_last plan.
 template <class F>

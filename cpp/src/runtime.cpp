@@ -20,10 +20,10 @@ namespace detail {
 namespace {
 // set_num_threads stores the count with a new generation; each calling thread applies it
 // to its own OpenMP state (which is per thread) the first time it sees that generation.
+}  // namespace
 std::atomic<int> g_threads{0};
 std::atomic<unsigned> g_generation{0};
 thread_local unsigned t_generation = 0;
-}  // namespace
 
 int threads() {
   const unsigned gen = g_generation.load(std::memory_order_acquire);
@@ -48,7 +48,11 @@ int get_num_threads() { return detail::threads(); }
 void set_num_threads(int n) {
   if (n < 1) throw value_error("set_num_threads needs n >= 1, got " + std::to_string(n));
   detail::g_threads.store(n, std::memory_order_relaxed);
-  detail::g_generation.fetch_add(1, std::memory_order_release);
+  // The calling thread applies it now, so a later threadpoolctl limit on this thread wins.
+  detail::t_generation = detail::g_generation.fetch_add(1, std::memory_order_release) + 1;
+#if BATCHNORM_OPENMP
+  omp_set_num_threads(n);
+#endif
 }
 
 std::string version() { return BATCHNORM_VERSION; }
