@@ -347,8 +347,9 @@ void normalize(const Geometry& g, In<T> x, Out<T> y, const stat_t<T>* mean, cons
   check_not_null(x.data, "x");
   check_not_null(y.data, "y");
   std::vector<double> inv_std(static_cast<std::size_t>(p.channels));
-  for (index_t c = 0; c < p.channels; ++c)
-    inv_std[static_cast<std::size_t>(c)] = 1.0 / std::sqrt(static_cast<double>(variance[c]) + epsilon);
+  for (index_t c = 0; c < p.channels; ++c)  // rounded as forward() stores it
+    inv_std[static_cast<std::size_t>(c)] =
+        static_cast<stat_t<T>>(1.0 / std::sqrt(static_cast<double>(variance[c]) + epsilon));
   CoefStore<compute_t<T>> k(p.channels, false);
   set_forward_coefs<T>(k, p.channels, mean, inv_std.data(), affine);
   affine1(p, x.data, y.data, k.view(), activation == Activation::relu);
@@ -384,79 +385,150 @@ index_t forward(const Geometry& g, In<T> x, Out<T> y, Affine<stat_t<T>> affine, 
   return p.count;
 }
 
+namespace detail {
+namespace {
+
+// What both halves of backward share: the plan (x, dy, dx) and the forward coefficients.
+template <class T>
+struct BackwardSetup {
+  Plan plan;
+  std::vector<double> inv;
+  CoefStore<compute_t<T>> k;
+  bool relu;
+
+  BackwardSetup(const Geometry& g, const Strides& xs, const Strides& dys, const Strides* dxs, const stat_t<T>* mean,
+                const stat_t<T>* inv_std, const Affine<stat_t<T>>& affine, Activation activation)
+      : plan(dxs ? make_plan(g, operand_strides({&xs, &dys, dxs})) : make_plan(g, operand_strides({&xs, &dys}))),
+        inv(static_cast<std::size_t>(plan.channels)),
+        k(plan.channels, true),
+        relu(activation == Activation::relu) {
+    if (dxs) check_output(plan, 2, "dx");
+    for (const void* ptr : {static_cast<const void*>(mean), static_cast<const void*>(inv_std)})
+      check_not_null(ptr, "mean and inv_std");
+    for (std::size_t c = 0; c < inv.size(); ++c) inv[c] = static_cast<double>(inv_std[c]);
+    set_forward_coefs<T>(k, plan.channels, mean, inv.data(), affine);
+  }
+};
+
+template <class T>
+void reduce2(const BackwardSetup<T>& b, const T* dy, const T* x, double* sum_dy, double* sum_dy_xc) {
+  const Plan& p = b.plan;
+  const index_t ch = p.channels;
+  const KernelTable<T>& kt = kernels<T>();
+  const Coefs<compute_t<T>> kv = b.k.view();
+  const bool relu = b.relu;
+  reduce_pass(
+      p, sum_dy, sum_dy_xc,
+      [&](const Offsets& off, index_t rows, const Offsets& rs, double* s, double* ss) {
+        kt.reduce2_rows({dy + off[1], rs[1]}, {x + off[0], rs[0]}, rows, ch, kv, relu, s, ss);
+      },
+      [&](index_t c, const Offsets& off, const Runs& r, index_t len, double* s, double* ss) {
+        kt.reduce2_run({dy + off[1], r.stride[1]}, {x + off[0], r.stride[0]}, len, at_channel<T>(kv, c), relu, s, ss);
+      });
+}
+
+template <class T>
+void affine2(BackwardSetup<T>& b, const T* dy, const T* x, T* dx, const Affine<stat_t<T>>& affine, const double* sum_dy,
+             const double* sum_dy_xc, index_t count, Statistics statistics) {
+  using C = compute_t<T>;
+  const Plan& p = b.plan;
+  const double M = static_cast<double>(count);
+  const bool batch = statistics == Statistics::batch;
+  for (std::size_t c = 0; c < b.inv.size(); ++c) {
+    const double a = gamma_of(affine, static_cast<index_t>(c)) * b.inv[c];
+    const double dgamma = sum_dy_xc[c] * b.inv[c];
+    b.k.k1[c] = static_cast<C>(a);
+    b.k.k2[c] = static_cast<C>(batch ? -a * b.inv[c] * dgamma / M : 0.0);
+    b.k.k3[c] = static_cast<C>(batch ? -a * sum_dy[c] / M : 0.0);
+  }
+  const KernelTable<T>& kt = kernels<T>();
+  const Coefs<C> kv = b.k.view();
+  const bool relu = b.relu;
+  map_pass(
+      p,
+      [&](const Offsets& off, index_t rows, const Offsets& rs) {
+        kt.affine2_rows({dy + off[1], rs[1]}, {x + off[0], rs[0]}, {dx + off[2], rs[2]}, rows, p.channels, kv, relu);
+      },
+      [&](index_t c, const Offsets& off, const Runs& r, index_t len) {
+        kt.affine2_run({dy + off[1], r.stride[1]}, {x + off[0], r.stride[0]}, {dx + off[2], r.stride[2]}, len,
+                       at_channel<T>(kv, c), relu);
+      });
+}
+
+void check_inputs(std::initializer_list<const void*> ptrs) {
+  for (const void* ptr : ptrs) check_not_null(ptr, "dy, x and dx");
+}
+
+}  // namespace
+}  // namespace detail
+
+template <class T>
+void backward_sums(const Geometry& g, In<T> dy, In<T> x, const stat_t<T>* mean, const stat_t<T>* inv_std,
+                   Affine<stat_t<T>> affine, Activation activation, double* sum_dy, double* sum_dy_xc) {
+  static_assert(is_element_v<T>, "unsupported element type");
+  BackwardSetup<T> b(g, x.strides, dy.strides, nullptr, mean, inv_std, affine, activation);
+  check_not_null(sum_dy, "sum_dy");
+  check_not_null(sum_dy_xc, "sum_dy_xc");
+  if (empty(b.plan)) {
+    std::fill(sum_dy, sum_dy + b.plan.channels, 0.0);
+    std::fill(sum_dy_xc, sum_dy_xc + b.plan.channels, 0.0);
+    return;
+  }
+  check_inputs({dy.data, x.data});
+  reduce2(b, dy.data, x.data, sum_dy, sum_dy_xc);
+}
+
+template <class T>
+void backward_apply(const Geometry& g, In<T> dy, In<T> x, Out<T> dx, const stat_t<T>* mean, const stat_t<T>* inv_std,
+                    Affine<stat_t<T>> affine, Activation activation, const double* sum_dy, const double* sum_dy_xc,
+                    index_t count, Statistics statistics) {
+  static_assert(is_element_v<T>, "unsupported element type");
+  BackwardSetup<T> b(g, x.strides, dy.strides, &dx.strides, mean, inv_std, affine, activation);
+  check_not_null(sum_dy, "sum_dy");
+  check_not_null(sum_dy_xc, "sum_dy_xc");
+  if (count < 1 && statistics == Statistics::batch) throw value_error("backward_apply needs count >= 1");
+  if (empty(b.plan)) return;
+  check_inputs({dy.data, x.data, dx.data});
+  affine2(b, dy.data, x.data, dx.data, affine, sum_dy, sum_dy_xc, count, statistics);
+}
+
 template <class T>
 void backward(const Geometry& g, In<T> dy, In<T> x, Out<T> dx, const stat_t<T>* mean, const stat_t<T>* inv_std,
               Affine<stat_t<T>> affine, Activation activation, stat_t<T>* dgamma, stat_t<T>* dbeta,
               Statistics statistics) {
   static_assert(is_element_v<T>, "unsupported element type");
-  using C = compute_t<T>;
-  const Plan p = make_plan(g, operand_strides({&x.strides, &dy.strides, &dx.strides}));
-  check_output(p, 2, "dx");
-  for (const void* ptr : {static_cast<const void*>(mean), static_cast<const void*>(inv_std)})
-    check_not_null(ptr, "mean and inv_std");
+  BackwardSetup<T> b(g, x.strides, dy.strides, &dx.strides, mean, inv_std, affine, activation);
   check_not_null(dgamma, "dgamma");
   check_not_null(dbeta, "dbeta");
-  const index_t ch = p.channels;
-  if (empty(p)) {
+  const index_t ch = b.plan.channels;
+  if (empty(b.plan)) {
     std::fill(dgamma, dgamma + ch, stat_t<T>(0));
     std::fill(dbeta, dbeta + ch, stat_t<T>(0));
     return;
   }
-  for (const void* ptr :
-       {static_cast<const void*>(dy.data), static_cast<const void*>(x.data), static_cast<const void*>(dx.data)})
-    check_not_null(ptr, "dy, x and dx");
-  const bool relu = activation == Activation::relu;
-  const auto n = static_cast<std::size_t>(ch);
-  std::vector<double> inv(n);
-  for (std::size_t c = 0; c < n; ++c) inv[c] = static_cast<double>(inv_std[c]);
-  CoefStore<C> k(ch, true);
-  set_forward_coefs<T>(k, ch, mean, inv.data(), affine);
-
-  std::vector<double> sdy(n), sdyx(n);
-  const KernelTable<T>& kt = kernels<T>();
-  const Coefs<C> kv = k.view();
-  reduce_pass(
-      p, sdy.data(), sdyx.data(),
-      [&](const Offsets& off, index_t rows, const Offsets& rs, double* s, double* ss) {
-        kt.reduce2_rows({dy.data + off[1], rs[1]}, {x.data + off[0], rs[0]}, rows, ch, kv, relu, s, ss);
-      },
-      [&](index_t c, const Offsets& off, const Runs& r, index_t len, double* s, double* ss) {
-        kt.reduce2_run({dy.data + off[1], r.stride[1]}, {x.data + off[0], r.stride[0]}, len, at_channel<T>(kv, c), relu,
-                       s, ss);
-      });
-
-  const double M = static_cast<double>(p.count);
-  for (std::size_t c = 0; c < n; ++c) {
-    const double a = gamma_of(affine, static_cast<index_t>(c)) * inv[c];
-    const double dg = sdyx[c] * inv[c];
-    dbeta[c] = static_cast<stat_t<T>>(sdy[c]);
-    dgamma[c] = static_cast<stat_t<T>>(dg);
-    k.k1[c] = static_cast<C>(a);
-    const bool batch = statistics == Statistics::batch;
-    k.k2[c] = static_cast<C>(batch ? -a * inv[c] * dg / M : 0.0);
-    k.k3[c] = static_cast<C>(batch ? -a * sdy[c] / M : 0.0);
+  check_inputs({dy.data, x.data, dx.data});
+  std::vector<double> sum_dy(static_cast<std::size_t>(ch)), sum_dy_xc(sum_dy.size());
+  reduce2(b, dy.data, x.data, sum_dy.data(), sum_dy_xc.data());
+  for (std::size_t c = 0; c < sum_dy.size(); ++c) {
+    dbeta[c] = static_cast<stat_t<T>>(sum_dy[c]);
+    dgamma[c] = static_cast<stat_t<T>>(sum_dy_xc[c] * b.inv[c]);
   }
-  map_pass(
-      p,
-      [&](const Offsets& off, index_t rows, const Offsets& rs) {
-        kt.affine2_rows({dy.data + off[1], rs[1]}, {x.data + off[0], rs[0]}, {dx.data + off[2], rs[2]}, rows, ch, kv,
-                        relu);
-      },
-      [&](index_t c, const Offsets& off, const Runs& r, index_t len) {
-        kt.affine2_run({dy.data + off[1], r.stride[1]}, {x.data + off[0], r.stride[0]}, {dx.data + off[2], r.stride[2]},
-                       len, at_channel<T>(kv, c), relu);
-      });
+  affine2(b, dy.data, x.data, dx.data, affine, sum_dy.data(), sum_dy_xc.data(), b.plan.count, statistics);
 }
 
-#define BATCHNORM_INSTANTIATE(T)                                                                                    \
-  template index_t partial_moments<T>(const Geometry&, In<T>, double*, double*);                                    \
-  template index_t moments<T>(const Geometry&, In<T>, stat_t<T>*, stat_t<T>*);                                      \
-  template void normalize<T>(const Geometry&, In<T>, Out<T>, const stat_t<T>*, const stat_t<T>*, Affine<stat_t<T>>, \
-                             double, Activation);                                                                   \
-  template index_t forward<T>(const Geometry&, In<T>, Out<T>, Affine<stat_t<T>>, double, Activation, stat_t<T>*,    \
-                              stat_t<T>*, stat_t<T>*);                                                              \
-  template void backward<T>(const Geometry&, In<T>, In<T>, Out<T>, const stat_t<T>*, const stat_t<T>*,              \
-                            Affine<stat_t<T>>, Activation, stat_t<T>*, stat_t<T>*, Statistics);
+#define BATCHNORM_INSTANTIATE(T)                                                                                       \
+  template index_t partial_moments<T>(const Geometry&, In<T>, double*, double*);                                       \
+  template index_t moments<T>(const Geometry&, In<T>, stat_t<T>*, stat_t<T>*);                                         \
+  template void normalize<T>(const Geometry&, In<T>, Out<T>, const stat_t<T>*, const stat_t<T>*, Affine<stat_t<T>>,    \
+                             double, Activation);                                                                      \
+  template index_t forward<T>(const Geometry&, In<T>, Out<T>, Affine<stat_t<T>>, double, Activation, stat_t<T>*,       \
+                              stat_t<T>*, stat_t<T>*);                                                                 \
+  template void backward<T>(const Geometry&, In<T>, In<T>, Out<T>, const stat_t<T>*, const stat_t<T>*,                 \
+                            Affine<stat_t<T>>, Activation, stat_t<T>*, stat_t<T>*, Statistics);                        \
+  template void backward_sums<T>(const Geometry&, In<T>, In<T>, const stat_t<T>*, const stat_t<T>*, Affine<stat_t<T>>, \
+                                 Activation, double*, double*);                                                        \
+  template void backward_apply<T>(const Geometry&, In<T>, In<T>, Out<T>, const stat_t<T>*, const stat_t<T>*,           \
+                                  Affine<stat_t<T>>, Activation, const double*, const double*, index_t, Statistics);
 
 BATCHNORM_INSTANTIATE(float)
 BATCHNORM_INSTANTIATE(double)

@@ -52,3 +52,30 @@ def backward(
     dbeta: np.ndarray,
     fixed_statistics: bool = False,
 ) -> None: ...
+def backward_sums(
+    dy: np.ndarray,
+    x: np.ndarray,
+    axes: Sequence[int],
+    mean: np.ndarray | None,
+    inv_std: np.ndarray | None,
+    gamma: np.ndarray | None,
+    beta: np.ndarray | None,
+    relu: bool,
+    sum_dy: np.ndarray,
+    sum_dy_xc: np.ndarray,
+) -> None: ...
+def backward_apply(
+    dy: np.ndarray,
+    x: np.ndarray,
+    out: np.ndarray,
+    axes: Sequence[int],
+    mean: np.ndarray | None,
+    inv_std: np.ndarray | None,
+    gamma: np.ndarray | None,
+    beta: np.ndarray | None,
+    relu: bool,
+    sum_dy: np.ndarray,
+    sum_dy_xc: np.ndarray,
+    count: int,
+    fixed_statistics: bool = False,
+) -> None: ...

@@ -230,6 +230,66 @@ void register_functional(py::module_& m) {
       py::arg("dy").noconvert(), py::arg("x").noconvert(), py::arg("out").noconvert(), py::arg("axes"), py::arg("mean"),
       py::arg("inv_std"), py::arg("gamma"), py::arg("beta"), py::arg("relu"), py::arg("dgamma"), py::arg("dbeta"),
       py::arg("fixed_statistics") = false);
+
+  m.def(
+      "backward_sums",
+      [](const py::array& dy, const py::array& x, const std::vector<int>& axes, const py::object& mean,
+         const py::object& inv_std, const py::object& gamma, const py::object& beta, bool relu,
+         const py::object& sum_dy, const py::object& sum_dy_xc) {
+        const ArrayArg xa = describe(x, "x", false);
+        const ArrayArg dya = describe(dy, "dy", false);
+        check_like(dya, "dy", xa, "x");
+        const Geometry g{xa.shape, to_axes(axes)};
+        const index_t channels = extent(g).channels;
+        double* s = channel_array<double>(sum_dy, "sum_dy", channels, true);
+        double* sx = channel_array<double>(sum_dy_xc, "sum_dy_xc", channels, true);
+        with_element(xa.element, [&](auto tag) {
+          using T = decltype(tag);
+          using S = stat_t<T>;
+          const S* mu = channel_array<S>(mean, "mean", channels, false);
+          const S* inv = channel_array<S>(inv_std, "inv_std", channels, false);
+          const Affine<S> affine{channel_array<S>(gamma, "gamma", channels, false, true),
+                                 channel_array<S>(beta, "beta", channels, false, true)};
+          py::gil_scoped_release nogil;
+          backward_sums<T>(g, {static_cast<const T*>(dya.data), dya.strides},
+                           {static_cast<const T*>(xa.data), xa.strides}, mu, inv, affine,
+                           relu ? Activation::relu : Activation::none, s, sx);
+        });
+      },
+      py::arg("dy").noconvert(), py::arg("x").noconvert(), py::arg("axes"), py::arg("mean"), py::arg("inv_std"),
+      py::arg("gamma"), py::arg("beta"), py::arg("relu"), py::arg("sum_dy"), py::arg("sum_dy_xc"));
+
+  m.def(
+      "backward_apply",
+      [](const py::array& dy, const py::array& x, const py::array& dx, const std::vector<int>& axes,
+         const py::object& mean, const py::object& inv_std, const py::object& gamma, const py::object& beta, bool relu,
+         const py::object& sum_dy, const py::object& sum_dy_xc, index_t count, bool fixed_statistics) {
+        const ArrayArg xa = describe(x, "x", false);
+        const ArrayArg dya = describe(dy, "dy", false);
+        const ArrayArg dxa = describe(dx, "out", true);
+        check_like(dya, "dy", xa, "x");
+        check_like(xa, "x", dxa, "out");
+        const Geometry g{xa.shape, to_axes(axes)};
+        const index_t channels = extent(g).channels;
+        const double* s = channel_array<double>(sum_dy, "sum_dy", channels, false);
+        const double* sx = channel_array<double>(sum_dy_xc, "sum_dy_xc", channels, false);
+        with_element(xa.element, [&](auto tag) {
+          using T = decltype(tag);
+          using S = stat_t<T>;
+          const S* mu = channel_array<S>(mean, "mean", channels, false);
+          const S* inv = channel_array<S>(inv_std, "inv_std", channels, false);
+          const Affine<S> affine{channel_array<S>(gamma, "gamma", channels, false, true),
+                                 channel_array<S>(beta, "beta", channels, false, true)};
+          py::gil_scoped_release nogil;
+          backward_apply<T>(g, {static_cast<const T*>(dya.data), dya.strides},
+                            {static_cast<const T*>(xa.data), xa.strides}, {static_cast<T*>(dxa.data), dxa.strides}, mu,
+                            inv, affine, relu ? Activation::relu : Activation::none, s, sx, count,
+                            fixed_statistics ? Statistics::fixed : Statistics::batch);
+        });
+      },
+      py::arg("dy").noconvert(), py::arg("x").noconvert(), py::arg("out").noconvert(), py::arg("axes"), py::arg("mean"),
+      py::arg("inv_std"), py::arg("gamma"), py::arg("beta"), py::arg("relu"), py::arg("sum_dy"), py::arg("sum_dy_xc"),
+      py::arg("count"), py::arg("fixed_statistics") = false);
 }
 
 }  // namespace batchnorm::python

@@ -76,7 +76,9 @@ index_t partial_moments(const Geometry& g, In<T> x, double* mean, double* m2);
 void merge_moments(index_t channels, double* count_a, double* mean_a, double* m2_a, const double* count_b,
                    const double* mean_b, const double* m2_b);
 
-/// Inference pass: y = act(gamma * (x - mean) / sqrt(variance + epsilon) + beta).
+/// Inference pass: y = act(gamma * (x - mean) * inv_std + beta), inv_std = 1/sqrt(variance +
+/// epsilon) rounded to stat_t<T> (as forward stores it, so that backward with that inv_std
+/// rebuilds the same ReLU mask).
 template <class T>
 void normalize(const Geometry& g, In<T> x, Out<T> y, const stat_t<T>* mean, const stat_t<T>* variance,
                Affine<stat_t<T>> affine, double epsilon, Activation activation = Activation::none);
@@ -100,5 +102,19 @@ template <class T>
 void backward(const Geometry& g, In<T> dy, In<T> x, Out<T> dx, const stat_t<T>* mean, const stat_t<T>* inv_std,
               Affine<stat_t<T>> affine, Activation activation, stat_t<T>* dgamma, stat_t<T>* dbeta,
               Statistics statistics = Statistics::batch);
+
+/// The two halves of backward, for callers that combine the sums of several arrays
+/// (synchronized batch norm across processes) before applying them.
+/// backward_sums writes per channel sum_dy = sum(dy') and sum_dy_xc = sum(dy' * (x - mean)),
+/// in double (then dgamma = sum_dy_xc * inv_std, dbeta = sum_dy).
+template <class T>
+void backward_sums(const Geometry& g, In<T> dy, In<T> x, const stat_t<T>* mean, const stat_t<T>* inv_std,
+                   Affine<stat_t<T>> affine, Activation activation, double* sum_dy, double* sum_dy_xc);
+
+/// backward_apply writes dx from (possibly combined) sums over `count` values per channel.
+template <class T>
+void backward_apply(const Geometry& g, In<T> dy, In<T> x, Out<T> dx, const stat_t<T>* mean, const stat_t<T>* inv_std,
+                    Affine<stat_t<T>> affine, Activation activation, const double* sum_dy, const double* sum_dy_xc,
+                    index_t count, Statistics statistics = Statistics::batch);
 
 }  // namespace batchnorm
