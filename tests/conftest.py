@@ -14,9 +14,14 @@ import batchnorm as bn
 # Property tests: modest by default (the whole suite runs in about a minute); run
 # `pytest --hypothesis-profile=thorough tests/test_properties.py` for a deeper search.
 settings.register_profile(
-    "default", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
+    "default",
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+    print_blob=True,
 )
-settings.register_profile("thorough", parent=settings.get_profile("default"), max_examples=2000)
+settings.register_profile("thorough", parent=settings.get_profile("default"), max_examples=2000, derandomize=False)
 settings.load_profile("default")
 
 

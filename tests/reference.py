@@ -270,7 +270,9 @@ def assert_close(got, ref, *, rtol: float, scale: float | None = None, name: str
     assert not bad.any(), f"{name}: " + _describe(g, r, bad)
 
 
-def assert_close16(got, ref, dtype, *, name: str = "", extra_rtol: float = 1e-6, scale: float | None = None) -> None:
+def assert_close16(
+    got, ref, dtype, *, name: str = "", extra_rtol: float = 1e-6, scale: float | None = None, atol: float = 0.0
+) -> None:
     """A 16-bit result within one ulp (of its own format, at the reference's magnitude)
     of the float64 reference, plus a float32-rounding allowance extra_rtol * scale
     (scale: max|ref| unless given)."""
@@ -283,7 +285,7 @@ def assert_close16(got, ref, dtype, *, name: str = "", extra_rtol: float = 1e-6,
         return
     if scale is None:
         scale = float(np.max(np.abs(r)))
-    tol = spacing16(r, dtype) + extra_rtol * scale
+    tol = spacing16(r, dtype) + extra_rtol * scale + atol
     bad = ~(np.abs(g - r) <= tol)
     assert not bad.any(), f"{name}: " + _describe(g, r, bad)
 
@@ -292,11 +294,11 @@ def assert_output_close(
     got, ref, dtype, *, name: str = "", rtol: float | None = None, scale=None, atol: float = 0.0
 ) -> None:
     """y or dx against the reference with the tolerance of x's dtype. `scale`: the
-    magnitude the absolute error is relative to (default max|ref|); `atol` (float32 and
-    float64 only) for ill-conditioned data, see mean_rounding_atol."""
+    magnitude the absolute error is relative to (default max|ref|); `atol` for
+    ill-conditioned data, see mean_rounding_atol."""
     dtype = np.dtype(dtype)
     if dtype in HALF_DTYPES:
-        assert_close16(got, ref, dtype, name=name, scale=scale)
+        assert_close16(got, ref, dtype, name=name, scale=scale, atol=atol)
     else:
         assert np.asarray(got).dtype == dtype, f"{name}: dtype {np.asarray(got).dtype} != {dtype}"
         rtol = rtol if rtol is not None else (1e-5 if dtype == F32 else 1e-12)
