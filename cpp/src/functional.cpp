@@ -186,24 +186,34 @@ Coefs<compute_t<T>> at_channel(const Coefs<compute_t<T>>& k, index_t c) {
   return {at(k.a), at(k.m), at(k.b), at(k.k1), at(k.k2), at(k.k3)};
 }
 
-// Per-channel sums of x - K (K: each channel's first finite value, else 0), then mean and
-// M2 in double.
+// The shift K of channel c: its first value, unless that is infinite or NaN, which would
+// turn every x - K into NaN; K = 0 lets the sums follow IEEE arithmetic (mean([inf, 1]) = inf).
+template <class T>
+compute_t<T> channel_shift(const Plan& p, const T* x, index_t c) {
+  using C = compute_t<T>;
+  const T* first = x + p.offset[0] + p.channel_offset(c, 0);
+  C v;
+  if constexpr (std::is_same_v<T, C>)
+    v = *first;
+  else
+    v = static_cast<float>(*first);
+  return std::isfinite(v) ? v : C(0);
+}
+
+// mean and M2 of M values from their sums s = sum(x - K), ss = sum((x - K)^2).
+inline void moments_from_sums(double shift, double s, double ss, double M, double& mean, double& m2) {
+  mean = shift + s / M;
+  m2 = ss - s * s / M;
+  if (m2 < 0) m2 = 0;  // rounding only; NaN stays NaN
+}
+
+// Per-channel sums of x - K over the whole array (streaming), then mean and M2 in double.
 template <class T>
 void sum_moments(const Plan& p, const T* x, double* mean, double* m2) {
   using C = compute_t<T>;
   const index_t ch = p.channels;
   std::vector<C> shift(static_cast<std::size_t>(ch));
-  for (index_t c = 0; c < ch; ++c) {
-    C v[1];
-    const T* first = x + p.offset[0] + p.channel_offset(c, 0);
-    if constexpr (std::is_same_v<T, C>)
-      v[0] = *first;
-    else
-      v[0] = static_cast<float>(*first);
-    // An infinite or NaN first value would turn every x - K into NaN; K = 0 lets the sums
-    // follow IEEE arithmetic instead (mean([inf, 1]) = inf).
-    shift[static_cast<std::size_t>(c)] = std::isfinite(v[0]) ? v[0] : C(0);
-  }
+  for (index_t c = 0; c < ch; ++c) shift[static_cast<std::size_t>(c)] = channel_shift(p, x, c);
   Coefs<C> k;
   k.m = shift.data();
   std::vector<double> s(static_cast<std::size_t>(ch)), ss(static_cast<std::size_t>(ch));
@@ -216,14 +226,30 @@ void sum_moments(const Plan& p, const T* x, double* mean, double* m2) {
       [&](index_t c, const Offsets& off, const Runs& r, index_t len, double* ps, double* pss) {
         kt.reduce1_run({x + off[0], r.stride[0]}, len, at_channel<T>(k, c), ps, pss);
       });
-  const double M = static_cast<double>(p.count);
-  for (index_t c = 0; c < ch; ++c) {
-    const auto i = static_cast<std::size_t>(c);
-    mean[c] = static_cast<double>(shift[i]) + s[i] / M;
-    double v = ss[i] - s[i] * s[i] / M;
-    if (v < 0) v = 0;  // rounding only; NaN stays NaN
-    m2[c] = v;
-  }
+  for (std::size_t c = 0; c < shift.size(); ++c)
+    moments_from_sums(static_cast<double>(shift[c]), s[c], ss[c], static_cast<double>(p.count), mean[c], m2[c]);
+}
+
+// Channel blocks. When a channels_first array's channel fits in cache, one thread takes each
+// channel through both passes (sums, then the elementwise pass) while its values are still
+// in its L2, so the second pass reads cache instead of memory: a training forward moves 2
+// bytes per input byte instead of 3, a backward 3 instead of 5. Channels are split among
+// threads, so each channel's sums are one thread's and do not depend on the thread count.
+constexpr std::size_t kChannelCacheBytes = std::size_t{1} << 19;  // half of a common per-core L2
+
+// Threads for the channel-block schedule, or 0 where streaming passes are the better choice.
+inline int channel_block_threads(const Plan& p, std::size_t bytes_per_value) {
+  if (p.kind == Kind::channels_last) return 0;
+  if (static_cast<std::size_t>(p.count) * bytes_per_value > kChannelCacheBytes) return 0;
+  const int nt = threads_for(p.channels * p.count);
+  return nt == 1 || p.channels >= 4 * nt ? nt : 0;  // few channels: balance by pieces instead
+}
+
+// Calls run(offsets, length) for every run of channel c.
+template <class F>
+void for_channel(const Plan& p, const Runs& runs, index_t c, const F& run) {
+  for_runs(p, runs, c * runs.per_channel, (c + 1) * runs.per_channel,
+           [&](index_t, const Offsets& off, index_t len) { run(off, len); });
 }
 
 template <class T>
@@ -263,17 +289,67 @@ double beta_of(const Affine<S>& affine, index_t c) {
   return affine.beta ? static_cast<double>(affine.beta[c]) : 0.0;
 }
 
-// a = gamma*inv_std, m = mean, b = beta: the forward pass's coefficients.
+// a = gamma*inv_std, m = mean, b = beta: the forward pass's coefficients of channel c.
+template <class T>
+void forward_coef(const Affine<stat_t<T>>& affine, index_t c, stat_t<T> mean, double inv_std, compute_t<T>& a,
+                  compute_t<T>& m, compute_t<T>& b) {
+  using C = compute_t<T>;
+  a = static_cast<C>(gamma_of(affine, c) * inv_std);
+  m = static_cast<C>(mean);
+  b = static_cast<C>(beta_of(affine, c));
+}
+
 template <class T>
 void set_forward_coefs(CoefStore<compute_t<T>>& k, index_t channels, const stat_t<T>* mean, const double* inv_std,
                        const Affine<stat_t<T>>& affine) {
-  using C = compute_t<T>;
   for (index_t c = 0; c < channels; ++c) {
     const auto i = static_cast<std::size_t>(c);
-    k.a[i] = static_cast<C>(gamma_of(affine, c) * inv_std[c]);
-    k.m[i] = static_cast<C>(mean[c]);
-    k.b[i] = static_cast<C>(beta_of(affine, c));
+    forward_coef<T>(affine, c, mean[c], inv_std[c], k.a[i], k.m[i], k.b[i]);
   }
+}
+
+// Stores channel c's statistics in the statistics type; returns inv_std as stored, so every
+// later pass (and backward) derives its coefficients from the same value.
+template <class S>
+double store_stats(index_t c, double mean, double m2, double count, double epsilon, S* mean_out, S* var_out,
+                   S* inv_out) {
+  const double var = m2 / count;
+  mean_out[c] = static_cast<S>(mean);
+  var_out[c] = static_cast<S>(var);
+  inv_out[c] = static_cast<S>(1.0 / std::sqrt(var + epsilon));
+  return static_cast<double>(inv_out[c]);
+}
+
+// The training forward in channel blocks (see channel_block_threads).
+template <class T>
+void forward_channel_blocks(const Plan& p, int nt, const T* x, T* y, const Affine<stat_t<T>>& affine, double epsilon,
+                            bool relu, stat_t<T>* mean, stat_t<T>* variance, stat_t<T>* inv_std) {
+  using C = compute_t<T>;
+  const Runs runs = runs_of(p);
+  const KernelTable<T>& kt = kernels<T>();
+  const double M = static_cast<double>(p.count);
+  parallel(nt, [&](int t, int n) {
+    index_t c0, c1;
+    partition(p.channels, t, n, c0, c1);
+    for (index_t c = c0; c < c1; ++c) {
+      C shift = channel_shift(p, x, c);
+      Coefs<C> k;
+      k.m = &shift;
+      double s = 0, ss = 0;
+      for_channel(p, runs, c, [&](const Offsets& off, index_t len) {
+        kt.reduce1_run({x + off[0], runs.stride[0]}, len, k, &s, &ss);
+      });
+      double mu, m2;
+      moments_from_sums(static_cast<double>(shift), s, ss, M, mu, m2);
+      const double inv = store_stats(c, mu, m2, M, epsilon, mean, variance, inv_std);
+      C a, m, b;
+      forward_coef<T>(affine, c, mean[c], inv, a, m, b);
+      const Coefs<C> kc{&a, &m, &b};
+      for_channel(p, runs, c, [&](const Offsets& off, index_t len) {
+        kt.affine1_run({x + off[0], runs.stride[0]}, {y + off[1], runs.stride[1]}, len, kc, relu);
+      });
+    }
+  });
 }
 
 }  // namespace
@@ -369,19 +445,20 @@ index_t forward(const Geometry& g, In<T> x, Out<T> y, Affine<stat_t<T>> affine, 
   if (p.channels == 0) return p.count;
   check_not_null(x.data, "x");
   check_not_null(y.data, "y");
+  const bool relu = activation == Activation::relu;
+  if (const int nt = channel_block_threads(p, sizeof(T))) {
+    forward_channel_blocks(p, nt, x.data, y.data, affine, epsilon, relu, mean, variance, inv_std);
+    return p.count;
+  }
   const auto n = static_cast<std::size_t>(p.channels);
   std::vector<double> mu(n), m2(n), inv(n);
   sum_moments(p, x.data, mu.data(), m2.data());
-  for (std::size_t c = 0; c < n; ++c) {
-    const double var = m2[c] / static_cast<double>(p.count);
-    mean[c] = static_cast<stat_t<T>>(mu[c]);
-    variance[c] = static_cast<stat_t<T>>(var);
-    inv_std[c] = static_cast<stat_t<T>>(1.0 / std::sqrt(var + epsilon));
-    inv[c] = static_cast<double>(inv_std[c]);  // the stored value: backward sees the same one
-  }
+  for (std::size_t c = 0; c < n; ++c)
+    inv[c] = store_stats(static_cast<index_t>(c), mu[c], m2[c], static_cast<double>(p.count), epsilon, mean, variance,
+                         inv_std);
   CoefStore<compute_t<T>> k(p.channels, false);
   set_forward_coefs<T>(k, p.channels, mean, inv.data(), affine);
-  affine1(p, x.data, y.data, k.view(), activation == Activation::relu);
+  affine1(p, x.data, y.data, k.view(), relu);
   return p.count;
 }
 
@@ -408,7 +485,51 @@ struct BackwardSetup {
     for (std::size_t c = 0; c < inv.size(); ++c) inv[c] = static_cast<double>(inv_std[c]);
     set_forward_coefs<T>(k, plan.channels, mean, inv.data(), affine);
   }
+
+  // k1, k2, k3 of channel c from its sums over `count` values (see the comment at the top).
+  void set_apply_coef(std::size_t c, const Affine<stat_t<T>>& affine, double sum_dy, double sum_dy_xc, index_t count,
+                      Statistics statistics) {
+    using C = compute_t<T>;
+    const double M = static_cast<double>(count);
+    const bool batch = statistics == Statistics::batch;
+    const double a = gamma_of(affine, static_cast<index_t>(c)) * inv[c];
+    const double dgamma = sum_dy_xc * inv[c];
+    k.k1[c] = static_cast<C>(a);
+    k.k2[c] = static_cast<C>(batch ? -a * inv[c] * dgamma / M : 0.0);
+    k.k3[c] = static_cast<C>(batch ? -a * sum_dy / M : 0.0);
+  }
 };
+
+// The whole backward in channel blocks (see channel_block_threads).
+template <class T>
+void backward_channel_blocks(BackwardSetup<T>& b, int nt, const T* dy, const T* x, T* dx,
+                             const Affine<stat_t<T>>& affine, Statistics statistics, stat_t<T>* dgamma,
+                             stat_t<T>* dbeta) {
+  const Plan& p = b.plan;
+  const Runs runs = runs_of(p);
+  const KernelTable<T>& kt = kernels<T>();
+  const Coefs<compute_t<T>> kv = b.k.view();
+  parallel(nt, [&](int t, int n) {
+    index_t c0, c1;
+    partition(p.channels, t, n, c0, c1);
+    for (index_t c = c0; c < c1; ++c) {
+      const Coefs<compute_t<T>> kc = at_channel<T>(kv, c);
+      double sum_dy = 0, sum_dy_xc = 0;
+      for_channel(p, runs, c, [&](const Offsets& off, index_t len) {
+        kt.reduce2_run({dy + off[1], runs.stride[1]}, {x + off[0], runs.stride[0]}, len, kc, b.relu, &sum_dy,
+                       &sum_dy_xc);
+      });
+      const auto i = static_cast<std::size_t>(c);
+      dbeta[c] = static_cast<stat_t<T>>(sum_dy);
+      dgamma[c] = static_cast<stat_t<T>>(sum_dy_xc * b.inv[i]);
+      b.set_apply_coef(i, affine, sum_dy, sum_dy_xc, p.count, statistics);
+      for_channel(p, runs, c, [&](const Offsets& off, index_t len) {
+        kt.affine2_run({dy + off[1], runs.stride[1]}, {x + off[0], runs.stride[0]}, {dx + off[2], runs.stride[2]}, len,
+                       kc, b.relu);
+      });
+    }
+  });
+}
 
 template <class T>
 void reduce2(const BackwardSetup<T>& b, const T* dy, const T* x, double* sum_dy, double* sum_dy_xc) {
@@ -432,15 +553,8 @@ void affine2(BackwardSetup<T>& b, const T* dy, const T* x, T* dx, const Affine<s
              const double* sum_dy_xc, index_t count, Statistics statistics) {
   using C = compute_t<T>;
   const Plan& p = b.plan;
-  const double M = static_cast<double>(count);
-  const bool batch = statistics == Statistics::batch;
-  for (std::size_t c = 0; c < b.inv.size(); ++c) {
-    const double a = gamma_of(affine, static_cast<index_t>(c)) * b.inv[c];
-    const double dgamma = sum_dy_xc[c] * b.inv[c];
-    b.k.k1[c] = static_cast<C>(a);
-    b.k.k2[c] = static_cast<C>(batch ? -a * b.inv[c] * dgamma / M : 0.0);
-    b.k.k3[c] = static_cast<C>(batch ? -a * sum_dy[c] / M : 0.0);
-  }
+  for (std::size_t c = 0; c < b.inv.size(); ++c)
+    b.set_apply_coef(c, affine, sum_dy[c], sum_dy_xc[c], count, statistics);
   const KernelTable<T>& kt = kernels<T>();
   const Coefs<C> kv = b.k.view();
   const bool relu = b.relu;
@@ -507,6 +621,10 @@ void backward(const Geometry& g, In<T> dy, In<T> x, Out<T> dx, const stat_t<T>* 
     return;
   }
   check_inputs({dy.data, x.data, dx.data});
+  if (const int nt = channel_block_threads(b.plan, 2 * sizeof(T))) {  // x and dy stay in cache
+    backward_channel_blocks(b, nt, dy.data, x.data, dx.data, affine, statistics, dgamma, dbeta);
+    return;
+  }
   std::vector<double> sum_dy(static_cast<std::size_t>(ch)), sum_dy_xc(sum_dy.size());
   reduce2(b, dy.data, x.data, sum_dy.data(), sum_dy_xc.data());
   for (std::size_t c = 0; c < sum_dy.size(); ++c) {
