@@ -20,10 +20,22 @@ int threads();
 /// microseconds, about what one core needs to stream this many values.
 constexpr index_t kParallelGrain = index_t{1} << 15;
 
-/// Threads worth using for `elements` of work: at most threads(), at least one per grain.
+/// Processors available to this process (1 without OpenMP).
+inline int processors() {
+#if BATCHNORM_OPENMP
+  return omp_get_num_procs();
+#else
+  return 1;
+#endif
+}
+
+/// Threads worth using for `elements` of work: at most threads(), at least one grain each,
+/// and no more than 4 per processor (set_num_threads accepts any count; a team of
+/// thousands of threads would only thrash).
 inline int threads_for(index_t elements) {
   const index_t by_size = std::max<index_t>(1, elements / kParallelGrain);
-  return static_cast<int>(std::min<index_t>(threads(), by_size));
+  const index_t cap = index_t{4} * std::max(1, processors());
+  return static_cast<int>(std::min<index_t>({threads(), by_size, cap}));
 }
 
 /// The range [begin, end) of `total` items for part t of n.

@@ -23,6 +23,8 @@ def set_num_threads(n: int) -> None:
     """Use ``n >= 1`` threads from now on, in every thread that calls the library."""
     if isinstance(n, bool) or not isinstance(n, numbers.Integral):
         raise TypeError(f"set_num_threads takes an int, got {type(n).__name__}")
+    if n > 2**31 - 1:
+        raise ValueError(f"set_num_threads takes n <= 2**31 - 1, got {n}")
     _core.set_num_threads(int(n))
 
 
