@@ -1,6 +1,7 @@
 // Run-time configuration: threads, the instruction set in use, build information.
 #pragma once
 
+#include <cstddef>
 #include <string>
 #include <vector>
 
@@ -21,6 +22,10 @@ std::vector<std::string> supported_isas();
 /// The one in use: the best supported one, capped by the environment variable
 /// BATCHNORM_MAX_ISA (baseline|avx2|avx512) read once at first use.
 std::string active_isa();
+
+/// Copies `bytes` bytes with the library's threads, with ordinary or non-temporal stores:
+/// the yardstick the benchmarks measure the kernels against. The ranges must not overlap.
+void copy_memory(const void* src, void* dst, std::size_t bytes, bool nontemporal);
 
 /// Library version ("major.minor.patch").
 std::string version();
