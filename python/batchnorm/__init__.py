@@ -14,9 +14,15 @@ See ``bn.info()`` for the instruction set and threads in use.
 from ._core import __version__
 from ._functional import BatchStats, backward, forward, moments, normalize
 from ._runtime import get_num_threads, info, set_num_threads
+from ._sync import SyncBatchNorm
+from ._torch import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
     "BatchStats",
+    "SyncBatchNorm",
     "__version__",
     "backward",
     "forward",
