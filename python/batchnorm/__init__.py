@@ -11,8 +11,10 @@ A C++ core (SIMD chosen at run time, OpenMP threads) under a small NumPy API::
 See ``bn.info()`` for the instruction set and threads in use.
 """
 
+from . import constraints, initializers, optimizers, regularizers
 from ._core import __version__
 from ._functional import BatchStats, backward, forward, moments, normalize
+from ._keras import BatchNormalization
 from ._runtime import get_num_threads, info, set_num_threads
 from ._sync import SyncBatchNorm
 from ._torch import BatchNorm1d, BatchNorm2d, BatchNorm3d
@@ -21,14 +23,19 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchNormalization",
     "BatchStats",
     "SyncBatchNorm",
     "__version__",
     "backward",
+    "constraints",
     "forward",
     "get_num_threads",
     "info",
+    "initializers",
     "moments",
     "normalize",
+    "optimizers",
+    "regularizers",
     "set_num_threads",
 ]
