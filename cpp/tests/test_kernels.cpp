@@ -1,0 +1,514 @@
+// The per-ISA kernel tables (kernels.hpp), called directly for every instruction set this
+// CPU supports (not only the active one), every element type, lengths and channel counts
+// that are not multiples of the vector widths or of the conversion block (512), unit,
+// non-unit and negative strides, with and without the fused ReLU, against plain loops in
+// double. Outputs live in buffers of exactly the span they cover, with guard values in the
+// gaps, so any write outside the view is caught here and any read outside it by ASan.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "batchnorm/runtime.hpp"
+#include "kernels.hpp"
+#include "test_util.hpp"
+
+namespace {
+
+using batchnorm::index_t;
+using batchnorm::detail::Coefs;
+using batchnorm::detail::compute_t;
+using batchnorm::detail::KernelTable;
+using batchnorm::detail::Strided;
+using batchnorm::detail::Tables;
+using batchnorm::detail::tables_for;
+using bntest::Buffer;
+using bntest::from_d;
+using bntest::to_d;
+
+const index_t kLengths[] = {1, 3, 15, 16, 17, 31, 33, 513, 1029};
+const index_t kRunStrides[] = {1, 3, -1, -3};
+const index_t kRows[] = {1, 4};
+
+std::vector<std::string> isas() { return batchnorm::supported_isas(); }
+
+template <class T>
+const KernelTable<T>& table(const std::string& isa) {
+  const Tables* t = tables_for(isa);
+  if (!t) throw std::runtime_error("no kernel table for " + isa);
+  return t->get<T>();
+}
+
+// Row strides for `channels` channels: dense, padded, reversed dense, reversed padded.
+std::vector<index_t> row_strides(index_t channels) { return {channels, channels + 3, -channels, -(channels + 3)}; }
+
+template <class T>
+class Kernels : public ::testing::Test {
+ protected:
+  static constexpr double uT = bntest::unit_roundoff<T>();
+  static constexpr double uC = bntest::compute_roundoff<T>();
+
+  std::mt19937_64 rng{20240601};
+
+  // n values of one channel around `center`, with the pre-activation a*(x - m) + b kept
+  // at least 0.05 from 0 so the ReLU mask is the same in double and in the compute type.
+  std::vector<T> channel_values(index_t n, double center, double a, double m, double b) {
+    std::vector<T> v = bntest::normal<T>(static_cast<std::size_t>(n), center, 1.5, rng);
+    for (auto& x : v) keep_off_zero(x, a, m, b, 0.05);
+    return v;
+  }
+
+  static void keep_off_zero(T& x, double a, double m, double b, double margin) {
+    const double z = a * (to_d(x) - m) + b;
+    if (std::fabs(z) >= margin) return;
+    x = from_d<T>(m + (std::copysign(0.3, z) - b) / a);
+    const double z2 = a * (to_d(x) - m) + b;
+    if (std::fabs(z2) < margin) throw std::logic_error("test data: could not move a value off the ReLU kink");
+  }
+
+  // A run buffer of n elements with the given stride, filled from v.
+  static Buffer<T> run_buffer(index_t n, index_t stride, const std::vector<T>& v) {
+    Buffer<T> b({n}, {stride});
+    b.set(v);
+    return b;
+  }
+
+  // A rows x channels buffer with the given row stride, filled from v (row-major).
+  static Buffer<T> rows_buffer(index_t rows, index_t channels, index_t stride, const std::vector<T>& v) {
+    Buffer<T> b({rows, channels}, {stride, 1});
+    b.set(v);
+    return b;
+  }
+};
+
+TYPED_TEST_SUITE(Kernels, bntest::ElementTypes, bntest::TypeNames);
+
+TEST(KernelTables, EverySupportedIsaHasTables) {
+  const auto compiled = batchnorm::compiled_isas();
+  const auto supported = batchnorm::supported_isas();
+  ASSERT_FALSE(supported.empty());
+  EXPECT_EQ(supported.back(), "baseline");
+  for (const auto& isa : supported) {
+    EXPECT_NE(std::find(compiled.begin(), compiled.end(), isa), compiled.end()) << isa;
+    const Tables* t = tables_for(isa);
+    ASSERT_NE(t, nullptr) << isa;
+    EXPECT_EQ(std::string(t->isa), isa);
+    for (const auto* f :
+         {reinterpret_cast<const void*>(t->f32.reduce1_run), reinterpret_cast<const void*>(t->f16.affine2_rows),
+          reinterpret_cast<const void*>(t->bf16.reduce2_rows), reinterpret_cast<const void*>(t->f64.affine1_run)})
+      EXPECT_NE(f, nullptr) << isa;
+  }
+  EXPECT_EQ(tables_for("no-such-isa"), nullptr);
+  const std::string active = batchnorm::active_isa();
+  EXPECT_NE(std::find(supported.begin(), supported.end(), active), supported.end()) << active;
+  EXPECT_EQ(std::string(batchnorm::detail::active_tables().isa), active);
+  // BATCHNORM_MAX_ISA caps the choice (ctest runs this under several values of it).
+  if (const char* cap = std::getenv("BATCHNORM_MAX_ISA"); cap && *cap) {
+    const std::vector<std::string> order = {"avx512", "avx2", "baseline"};
+    const auto rank = [&](const std::string& s) { return std::find(order.begin(), order.end(), s) - order.begin(); };
+    if (rank(cap) < 3) {
+      EXPECT_GE(rank(active), rank(cap)) << "active " << active << " above BATCHNORM_MAX_ISA=" << cap;
+      // The best supported one at or below the cap.
+      for (const auto& isa : supported)
+        if (rank(isa) >= rank(cap)) {
+          EXPECT_EQ(active, isa);
+          break;
+        }
+    }
+  } else {
+    EXPECT_EQ(active, supported.front());
+  }
+}
+
+// ---- run kernels (channels_first / strided): one channel, n values, any stride ------------
+
+TYPED_TEST(Kernels, Reduce1Run) {
+  using T = TypeParam;
+  using C = compute_t<T>;
+  for (const auto& isa : isas()) {
+    const KernelTable<T>& kt = table<T>(isa);
+    for (index_t n : kLengths)
+      for (index_t stride : kRunStrides) {
+        SCOPED_TRACE(::testing::Message() << isa << " n=" << n << " stride=" << stride);
+        const C m = static_cast<C>(2.25);
+        const auto v = bntest::normal<T>(static_cast<std::size_t>(n), 2.0, 1.5, this->rng);
+        auto x = this->run_buffer(n, stride, v);
+        double s = 0.25, ss = 0.5, want_s = s, want_ss = ss, scale = 1;
+        for (const T& xi : v) {
+          const double d = to_d(xi) - static_cast<double>(m);
+          want_s += d, want_ss += d * d, scale += std::fabs(d) + d * d;
+        }
+        Coefs<C> k;
+        k.m = &m;
+        kt.reduce1_run({x.data(), stride}, n, k, &s, &ss);
+        EXPECT_NEAR(s, want_s, 1e-13 * scale);
+        EXPECT_NEAR(ss, want_ss, 1e-13 * scale);
+      }
+  }
+}
+
+TYPED_TEST(Kernels, Affine1Run) {
+  using T = TypeParam;
+  using C = compute_t<T>;
+  for (const auto& isa : isas()) {
+    const KernelTable<T>& kt = table<T>(isa);
+    for (index_t n : kLengths)
+      for (index_t stride : kRunStrides)
+        for (index_t ystride : {stride, index_t{1}, index_t{-2}})
+          for (bool relu : {false, true}) {
+            SCOPED_TRACE(::testing::Message()
+                         << isa << " n=" << n << " stride=" << stride << " y stride=" << ystride << " relu=" << relu);
+            const C a = static_cast<C>(-0.75), m = static_cast<C>(1.875), b = static_cast<C>(0.3125);
+            const auto v = bntest::normal<T>(static_cast<std::size_t>(n), 2.0, 1.5, this->rng);
+            auto x = this->run_buffer(n, stride, v);
+            Buffer<T> y({n}, {ystride});
+            Coefs<C> k;
+            k.a = &a, k.m = &m, k.b = &b;
+            kt.affine1_run({x.data(), stride}, {y.data(), ystride}, n, k, relu);
+            std::vector<double> want;
+            double scale = 0;
+            for (const T& xi : v) {
+              const double t = static_cast<double>(a) * (to_d(xi) - static_cast<double>(m));
+              const double z = t + static_cast<double>(b);
+              want.push_back(relu ? std::max(z, 0.0) : z);
+              scale = std::max(scale, std::fabs(t) + std::fabs(static_cast<double>(b)));
+            }
+            EXPECT_TRUE(bntest::all_close_rounded(y.values(), want, 4 * this->uC * scale));
+            EXPECT_TRUE(y.gaps_intact());
+            EXPECT_TRUE(bntest::bitwise_equal(x.values(), v)) << "input changed";
+          }
+  }
+}
+
+TYPED_TEST(Kernels, Affine1RunInPlace) {
+  using T = TypeParam;
+  using C = compute_t<T>;
+  for (const auto& isa : isas())
+    for (index_t n : {index_t{17}, index_t{1029}})
+      for (index_t stride : {index_t{1}, index_t{3}, index_t{-1}}) {
+        SCOPED_TRACE(::testing::Message() << isa << " n=" << n << " stride=" << stride);
+        const C a = static_cast<C>(1.5), m = static_cast<C>(0.5), b = static_cast<C>(-0.25);
+        const auto v = bntest::normal<T>(static_cast<std::size_t>(n), 0.0, 1.0, this->rng);
+        auto x = this->run_buffer(n, stride, v);
+        Coefs<C> k;
+        k.a = &a, k.m = &m, k.b = &b;
+        table<T>(isa).affine1_run({x.data(), stride}, {x.data(), stride}, n, k, true);
+        std::vector<double> want;
+        for (const T& xi : v) want.push_back(std::max(1.5 * (to_d(xi) - 0.5) - 0.25, 0.0));
+        EXPECT_TRUE(bntest::all_close_rounded(x.values(), want, 64 * this->uC));
+        EXPECT_TRUE(x.gaps_intact());
+      }
+}
+
+TYPED_TEST(Kernels, Reduce2Run) {
+  using T = TypeParam;
+  using C = compute_t<T>;
+  for (const auto& isa : isas()) {
+    const KernelTable<T>& kt = table<T>(isa);
+    for (index_t n : kLengths)
+      for (index_t stride : kRunStrides)
+        for (bool relu : {false, true}) {
+          const index_t dstride = stride == 1 ? 1 : -stride + 1;  // dy with its own stride
+          SCOPED_TRACE(::testing::Message()
+                       << isa << " n=" << n << " stride=" << stride << " dy stride=" << dstride << " relu=" << relu);
+          const C a = static_cast<C>(0.625), m = static_cast<C>(2.125), b = static_cast<C>(-0.1875);
+          const auto xv = this->channel_values(n, 2.0, a, m, b);
+          const auto dv = bntest::normal<T>(static_cast<std::size_t>(n), 0.1, 1.0, this->rng);
+          auto x = this->run_buffer(n, stride, xv);
+          auto dy = this->run_buffer(n, dstride, dv);
+          double s = -0.5, ss = 1.25, want_s = s, want_ss = ss, scale = 2;
+          for (std::size_t i = 0; i < xv.size(); ++i) {
+            const double xd = to_d(xv[i]) - static_cast<double>(m);
+            const double z = static_cast<double>(a) * xd + static_cast<double>(b);
+            const double g = relu && !(z > 0) ? 0.0 : to_d(dv[i]);
+            want_s += g, want_ss += g * xd, scale += std::fabs(g) * (1 + std::fabs(xd));
+          }
+          Coefs<C> k;
+          k.a = &a, k.m = &m, k.b = &b;
+          kt.reduce2_run({dy.data(), dstride}, {x.data(), stride}, n, k, relu, &s, &ss);
+          EXPECT_NEAR(s, want_s, 1e-13 * scale);
+          EXPECT_NEAR(ss, want_ss, 1e-13 * scale);
+        }
+  }
+}
+
+TYPED_TEST(Kernels, Affine2Run) {
+  using T = TypeParam;
+  using C = compute_t<T>;
+  for (const auto& isa : isas()) {
+    const KernelTable<T>& kt = table<T>(isa);
+    for (index_t n : kLengths)
+      for (index_t stride : kRunStrides)
+        for (bool relu : {false, true}) {
+          const index_t dstride = -stride, ostride = stride == 1 ? 1 : 2;
+          SCOPED_TRACE(::testing::Message() << isa << " n=" << n << " x stride=" << stride << " dy stride=" << dstride
+                                            << " dx stride=" << ostride << " relu=" << relu);
+          const C a = static_cast<C>(-1.25), m = static_cast<C>(1.5), b = static_cast<C>(0.4375);
+          const C k1 = static_cast<C>(0.8), k2 = static_cast<C>(-0.3), k3 = static_cast<C>(0.05);
+          const auto xv = this->channel_values(n, 1.5, a, m, b);
+          const auto dv = bntest::normal<T>(static_cast<std::size_t>(n), -0.2, 1.0, this->rng);
+          auto x = this->run_buffer(n, stride, xv);
+          auto dy = this->run_buffer(n, dstride, dv);
+          Buffer<T> dx({n}, {ostride});
+          Coefs<C> k;
+          k.a = &a, k.m = &m, k.b = &b, k.k1 = &k1, k.k2 = &k2, k.k3 = &k3;
+          kt.affine2_run({dy.data(), dstride}, {x.data(), stride}, {dx.data(), ostride}, n, k, relu);
+          std::vector<double> want;
+          double scale = 0;
+          for (std::size_t i = 0; i < xv.size(); ++i) {
+            const double xd = to_d(xv[i]) - static_cast<double>(m);
+            const double z = static_cast<double>(a) * xd + static_cast<double>(b);
+            const double g = relu && !(z > 0) ? 0.0 : to_d(dv[i]);
+            const double t1 = static_cast<double>(k1) * g, t2 = static_cast<double>(k2) * xd;
+            want.push_back(t1 + t2 + static_cast<double>(k3));
+            scale = std::max(scale, std::fabs(t1) + std::fabs(t2) + std::fabs(static_cast<double>(k3)));
+          }
+          EXPECT_TRUE(bntest::all_close_rounded(dx.values(), want, 6 * this->uC * scale));
+          EXPECT_TRUE(dx.gaps_intact());
+        }
+  }
+}
+
+TYPED_TEST(Kernels, Affine2RunInPlaceOverDy) {
+  using T = TypeParam;
+  using C = compute_t<T>;
+  for (const auto& isa : isas())
+    for (index_t stride : {index_t{1}, index_t{-3}}) {
+      const index_t n = 1029;
+      SCOPED_TRACE(::testing::Message() << isa << " stride=" << stride);
+      const C a = static_cast<C>(1), m = static_cast<C>(0), b = static_cast<C>(0);
+      const C k1 = static_cast<C>(2), k2 = static_cast<C>(0.5), k3 = static_cast<C>(-1);
+      const auto xv = this->channel_values(n, 0.0, a, m, b);
+      const auto dv = bntest::normal<T>(static_cast<std::size_t>(n), 0.0, 1.0, this->rng);
+      auto x = this->run_buffer(n, stride, xv);
+      auto dy = this->run_buffer(n, stride, dv);
+      Coefs<C> k;
+      k.a = &a, k.m = &m, k.b = &b, k.k1 = &k1, k.k2 = &k2, k.k3 = &k3;
+      table<T>(isa).affine2_run({dy.data(), stride}, {x.data(), stride}, {dy.data(), stride}, n, k, true);
+      std::vector<double> want;
+      for (std::size_t i = 0; i < xv.size(); ++i) {
+        const double g = to_d(xv[i]) > 0 ? to_d(dv[i]) : 0.0;
+        want.push_back(2 * g + 0.5 * to_d(xv[i]) - 1);
+      }
+      EXPECT_TRUE(bntest::all_close_rounded(dy.values(), want, 64 * this->uC));
+    }
+}
+
+// ---- rows kernels (channels_last): rows of `channels` contiguous values -------------------
+
+template <class T>
+struct RowsCase {
+  std::vector<compute_t<T>> a, m, b, k1, k2, k3;
+  Coefs<compute_t<T>> coefs() const { return {a.data(), m.data(), b.data(), k1.data(), k2.data(), k3.data()}; }
+};
+
+TYPED_TEST(Kernels, RowsKernels) {
+  using T = TypeParam;
+  using C = compute_t<T>;
+  for (const auto& isa : isas()) {
+    const KernelTable<T>& kt = table<T>(isa);
+    for (index_t channels : kLengths)
+      for (index_t rows : kRows)
+        for (index_t rs : row_strides(channels))
+          for (bool relu : {false, true}) {
+            const index_t ys = -rs, ds = rs > 0 ? channels + 1 : rs;  // y reversed, dy its own stride
+            SCOPED_TRACE(::testing::Message() << isa << " channels=" << channels << " rows=" << rows
+                                              << " x row stride=" << rs << " relu=" << relu);
+            const auto nc = static_cast<std::size_t>(channels);
+            RowsCase<T> k;
+            k.a = bntest::uniform<C>(nc, 0.5, 1.5, this->rng);
+            for (std::size_t c = 0; c < nc; c += 3) k.a[c] = -k.a[c];
+            k.m = bntest::uniform<C>(nc, -2, 2, this->rng);
+            k.b = bntest::uniform<C>(nc, -0.5, 0.5, this->rng);
+            k.k1 = bntest::uniform<C>(nc, -1, 1, this->rng);
+            k.k2 = bntest::uniform<C>(nc, -1, 1, this->rng);
+            k.k3 = bntest::uniform<C>(nc, -1, 1, this->rng);
+            // Row-major values, each channel around its m, off the ReLU kink.
+            std::vector<T> xv(nc * static_cast<std::size_t>(rows));
+            std::vector<T> dv = bntest::normal<T>(xv.size(), 0.0, 1.0, this->rng);
+            std::normal_distribution<double> noise(0.0, 1.0);
+            for (std::size_t i = 0; i < xv.size(); ++i) {
+              const std::size_t c = i % nc;
+              const double a = static_cast<double>(k.a[c]), m = static_cast<double>(k.m[c]),
+                           b = static_cast<double>(k.b[c]);
+              xv[i] = from_d<T>(m + noise(this->rng));
+              this->keep_off_zero(xv[i], a, m, b, 0.05);
+            }
+            auto x = this->rows_buffer(rows, channels, rs, xv);
+            auto dy = this->rows_buffer(rows, channels, ds, dv);
+
+            // Expected values in double.
+            std::vector<double> s1(nc, 0.5), ss1(nc, -0.5), s2(nc, 1.0), ss2(nc, 2.0);
+            std::vector<double> want_s1 = s1, want_ss1 = ss1, want_s2 = s2, want_ss2 = ss2, sc1(nc, 1), sc2(nc, 1);
+            std::vector<double> want_y, want_dx;
+            double yscale = 0, dxscale = 0;
+            for (std::size_t i = 0; i < xv.size(); ++i) {
+              const std::size_t c = i % nc;
+              const double d = to_d(xv[i]) - static_cast<double>(k.m[c]);
+              const double t = static_cast<double>(k.a[c]) * d;
+              const double z = t + static_cast<double>(k.b[c]);
+              const double g = relu && !(z > 0) ? 0.0 : to_d(dv[i]);
+              want_s1[c] += d, want_ss1[c] += d * d, sc1[c] += std::fabs(d) + d * d;
+              want_s2[c] += g, want_ss2[c] += g * d, sc2[c] += std::fabs(g) * (1 + std::fabs(d));
+              want_y.push_back(relu ? std::max(z, 0.0) : z);
+              yscale = std::max(yscale, std::fabs(t) + std::fabs(static_cast<double>(k.b[c])));
+              const double u1 = static_cast<double>(k.k1[c]) * g, u2 = static_cast<double>(k.k2[c]) * d;
+              want_dx.push_back(u1 + u2 + static_cast<double>(k.k3[c]));
+              dxscale = std::max(dxscale, std::fabs(u1) + std::fabs(u2) + std::fabs(static_cast<double>(k.k3[c])));
+            }
+
+            kt.reduce1_rows({x.data(), rs}, rows, channels, k.coefs(), s1.data(), ss1.data());
+            kt.reduce2_rows({dy.data(), ds}, {x.data(), rs}, rows, channels, k.coefs(), relu, s2.data(), ss2.data());
+            for (std::size_t c = 0; c < nc; ++c) {
+              ASSERT_NEAR(s1[c], want_s1[c], 1e-13 * sc1[c]) << "reduce1 s, channel " << c;
+              ASSERT_NEAR(ss1[c], want_ss1[c], 1e-13 * sc1[c]) << "reduce1 ss, channel " << c;
+              ASSERT_NEAR(s2[c], want_s2[c], 1e-13 * sc2[c]) << "reduce2 s, channel " << c;
+              ASSERT_NEAR(ss2[c], want_ss2[c], 1e-13 * sc2[c]) << "reduce2 ss, channel " << c;
+            }
+
+            Buffer<T> y({rows, channels}, {ys, 1});
+            kt.affine1_rows({x.data(), rs}, {y.data(), ys}, rows, channels, k.coefs(), relu);
+            EXPECT_TRUE(bntest::all_close_rounded(y.values(), want_y, 4 * this->uC * yscale)) << "affine1_rows";
+            EXPECT_TRUE(y.gaps_intact()) << "affine1_rows wrote outside y";
+
+            Buffer<T> dx({rows, channels}, {rs, 1});
+            kt.affine2_rows({dy.data(), ds}, {x.data(), rs}, {dx.data(), rs}, rows, channels, k.coefs(), relu);
+            EXPECT_TRUE(bntest::all_close_rounded(dx.values(), want_dx, 6 * this->uC * dxscale)) << "affine2_rows";
+            EXPECT_TRUE(dx.gaps_intact()) << "affine2_rows wrote outside dx";
+            EXPECT_TRUE(bntest::bitwise_equal(x.values(), xv)) << "x changed";
+            EXPECT_TRUE(bntest::bitwise_equal(dy.values(), dv)) << "dy changed";
+          }
+  }
+}
+
+TYPED_TEST(Kernels, RowsInPlace) {
+  using T = TypeParam;
+  using C = compute_t<T>;
+  for (const auto& isa : isas()) {
+    const index_t rows = 3, channels = 1029, rs = channels + 3;
+    SCOPED_TRACE(isa);
+    const auto nc = static_cast<std::size_t>(channels);
+    RowsCase<T> k;
+    k.a.assign(nc, C(2)), k.m.assign(nc, C(1)), k.b.assign(nc, C(0.5));
+    k.k1.assign(nc, C(1)), k.k2.assign(nc, C(0)), k.k3.assign(nc, C(0.25));
+    const auto v = bntest::normal<T>(nc * 3, 1.0, 1.0, this->rng);
+    auto x = this->rows_buffer(rows, channels, rs, v);
+    table<T>(isa).affine1_rows({x.data(), rs}, {x.data(), rs}, rows, channels, k.coefs(), false);
+    std::vector<double> want;
+    for (const T& xi : v) want.push_back(2 * (to_d(xi) - 1) + 0.5);
+    EXPECT_TRUE(bntest::all_close_rounded(x.values(), want, 128 * this->uC));
+    EXPECT_TRUE(x.gaps_intact());
+  }
+}
+
+TYPED_TEST(Kernels, ZeroLengthIsANoOp) {
+  using T = TypeParam;
+  using C = compute_t<T>;
+  for (const auto& isa : isas()) {
+    const KernelTable<T>& kt = table<T>(isa);
+    const C one = 1;
+    const Coefs<C> k{&one, &one, &one, &one, &one, &one};
+    T sentinel = from_d<T>(7.0);
+    double s = 3, ss = 4;
+    kt.reduce1_run({&sentinel, 1}, 0, k, &s, &ss);
+    kt.reduce2_run({&sentinel, 1}, {&sentinel, 1}, 0, k, true, &s, &ss);
+    kt.affine1_run({&sentinel, 1}, {&sentinel, 1}, 0, k, true);
+    kt.affine2_run({&sentinel, 1}, {&sentinel, 1}, {&sentinel, 1}, 0, k, false);
+    kt.reduce1_rows({&sentinel, 1}, 0, 1, k, &s, &ss);
+    kt.affine1_rows({&sentinel, 1}, {&sentinel, 1}, 0, 1, k, false);
+    kt.reduce1_rows({&sentinel, 1}, 5, 0, k, &s, &ss);
+    kt.affine2_rows({&sentinel, 1}, {&sentinel, 1}, {&sentinel, 1}, 5, 0, k, true);
+    EXPECT_EQ(s, 3);
+    EXPECT_EQ(ss, 4);
+    EXPECT_EQ(to_d(sentinel), 7.0);
+  }
+}
+
+// The narrowing of results to the 16-bit types rounds half to even in every path (F16C
+// vectors for unit-stride float16 chunks of 8, scalar code for the rest): every value of a
+// binade, plus half its ulp, is exactly halfway between two neighbours.
+template <class T>
+void check_output_rounding() {
+  using C = compute_t<T>;
+  {
+    const bool half = std::is_same_v<T, bntest::float16_t>;
+    const unsigned mantissa_bits = half ? 10 : 7;
+    // Exponent fields: subnormal, around 1, large (for float16 the top binade, whose
+    // upper half-way points overflow to infinity).
+    const std::vector<unsigned> fields = half ? std::vector<unsigned>{0, 15, 30} : std::vector<unsigned>{0, 127, 250};
+    for (unsigned field : fields) {
+      std::vector<T> xv;
+      for (unsigned sign : {0u, 1u})
+        for (unsigned mant = 0; mant < (1u << mantissa_bits); ++mant) {
+          T v;
+          v.bits = static_cast<std::uint16_t>((sign << 15) | (field << mantissa_bits) | mant);
+          xv.push_back(v);
+        }
+      T lo, hi;  // the ulp of the binade
+      lo.bits = static_cast<std::uint16_t>(field << mantissa_bits);
+      hi.bits = static_cast<std::uint16_t>(lo.bits + 1);
+      const double half_ulp = (to_d(hi) - to_d(lo)) / 2;
+      std::vector<std::uint16_t> want;
+      for (const T& v : xv) want.push_back(from_d<T>(to_d(v) + half_ulp).bits);
+      const auto n = static_cast<index_t>(xv.size());
+      const C one = 1, zero = 0, b = static_cast<C>(half_ulp);
+      Coefs<C> k;
+      k.a = &one, k.m = &zero, k.b = &b, k.k1 = &zero, k.k2 = &one, k.k3 = &b;
+      const std::vector<C> ones(xv.size(), C(1)), zeros(xv.size(), C(0)), bs(xv.size(), b);
+      const Coefs<C> kr{ones.data(), zeros.data(), bs.data(), zeros.data(), ones.data(), bs.data()};
+      auto bits = [](const std::vector<T>& v) {
+        std::vector<std::uint16_t> out;
+        for (const T& e : v) out.push_back(e.bits);
+        return out;
+      };
+      for (const auto& isa : isas())
+        for (index_t stride : {index_t{1}, index_t{3}}) {
+          SCOPED_TRACE(::testing::Message() << isa << " exponent field " << field << " stride " << stride);
+          const KernelTable<T>& kt = table<T>(isa);
+          Buffer<T> x({n}, {stride});
+          x.set(xv);
+          Buffer<T> y({n}, {stride}), dx({n}, {stride});
+          kt.affine1_run({x.data(), stride}, {y.data(), stride}, n, k, false);
+          EXPECT_EQ(bits(y.values()), want) << "affine1_run";
+          kt.affine2_run({x.data(), stride}, {x.data(), stride}, {dx.data(), stride}, n, k, false);
+          EXPECT_EQ(bits(dx.values()), want) << "affine2_run";
+          if (stride != 1) continue;
+          Buffer<T> yr({1, n}, {n, 1}), dxr({1, n}, {n, 1});
+          kt.affine1_rows({x.data(), n}, {yr.data(), n}, 1, n, kr, false);
+          EXPECT_EQ(bits(yr.values()), want) << "affine1_rows";
+          kt.affine2_rows({x.data(), n}, {x.data(), n}, {dxr.data(), n}, 1, n, kr, false);
+          EXPECT_EQ(bits(dxr.values()), want) << "affine2_rows";
+        }
+    }
+  }
+}
+
+TEST(KernelRounding, Float16OutputRoundsHalfToEven) { check_output_rounding<bntest::float16_t>(); }
+TEST(KernelRounding, BFloat16OutputRoundsHalfToEven) { check_output_rounding<bntest::bfloat16_t>(); }
+
+// Coefs documents "unused ones may be null": without the ReLU, reduce-2 does not use a or b.
+TYPED_TEST(Kernels, Reduce2WithoutReluNeedsNoActivationCoefs) {
+  using T = TypeParam;
+  using C = compute_t<T>;
+  for (const auto& isa : isas()) {
+    SCOPED_TRACE(isa);
+    const KernelTable<T>& kt = table<T>(isa);
+    const std::vector<C> m(3, C(1));
+    const std::vector<T> x(6, from_d<T>(2.0)), dy(6, from_d<T>(0.5));
+    Coefs<C> k;
+    k.m = m.data();  // a, b: null
+    double s = 0, ss = 0;
+    kt.reduce2_run({dy.data(), 1}, {x.data(), 1}, 6, k, false, &s, &ss);
+    EXPECT_EQ(s, 3.0);
+    EXPECT_EQ(ss, 3.0);
+    std::vector<double> sr(3, 0.0), ssr(3, 0.0);
+    kt.reduce2_rows({dy.data(), 3}, {x.data(), 3}, 2, 3, k, false, sr.data(), ssr.data());
+    EXPECT_EQ(sr, std::vector<double>(3, 1.0));
+    EXPECT_EQ(ssr, std::vector<double>(3, 1.0));
+  }
+}
+
+}  // namespace
