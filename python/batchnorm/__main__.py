@@ -1,4 +1,4 @@
-"""Command line: ``python -m batchnorm info``."""
+"""Command line: ``python -m batchnorm info`` and ``python -m batchnorm bench``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from . import _bench
 from ._runtime import info
 
 
@@ -14,7 +15,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_info = sub.add_parser("info", help="version, SIMD level in use, OpenMP threads, compiler")
     p_info.add_argument("--json", action="store_true", help="print as JSON")
+    p_bench = sub.add_parser(
+        "bench", help="time inference, training forward and backward against a memory copy, PyTorch and NumPy"
+    )
+    _bench.add_arguments(p_bench)
     args = parser.parse_args(argv)
+
+    if args.command == "bench":
+        return _bench.main(args)
 
     if args.command == "info":
         details = info()

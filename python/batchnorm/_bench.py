@@ -1,0 +1,1120 @@
+"""``python -m batchnorm bench``: speed of the three passes as ratios measured in one run.
+
+What is timed, per shape x mode x dtype x thread count:
+
+- **batchnorm**: ``normalize`` (inference), ``forward`` (training forward), ``backward``,
+  writing into preallocated outputs (``out=``), so the time is the pass itself;
+- **numpy**: a plain float32 NumPy implementation of the same pass;
+- **torch**: ``torch.nn.functional.batch_norm`` (eval / training) and
+  ``torch.ops.aten.native_batch_norm_backward``, once with the inherited OpenMP wait
+  policy and once with ``OMP_WAIT_POLICY=PASSIVE``; the faster of the two is compared;
+- **copy**: next to every repetition, a parallel copy of the same number of bytes with the
+  library's threads (``_core.copy_memory``), once with ordinary and once with
+  non-temporal stores: the bandwidth a single streaming pass can reach at that moment.
+
+The byte model gives the minimum traffic of a pass if nothing stays in cache (B = bytes
+of x): inference 2B, training forward 3B, backward 5B. The *fraction of the limit* of one
+repetition is ``(model bytes / time) / max(copy bandwidths of that repetition)`` with
+``copy bandwidth = 2 * bytes / time``; the table shows medians. Because each repetition
+is paired with its own copy, drifting memory bandwidth cancels out, and speed-ups over
+PyTorch are ratios of those fractions (for tiny shapes, of median per-call times).
+
+Every implementation runs in a worker process of its own (torch's OpenMP runtime and
+ours never spin against each other, and the two wait policies need two processes). In
+the workers, glibc keeps freed memory (``GLIBC_TUNABLES`` malloc.mmap_max=0 and a huge
+trim threshold), as a caching allocator would: outputs that PyTorch and NumPy allocate
+per call then cost no page faults, only the pass. Inputs rotate over as many buffers as
+it takes to pass ``--footprint`` MiB of x (default 512 MiB, above every L3 size this
+machine reports), so every call starts with its data in memory, not in cache.
+
+Each implementation's result is checked once per case against a float64 NumPy
+reference, outside the timed region; a mismatch stops the run with an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import dataclasses
+import fnmatch
+import importlib
+import importlib.util
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from typing import IO, Any
+
+import numpy as np
+
+MODES = ("inference", "forward", "backward")
+MODE_BYTES = {"inference": 2, "forward": 3, "backward": 5}  # multiples of B, the bytes of x
+MODE_LABEL = {"inference": "infer", "forward": "train-fwd", "backward": "backward"}
+DTYPES = ("float32", "float16", "bfloat16")
+EPSILON = 1e-5
+# Largest error accepted in the checks, relative to the largest magnitude of each output:
+# a few roundings of the dtype, with room for float32 NumPy's sequential sums.
+TOLERANCE = {"float32": 1e-4, "float16": 2e-3, "bfloat16": 1.6e-2}
+TORCH_POLICIES = ("inherited", "passive")
+_MIB = 1 << 20
+
+# The shapes of the full run; benchmarks/shapes.txt holds the same table (a test checks).
+# kind "large": bandwidth-bound, timed with a copy next to each repetition;
+# kind "tiny": per-call overhead, many calls per repetition, no copy and no fraction.
+DEFAULT_SHAPES = """\
+# name            shape            axis  kind
+r50-112-nchw      32x64x112x112    1     large
+r50-56-nchw       32x256x56x56     1     large
+r50-28-nchw       32x512x28x28     1     large
+r50-7-nchw        32x2048x7x7      1     large
+r50-112-nhwc      32x112x112x64    -1    large
+r50-56-nhwc       32x56x56x256     -1    large
+r50-28-nhwc       32x28x28x512     -1    large
+r50-7-nhwc        32x7x7x2048      -1    large
+dense-4096x1024   4096x1024        -1    large
+dense-256x4096    256x4096         -1    large
+tiny-1x64         1x64             -1    tiny
+tiny-16x64        16x64            -1    tiny
+"""
+
+QUICK_SHAPES = """\
+# name            shape            axis  kind
+quick-nchw        4x16x32x32       1     large
+quick-nhwc        4x32x32x16       -1    large
+quick-dense       512x64           -1    large
+tiny-16x64        16x64            -1    tiny
+"""
+
+
+class BenchError(RuntimeError):
+    """The benchmark could not run as asked."""
+
+
+class CheckError(BenchError):
+    """An implementation's result did not match the float64 reference."""
+
+
+# ---- shapes ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    name: str
+    dims: tuple[int, ...]
+    axis: int
+    kind: str  # "large" or "tiny"
+
+    @property
+    def label(self) -> str:
+        return "x".join(map(str, self.dims))
+
+    @property
+    def layout(self) -> str:
+        if len(self.dims) == 4:
+            return "NCHW" if self.axis % 4 == 1 else "NHWC" if self.axis % 4 == 3 else f"axis={self.axis}"
+        if len(self.dims) == 2 and self.axis % 2 == 1:
+            return "NC"
+        return f"axis={self.axis}"
+
+    @property
+    def channels(self) -> int:
+        return self.dims[self.axis]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "dims": list(self.dims), "axis": self.axis, "kind": self.kind}
+
+
+def parse_shapes(text: str) -> list[Shape]:
+    """Shapes from a table: ``name  NxCxHxW  axis  kind`` per line, ``#`` starts a comment."""
+    shapes = []
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        fields = line.split()
+        if len(fields) != 4:
+            raise BenchError(f"shapes line {number}: expected 'name shape axis kind', got {raw!r}")
+        name, dims_text, axis_text, kind = fields
+        try:
+            dims = tuple(int(d) for d in dims_text.lower().split("x"))
+            axis = int(axis_text)
+        except ValueError:
+            raise BenchError(f"shapes line {number}: bad shape or axis in {raw!r}") from None
+        if len(dims) < 2 or min(dims) < 1 or not -len(dims) <= axis < len(dims):
+            raise BenchError(f"shapes line {number}: shape {dims_text} with axis {axis} is not a batch of channels")
+        if kind not in ("large", "tiny"):
+            raise BenchError(f"shapes line {number}: kind must be 'large' or 'tiny', got {kind!r}")
+        shapes.append(Shape(name, dims, axis, kind))
+    return shapes
+
+
+def select_shapes(shapes: list[Shape], patterns: str | None) -> list[Shape]:
+    """The shapes whose names match any comma-separated pattern (fnmatch, or a substring)."""
+    if not patterns:
+        return shapes
+    wanted = [p.strip() for p in patterns.split(",") if p.strip()]
+    chosen = [s for s in shapes if any(fnmatch.fnmatch(s.name, p) or p in s.name for p in wanted)]
+    if not chosen:
+        raise BenchError(f"no shape matches {patterns!r}; shapes: {', '.join(s.name for s in shapes)}")
+    return chosen
+
+
+# ---- dtypes and data ------------------------------------------------------------------------
+
+
+def _numpy_dtype(name: str) -> np.dtype[Any]:
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)  # type: ignore[no-any-return]
+    return np.dtype(name)
+
+
+def available_dtypes() -> list[str]:
+    """float32 and float16 always; bfloat16 when ml_dtypes is installed."""
+    names = ["float32", "float16"]
+    if importlib.util.find_spec("ml_dtypes") is not None:
+        names.append("bfloat16")
+    return names
+
+
+def _param_shape(shape: Shape) -> tuple[int, ...]:
+    """Per-channel arrays broadcast against x."""
+    out = [1] * len(shape.dims)
+    out[shape.axis] = shape.channels
+    return tuple(out)
+
+
+def _reduce_axes(shape: Shape) -> tuple[int, ...]:
+    return tuple(a for a in range(len(shape.dims)) if a != shape.axis % len(shape.dims))
+
+
+class CaseData:
+    """Inputs of one (shape, dtype): ``count`` rotating buffers of x, dy and outputs.
+
+    Buffer i holds ``base * (1 + i/20) + i/10`` for a per-channel-shifted and scaled normal
+    sample ``base`` (so channels differ and a mix-up is caught by the checks), rounded to
+    the dtype. Per-channel parameters are float32.
+    """
+
+    def __init__(self, shape: Shape, dtype: str, count: int, seed: int, backward: bool) -> None:
+        self.shape = shape
+        self.dtype_name = dtype
+        self.dtype = _numpy_dtype(dtype)
+        self.count = count
+        rng = np.random.default_rng(seed)
+        c = shape.channels
+        pshape = _param_shape(shape)
+        self.gamma = rng.uniform(0.5, 1.5, c).astype(np.float32)
+        self.beta = rng.uniform(-0.5, 0.5, c).astype(np.float32)
+        offset = rng.uniform(-1.0, 1.0, c).astype(np.float32)
+        scale = rng.uniform(0.5, 2.0, c).astype(np.float32)
+        # Inference statistics: close to the data's, not equal (they are moving averages).
+        self.running_mean = (offset + rng.uniform(-0.1, 0.1, c)).astype(np.float32)
+        self.running_var = (scale**2 * rng.uniform(0.8, 1.2, c)).astype(np.float32)
+        base = rng.standard_normal(shape.dims, dtype=np.float32)
+        base *= scale.reshape(pshape)
+        base += offset.reshape(pshape)
+        self.x = [self._variant(base, i) for i in range(count)]
+        del base
+        self.out = [np.ones_like(self.x[0]) for _ in range(count)]  # written once: no page faults when timed
+        self.dy: list[np.ndarray] = []
+        if backward:
+            base = rng.standard_normal(shape.dims, dtype=np.float32)
+            self.dy = [self._variant(base, i) for i in range(count)]
+        self._stats: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._references: dict[tuple[str, int], dict[str, np.ndarray]] = {}
+
+    def _variant(self, base: np.ndarray, i: int) -> np.ndarray:
+        v = base * np.float32(1 + i / 20)
+        v += np.float32(i / 10)
+        return v if self.dtype == np.float32 else v.astype(self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.x[0].nbytes)
+
+    def stats(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Batch mean, variance and inv_std of buffer i (float32, from the library's moments)."""
+        if i not in self._stats:
+            import batchnorm as bn
+
+            mean, var = bn.moments(self.x[i], axis=self.shape.axis)
+            inv_std = (1.0 / np.sqrt(var.astype(np.float64) + EPSILON)).astype(np.float32)
+            self._stats[i] = (mean, var, inv_std)
+        return self._stats[i]
+
+    def reference(self, mode: str, i: int) -> dict[str, np.ndarray]:
+        """The float64 result of `mode` on buffer i."""
+        key = (mode, i)
+        if key not in self._references:
+            self._references.clear()  # one at a time: they are large
+            self._references[key] = _reference(self, mode, i)
+        return self._references[key]
+
+
+def _reference(data: CaseData, mode: str, i: int) -> dict[str, np.ndarray]:
+    shape = data.shape
+    pshape = _param_shape(shape)
+    red = _reduce_axes(shape)
+    x = data.x[i].astype(np.float64)
+    gamma = data.gamma.astype(np.float64).reshape(pshape)
+    beta = data.beta.astype(np.float64).reshape(pshape)
+    if mode == "inference":
+        inv = 1.0 / np.sqrt(data.running_var.astype(np.float64).reshape(pshape) + EPSILON)
+        x -= data.running_mean.astype(np.float64).reshape(pshape)
+        x *= inv * gamma
+        x += beta
+        return {"y": x}
+    mean = x.mean(axis=red, keepdims=True)
+    x -= mean
+    var = np.mean(x * x, axis=red, keepdims=True)
+    x *= 1.0 / np.sqrt(var + EPSILON)  # x_hat
+    if mode == "forward":
+        out = {"mean": mean.reshape(-1), "variance": var.reshape(-1)}
+        x *= gamma
+        x += beta
+        out["y"] = x
+        return out
+    dy = data.dy[i].astype(np.float64)
+    count = x.size // shape.channels
+    dbeta = dy.sum(axis=red, keepdims=True)
+    dgamma = np.sum(dy * x, axis=red, keepdims=True)
+    # dx = gamma * inv_std / M * (M * dy - sum(dy) - x_hat * sum(dy * x_hat))
+    dx = dy * count
+    dx -= dbeta
+    x *= dgamma
+    dx -= x
+    dx *= gamma / np.sqrt(var + EPSILON) / count
+    return {"dx": dx, "dgamma": dgamma.reshape(-1), "dbeta": dbeta.reshape(-1)}
+
+
+# ---- the implementations --------------------------------------------------------------------
+#
+# A subject is a pair of functions: call(i) runs the pass on buffer i and returns whatever
+# holds its result; outputs(result, i) turns that into float64 arrays named like the
+# reference's (in x's layout), for the check.
+
+Call = Callable[[int], Any]
+Outputs = Callable[[Any, int], dict[str, np.ndarray]]
+
+
+def _batchnorm_subject(mode: str, data: CaseData) -> tuple[Call, Outputs]:
+    import batchnorm as bn
+
+    axis, gamma, beta = data.shape.axis, data.gamma, data.beta
+    x, out, dy = data.x, data.out, data.dy
+    if mode == "inference":
+        mean, var = data.running_mean, data.running_var
+
+        def infer(i: int) -> Any:
+            return bn.normalize(x[i], mean, var, gamma, beta, axis=axis, epsilon=EPSILON, out=out[i])
+
+        return infer, lambda r, i: {"y": r.astype(np.float64)}
+    if mode == "forward":
+
+        def forward(i: int) -> Any:
+            return bn.forward(x[i], gamma, beta, axis=axis, epsilon=EPSILON, out=out[i])
+
+        def forward_outputs(r: Any, i: int) -> dict[str, np.ndarray]:
+            y, stats = r
+            return {"y": y.astype(np.float64), "mean": stats.mean.astype(np.float64), "variance": stats.variance}
+
+        return forward, forward_outputs
+    count = data.x[0].size // data.shape.channels
+    stats = [bn.BatchStats(*data.stats(i), count) for i in range(data.count)]
+
+    def backward(i: int) -> Any:
+        return bn.backward(dy[i], x[i], stats[i], gamma, axis=axis, out=out[i])
+
+    def backward_outputs(r: Any, i: int) -> dict[str, np.ndarray]:
+        dx, dgamma, dbeta = r
+        return {"dx": dx.astype(np.float64), "dgamma": dgamma, "dbeta": dbeta}
+
+    return backward, backward_outputs
+
+
+def _numpy_subject(mode: str, data: CaseData) -> tuple[Call, Outputs]:
+    """Plain float32 NumPy: the obvious expressions, writing the result into out=."""
+    pshape = _param_shape(data.shape)
+    red = _reduce_axes(data.shape)
+    gamma = data.gamma.reshape(pshape)
+    beta = data.beta.reshape(pshape)
+    x, out, dy = data.x, data.out, data.dy
+    if mode == "inference":
+        scale = (data.gamma / np.sqrt(data.running_var + np.float32(EPSILON))).reshape(pshape)
+        shift = beta - data.running_mean.reshape(pshape) * scale
+
+        def infer(i: int) -> Any:
+            np.multiply(x[i], scale, out=out[i])
+            return np.add(out[i], shift, out=out[i])
+
+        return infer, lambda r, i: {"y": r.astype(np.float64)}
+    if mode == "forward":
+
+        def forward(i: int) -> Any:
+            mean = x[i].mean(axis=red, keepdims=True)
+            centered = x[i] - mean
+            var = np.mean(centered * centered, axis=red, keepdims=True)
+            np.multiply(centered, gamma / np.sqrt(var + np.float32(EPSILON)), out=out[i])
+            return np.add(out[i], beta, out=out[i]), mean, var
+
+        def forward_outputs(r: Any, i: int) -> dict[str, np.ndarray]:
+            y, mean, var = r
+            return {"y": y.astype(np.float64), "mean": mean.reshape(-1), "variance": var.reshape(-1)}
+
+        return forward, forward_outputs
+    count = data.x[0].size // data.shape.channels
+    stats = [(m.reshape(pshape), s.reshape(pshape)) for m, _, s in (data.stats(i) for i in range(data.count))]
+
+    def backward(i: int) -> Any:
+        mean, inv_std = stats[i]
+        x_hat = (x[i] - mean) * inv_std
+        dbeta = dy[i].sum(axis=red, keepdims=True)
+        dgamma = np.sum(dy[i] * x_hat, axis=red, keepdims=True)
+        dx = np.multiply(gamma * inv_std / np.float32(count), count * dy[i] - dbeta - x_hat * dgamma, out=out[i])
+        return dx, dgamma, dbeta
+
+    def backward_outputs(r: Any, i: int) -> dict[str, np.ndarray]:
+        dx, dgamma, dbeta = r
+        return {"dx": dx.astype(np.float64), "dgamma": dgamma.reshape(-1), "dbeta": dbeta.reshape(-1)}
+
+    return backward, backward_outputs
+
+
+def _torch_subject(mode: str, data: CaseData) -> tuple[Call, Outputs]:
+    torch: Any = importlib.import_module("torch")
+    functional: Any = importlib.import_module("torch.nn.functional")
+    axis = data.shape.axis % len(data.shape.dims)
+
+    def tensor(a: np.ndarray) -> Any:
+        t = (
+            torch.from_numpy(a.view(np.uint16)).view(torch.bfloat16)
+            if data.dtype_name == "bfloat16"
+            else torch.from_numpy(a)
+        )
+        return torch.movedim(t, axis, 1)  # a view: channels-last data stays channels-last
+
+    def back(t: Any) -> np.ndarray:
+        return np.asarray(torch.movedim(t, 1, axis).to(torch.float64).numpy())
+
+    x = [tensor(a) for a in data.x]
+    gamma, beta = torch.from_numpy(data.gamma), torch.from_numpy(data.beta)
+    if mode == "inference":
+        mean, var = torch.from_numpy(data.running_mean), torch.from_numpy(data.running_var)
+
+        def infer(i: int) -> Any:
+            return functional.batch_norm(x[i], mean, var, gamma, beta, False, 0.0, EPSILON)
+
+        return infer, lambda r, i: {"y": back(r)}
+    if mode == "forward":
+
+        def forward(i: int) -> Any:
+            return functional.batch_norm(x[i], None, None, gamma, beta, True, 0.0, EPSILON)
+
+        return forward, lambda r, i: {"y": back(r)}
+    dy = [tensor(a) for a in data.dy]
+    stats = [(torch.from_numpy(m), torch.from_numpy(s)) for m, _, s in (data.stats(i) for i in range(data.count))]
+    native_backward = torch.ops.aten.native_batch_norm_backward
+
+    def backward(i: int) -> Any:
+        mean, inv_std = stats[i]
+        return native_backward(dy[i], x[i], gamma, None, None, mean, inv_std, True, EPSILON, [True, True, True])
+
+    def backward_outputs(r: Any, i: int) -> dict[str, np.ndarray]:
+        dx, dgamma, dbeta = r
+        return {"dx": back(dx), "dgamma": dgamma.double().numpy(), "dbeta": dbeta.double().numpy()}
+
+    return backward, backward_outputs
+
+
+_SUBJECTS: dict[str, Callable[[str, CaseData], tuple[Call, Outputs]]] = {
+    "batchnorm": _batchnorm_subject,
+    "numpy": _numpy_subject,
+    "torch": _torch_subject,
+}
+
+
+def check_outputs(
+    subject: str, mode: str, dtype: str, got: dict[str, np.ndarray], want: dict[str, np.ndarray]
+) -> list[dict[str, Any]]:
+    """Compares each output with the reference; raises CheckError on a mismatch.
+
+    The error of an output is ``max|got - want| / max|want|`` (NaN counts as a mismatch).
+    """
+    tolerance = TOLERANCE[dtype]
+    checks = []
+    for name, value in got.items():
+        expected = want[name]
+        actual = np.asarray(value, np.float64).reshape(expected.shape)
+        scale = float(np.max(np.abs(expected))) or 1.0
+        error = float(np.max(np.abs(actual - expected))) / scale
+        checks.append({"output": name, "error": error, "tolerance": tolerance})
+        if not error <= tolerance:
+            raise CheckError(
+                f"{subject} {mode} {dtype}: output {name!r} is off by {error:.3g} of its largest magnitude "
+                f"(tolerance {tolerance:g}) against the float64 reference"
+            )
+    return checks
+
+
+# ---- timing ---------------------------------------------------------------------------------
+
+
+def _copy_memory() -> Callable[[np.ndarray, np.ndarray, bool], None]:
+    from . import _core
+
+    return _core.copy_memory
+
+
+def time_subject(
+    call: Call,
+    data: CaseData,
+    *,
+    repeats: int,
+    warmup: int,
+    with_copy: bool,
+    min_rep_seconds: float = 2e-3,
+) -> tuple[dict[str, Any], Any, int]:
+    """Median-ready timings of `call` over the rotating buffers.
+
+    With `with_copy`, each repetition is one call, preceded by an ordinary and a
+    non-temporal copy of x's bytes between two buffers the call does not touch in this
+    repetition or the next. Without, a repetition is as many calls on buffer 0 as take
+    about `min_rep_seconds` (per-call overhead of tiny inputs). Returns the timings, the
+    last call's result and the buffer it used.
+    """
+    count = data.count
+    clock = time.perf_counter
+    result: Any = None
+    if not with_copy:
+        for _ in range(max(warmup, 1) * 10):
+            result = call(0)
+        t0 = clock()
+        for _ in range(10):
+            result = call(0)
+        per_call = max((clock() - t0) / 10, 1e-8)
+        calls = max(1, min(100_000, int(min_rep_seconds / per_call)))
+        times = []
+        for _ in range(repeats):
+            t0 = clock()
+            for _ in range(calls):
+                result = call(0)
+            times.append((clock() - t0) / calls)
+        return {"times_s": times, "calls_per_rep": calls}, result, 0
+
+    if count < 4:
+        raise BenchError("the copy next to each repetition needs at least 4 rotating buffers")
+    copy = _copy_memory()
+    x, out = data.x, data.out
+    # Warm-up until the calls settle (at least `warmup` of them): a library that allocates
+    # its outputs takes a few calls before the process's heap recycles them.
+    seen: list[float] = []
+    while len(seen) < max(warmup, 1) or (
+        len(seen) < max(warmup, 30) and seen[-1] > 1.25 * min(seen) and sum(seen) < 10
+    ):
+        w = len(seen)
+        copy(x[(w + count // 2) % count], out[(w + count // 2) % count], False)
+        t0 = clock()
+        result = call(w % count)
+        seen.append(clock() - t0)
+    start = len(seen)
+    times, ordinary, nontemporal = [], [], []
+    last = 0
+    for r in range(start, start + repeats):
+        i, a, b = r % count, (r + count // 2) % count, (r + count // 2 + 1) % count
+        t0 = clock()
+        copy(x[a], out[a], False)
+        t1 = clock()
+        copy(x[b], out[b], True)
+        t2 = clock()
+        result = call(i)
+        t3 = clock()
+        ordinary.append(t1 - t0)
+        nontemporal.append(t2 - t1)
+        times.append(t3 - t2)
+        last = i
+    timing = {
+        "times_s": times,
+        "calls_per_rep": 1,
+        "warmup_calls": start,
+        "copy_ordinary_s": ordinary,
+        "copy_nontemporal_s": nontemporal,
+    }
+    return timing, result, last
+
+
+def _set_threads(subject: str, threads: int) -> None:
+    import batchnorm as bn
+
+    bn.set_num_threads(threads)  # also the copy's threads
+    if subject == "torch":
+        importlib.import_module("torch").set_num_threads(threads)
+
+
+def run_case(request: dict[str, Any]) -> dict[str, Any]:
+    """Times the requested subjects on one (shape, dtype) in this process."""
+    shape = Shape(**{**request["shape"], "dims": tuple(request["shape"]["dims"])})
+    dtype = request["dtype"]
+    tiny = shape.kind == "tiny"
+    itemsize = _numpy_dtype(dtype).itemsize
+    nbytes = math.prod(shape.dims) * itemsize
+    count = 1 if tiny else max(4, math.ceil(request["footprint_bytes"] / nbytes))
+    count = min(count, max(4, request.get("max_buffers", 4096)))
+    data = CaseData(shape, dtype, count, request["seed"], "backward" in request["modes"])
+    rows = []
+    for mode in request["modes"]:
+        for threads in request["threads"]:
+            row: dict[str, Any] = {"mode": mode, "threads": threads, "subjects": {}}
+            for subject in request["subjects"]:
+                if subject == "numpy" and dtype != "float32":
+                    continue
+                _set_threads(subject, threads)
+                try:
+                    call, outputs = _SUBJECTS[subject](mode, data)
+                    call(0)
+                except (RuntimeError, TypeError, NotImplementedError) as e:
+                    if subject != "torch":
+                        raise
+                    row["subjects"][subject] = {"unsupported": f"{type(e).__name__}: {e}".splitlines()[0][:200]}
+                    continue
+                timing, result, last = time_subject(
+                    call, data, repeats=request["repeats"], warmup=request["warmup"], with_copy=not tiny
+                )
+                timing["checks"] = check_outputs(
+                    subject, mode, dtype, outputs(result, last), data.reference(mode, last)
+                )
+                row["subjects"][subject] = timing
+                del result
+            rows.append(row)
+    return {"buffers": count, "bytes": nbytes, "rows": rows}
+
+
+# ---- worker processes -----------------------------------------------------------------------
+
+# Freed memory stays in the process (no mmap for large blocks, no trimming), so outputs a
+# library allocates per call are recycled without page faults, as a caching allocator does.
+_MALLOC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4611686018427387904"
+
+
+def _release_memory() -> None:
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def worker_main() -> None:
+    """A worker: reads one JSON request per line on stdin, answers one JSON line each."""
+    channel = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stray prints must not corrupt the channel
+    for line in sys.stdin:
+        request = json.loads(line)
+        try:
+            answer = {"ok": True, **run_case(request)}
+        except CheckError as e:
+            answer = {"ok": False, "check_failed": True, "error": str(e)}
+        except Exception as e:
+            answer = {"ok": False, "check_failed": False, "error": f"{e}\n{traceback.format_exc()}"}
+        _release_memory()
+        channel.write(json.dumps(answer) + "\n")
+        channel.flush()
+
+
+class _Worker:
+    def __init__(self, name: str, subjects: list[str], policy: str, env: dict[str, str]) -> None:
+        self.name = name
+        self.subjects = subjects
+        self.policy = policy
+        code = "from batchnorm._bench import worker_main; worker_main()"
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True
+        )
+
+    def run(self, request: dict[str, Any]) -> dict[str, Any]:
+        stdin, stdout = self.process.stdin, self.process.stdout
+        assert stdin is not None
+        assert stdout is not None
+        stdin.write(json.dumps({**request, "subjects": self.subjects}) + "\n")
+        stdin.flush()
+        line = stdout.readline()
+        if not line:
+            raise BenchError(f"the {self.name} worker died (exit code {self.process.wait()})")
+        answer: dict[str, Any] = json.loads(line)
+        if not answer.pop("ok"):
+            kind = CheckError if answer["check_failed"] else BenchError
+            raise kind(f"[{self.name} worker] {answer['error']}")
+        return answer
+
+    def close(self) -> None:
+        if self.process.stdin:
+            self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+
+def _worker_env(extra: dict[str, str]) -> dict[str, str]:
+    env = dict(os.environ)
+    tunables = env.get("GLIBC_TUNABLES")
+    env["GLIBC_TUNABLES"] = f"{tunables}:{_MALLOC_TUNABLES}" if tunables else _MALLOC_TUNABLES
+    env.update(extra)
+    return env
+
+
+# ---- the run --------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Options:
+    shapes: list[Shape]
+    modes: tuple[str, ...] = MODES
+    dtypes: tuple[str, ...] = ("float32",)
+    threads: tuple[int, ...] = (1, 2)
+    repeats: int = 11
+    warmup: int = 2
+    footprint_mib: float = 512.0
+    numpy: bool = True
+    torch: bool = True
+    seed: int = 0
+    progress: bool = True
+
+
+def _median(values: Sequence[float] | np.ndarray) -> float:
+    return float(np.median(np.asarray(values, np.float64)))
+
+
+def _summarize(timing: dict[str, Any], model_bytes: int, nbytes: int) -> dict[str, Any]:
+    """Medians from one subject's timings: ms and the fraction of the limit.
+
+    The limit is the best copy bandwidth among the copies timed next to this subject's
+    repetitions (both kinds of stores): a copy can be slowed down by other processes or
+    a late thread, never sped up, and the window of a few seconds is too short for the
+    memory bandwidth to drift. ``fraction_paired`` is the median of the per-repetition
+    ratios instead, for comparison.
+    """
+    if "unsupported" in timing:
+        return timing
+    times = np.asarray(timing["times_s"], np.float64)
+    summary = {**timing, "median_ms": _median(times) * 1e3}
+    if "copy_ordinary_s" in timing:
+        ordinary = np.asarray(timing["copy_ordinary_s"], np.float64)
+        nontemporal = np.asarray(timing["copy_nontemporal_s"], np.float64)
+        fastest = np.minimum(ordinary, nontemporal)
+        limit = 2 * nbytes / float(fastest.min())
+        summary["limit_gbs"] = limit / 1e9
+        summary["fraction"] = model_bytes / _median(times) / limit
+        summary["fraction_paired"] = _median((model_bytes / times) / (2 * nbytes / fastest))
+        summary["copy_ordinary_gbs"] = 2 * nbytes / float(ordinary.min()) / 1e9
+        summary["copy_nontemporal_gbs"] = 2 * nbytes / float(nontemporal.min()) / 1e9
+    return summary
+
+
+def _speedup(ours: dict[str, Any] | None, other: dict[str, Any] | None) -> float | None:
+    """How many times faster `ours` is: a ratio of fractions of the limit where both have
+    one (each normalized by its own adjacent copies), else of median times."""
+    if not ours or not other or "median_ms" not in ours or "median_ms" not in other:
+        return None
+    if "fraction" in ours and "fraction" in other:
+        return float(ours["fraction"] / other["fraction"])
+    return float(other["median_ms"] / ours["median_ms"])
+
+
+def machine_info() -> dict[str, Any]:
+    import batchnorm as bn
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    caches = {}
+    for level, name in ((2, "L2"), (3, "L3")):
+        with (
+            contextlib.suppress(OSError, ValueError),
+            open(f"/sys/devices/system/cpu/cpu0/cache/index{level}/size", encoding="utf-8") as f,
+        ):
+            caches[f"{name}_sysfs_kib"] = int(f.read().strip().rstrip("K"))
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            caches[f"{name}_sysconf_kib"] = os.sysconf(f"SC_LEVEL{level}_CACHE_SIZE") // 1024
+    versions = {"python": platform.python_version(), "numpy": np.__version__}
+    for module in ("torch", "ml_dtypes", "matplotlib"):
+        if importlib.util.find_spec(module) is not None:
+            with contextlib.suppress(Exception):
+                versions[module] = str(importlib.import_module(module).__version__)
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {
+        "batchnorm": bn.info(),
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "caches": caches,
+        "versions": versions,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
+        "load_average": list(load) if load else None,
+    }
+
+
+def _progress(enabled: bool, message: str) -> None:
+    if enabled:
+        print(message, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _workers(options: Options, dtypes: Sequence[str]) -> Iterator[list[_Worker]]:
+    """One process per (implementation, OpenMP wait policy): the inherited policy and PASSIVE."""
+    ours = ["batchnorm"] + (["numpy"] if options.numpy and "float32" in dtypes else [])
+    plan = [("batchnorm", ours, "inherited"), ("batchnorm-passive", ["batchnorm"], "passive")]
+    if options.torch:
+        plan += [("torch", ["torch"], "inherited"), ("torch-passive", ["torch"], "passive")]
+    workers: list[_Worker] = []
+    try:
+        for name, subjects, policy in plan:
+            extra = {"OMP_WAIT_POLICY": "PASSIVE"} if policy == "passive" else {}
+            workers.append(_Worker(name, subjects, policy, _worker_env(extra)))
+        yield workers
+    finally:
+        for w in workers:
+            with contextlib.suppress(Exception):
+                w.close()
+            if w.process.poll() is None:
+                w.process.kill()
+
+
+def run(options: Options) -> dict[str, Any]:
+    """Runs the benchmark; returns the report (meta + one entry per shape/dtype/mode/threads)."""
+    unknown = set(options.dtypes) - set(DTYPES)
+    if unknown:
+        raise BenchError(f"unknown dtypes {sorted(unknown)}; choose from {', '.join(DTYPES)}")
+    missing = set(options.dtypes) - set(available_dtypes())
+    if missing:
+        raise BenchError(f"dtypes {sorted(missing)} need ml_dtypes: pip install ml_dtypes")
+    if options.torch and importlib.util.find_spec("torch") is None:
+        options = dataclasses.replace(options, torch=False)
+    meta = machine_info()
+    meta["options"] = {
+        "modes": list(options.modes),
+        "dtypes": list(options.dtypes),
+        "threads": list(options.threads),
+        "repeats": options.repeats,
+        "warmup": options.warmup,
+        "footprint_mib": options.footprint_mib,
+        "numpy": options.numpy,
+        "torch": options.torch,
+        "seed": options.seed,
+    }
+    meta["command"] = " ".join(["python -m batchnorm bench", *sys.argv[1:]]) if sys.argv else None
+    entries = []
+    started = time.perf_counter()
+    with _workers(options, options.dtypes) as workers:
+        cases = [(s, d) for s in options.shapes for d in options.dtypes]
+        for number, (shape, dtype) in enumerate(cases, 1):
+            request = {
+                "shape": shape.to_json(),
+                "dtype": dtype,
+                "modes": list(options.modes),
+                "threads": list(options.threads),
+                "repeats": options.repeats,
+                "warmup": options.warmup,
+                "footprint_bytes": int(options.footprint_mib * _MIB),
+                "seed": options.seed,
+            }
+            answers = []
+            for w in workers:
+                _progress(options.progress, f"[{number}/{len(cases)}] {shape.name} {dtype}: {w.name}")
+                answers.append((w.policy, w.run(request)))
+            entries.extend(_merge(shape, dtype, answers))
+    meta["seconds"] = time.perf_counter() - started
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    meta["load_average_end"] = list(load) if load else None
+    return {"meta": meta, "results": entries}
+
+
+def _best(policies: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The summary of the faster policy, with every policy's summary under "policies"."""
+    timed = {p: t for p, t in policies.items() if "median_ms" in t}
+    if not timed:
+        return {"unsupported": next(iter(policies.values()))["unsupported"], "policies": policies}
+    best = max(timed, key=lambda p: timed[p].get("fraction", 1.0 / timed[p]["median_ms"]))
+    return {**timed[best], "policy": best, "policies": policies}
+
+
+def _merge(shape: Shape, dtype: str, answers: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One entry per (mode, threads) from the workers' answers on one (shape, dtype)."""
+    first = answers[0][1]
+    nbytes = first["bytes"]
+    entries = []
+    for index, row in enumerate(first["rows"]):
+        mode, threads = row["mode"], row["threads"]
+        model_bytes = MODE_BYTES[mode] * nbytes
+        measured: dict[str, dict[str, dict[str, Any]]] = {}
+        for policy, answer in answers:
+            for name, timing in answer["rows"][index]["subjects"].items():
+                measured.setdefault(name, {})[policy] = _summarize(timing, model_bytes, nbytes)
+        subjects = {name: _best(policies) for name, policies in measured.items()}
+        ours = subjects["batchnorm"]
+        entries.append(
+            {
+                "shape": shape.to_json(),
+                "layout": shape.layout,
+                "dtype": dtype,
+                "mode": mode,
+                "threads": threads,
+                "bytes": nbytes,
+                "model_bytes": model_bytes,
+                "buffers": first["buffers"],
+                "subjects": subjects,
+                "speedup_torch": _speedup(ours, subjects.get("torch")),
+                "speedup_numpy": _speedup(ours, subjects.get("numpy")),
+            }
+        )
+    return entries
+
+
+# ---- output ---------------------------------------------------------------------------------
+
+
+def _fmt_time(ms: float | None) -> str:
+    if ms is None:
+        return "-"
+    if ms < 0.1:
+        return f"{ms * 1e3:.2f} us"
+    return f"{ms:.3f} ms" if ms < 10 else f"{ms:.1f} ms"
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def header(report: dict[str, Any]) -> str:
+    meta = report["meta"]
+    info = meta["batchnorm"]
+    v = meta["versions"]
+    caches = meta["caches"]
+    l3 = [f"{caches[k] // 1024} MiB ({k.split('_')[1]})" for k in ("L3_sysfs_kib", "L3_sysconf_kib") if k in caches]
+    opts = meta["options"]
+    load, end = meta.get("load_average"), meta.get("load_average_end")
+    lines = [
+        f"batchnorm {info['version']}: ISA {info['simd']} (CPU supports {', '.join(info['simd_supported'])}), "
+        f"OpenMP {'on' if info['openmp'] else 'off'}, {info['compiler']}",
+        f"CPU {meta['cpu']}, {meta['logical_cpus']} logical CPUs, L3 reported {' / '.join(l3) or 'unknown'}",
+        "Python {}, NumPy {}, PyTorch {}, ml_dtypes {}".format(
+            v["python"], v["numpy"], v.get("torch", "not installed"), v.get("ml_dtypes", "not installed")
+        ),
+        f"threads {', '.join(map(str, opts['threads']))}; medians of {opts['repeats']} repetitions after "
+        f"{opts['warmup']} warm-up; inputs rotate over >= {opts['footprint_mib']:g} MiB of x; OMP_WAIT_POLICY "
+        f"{meta['omp_wait_policy']}; load average {_fmt(load[0] if load else None, '.2f')} at start, "
+        f"{_fmt(end[0] if end else None, '.2f')} at end",
+        "lim = (model bytes / median time) / best copy bandwidth (ordinary or non-temporal stores, "
+        "same threads) timed next to the repetitions; model bytes: infer 2B, train-fwd 3B, backward 5B",
+        "wp = the faster OpenMP wait policy (i inherited, p PASSIVE); x torch, x numpy = times faster than "
+        "PyTorch, plain NumPy",
+    ]
+    return "\n".join(line for line in lines if line)
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The results as a plain-text table, grouped by thread count."""
+    columns = (
+        ("shape", "<"),
+        ("layout", "<"),
+        ("dtype", "<"),
+        ("mode", "<"),
+        ("batchnorm", ">"),
+        ("lim", ">"),
+        ("wp", "<"),
+        ("torch", ">"),
+        ("lim", ">"),
+        ("wp", "<"),
+        ("x torch", ">"),
+        ("numpy", ">"),
+        ("x numpy", ">"),
+        ("copy GB/s ord/nt", ">"),
+    )
+    out = [header(report)]
+    results = report["results"]
+    for threads in sorted({e["threads"] for e in results}, reverse=True):
+        rows = []
+        for e in (e for e in results if e["threads"] == threads):
+            ours, torch, numpy = (e["subjects"].get(k, {}) for k in ("batchnorm", "torch", "numpy"))
+            copy = (
+                f"{ours['copy_ordinary_gbs']:.0f}/{ours['copy_nontemporal_gbs']:.0f}"
+                if "copy_ordinary_gbs" in ours
+                else "-"
+            )
+            rows.append(
+                (
+                    e["shape"]["name"],
+                    e["layout"],
+                    e["dtype"],
+                    MODE_LABEL[e["mode"]],
+                    _fmt_time(ours.get("median_ms")),
+                    _fmt(ours.get("fraction"), ".2f"),
+                    ours.get("policy", "-")[:1],
+                    "n/a" if "unsupported" in torch else _fmt_time(torch.get("median_ms")),
+                    _fmt(torch.get("fraction"), ".2f"),
+                    torch.get("policy", "-")[:1],
+                    _fmt(e["speedup_torch"], ".2f"),
+                    _fmt_time(numpy.get("median_ms")),
+                    _fmt(e["speedup_numpy"], ".1f"),
+                    copy,
+                )
+            )
+        widths = [max(len(c[0]), *(len(r[k]) for r in rows)) for k, c in enumerate(columns)]
+        out.append("")
+        out.append(f"threads = {threads}")
+        out.append("  ".join(f"{c[0]:{c[1]}{w}}" for c, w in zip(columns, widths, strict=True)))
+        out.append("  ".join("-" * w for w in widths))
+        out.extend("  ".join(f"{v:{c[1]}{w}}" for v, c, w in zip(r, columns, widths, strict=True)) for r in rows)
+    return "\n".join(out)
+
+
+def _matplotlib() -> Any:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        return importlib.import_module("matplotlib.pyplot")
+    except ImportError:
+        raise BenchError("--png needs matplotlib: pip install matplotlib") from None
+
+
+def save_png(report: dict[str, Any], path: str) -> None:
+    """A bar chart of the fraction of the limit per shape: one panel per (threads, mode)."""
+    plt = _matplotlib()
+    results = [e for e in report["results"] if e["shape"]["kind"] == "large"]
+    if not results:
+        raise BenchError("no bandwidth-bound shape in the results: nothing to chart")
+    threads_list = sorted({e["threads"] for e in results}, reverse=True)
+    modes = [m for m in MODES if any(e["mode"] == m for e in results)]
+    names = list(dict.fromkeys(e["shape"]["name"] for e in results))
+    series = [
+        (subject, dtype)
+        for subject in ("batchnorm", "torch", "numpy")
+        for dtype in dict.fromkeys(e["dtype"] for e in results)
+        if any(
+            subject in e["subjects"] and "fraction" in e["subjects"][subject] and e["dtype"] == dtype for e in results
+        )
+    ]
+    fig, axes = plt.subplots(
+        len(threads_list), len(modes), figsize=(5.5 * len(modes), 3.6 * len(threads_list)), squeeze=False
+    )
+    width = 0.8 / max(len(series), 1)
+    for row, threads in enumerate(threads_list):
+        for col, mode in enumerate(modes):
+            ax = axes[row][col]
+            for k, (subject, dtype) in enumerate(series):
+                values = []
+                for name in names:
+                    match = [
+                        e
+                        for e in results
+                        if e["threads"] == threads
+                        and e["mode"] == mode
+                        and e["dtype"] == dtype
+                        and e["shape"]["name"] == name
+                    ]
+                    values.append(match[0]["subjects"].get(subject, {}).get("fraction", 0.0) if match else 0.0)
+                ax.bar(np.arange(len(names)) + k * width, values, width, label=f"{subject} {dtype}")
+            ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+            ax.set_title(f"{MODE_LABEL[mode]}, {threads} thread{'s' if threads > 1 else ''}")
+            ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2)
+            ax.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
+            ax.set_ylabel("fraction of copy limit")
+    axes[0][0].legend(fontsize=7)
+    info = report["meta"]["batchnorm"]
+    fig.suptitle(f"batchnorm {info['version']} ({info['simd']}) vs a copy of the same bytes, {report['meta']['cpu']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---- command line ---------------------------------------------------------------------------
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="a few small shapes and 3 repetitions (CI smoke run)")
+    parser.add_argument("--shapes", help="comma-separated name patterns to keep, e.g. 'r50-*-nchw,tiny*'")
+    parser.add_argument(
+        "--shapes-file", help="a shapes table (name shape axis kind per line) instead of the built-in one"
+    )
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
+    parser.add_argument(
+        "--dtypes", help="comma-separated: float32,float16,bfloat16 (default: all available; bfloat16 needs ml_dtypes)"
+    )
+    parser.add_argument("--threads", type=_int_list, default=(1, 2), help="comma-separated thread counts (default 1,2)")
+    parser.add_argument("--repeats", type=int, help="timed repetitions per case; the median is reported (default 11)")
+    parser.add_argument("--warmup", type=int, help="untimed repetitions first (default 2)")
+    parser.add_argument("--footprint", type=float, help="MiB of x the rotating input buffers span (default 512)")
+    parser.add_argument("--no-torch", action="store_true", help="do not time PyTorch")
+    parser.add_argument("--no-numpy", action="store_true", help="do not time the NumPy implementation")
+    parser.add_argument("--json", metavar="PATH", help="save the full report (every timing) as JSON")
+    parser.add_argument("--png", metavar="PATH", help="save a bar chart of the fractions of the limit (matplotlib)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the input data")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+
+
+def options_from_args(args: argparse.Namespace) -> Options:
+    if args.shapes_file:
+        with open(args.shapes_file, encoding="utf-8") as f:
+            table = parse_shapes(f.read())
+    else:
+        table = parse_shapes(QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
+    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    if not modes or set(modes) - set(MODES):
+        raise BenchError(f"--modes takes a comma-separated subset of {','.join(MODES)}, got {args.modes!r}")
+    dtypes = tuple(d.strip() for d in args.dtypes.split(",") if d.strip()) if args.dtypes else tuple(available_dtypes())
+    repeats = args.repeats if args.repeats is not None else 3 if args.quick else 11
+    warmup = args.warmup if args.warmup is not None else 1 if args.quick else 2
+    footprint = args.footprint if args.footprint is not None else 8.0 if args.quick else 512.0
+    if repeats < 1 or warmup < 0 or footprint < 0:
+        raise BenchError("--repeats must be >= 1, --warmup and --footprint >= 0")
+    return Options(
+        shapes=select_shapes(table, args.shapes),
+        modes=modes,
+        dtypes=dtypes,
+        threads=args.threads,
+        repeats=repeats,
+        warmup=warmup,
+        footprint_mib=footprint,
+        numpy=not args.no_numpy,
+        torch=not args.no_torch,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+
+
+def main(args: argparse.Namespace, stream: IO[str] | None = None) -> int:
+    """``python -m batchnorm bench``: runs, prints the table, saves JSON/PNG if asked."""
+    stream = stream or sys.stdout
+    try:
+        options = options_from_args(args)
+        if args.png:
+            _matplotlib()  # before the run, not after it
+        report = run(options)
+    except CheckError as e:
+        print(f"bench: CHECK FAILED: {e}", file=sys.stderr)
+        return 1
+    except BenchError as e:
+        print(f"bench: {e}", file=sys.stderr)
+        return 2
+    print(format_table(report), file=stream)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=1)
+    if args.png:
+        save_png(report, args.png)
+    return 0
