@@ -103,6 +103,38 @@ def test_missing_protocol_is_a_type_error():
         bn.optimizers.SGD().step(object())
 
 
+class GradsOnly:
+    """Parameters found through the gradients' names (as with a PyTorch-style layer)."""
+
+    def __init__(self) -> None:
+        self.weight = np.ones(2, np.float32)
+        self.bias = np.zeros(2, np.float32)
+        self.grads = {"weight": np.ones(2, np.float32)}
+
+
+def test_parameters_found_by_gradient_names():
+    m = GradsOnly()
+    bn.optimizers.SGD(learning_rate=0.5).step(m)
+    np.testing.assert_allclose(m.weight, 0.5)
+    np.testing.assert_array_equal(m.bias, 0.0)
+    m.grads = {"scale": np.ones(2, np.float32)}
+    with pytest.raises(TypeError, match="scale"):
+        bn.optimizers.SGD().step(m)
+
+
+def test_steps_pytorch_style_layers():
+    if not hasattr(bn, "BatchNorm2d"):
+        pytest.skip("no PyTorch-style layers in this build")
+    m = bn.BatchNorm2d(3)
+    x = np.random.default_rng(0).normal(size=(2, 3, 4, 4)).astype(np.float32)
+    m(x)
+    m.backward(x)
+    grads = {k: v.copy() for k, v in m.grads.items()}
+    w0 = m.weight.copy()
+    bn.optimizers.SGD(learning_rate=0.1).step(m)
+    np.testing.assert_allclose(m.weight, w0 - 0.1 * grads["weight"], rtol=1e-6)
+
+
 @pytest.mark.parametrize(
     ("factory", "match"),
     [

@@ -5,8 +5,9 @@ in place from ``layer.grads`` plus the parameter's regularizer gradient, then ap
 the parameter's constraint. It works with any object that follows this small protocol:
 
 * ``layer.trainable_parameters``: a dict ``name -> np.ndarray`` of the parameters,
-  updated in place (``BatchNormalization``: ``"gamma"``, ``"beta"``; a PyTorch-style
-  layer: ``"weight"``, ``"bias"``);
+  updated in place (``BatchNormalization``: ``"gamma"``, ``"beta"``); without it, the
+  array attributes named like the gradients (a PyTorch-style layer's ``weight`` and
+  ``bias``);
 * ``layer.grads``: a dict ``name -> gradient`` (a parameter without a gradient is left
   alone and its step count does not advance);
 * optionally ``layer.parameter_regularizers`` and ``layer.parameter_constraints``:
@@ -75,14 +76,19 @@ class Optimizer:
             self._step_one(layer)
 
     def _step_one(self, layer: Any) -> None:
-        try:
-            params: dict[str, np.ndarray] = dict(layer.trainable_parameters)
-        except AttributeError:
-            raise TypeError(
-                f"{type(layer).__name__} does not expose trainable_parameters (a dict name -> array); "
-                "the optimizers update layers that do"
-            ) from None
         grads: dict[str, Any] = dict(getattr(layer, "grads", None) or {})
+        if hasattr(layer, "trainable_parameters"):
+            params: dict[str, np.ndarray] = dict(layer.trainable_parameters)
+        elif hasattr(layer, "grads"):  # no explicit list: the attributes the gradients are named after
+            params = {k: getattr(layer, k) for k in grads if isinstance(getattr(layer, k, None), np.ndarray)}
+            missing = sorted(set(grads) - set(params))
+            if missing:
+                raise TypeError(f"{type(layer).__name__} has gradients for {missing} but no such array attributes")
+        else:
+            raise TypeError(
+                f"{type(layer).__name__} exposes neither trainable_parameters (a dict name -> array) nor grads; "
+                "the optimizers update layers that do"
+            )
         regs: dict[str, Any] = dict(getattr(layer, "parameter_regularizers", None) or {})
         cons: dict[str, Any] = dict(getattr(layer, "parameter_constraints", None) or {})
         # Check everything first, so a bad gradient changes nothing.
