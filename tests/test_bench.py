@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from batchnorm import _bench
+from batchnorm import _bench, _bench_cases
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_TORCH = importlib.util.find_spec("torch") is not None
@@ -26,7 +26,7 @@ def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "report.json"
     dtypes = "float32,bfloat16" if HAS_ML_DTYPES else "float32,float16"
     cmd = [sys.executable, "-m", "batchnorm", "bench", "--quick", "--quiet", "--repeats", "2", "--warmup", "1"]
-    cmd += ["--threads", "1,2", "--dtypes", dtypes, "--shapes", "quick-nchw,quick-dense,tiny", "--json", str(out)]
+    cmd += ["--threads", "1,2", "--dtypes", dtypes, "--shapes", "quick-dense,tiny", "--json", str(out)]
     env = {k: v for k, v in os.environ.items() if k != "BATCHNORM_MAX_ISA"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
@@ -53,11 +53,11 @@ def test_json_structure(quick_run):
     assert meta["batchnorm"]["simd"] in meta["batchnorm"]["simd_supported"]
     assert "numpy" in meta["versions"]
     dtypes = meta["options"]["dtypes"]
-    names = {"quick-nchw", "quick-dense", "tiny-16x64"}
+    names = {"quick-dense", "tiny-16x64"}
     combos = {(e["shape"]["name"], e["dtype"], e["mode"], e["threads"]) for e in report["results"]}
-    assert combos == {(n, d, m, t) for n in names for d in dtypes for m in _bench.MODES for t in (1, 2)}
+    assert combos == {(n, d, m, t) for n in names for d in dtypes for m in _bench_cases.MODES for t in (1, 2)}
     for e in report["results"]:
-        assert e["model_bytes"] == _bench.MODE_BYTES[e["mode"]] * e["bytes"]
+        assert e["model_bytes"] == _bench_cases.MODE_BYTES[e["mode"]] * e["bytes"]
         ours = e["subjects"]["batchnorm"]
         assert set(ours["policies"]) == {"inherited", "passive"}
         assert ours["policy"] in ours["policies"]
@@ -89,7 +89,7 @@ def test_every_timed_result_was_checked(quick_run):
                 checks = timed["checks"]
                 assert expected_outputs[e["mode"]] <= {c["output"] for c in checks}, (name, policy, e["mode"])
                 for c in checks:
-                    assert 0 <= c["error"] <= c["tolerance"] == _bench.TOLERANCE[e["dtype"]]
+                    assert 0 <= c["error"] <= c["tolerance"] == _bench_cases.TOLERANCE[e["dtype"]]
 
 
 def test_shapes_file_is_the_builtin_table():
@@ -125,7 +125,7 @@ def test_shape_filters():
 
 
 def _request(subjects, **extra):
-    shape = _bench.Shape("t", (4, 8, 16, 16), 1, "large")
+    shape = _bench_cases.Shape("t", (4, 8, 16, 16), 1, "large")
     request = {
         "shape": shape.to_json(),
         "dtype": "float32",
@@ -143,19 +143,19 @@ def _request(subjects, **extra):
 
 def test_a_wrong_result_stops_the_run(monkeypatch):
     """The worker's case runner, in this process, with an implementation that is off."""
-    right = _bench._SUBJECTS["batchnorm"]
+    right = _bench_cases._SUBJECTS["batchnorm"]
 
     def off_by_a_little(mode, data):
         call, outputs = right(mode, data)
         return call, lambda r, i: {k: v * (1 + 1e-3) for k, v in outputs(r, i).items()}
 
-    monkeypatch.setitem(_bench._SUBJECTS, "batchnorm", off_by_a_little)
+    monkeypatch.setitem(_bench_cases._SUBJECTS, "batchnorm", off_by_a_little)
     with pytest.raises(_bench.CheckError, match=r"batchnorm inference float32: output 'y' is off"):
-        _bench.run_case(_request(["batchnorm"]))
+        _bench_cases.run_case(_request(["batchnorm"]))
 
 
 def test_run_case_in_process():
-    answer = _bench.run_case(_request(["batchnorm", "numpy"]))
+    answer = _bench_cases.run_case(_request(["batchnorm", "numpy"]))
     assert answer["buffers"] == 4  # the minimum for the copy to stay off the timed buffers
     assert answer["bytes"] == 4 * 8 * 16 * 16 * 4
     assert [(r["mode"], r["threads"]) for r in answer["rows"]] == [("inference", 1), ("backward", 1)]
@@ -165,10 +165,10 @@ def test_run_case_in_process():
 
 def test_check_outputs_measures_relative_error():
     want = {"y": np.array([1.0, -2.0, 4.0])}
-    checks = _bench.check_outputs("s", "inference", "float32", {"y": np.array([1.0, -2.0, 4.0002])}, want)
+    checks = _bench_cases.check_outputs("s", "inference", "float32", {"y": np.array([1.0, -2.0, 4.0002])}, want)
     assert checks == [{"output": "y", "error": pytest.approx(5e-5), "tolerance": 1e-4}]
     with pytest.raises(_bench.CheckError):
-        _bench.check_outputs("s", "inference", "float32", {"y": np.array([1.0, np.nan, 4.0])}, want)
+        _bench_cases.check_outputs("s", "inference", "float32", {"y": np.array([1.0, np.nan, 4.0])}, want)
 
 
 def test_summary_arithmetic():
@@ -206,7 +206,7 @@ def test_png_needs_matplotlib(tmp_path, capsys):
                     "threads": 1,
                     "subjects": {"batchnorm": {"fraction": 0.5}},
                 }
-                for m in _bench.MODES
+                for m in _bench_cases.MODES
             ],
         }
         _bench.save_png(report, str(tmp_path / "chart.png"))
@@ -216,11 +216,15 @@ def test_png_needs_matplotlib(tmp_path, capsys):
             _bench._matplotlib()
 
 
-def test_wrapper_script_reads_the_shapes_file(tmp_path):
-    out = tmp_path / "report.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--shapes", "tiny-1x64", "--modes", "inference"]
-    cmd += ["--threads", "1", "--dtypes", "float32", "--repeats", "1", "--no-torch", "--quiet", "--json", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
-    assert proc.returncode == 0, proc.stderr
-    [entry] = json.loads(out.read_text())["results"]
-    assert entry["shape"] == {"name": "tiny-1x64", "dims": [1, 64], "axis": -1, "kind": "tiny"}
+def test_wrapper_script_reads_the_shapes_file_beside_it(tmp_path):
+    (tmp_path / "bench.py").write_text((ROOT / "benchmarks" / "bench.py").read_text())
+    (tmp_path / "shapes.txt").write_text("only-this-one  2x3  -1  tiny\n")
+    proc = subprocess.run(
+        [sys.executable, str(tmp_path / "bench.py"), "--shapes", "nothing"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "no shape matches 'nothing'; shapes: only-this-one" in proc.stderr

@@ -13,11 +13,12 @@ What is timed, per shape x mode x dtype x thread count:
   non-temporal stores: the bandwidth a single streaming pass can reach at that moment.
 
 The byte model gives the minimum traffic of a pass if nothing stays in cache (B = bytes
-of x): inference 2B, training forward 3B, backward 5B. The *fraction of the limit* of one
-repetition is ``(model bytes / time) / max(copy bandwidths of that repetition)`` with
-``copy bandwidth = 2 * bytes / time``; the table shows medians. Because each repetition
-is paired with its own copy, drifting memory bandwidth cancels out, and speed-ups over
-PyTorch are ratios of those fractions (for tiny shapes, of median per-call times).
+of x): inference 2B, training forward 3B, backward 5B. The *fraction of the limit* is
+``(model bytes / median time) / (best copy bandwidth next to those repetitions)`` with
+``copy bandwidth = 2 * bytes / time``. Each implementation is divided by copies timed
+within the same few seconds, so the memory bandwidth's drift over minutes cancels out,
+and speed-ups over PyTorch and NumPy are ratios of those fractions (for tiny shapes, of
+median per-call times).
 
 Every implementation runs in a worker process of its own (torch's OpenMP runtime and
 ours never spin against each other, and the two wait policies need two processes). In
@@ -35,33 +36,34 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import dataclasses
 import fnmatch
 import importlib
 import importlib.util
 import json
-import math
 import os
 import platform
 import subprocess
 import sys
 import time
-import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import IO, Any
 
 import numpy as np
 
-MODES = ("inference", "forward", "backward")
-MODE_BYTES = {"inference": 2, "forward": 3, "backward": 5}  # multiples of B, the bytes of x
+from ._bench_cases import (
+    DTYPES,
+    MODE_BYTES,
+    MODES,
+    BenchError,
+    CheckError,
+    Shape,
+    available_dtypes,
+)
+
+__all__ = ["BenchError", "CheckError", "Options", "Shape", "format_table", "main", "parse_shapes", "run"]
+
 MODE_LABEL = {"inference": "infer", "forward": "train-fwd", "backward": "backward"}
-DTYPES = ("float32", "float16", "bfloat16")
-EPSILON = 1e-5
-# Largest error accepted in the checks, relative to the largest magnitude of each output:
-# a few roundings of the dtype, with room for float32 NumPy's sequential sums.
-TOLERANCE = {"float32": 1e-4, "float16": 2e-3, "bfloat16": 1.6e-2}
-TORCH_POLICIES = ("inherited", "passive")
 _MIB = 1 << 20
 
 # The shapes of the full run; benchmarks/shapes.txt holds the same table (a test checks).
@@ -92,42 +94,7 @@ tiny-16x64        16x64            -1    tiny
 """
 
 
-class BenchError(RuntimeError):
-    """The benchmark could not run as asked."""
-
-
-class CheckError(BenchError):
-    """An implementation's result did not match the float64 reference."""
-
-
 # ---- shapes ---------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Shape:
-    name: str
-    dims: tuple[int, ...]
-    axis: int
-    kind: str  # "large" or "tiny"
-
-    @property
-    def label(self) -> str:
-        return "x".join(map(str, self.dims))
-
-    @property
-    def layout(self) -> str:
-        if len(self.dims) == 4:
-            return "NCHW" if self.axis % 4 == 1 else "NHWC" if self.axis % 4 == 3 else f"axis={self.axis}"
-        if len(self.dims) == 2 and self.axis % 2 == 1:
-            return "NC"
-        return f"axis={self.axis}"
-
-    @property
-    def channels(self) -> int:
-        return self.dims[self.axis]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "dims": list(self.dims), "axis": self.axis, "kind": self.kind}
 
 
 def parse_shapes(text: str) -> list[Shape]:
@@ -165,437 +132,6 @@ def select_shapes(shapes: list[Shape], patterns: str | None) -> list[Shape]:
     return chosen
 
 
-# ---- dtypes and data ------------------------------------------------------------------------
-
-
-def _numpy_dtype(name: str) -> np.dtype[Any]:
-    if name == "bfloat16":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)  # type: ignore[no-any-return]
-    return np.dtype(name)
-
-
-def available_dtypes() -> list[str]:
-    """float32 and float16 always; bfloat16 when ml_dtypes is installed."""
-    names = ["float32", "float16"]
-    if importlib.util.find_spec("ml_dtypes") is not None:
-        names.append("bfloat16")
-    return names
-
-
-def _param_shape(shape: Shape) -> tuple[int, ...]:
-    """Per-channel arrays broadcast against x."""
-    out = [1] * len(shape.dims)
-    out[shape.axis] = shape.channels
-    return tuple(out)
-
-
-def _reduce_axes(shape: Shape) -> tuple[int, ...]:
-    return tuple(a for a in range(len(shape.dims)) if a != shape.axis % len(shape.dims))
-
-
-class CaseData:
-    """Inputs of one (shape, dtype): ``count`` rotating buffers of x, dy and outputs.
-
-    Buffer i holds ``base * (1 + i/20) + i/10`` for a per-channel-shifted and scaled normal
-    sample ``base`` (so channels differ and a mix-up is caught by the checks), rounded to
-    the dtype. Per-channel parameters are float32.
-    """
-
-    def __init__(self, shape: Shape, dtype: str, count: int, seed: int, backward: bool) -> None:
-        self.shape = shape
-        self.dtype_name = dtype
-        self.dtype = _numpy_dtype(dtype)
-        self.count = count
-        rng = np.random.default_rng(seed)
-        c = shape.channels
-        pshape = _param_shape(shape)
-        self.gamma = rng.uniform(0.5, 1.5, c).astype(np.float32)
-        self.beta = rng.uniform(-0.5, 0.5, c).astype(np.float32)
-        offset = rng.uniform(-1.0, 1.0, c).astype(np.float32)
-        scale = rng.uniform(0.5, 2.0, c).astype(np.float32)
-        # Inference statistics: close to the data's, not equal (they are moving averages).
-        self.running_mean = (offset + rng.uniform(-0.1, 0.1, c)).astype(np.float32)
-        self.running_var = (scale**2 * rng.uniform(0.8, 1.2, c)).astype(np.float32)
-        base = rng.standard_normal(shape.dims, dtype=np.float32)
-        base *= scale.reshape(pshape)
-        base += offset.reshape(pshape)
-        self.x = [self._variant(base, i) for i in range(count)]
-        del base
-        self.out = [np.ones_like(self.x[0]) for _ in range(count)]  # written once: no page faults when timed
-        self.dy: list[np.ndarray] = []
-        if backward:
-            base = rng.standard_normal(shape.dims, dtype=np.float32)
-            self.dy = [self._variant(base, i) for i in range(count)]
-        self._stats: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-        self._references: dict[tuple[str, int], dict[str, np.ndarray]] = {}
-
-    def _variant(self, base: np.ndarray, i: int) -> np.ndarray:
-        v = base * np.float32(1 + i / 20)
-        v += np.float32(i / 10)
-        return v if self.dtype == np.float32 else v.astype(self.dtype)
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.x[0].nbytes)
-
-    def stats(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Batch mean, variance and inv_std of buffer i (float32, from the library's moments)."""
-        if i not in self._stats:
-            import batchnorm as bn
-
-            mean, var = bn.moments(self.x[i], axis=self.shape.axis)
-            inv_std = (1.0 / np.sqrt(var.astype(np.float64) + EPSILON)).astype(np.float32)
-            self._stats[i] = (mean, var, inv_std)
-        return self._stats[i]
-
-    def reference(self, mode: str, i: int) -> dict[str, np.ndarray]:
-        """The float64 result of `mode` on buffer i."""
-        key = (mode, i)
-        if key not in self._references:
-            self._references.clear()  # one at a time: they are large
-            self._references[key] = _reference(self, mode, i)
-        return self._references[key]
-
-
-def _reference(data: CaseData, mode: str, i: int) -> dict[str, np.ndarray]:
-    shape = data.shape
-    pshape = _param_shape(shape)
-    red = _reduce_axes(shape)
-    x = data.x[i].astype(np.float64)
-    gamma = data.gamma.astype(np.float64).reshape(pshape)
-    beta = data.beta.astype(np.float64).reshape(pshape)
-    if mode == "inference":
-        inv = 1.0 / np.sqrt(data.running_var.astype(np.float64).reshape(pshape) + EPSILON)
-        x -= data.running_mean.astype(np.float64).reshape(pshape)
-        x *= inv * gamma
-        x += beta
-        return {"y": x}
-    mean = x.mean(axis=red, keepdims=True)
-    x -= mean
-    var = np.mean(x * x, axis=red, keepdims=True)
-    x *= 1.0 / np.sqrt(var + EPSILON)  # x_hat
-    if mode == "forward":
-        out = {"mean": mean.reshape(-1), "variance": var.reshape(-1)}
-        x *= gamma
-        x += beta
-        out["y"] = x
-        return out
-    dy = data.dy[i].astype(np.float64)
-    count = x.size // shape.channels
-    dbeta = dy.sum(axis=red, keepdims=True)
-    dgamma = np.sum(dy * x, axis=red, keepdims=True)
-    # dx = gamma * inv_std / M * (M * dy - sum(dy) - x_hat * sum(dy * x_hat))
-    dx = dy * count
-    dx -= dbeta
-    x *= dgamma
-    dx -= x
-    dx *= gamma / np.sqrt(var + EPSILON) / count
-    return {"dx": dx, "dgamma": dgamma.reshape(-1), "dbeta": dbeta.reshape(-1)}
-
-
-# ---- the implementations --------------------------------------------------------------------
-#
-# A subject is a pair of functions: call(i) runs the pass on buffer i and returns whatever
-# holds its result; outputs(result, i) turns that into float64 arrays named like the
-# reference's (in x's layout), for the check.
-
-Call = Callable[[int], Any]
-Outputs = Callable[[Any, int], dict[str, np.ndarray]]
-
-
-def _batchnorm_subject(mode: str, data: CaseData) -> tuple[Call, Outputs]:
-    import batchnorm as bn
-
-    axis, gamma, beta = data.shape.axis, data.gamma, data.beta
-    x, out, dy = data.x, data.out, data.dy
-    if mode == "inference":
-        mean, var = data.running_mean, data.running_var
-
-        def infer(i: int) -> Any:
-            return bn.normalize(x[i], mean, var, gamma, beta, axis=axis, epsilon=EPSILON, out=out[i])
-
-        return infer, lambda r, i: {"y": r.astype(np.float64)}
-    if mode == "forward":
-
-        def forward(i: int) -> Any:
-            return bn.forward(x[i], gamma, beta, axis=axis, epsilon=EPSILON, out=out[i])
-
-        def forward_outputs(r: Any, i: int) -> dict[str, np.ndarray]:
-            y, stats = r
-            return {"y": y.astype(np.float64), "mean": stats.mean.astype(np.float64), "variance": stats.variance}
-
-        return forward, forward_outputs
-    count = data.x[0].size // data.shape.channels
-    stats = [bn.BatchStats(*data.stats(i), count) for i in range(data.count)]
-
-    def backward(i: int) -> Any:
-        return bn.backward(dy[i], x[i], stats[i], gamma, axis=axis, out=out[i])
-
-    def backward_outputs(r: Any, i: int) -> dict[str, np.ndarray]:
-        dx, dgamma, dbeta = r
-        return {"dx": dx.astype(np.float64), "dgamma": dgamma, "dbeta": dbeta}
-
-    return backward, backward_outputs
-
-
-def _numpy_subject(mode: str, data: CaseData) -> tuple[Call, Outputs]:
-    """Plain float32 NumPy: the obvious expressions, writing the result into out=."""
-    pshape = _param_shape(data.shape)
-    red = _reduce_axes(data.shape)
-    gamma = data.gamma.reshape(pshape)
-    beta = data.beta.reshape(pshape)
-    x, out, dy = data.x, data.out, data.dy
-    if mode == "inference":
-        scale = (data.gamma / np.sqrt(data.running_var + np.float32(EPSILON))).reshape(pshape)
-        shift = beta - data.running_mean.reshape(pshape) * scale
-
-        def infer(i: int) -> Any:
-            np.multiply(x[i], scale, out=out[i])
-            return np.add(out[i], shift, out=out[i])
-
-        return infer, lambda r, i: {"y": r.astype(np.float64)}
-    if mode == "forward":
-
-        def forward(i: int) -> Any:
-            mean = x[i].mean(axis=red, keepdims=True)
-            centered = x[i] - mean
-            var = np.mean(centered * centered, axis=red, keepdims=True)
-            np.multiply(centered, gamma / np.sqrt(var + np.float32(EPSILON)), out=out[i])
-            return np.add(out[i], beta, out=out[i]), mean, var
-
-        def forward_outputs(r: Any, i: int) -> dict[str, np.ndarray]:
-            y, mean, var = r
-            return {"y": y.astype(np.float64), "mean": mean.reshape(-1), "variance": var.reshape(-1)}
-
-        return forward, forward_outputs
-    count = data.x[0].size // data.shape.channels
-    stats = [(m.reshape(pshape), s.reshape(pshape)) for m, _, s in (data.stats(i) for i in range(data.count))]
-
-    def backward(i: int) -> Any:
-        mean, inv_std = stats[i]
-        x_hat = (x[i] - mean) * inv_std
-        dbeta = dy[i].sum(axis=red, keepdims=True)
-        dgamma = np.sum(dy[i] * x_hat, axis=red, keepdims=True)
-        dx = np.multiply(gamma * inv_std / np.float32(count), count * dy[i] - dbeta - x_hat * dgamma, out=out[i])
-        return dx, dgamma, dbeta
-
-    def backward_outputs(r: Any, i: int) -> dict[str, np.ndarray]:
-        dx, dgamma, dbeta = r
-        return {"dx": dx.astype(np.float64), "dgamma": dgamma.reshape(-1), "dbeta": dbeta.reshape(-1)}
-
-    return backward, backward_outputs
-
-
-def _torch_subject(mode: str, data: CaseData) -> tuple[Call, Outputs]:
-    torch: Any = importlib.import_module("torch")
-    functional: Any = importlib.import_module("torch.nn.functional")
-    axis = data.shape.axis % len(data.shape.dims)
-
-    def tensor(a: np.ndarray) -> Any:
-        t = (
-            torch.from_numpy(a.view(np.uint16)).view(torch.bfloat16)
-            if data.dtype_name == "bfloat16"
-            else torch.from_numpy(a)
-        )
-        return torch.movedim(t, axis, 1)  # a view: channels-last data stays channels-last
-
-    def back(t: Any) -> np.ndarray:
-        return np.asarray(torch.movedim(t, 1, axis).to(torch.float64).numpy())
-
-    x = [tensor(a) for a in data.x]
-    gamma, beta = torch.from_numpy(data.gamma), torch.from_numpy(data.beta)
-    if mode == "inference":
-        mean, var = torch.from_numpy(data.running_mean), torch.from_numpy(data.running_var)
-
-        def infer(i: int) -> Any:
-            return functional.batch_norm(x[i], mean, var, gamma, beta, False, 0.0, EPSILON)
-
-        return infer, lambda r, i: {"y": back(r)}
-    if mode == "forward":
-
-        def forward(i: int) -> Any:
-            return functional.batch_norm(x[i], None, None, gamma, beta, True, 0.0, EPSILON)
-
-        return forward, lambda r, i: {"y": back(r)}
-    dy = [tensor(a) for a in data.dy]
-    stats = [(torch.from_numpy(m), torch.from_numpy(s)) for m, _, s in (data.stats(i) for i in range(data.count))]
-    native_backward = torch.ops.aten.native_batch_norm_backward
-
-    def backward(i: int) -> Any:
-        mean, inv_std = stats[i]
-        return native_backward(dy[i], x[i], gamma, None, None, mean, inv_std, True, EPSILON, [True, True, True])
-
-    def backward_outputs(r: Any, i: int) -> dict[str, np.ndarray]:
-        dx, dgamma, dbeta = r
-        return {"dx": back(dx), "dgamma": dgamma.double().numpy(), "dbeta": dbeta.double().numpy()}
-
-    return backward, backward_outputs
-
-
-_SUBJECTS: dict[str, Callable[[str, CaseData], tuple[Call, Outputs]]] = {
-    "batchnorm": _batchnorm_subject,
-    "numpy": _numpy_subject,
-    "torch": _torch_subject,
-}
-
-
-def check_outputs(
-    subject: str, mode: str, dtype: str, got: dict[str, np.ndarray], want: dict[str, np.ndarray]
-) -> list[dict[str, Any]]:
-    """Compares each output with the reference; raises CheckError on a mismatch.
-
-    The error of an output is ``max|got - want| / max|want|`` (NaN counts as a mismatch).
-    """
-    tolerance = TOLERANCE[dtype]
-    checks = []
-    for name, value in got.items():
-        expected = want[name]
-        actual = np.asarray(value, np.float64).reshape(expected.shape)
-        scale = float(np.max(np.abs(expected))) or 1.0
-        error = float(np.max(np.abs(actual - expected))) / scale
-        checks.append({"output": name, "error": error, "tolerance": tolerance})
-        if not error <= tolerance:
-            raise CheckError(
-                f"{subject} {mode} {dtype}: output {name!r} is off by {error:.3g} of its largest magnitude "
-                f"(tolerance {tolerance:g}) against the float64 reference"
-            )
-    return checks
-
-
-# ---- timing ---------------------------------------------------------------------------------
-
-
-def _copy_memory() -> Callable[[np.ndarray, np.ndarray, bool], None]:
-    from . import _core
-
-    return _core.copy_memory
-
-
-def time_subject(
-    call: Call,
-    data: CaseData,
-    *,
-    repeats: int,
-    warmup: int,
-    with_copy: bool,
-    min_rep_seconds: float = 2e-3,
-) -> tuple[dict[str, Any], Any, int]:
-    """Median-ready timings of `call` over the rotating buffers.
-
-    With `with_copy`, each repetition is one call, preceded by an ordinary and a
-    non-temporal copy of x's bytes between two buffers the call does not touch in this
-    repetition or the next. Without, a repetition is as many calls on buffer 0 as take
-    about `min_rep_seconds` (per-call overhead of tiny inputs). Returns the timings, the
-    last call's result and the buffer it used.
-    """
-    count = data.count
-    clock = time.perf_counter
-    result: Any = None
-    if not with_copy:
-        for _ in range(max(warmup, 1) * 10):
-            result = call(0)
-        t0 = clock()
-        for _ in range(10):
-            result = call(0)
-        per_call = max((clock() - t0) / 10, 1e-8)
-        calls = max(1, min(100_000, int(min_rep_seconds / per_call)))
-        times = []
-        for _ in range(repeats):
-            t0 = clock()
-            for _ in range(calls):
-                result = call(0)
-            times.append((clock() - t0) / calls)
-        return {"times_s": times, "calls_per_rep": calls}, result, 0
-
-    if count < 4:
-        raise BenchError("the copy next to each repetition needs at least 4 rotating buffers")
-    copy = _copy_memory()
-    x, out = data.x, data.out
-    # Warm-up until the calls settle (at least `warmup` of them): a library that allocates
-    # its outputs takes a few calls before the process's heap recycles them.
-    seen: list[float] = []
-    while len(seen) < max(warmup, 1) or (
-        len(seen) < max(warmup, 30) and seen[-1] > 1.25 * min(seen) and sum(seen) < 10
-    ):
-        w = len(seen)
-        copy(x[(w + count // 2) % count], out[(w + count // 2) % count], False)
-        t0 = clock()
-        result = call(w % count)
-        seen.append(clock() - t0)
-    start = len(seen)
-    times, ordinary, nontemporal = [], [], []
-    last = 0
-    for r in range(start, start + repeats):
-        i, a, b = r % count, (r + count // 2) % count, (r + count // 2 + 1) % count
-        t0 = clock()
-        copy(x[a], out[a], False)
-        t1 = clock()
-        copy(x[b], out[b], True)
-        t2 = clock()
-        result = call(i)
-        t3 = clock()
-        ordinary.append(t1 - t0)
-        nontemporal.append(t2 - t1)
-        times.append(t3 - t2)
-        last = i
-    timing = {
-        "times_s": times,
-        "calls_per_rep": 1,
-        "warmup_calls": start,
-        "copy_ordinary_s": ordinary,
-        "copy_nontemporal_s": nontemporal,
-    }
-    return timing, result, last
-
-
-def _set_threads(subject: str, threads: int) -> None:
-    import batchnorm as bn
-
-    bn.set_num_threads(threads)  # also the copy's threads
-    if subject == "torch":
-        importlib.import_module("torch").set_num_threads(threads)
-
-
-def run_case(request: dict[str, Any]) -> dict[str, Any]:
-    """Times the requested subjects on one (shape, dtype) in this process."""
-    shape = Shape(**{**request["shape"], "dims": tuple(request["shape"]["dims"])})
-    dtype = request["dtype"]
-    tiny = shape.kind == "tiny"
-    itemsize = _numpy_dtype(dtype).itemsize
-    nbytes = math.prod(shape.dims) * itemsize
-    count = 1 if tiny else max(4, math.ceil(request["footprint_bytes"] / nbytes))
-    count = min(count, max(4, request.get("max_buffers", 4096)))
-    data = CaseData(shape, dtype, count, request["seed"], "backward" in request["modes"])
-    rows = []
-    for mode in request["modes"]:
-        for threads in request["threads"]:
-            row: dict[str, Any] = {"mode": mode, "threads": threads, "subjects": {}}
-            for subject in request["subjects"]:
-                if subject == "numpy" and dtype != "float32":
-                    continue
-                _set_threads(subject, threads)
-                try:
-                    call, outputs = _SUBJECTS[subject](mode, data)
-                    call(0)
-                except (RuntimeError, TypeError, NotImplementedError) as e:
-                    if subject != "torch":
-                        raise
-                    row["subjects"][subject] = {"unsupported": f"{type(e).__name__}: {e}".splitlines()[0][:200]}
-                    continue
-                timing, result, last = time_subject(
-                    call, data, repeats=request["repeats"], warmup=request["warmup"], with_copy=not tiny
-                )
-                timing["checks"] = check_outputs(
-                    subject, mode, dtype, outputs(result, last), data.reference(mode, last)
-                )
-                row["subjects"][subject] = timing
-                del result
-            rows.append(row)
-    return {"buffers": count, "bytes": nbytes, "rows": rows}
-
-
 # ---- worker processes -----------------------------------------------------------------------
 
 # Freed memory stays in the process (no mmap for large blocks, no trimming), so outputs a
@@ -603,35 +139,12 @@ def run_case(request: dict[str, Any]) -> dict[str, Any]:
 _MALLOC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4611686018427387904"
 
 
-def _release_memory() -> None:
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def worker_main() -> None:
-    """A worker: reads one JSON request per line on stdin, answers one JSON line each."""
-    channel = os.fdopen(os.dup(sys.stdout.fileno()), "w")
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stray prints must not corrupt the channel
-    for line in sys.stdin:
-        request = json.loads(line)
-        try:
-            answer = {"ok": True, **run_case(request)}
-        except CheckError as e:
-            answer = {"ok": False, "check_failed": True, "error": str(e)}
-        except Exception as e:
-            answer = {"ok": False, "check_failed": False, "error": f"{e}\n{traceback.format_exc()}"}
-        _release_memory()
-        channel.write(json.dumps(answer) + "\n")
-        channel.flush()
-
-
 class _Worker:
     def __init__(self, name: str, subjects: list[str], policy: str, env: dict[str, str]) -> None:
         self.name = name
         self.subjects = subjects
         self.policy = policy
-        code = "from batchnorm._bench import worker_main; worker_main()"
+        code = "from batchnorm._bench_cases import worker_main; worker_main()"
         self.process = subprocess.Popen(
             [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True
         )
