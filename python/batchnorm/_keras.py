@@ -787,7 +787,9 @@ class BatchNormalization:
         Training calls differentiate through the batch statistics (renorm's r and d and
         the adjustment are constants, as in tf-keras); inference calls treat the moving
         statistics as constants. ``grads`` holds ``"gamma"`` and ``"beta"`` (those the
-        layer has), shaped like the weights.
+        layer has), shaped like the weights. The layer keeps a reference to the last
+        input (no copy, as autograd frameworks keep theirs): modifying that array in place
+        before ``backward`` changes the gradient.
         """
         with self._lock:
             last = self._last
