@@ -327,7 +327,8 @@ inline void reduce1_channels(const C* x, index_t n, const C* m, double* s, doubl
 template <class C, bool Relu>
 inline void reduce2_channels(const C* dy, const C* x, index_t n, const Coefs<C>& k, double* s, double* ss) {
   for (index_t c = 0; c < n; ++c) {
-    const double g = masked<C, Relu>(dy[c], x[c], k.a[c], k.m[c], k.b[c]);
+    double g = dy[c];  // a and b exist only with the ReLU
+    if constexpr (Relu) g = masked<C, Relu>(dy[c], x[c], k.a[c], k.m[c], k.b[c]);
     s[c] += g;
     ss[c] += g * (static_cast<double>(x[c]) - static_cast<double>(k.m[c]));
   }
@@ -439,8 +440,10 @@ void reduce2_run(Strided<const T> dy, Strided<const T> x, index_t n, Coefs<compu
     const index_t len = std::min(kBlock, n - i);
     const C* ds = view(dy.p + i * dy.stride, dy.stride, len, dbuf);
     const C* xs = view(x.p + i * x.stride, x.stride, len, xbuf);
-    relu_on ? reduce2_block<C, true>(ds, xs, len, *k.a, *k.m, *k.b, *s, *ss)
-            : reduce2_block<C, false>(ds, xs, len, *k.a, *k.m, *k.b, *s, *ss);
+    if (relu_on)  // a and b exist only with the ReLU
+      reduce2_block<C, true>(ds, xs, len, *k.a, *k.m, *k.b, *s, *ss);
+    else
+      reduce2_block<C, false>(ds, xs, len, C(1), *k.m, C(0), *s, *ss);
   }
 }
 

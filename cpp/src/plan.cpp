@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <limits>
 #include <string>
 
 namespace batchnorm::detail {
@@ -100,7 +101,10 @@ Plan make_plan(const Geometry& g, const std::vector<const Strides*>& strides) {
       d.stride[op] = -d.stride[op];
     }
   }
-  std::stable_sort(reduce.begin(), reduce.end(), [](const Dim& a, const Dim& b) { return a.stride[0] > b.stride[0]; });
+  // Zero strides (broadcast) go outermost: they cost nothing there and would hide the
+  // contiguous innermost dimension of the fast layouts.
+  auto key = [](const Dim& d) { return d.stride[0] == 0 ? std::numeric_limits<index_t>::max() : d.stride[0]; };
+  std::stable_sort(reduce.begin(), reduce.end(), [&](const Dim& a, const Dim& b) { return key(a) > key(b); });
 
   p.channel_dims = coalesce(channel, p.operands);
   p.reduce_dims = coalesce(reduce, p.operands);

@@ -100,9 +100,10 @@ TEST(Plan, ZeroStrideDims) {
   p = plan1({3, 5}, {0}, {5, 0});
   EXPECT_EQ(p.kind, Kind::strided) << kind_name(p.kind);
   EXPECT_EQ(dims0(p.reduce_dims), (P{{5, 0}}));
-  // A zero-stride dim next to a unit-stride one: whatever the kind, the counts hold (the
-  // visits are checked in VisitsExactlyTheArrayElements).
+  // A zero-stride dim next to a unit-stride one goes outermost, so the contiguous runs of
+  // channels_first stay innermost (the visits are checked in VisitsExactlyTheArrayElements).
   p = plan1({2, 3, 4}, {1}, {0, 4, 1});
+  EXPECT_EQ(p.kind, Kind::channels_first) << kind_name(p.kind);
   EXPECT_EQ(p.count, 8);
   EXPECT_EQ(p.channels, 3);
 }
