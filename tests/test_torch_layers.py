@@ -511,6 +511,24 @@ def test_attributes_and_repr():
     np.testing.assert_array_equal(m.forward(x), m.eval()(x))
 
 
+def test_optimizer_steps_the_weight_and_bias_like_torch_sgd(rng):
+    optimizers = pytest.importorskip("batchnorm.optimizers")
+    m, t, shape = pair("2d")
+    assert bn.BatchNorm2d(4, affine=False).trainable_parameters == {}
+    opt = optimizers.SGD(learning_rate=0.1)
+    topt = torch.optim.SGD(t.parameters(), lr=0.1)
+    for _ in range(3):
+        x = batch(rng, shape)
+        dy = rng.normal(size=shape).astype(np.float32)
+        t(torch.from_numpy(x)).backward(torch.from_numpy(dy))
+        topt.step()
+        topt.zero_grad()
+        m(x)
+        m.backward(dy)
+        opt.step(m)
+        assert_same_state(m, t, 1e-5)
+
+
 # ---- SyncBatchNorm in one process (the MPI runs are in test_sync.py)
 
 

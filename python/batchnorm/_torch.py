@@ -173,6 +173,8 @@ class _BatchNorm:
 
     def _set_vector(self, name: str, value: Any) -> None:
         current = getattr(self, "_" + name)
+        if value is current and current is not None:  # m.weight -= ...: updated in place already
+            return
         if value is None:
             if current is not None:
                 raise ValueError(f"{name} cannot be set to None on this layer")
@@ -235,6 +237,14 @@ class _BatchNorm:
             raise ValueError(f"num_batches_tracked must be a scalar, got shape {a.shape}")
         with self._lock:
             self._num_batches_tracked = a
+
+    @property
+    def trainable_parameters(self) -> dict[str, np.ndarray]:
+        """{"weight", "bias"} (empty when affine=False): the arrays an optimizer updates in
+        place from ``grads`` (``bn.optimizers``)."""
+        if self._weight is None or self._bias is None:
+            return {}
+        return {"weight": self._weight, "bias": self._bias}
 
     def reset_running_stats(self) -> None:
         """running_mean = 0, running_var = 1, num_batches_tracked = 0 (in place)."""
