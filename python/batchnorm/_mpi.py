@@ -91,6 +91,9 @@ def merge_moments(a: Moments, b: Moments) -> tuple[np.ndarray, np.ndarray, np.nd
     na, ma, qa = (np.asarray(v, np.float64) for v in a)
     nb, mb, qb = (np.asarray(v, np.float64) for v in b)
     n = na + nb
+    if na.size and min(na.min(), nb.min()) > 0:  # the usual case: both sides have values
+        delta = mb - ma
+        return n, ma + delta * (nb / n), qa + (qb + delta * delta * (na * nb / n))
     with np.errstate(divide="ignore", invalid="ignore"):
         delta = mb - ma
         mean = ma + delta * (nb / n)
