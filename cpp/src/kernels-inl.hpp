@@ -91,6 +91,72 @@ inline void finish(const C* computed, T* p, index_t stride, index_t n) {
   store(computed, p, stride, n);
 }
 
+// Copies `bytes` bytes to dst with non-temporal stores for the vector-aligned body (the
+// edges with ordinary stores). Ends with no fence: the kernel calls end_stream() once.
+inline void stream_bytes(const void* src, void* dst, std::size_t bytes) {
+  auto* d = static_cast<char*>(dst);
+  const auto* s = static_cast<const char*>(src);
+#if BATCHNORM_KERNEL_SIMD == 512
+  constexpr std::size_t V = 64;
+#elif BATCHNORM_KERNEL_SIMD == 256
+  constexpr std::size_t V = 32;
+#elif defined(__SSE2__)
+  constexpr std::size_t V = 16;
+#else
+  constexpr std::size_t V = 0;
+#endif
+  std::size_t i = 0;
+  if constexpr (V > 0) {
+    i = std::min(bytes, (V - reinterpret_cast<std::uintptr_t>(d) % V) % V);
+    std::memcpy(d, s, i);
+    for (; i + V <= bytes; i += V) {
+#if BATCHNORM_KERNEL_SIMD == 512
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(d + i), _mm512_loadu_si512(s + i));
+#elif BATCHNORM_KERNEL_SIMD == 256
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(d + i),
+                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i)));
+#elif defined(__SSE2__)
+      _mm_stream_si128(reinterpret_cast<__m128i*>(d + i), _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i)));
+#endif
+    }
+  }
+  std::memcpy(d + i, s + i, bytes - i);
+}
+
+// Makes the non-temporal stores of this thread visible before anything that follows.
+inline void end_stream() {
+#if defined(__SSE2__) || BATCHNORM_KERNEL_SIMD
+  _mm_sfence();
+#endif
+}
+
+// Writes n computed values to contiguous p with non-temporal stores.
+template <class T, class C>
+inline void stream_out(const C* computed, T* p, index_t n) {
+  const auto bytes = static_cast<std::size_t>(n) * sizeof(T);
+  if constexpr (std::is_same_v<T, C>) {
+    stream_bytes(computed, p, bytes);
+  } else {
+    T converted[kBlock];
+    store(computed, converted, 1, n);
+    stream_bytes(converted, p, bytes);
+  }
+}
+
+// Where to compute outputs and how to write them: streamed (through buf) for contiguous
+// output when asked, else in place or through buf as target()/finish() decide.
+template <class T, class C>
+inline C* output_target(T* p, index_t stride, C* buf, bool stream) {
+  return stream && stride == 1 ? buf : target(p, stride, buf);
+}
+template <class T, class C>
+inline void output_finish(const C* computed, T* p, index_t stride, index_t n, bool stream) {
+  if (stream && stride == 1)
+    stream_out(computed, p, n);
+  else
+    finish(computed, p, stride, n);
+}
+
 // ---- the arithmetic, on contiguous compute arrays ------------------------------------
 
 // a*(x - m) + b, rounded the same way everywhere it is computed (forward output, the
@@ -384,8 +450,8 @@ void reduce1_run(Strided<const T> x, index_t n, Coefs<compute_t<T>> k, double* s
 }
 
 template <class T>
-void affine1_rows(Strided<const T> x, Strided<T> y, index_t rows, index_t channels, Coefs<compute_t<T>> k,
-                  bool relu_on) {
+void affine1_rows(Strided<const T> x, Strided<T> y, index_t rows, index_t channels, Coefs<compute_t<T>> k, bool relu_on,
+                  bool stream) {
   using C = compute_t<T>;
   C xbuf[kBlock], ybuf[kBlock];
   for (index_t r = 0; r < rows; ++r)
@@ -393,26 +459,28 @@ void affine1_rows(Strided<const T> x, Strided<T> y, index_t rows, index_t channe
       const index_t n = std::min(kBlock, channels - c0);
       const C* xs = view(x.p + r * x.stride + c0, 1, n, xbuf);
       T* yp = y.p + r * y.stride + c0;
-      C* ys = target(yp, 1, ybuf);
+      C* ys = output_target(yp, 1, ybuf, stream);
       const Coefs<C> kc = shifted(k, c0);
       relu_on ? affine1_channels<C, true>(xs, ys, n, kc) : affine1_channels<C, false>(xs, ys, n, kc);
-      finish(ys, yp, 1, n);
+      output_finish(ys, yp, 1, n, stream);
     }
+  if (stream) end_stream();
 }
 
 template <class T>
-void affine1_run(Strided<const T> x, Strided<T> y, index_t n, Coefs<compute_t<T>> k, bool relu_on) {
+void affine1_run(Strided<const T> x, Strided<T> y, index_t n, Coefs<compute_t<T>> k, bool relu_on, bool stream) {
   using C = compute_t<T>;
   C xbuf[kBlock], ybuf[kBlock];
   for (index_t i = 0; i < n; i += kBlock) {
     const index_t len = std::min(kBlock, n - i);
     const C* xs = view(x.p + i * x.stride, x.stride, len, xbuf);
     T* yp = y.p + i * y.stride;
-    C* ys = target(yp, y.stride, ybuf);
+    C* ys = output_target(yp, y.stride, ybuf, stream);
     relu_on ? affine1_block<C, true>(xs, ys, len, *k.a, *k.m, *k.b)
             : affine1_block<C, false>(xs, ys, len, *k.a, *k.m, *k.b);
-    finish(ys, yp, y.stride, len);
+    output_finish(ys, yp, y.stride, len, stream);
   }
+  if (stream) end_stream();
 }
 
 template <class T>
@@ -449,7 +517,7 @@ void reduce2_run(Strided<const T> dy, Strided<const T> x, index_t n, Coefs<compu
 
 template <class T>
 void affine2_rows(Strided<const T> dy, Strided<const T> x, Strided<T> dx, index_t rows, index_t channels,
-                  Coefs<compute_t<T>> k, bool relu_on) {
+                  Coefs<compute_t<T>> k, bool relu_on, bool stream) {
   using C = compute_t<T>;
   C dbuf[kBlock], xbuf[kBlock], obuf[kBlock];
   for (index_t r = 0; r < rows; ++r)
@@ -458,16 +526,17 @@ void affine2_rows(Strided<const T> dy, Strided<const T> x, Strided<T> dx, index_
       const C* ds = view(dy.p + r * dy.stride + c0, 1, n, dbuf);
       const C* xs = view(x.p + r * x.stride + c0, 1, n, xbuf);
       T* op = dx.p + r * dx.stride + c0;
-      C* os = target(op, 1, obuf);
+      C* os = output_target(op, 1, obuf, stream);
       const Coefs<C> kc = shifted(k, c0);
       relu_on ? affine2_channels<C, true>(ds, xs, os, n, kc) : affine2_channels<C, false>(ds, xs, os, n, kc);
-      finish(os, op, 1, n);
+      output_finish(os, op, 1, n, stream);
     }
+  if (stream) end_stream();
 }
 
 template <class T>
-void affine2_run(Strided<const T> dy, Strided<const T> x, Strided<T> dx, index_t n, Coefs<compute_t<T>> k,
-                 bool relu_on) {
+void affine2_run(Strided<const T> dy, Strided<const T> x, Strided<T> dx, index_t n, Coefs<compute_t<T>> k, bool relu_on,
+                 bool stream) {
   using C = compute_t<T>;
   C dbuf[kBlock], xbuf[kBlock], obuf[kBlock];
   for (index_t i = 0; i < n; i += kBlock) {
@@ -475,10 +544,11 @@ void affine2_run(Strided<const T> dy, Strided<const T> x, Strided<T> dx, index_t
     const C* ds = view(dy.p + i * dy.stride, dy.stride, len, dbuf);
     const C* xs = view(x.p + i * x.stride, x.stride, len, xbuf);
     T* op = dx.p + i * dx.stride;
-    C* os = target(op, dx.stride, obuf);
+    C* os = output_target(op, dx.stride, obuf, stream);
     relu_on ? affine2_block<C, true>(ds, xs, os, len, k) : affine2_block<C, false>(ds, xs, os, len, k);
-    finish(os, op, dx.stride, len);
+    output_finish(os, op, dx.stride, len, stream);
   }
+  if (stream) end_stream();
 }
 
 template <class T>

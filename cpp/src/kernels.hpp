@@ -10,8 +10,10 @@
 //         coefficients point at that channel's entry, accumulators at a local pair.
 //
 // Coefficients are in the compute type (float for float and the 16-bit types, double for
-// double). Every affine pass computes z = a*(x - m) + b: m is the mean in the compute
-// type, so x - m loses nothing for data far from zero. Accumulators are double.
+// double). `stream` asks the elementwise passes to write contiguous output with
+// non-temporal stores (no read-for-ownership of the output's cache lines, and no eviction
+// of useful data), for outputs too large to stay in cache. Every affine pass computes z = a*(x - m) + b: m is the mean
+// in the compute type, so x - m loses nothing for data far from zero. Accumulators are double.
 #pragma once
 
 #include <string>
@@ -51,14 +53,16 @@ struct KernelTable {
   using C = compute_t<T>;
   void (*reduce1_rows)(Strided<const T> x, index_t rows, index_t channels, Coefs<C> k, double* s, double* ss);
   void (*reduce1_run)(Strided<const T> x, index_t n, Coefs<C> k, double* s, double* ss);
-  void (*affine1_rows)(Strided<const T> x, Strided<T> y, index_t rows, index_t channels, Coefs<C> k, bool relu);
-  void (*affine1_run)(Strided<const T> x, Strided<T> y, index_t n, Coefs<C> k, bool relu);
+  void (*affine1_rows)(Strided<const T> x, Strided<T> y, index_t rows, index_t channels, Coefs<C> k, bool relu,
+                       bool stream);
+  void (*affine1_run)(Strided<const T> x, Strided<T> y, index_t n, Coefs<C> k, bool relu, bool stream);
   void (*reduce2_rows)(Strided<const T> dy, Strided<const T> x, index_t rows, index_t channels, Coefs<C> k, bool relu,
                        double* s, double* ss);
   void (*reduce2_run)(Strided<const T> dy, Strided<const T> x, index_t n, Coefs<C> k, bool relu, double* s, double* ss);
   void (*affine2_rows)(Strided<const T> dy, Strided<const T> x, Strided<T> dx, index_t rows, index_t channels,
-                       Coefs<C> k, bool relu);
-  void (*affine2_run)(Strided<const T> dy, Strided<const T> x, Strided<T> dx, index_t n, Coefs<C> k, bool relu);
+                       Coefs<C> k, bool relu, bool stream);
+  void (*affine2_run)(Strided<const T> dy, Strided<const T> x, Strided<T> dx, index_t n, Coefs<C> k, bool relu,
+                      bool stream);
 };
 
 struct Tables {

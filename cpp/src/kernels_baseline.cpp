@@ -6,6 +6,10 @@
 
 #include "kernels.hpp"
 
+#if defined(__SSE2__)
+#include <emmintrin.h>  // non-temporal stores, part of baseline x86-64
+#endif
+
 #define BATCHNORM_KERNEL_ISA "baseline"
 #define BATCHNORM_KERNEL_FMA 0
 #define BATCHNORM_KERNEL_SIMD 0

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <random>
 #include <string>
 #include <vector>
@@ -167,7 +168,7 @@ TYPED_TEST(Kernels, Affine1Run) {
             Buffer<T> y({n}, {ystride});
             Coefs<C> k;
             k.a = &a, k.m = &m, k.b = &b;
-            kt.affine1_run({x.data(), stride}, {y.data(), ystride}, n, k, relu);
+            kt.affine1_run({x.data(), stride}, {y.data(), ystride}, n, k, relu, false);
             std::vector<double> want;
             double scale = 0;
             for (const T& xi : v) {
@@ -195,7 +196,7 @@ TYPED_TEST(Kernels, Affine1RunInPlace) {
         auto x = this->run_buffer(n, stride, v);
         Coefs<C> k;
         k.a = &a, k.m = &m, k.b = &b;
-        table<T>(isa).affine1_run({x.data(), stride}, {x.data(), stride}, n, k, true);
+        table<T>(isa).affine1_run({x.data(), stride}, {x.data(), stride}, n, k, true, false);
         std::vector<double> want;
         for (const T& xi : v) want.push_back(std::max(1.5 * (to_d(xi) - 0.5) - 0.25, 0.0));
         EXPECT_TRUE(bntest::all_close_rounded(x.values(), want, 64 * this->uC));
@@ -255,7 +256,7 @@ TYPED_TEST(Kernels, Affine2Run) {
           Buffer<T> dx({n}, {ostride});
           Coefs<C> k;
           k.a = &a, k.m = &m, k.b = &b, k.k1 = &k1, k.k2 = &k2, k.k3 = &k3;
-          kt.affine2_run({dy.data(), dstride}, {x.data(), stride}, {dx.data(), ostride}, n, k, relu);
+          kt.affine2_run({dy.data(), dstride}, {x.data(), stride}, {dx.data(), ostride}, n, k, relu, false);
           std::vector<double> want;
           double scale = 0;
           for (std::size_t i = 0; i < xv.size(); ++i) {
@@ -287,7 +288,7 @@ TYPED_TEST(Kernels, Affine2RunInPlaceOverDy) {
       auto dy = this->run_buffer(n, stride, dv);
       Coefs<C> k;
       k.a = &a, k.m = &m, k.b = &b, k.k1 = &k1, k.k2 = &k2, k.k3 = &k3;
-      table<T>(isa).affine2_run({dy.data(), stride}, {x.data(), stride}, {dy.data(), stride}, n, k, true);
+      table<T>(isa).affine2_run({dy.data(), stride}, {x.data(), stride}, {dy.data(), stride}, n, k, true, false);
       std::vector<double> want;
       for (std::size_t i = 0; i < xv.size(); ++i) {
         const double g = to_d(xv[i]) > 0 ? to_d(dv[i]) : 0.0;
@@ -370,12 +371,12 @@ TYPED_TEST(Kernels, RowsKernels) {
             }
 
             Buffer<T> y({rows, channels}, {ys, 1});
-            kt.affine1_rows({x.data(), rs}, {y.data(), ys}, rows, channels, k.coefs(), relu);
+            kt.affine1_rows({x.data(), rs}, {y.data(), ys}, rows, channels, k.coefs(), relu, false);
             EXPECT_TRUE(bntest::all_close_rounded(y.values(), want_y, 4 * this->uC * yscale)) << "affine1_rows";
             EXPECT_TRUE(y.gaps_intact()) << "affine1_rows wrote outside y";
 
             Buffer<T> dx({rows, channels}, {rs, 1});
-            kt.affine2_rows({dy.data(), ds}, {x.data(), rs}, {dx.data(), rs}, rows, channels, k.coefs(), relu);
+            kt.affine2_rows({dy.data(), ds}, {x.data(), rs}, {dx.data(), rs}, rows, channels, k.coefs(), relu, false);
             EXPECT_TRUE(bntest::all_close_rounded(dx.values(), want_dx, 6 * this->uC * dxscale)) << "affine2_rows";
             EXPECT_TRUE(dx.gaps_intact()) << "affine2_rows wrote outside dx";
             EXPECT_TRUE(bntest::bitwise_equal(x.values(), xv)) << "x changed";
@@ -396,7 +397,7 @@ TYPED_TEST(Kernels, RowsInPlace) {
     k.k1.assign(nc, C(1)), k.k2.assign(nc, C(0)), k.k3.assign(nc, C(0.25));
     const auto v = bntest::normal<T>(nc * 3, 1.0, 1.0, this->rng);
     auto x = this->rows_buffer(rows, channels, rs, v);
-    table<T>(isa).affine1_rows({x.data(), rs}, {x.data(), rs}, rows, channels, k.coefs(), false);
+    table<T>(isa).affine1_rows({x.data(), rs}, {x.data(), rs}, rows, channels, k.coefs(), false, false);
     std::vector<double> want;
     for (const T& xi : v) want.push_back(2 * (to_d(xi) - 1) + 0.5);
     EXPECT_TRUE(bntest::all_close_rounded(x.values(), want, 128 * this->uC));
@@ -415,12 +416,12 @@ TYPED_TEST(Kernels, ZeroLengthIsANoOp) {
     double s = 3, ss = 4;
     kt.reduce1_run({&sentinel, 1}, 0, k, &s, &ss);
     kt.reduce2_run({&sentinel, 1}, {&sentinel, 1}, 0, k, true, &s, &ss);
-    kt.affine1_run({&sentinel, 1}, {&sentinel, 1}, 0, k, true);
-    kt.affine2_run({&sentinel, 1}, {&sentinel, 1}, {&sentinel, 1}, 0, k, false);
+    kt.affine1_run({&sentinel, 1}, {&sentinel, 1}, 0, k, true, false);
+    kt.affine2_run({&sentinel, 1}, {&sentinel, 1}, {&sentinel, 1}, 0, k, false, false);
     kt.reduce1_rows({&sentinel, 1}, 0, 1, k, &s, &ss);
-    kt.affine1_rows({&sentinel, 1}, {&sentinel, 1}, 0, 1, k, false);
+    kt.affine1_rows({&sentinel, 1}, {&sentinel, 1}, 0, 1, k, false, false);
     kt.reduce1_rows({&sentinel, 1}, 5, 0, k, &s, &ss);
-    kt.affine2_rows({&sentinel, 1}, {&sentinel, 1}, {&sentinel, 1}, 5, 0, k, true);
+    kt.affine2_rows({&sentinel, 1}, {&sentinel, 1}, {&sentinel, 1}, 5, 0, k, true, false);
     EXPECT_EQ(s, 3);
     EXPECT_EQ(ss, 4);
     EXPECT_EQ(to_d(sentinel), 7.0);
@@ -471,15 +472,15 @@ void check_output_rounding() {
           Buffer<T> x({n}, {stride});
           x.set(xv);
           Buffer<T> y({n}, {stride}), dx({n}, {stride});
-          kt.affine1_run({x.data(), stride}, {y.data(), stride}, n, k, false);
+          kt.affine1_run({x.data(), stride}, {y.data(), stride}, n, k, false, false);
           EXPECT_EQ(bits(y.values()), want) << "affine1_run";
-          kt.affine2_run({x.data(), stride}, {x.data(), stride}, {dx.data(), stride}, n, k, false);
+          kt.affine2_run({x.data(), stride}, {x.data(), stride}, {dx.data(), stride}, n, k, false, false);
           EXPECT_EQ(bits(dx.values()), want) << "affine2_run";
           if (stride != 1) continue;
           Buffer<T> yr({1, n}, {n, 1}), dxr({1, n}, {n, 1});
-          kt.affine1_rows({x.data(), n}, {yr.data(), n}, 1, n, kr, false);
+          kt.affine1_rows({x.data(), n}, {yr.data(), n}, 1, n, kr, false, false);
           EXPECT_EQ(bits(yr.values()), want) << "affine1_rows";
-          kt.affine2_rows({x.data(), n}, {x.data(), n}, {dxr.data(), n}, 1, n, kr, false);
+          kt.affine2_rows({x.data(), n}, {x.data(), n}, {dxr.data(), n}, 1, n, kr, false, false);
           EXPECT_EQ(bits(dxr.values()), want) << "affine2_rows";
         }
     }
@@ -512,3 +513,44 @@ TYPED_TEST(Kernels, Reduce2WithoutReluNeedsNoActivationCoefs) {
 }
 
 }  // namespace
+
+// Non-temporal stores change how outputs are written, never what: for every ISA, type,
+// length and misalignment of the output, streamed and ordinary writes give the same bits.
+TYPED_TEST(Kernels, StreamedOutputEqualsOrdinaryOutput) {
+  using T = TypeParam;
+  using C = compute_t<T>;
+  const index_t n = 1100;
+  const std::vector<T> x = bntest::normal<T>(static_cast<std::size_t>(n + 64), 2.0, 1.5, this->rng);
+  const std::vector<T> dy = bntest::normal<T>(static_cast<std::size_t>(n + 64), 0.0, 1.0, this->rng);
+  const std::vector<C> a(static_cast<std::size_t>(n + 64), C(0.7)), m(a.size(), C(2)), b(a.size(), C(0.1)),
+      k1(a.size(), C(0.7)), k2(a.size(), C(-0.2)), k3(a.size(), C(0.05));
+  const Coefs<C> k{a.data(), m.data(), b.data(), k1.data(), k2.data(), k3.data()};
+  auto bits = [](const std::vector<T>& v) {
+    std::vector<unsigned char> out(v.size() * sizeof(T));
+    std::memcpy(out.data(), v.data(), out.size());
+    return out;
+  };
+  for (const auto& isa : isas())
+    for (index_t len : {index_t{1}, index_t{15}, index_t{33}, index_t{517}, n})
+      for (index_t shift : {index_t{0}, index_t{1}, index_t{5}})
+        for (bool relu : {false, true}) {
+          SCOPED_TRACE(::testing::Message() << isa << " n " << len << " offset " << shift << " relu " << relu);
+          const KernelTable<T>& kt = table<T>(isa);
+          std::vector<T> plain(x.size()), streamed(x.size());
+          kt.affine1_run({x.data() + shift, 1}, {plain.data() + shift, 1}, len, k, relu, false);
+          kt.affine1_run({x.data() + shift, 1}, {streamed.data() + shift, 1}, len, k, relu, true);
+          EXPECT_EQ(bits(plain), bits(streamed)) << "affine1_run";
+          kt.affine2_run({dy.data() + shift, 1}, {x.data() + shift, 1}, {plain.data() + shift, 1}, len, k, relu, false);
+          kt.affine2_run({dy.data() + shift, 1}, {x.data() + shift, 1}, {streamed.data() + shift, 1}, len, k, relu,
+                         true);
+          EXPECT_EQ(bits(plain), bits(streamed)) << "affine2_run";
+          kt.affine1_rows({x.data() + shift, len}, {plain.data() + shift, len}, 1, len, k, relu, false);
+          kt.affine1_rows({x.data() + shift, len}, {streamed.data() + shift, len}, 1, len, k, relu, true);
+          EXPECT_EQ(bits(plain), bits(streamed)) << "affine1_rows";
+          kt.affine2_rows({dy.data() + shift, len}, {x.data() + shift, len}, {plain.data() + shift, len}, 1, len, k,
+                          relu, false);
+          kt.affine2_rows({dy.data() + shift, len}, {x.data() + shift, len}, {streamed.data() + shift, len}, 1, len, k,
+                          relu, true);
+          EXPECT_EQ(bits(plain), bits(streamed)) << "affine2_rows";
+        }
+}
