@@ -25,7 +25,20 @@ def quick_run(tmp_path_factory):
     """One smoke run of the command line on the quick shapes, with its JSON report."""
     out = tmp_path_factory.mktemp("bench") / "report.json"
     dtypes = "float32,bfloat16" if HAS_ML_DTYPES else "float32,float16"
-    cmd = [sys.executable, "-m", "batchnorm", "bench", "--quick", "--quiet", "--repeats", "2", "--warmup", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "batchnorm",
+        "bench",
+        "--quick",
+        "--quiet",
+        "--repeats",
+        "2",
+        "--warmup",
+        "1",
+        "--gap",
+        "1",
+    ]
     cmd += ["--threads", "1,2", "--dtypes", dtypes, "--shapes", "quick-dense,tiny", "--json", str(out)]
     env = {k: v for k, v in os.environ.items() if k != "BATCHNORM_MAX_ISA"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False, env=env, cwd=ROOT)

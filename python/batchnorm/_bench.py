@@ -190,6 +190,7 @@ class Options:
     repeats: int = 11
     warmup: int = 2
     footprint_mib: float = 512.0
+    gap_ms: float = 12.0
     numpy: bool = True
     torch: bool = True
     seed: int = 0
@@ -252,8 +253,11 @@ def machine_info() -> dict[str, Any]:
             open(f"/sys/devices/system/cpu/cpu0/cache/index{level}/size", encoding="utf-8") as f,
         ):
             caches[f"{name}_sysfs_kib"] = int(f.read().strip().rstrip("K"))
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            caches[f"{name}_sysconf_kib"] = os.sysconf(f"SC_LEVEL{level}_CACHE_SIZE") // 1024
+        with contextlib.suppress(OSError, ValueError, subprocess.SubprocessError):  # glibc's CPUID answer
+            answer = subprocess.run(
+                ["getconf", f"LEVEL{level}_CACHE_SIZE"], capture_output=True, text=True, timeout=10, check=True
+            )
+            caches[f"{name}_getconf_kib"] = int(answer.stdout.strip()) // 1024
     versions = {"python": platform.python_version(), "numpy": np.__version__}
     for module in ("torch", "ml_dtypes", "matplotlib"):
         if importlib.util.find_spec(module) is not None:
@@ -315,6 +319,7 @@ def run(options: Options) -> dict[str, Any]:
         "repeats": options.repeats,
         "warmup": options.warmup,
         "footprint_mib": options.footprint_mib,
+        "gap_ms": options.gap_ms,
         "numpy": options.numpy,
         "torch": options.torch,
         "seed": options.seed,
@@ -333,6 +338,7 @@ def run(options: Options) -> dict[str, Any]:
                 "repeats": options.repeats,
                 "warmup": options.warmup,
                 "footprint_bytes": int(options.footprint_mib * _MIB),
+                "gap_s": options.gap_ms / 1e3,
                 "seed": options.seed,
             }
             answers = []
@@ -407,7 +413,7 @@ def header(report: dict[str, Any]) -> str:
     info = meta["batchnorm"]
     v = meta["versions"]
     caches = meta["caches"]
-    l3 = [f"{caches[k] // 1024} MiB ({k.split('_')[1]})" for k in ("L3_sysfs_kib", "L3_sysconf_kib") if k in caches]
+    l3 = [f"{caches[k] // 1024} MiB ({k.split('_')[1]})" for k in ("L3_sysfs_kib", "L3_getconf_kib") if k in caches]
     opts = meta["options"]
     load, end = meta.get("load_average"), meta.get("load_average_end")
     lines = [
@@ -418,7 +424,8 @@ def header(report: dict[str, Any]) -> str:
             v["python"], v["numpy"], v.get("torch", "not installed"), v.get("ml_dtypes", "not installed")
         ),
         f"threads {', '.join(map(str, opts['threads']))}; medians of {opts['repeats']} repetitions after "
-        f"{opts['warmup']} warm-up; inputs rotate over >= {opts['footprint_mib']:g} MiB of x; OMP_WAIT_POLICY "
+        f"{opts['warmup']} warm-up; inputs rotate over >= {opts['footprint_mib']:g} MiB of x; "
+        f"{opts['gap_ms']:g} ms sleep before copies and calls at 2+ threads; OMP_WAIT_POLICY "
         f"{meta['omp_wait_policy']}; load average {_fmt(load[0] if load else None, '.2f')} at start, "
         f"{_fmt(end[0] if end else None, '.2f')} at end",
         "lim = (model bytes / median time) / best copy bandwidth (ordinary or non-temporal stores, "
@@ -572,6 +579,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, help="timed repetitions per case; the median is reported (default 11)")
     parser.add_argument("--warmup", type=int, help="untimed repetitions first (default 2)")
     parser.add_argument("--footprint", type=float, help="MiB of x the rotating input buffers span (default 512)")
+    parser.add_argument(
+        "--gap",
+        type=float,
+        default=12.0,
+        metavar="MS",
+        help="sleep before each copy and each timed call at 2+ threads, so that no spinning OpenMP "
+        "thread is left over from the step before (default 12 ms; libgomp spins about 8 ms)",
+    )
     parser.add_argument("--no-torch", action="store_true", help="do not time PyTorch")
     parser.add_argument("--no-numpy", action="store_true", help="do not time the NumPy implementation")
     parser.add_argument("--json", metavar="PATH", help="save the full report (every timing) as JSON")
@@ -593,8 +608,8 @@ def options_from_args(args: argparse.Namespace) -> Options:
     repeats = args.repeats if args.repeats is not None else 3 if args.quick else 11
     warmup = args.warmup if args.warmup is not None else 1 if args.quick else 2
     footprint = args.footprint if args.footprint is not None else 8.0 if args.quick else 512.0
-    if repeats < 1 or warmup < 0 or footprint < 0:
-        raise BenchError("--repeats must be >= 1, --warmup and --footprint >= 0")
+    if repeats < 1 or warmup < 0 or footprint < 0 or args.gap < 0:
+        raise BenchError("--repeats must be >= 1, --warmup, --footprint and --gap >= 0")
     return Options(
         shapes=select_shapes(table, args.shapes),
         modes=modes,
@@ -603,6 +618,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
         repeats=repeats,
         warmup=warmup,
         footprint_mib=footprint,
+        gap_ms=args.gap,
         numpy=not args.no_numpy,
         torch=not args.no_torch,
         seed=args.seed,

@@ -387,15 +387,20 @@ def time_subject(
     repeats: int,
     warmup: int,
     with_copy: bool,
+    gap: float = 0.0,
     min_rep_seconds: float = 2e-3,
 ) -> tuple[dict[str, Any], Any, int]:
     """Median-ready timings of `call` over the rotating buffers.
 
     With `with_copy`, each repetition is one call, preceded by an ordinary and a
     non-temporal copy of x's bytes between two buffers the call does not touch in this
-    repetition or the next. Without, a repetition is as many calls on buffer 0 as take
-    about `min_rep_seconds` (per-call overhead of tiny inputs). Returns the timings, the
-    last call's result and the buffer it used.
+    repetition or the next. `gap` seconds of sleep come before the copies and before the
+    call: after a parallel region, libgomp's idle threads spin for several milliseconds
+    (about 8 ms here) before they sleep, and in a process that holds two OpenMP runtimes
+    (PyTorch's and ours, whose copy is the yardstick) the spinning threads of one would
+    steal the cores from the other. Without `with_copy`, a repetition is as many calls on
+    buffer 0 as take about `min_rep_seconds` (per-call overhead of tiny inputs). Returns
+    the timings, the last call's result and the buffer it used.
     """
     count = data.count
     clock = time.perf_counter
@@ -426,33 +431,36 @@ def time_subject(
         raise BenchError("the copy next to each repetition needs at least 4 rotating buffers")
     copy = _copy_memory()
     x, out = data.x, data.out
+
+    def repetition(r: int) -> tuple[float, float, float, Any]:
+        i, a, b = r % count, (r + count // 2) % count, (r + count // 2 + 1) % count
+        time.sleep(gap)
+        t0 = clock()
+        copy(x[a], out[a], False)
+        t1 = clock()
+        copy(x[b], out[b], True)
+        t2 = clock()
+        time.sleep(gap)
+        t3 = clock()
+        value = call(i)
+        return t1 - t0, t2 - t1, clock() - t3, value
+
     # Warm-up until the calls settle (at least `warmup` of them): a library that allocates
     # its outputs takes a few calls before the process's heap recycles them.
     seen: list[float] = []
     while len(seen) < max(warmup, 1) or (
         len(seen) < max(warmup, 30) and seen[-1] > 1.25 * min(seen) and sum(seen) < 10
     ):
-        w = len(seen)
-        copy(x[(w + count // 2) % count], out[(w + count // 2) % count], False)
-        t0 = clock()
-        result = call(w % count)
-        seen.append(clock() - t0)
+        *_, elapsed, result = repetition(len(seen))
+        seen.append(elapsed)
     start = len(seen)
     times, ordinary, nontemporal = [], [], []
-    last = 0
     for r in range(start, start + repeats):
-        i, a, b = r % count, (r + count // 2) % count, (r + count // 2 + 1) % count
-        t0 = clock()
-        copy(x[a], out[a], False)
-        t1 = clock()
-        copy(x[b], out[b], True)
-        t2 = clock()
-        result = call(i)
-        t3 = clock()
-        ordinary.append(t1 - t0)
-        nontemporal.append(t2 - t1)
-        times.append(t3 - t2)
-        last = i
+        t_ordinary, t_nontemporal, elapsed, result = repetition(r)
+        ordinary.append(t_ordinary)
+        nontemporal.append(t_nontemporal)
+        times.append(elapsed)
+    last = (start + repeats - 1) % count
     timing = {
         "times_s": times,
         "calls_per_rep": 1,
@@ -498,7 +506,12 @@ def run_case(request: dict[str, Any]) -> dict[str, Any]:
                     row["subjects"][subject] = {"unsupported": f"{type(e).__name__}: {e}".splitlines()[0][:200]}
                     continue
                 timing, result, last = time_subject(
-                    call, data, repeats=request["repeats"], warmup=request["warmup"], with_copy=not tiny
+                    call,
+                    data,
+                    repeats=request["repeats"],
+                    warmup=request["warmup"],
+                    with_copy=not tiny,
+                    gap=request.get("gap_s", 0.0) if threads > 1 else 0.0,
                 )
                 timing["checks"] = check_outputs(
                     subject, mode, dtype, outputs(result, last), data.reference(mode, last)
