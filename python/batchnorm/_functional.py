@@ -7,6 +7,7 @@ are, with the GIL released.
 
 from __future__ import annotations
 
+import math
 import numbers
 import operator
 from collections.abc import Sequence
@@ -78,7 +79,10 @@ def _stat_dtype(x: np.ndarray) -> type[np.floating]:
 def _channel_param(p: ArrayLike | None, name: str, dtype: type[np.floating], channels: int) -> np.ndarray | None:
     if p is None:
         return None
-    a = np.ascontiguousarray(p, dtype=dtype)
+    a = p if isinstance(p, np.ndarray) else np.asarray(p)
+    if a.dtype.kind not in "biuf" and a.dtype.name != "bfloat16":  # complex, object, str: no silent conversion
+        raise TypeError(f"{name} must be a real numeric array, got dtype {a.dtype}")
+    a = np.ascontiguousarray(a, dtype=dtype)
     if a.size != channels:
         raise ValueError(f"{name} has {a.size} elements; expected {channels} (one per channel)")
     return a
@@ -96,6 +100,8 @@ def _output(out: np.ndarray | None, like: np.ndarray, inputs: tuple[np.ndarray, 
         raise ValueError(f"out has shape {out.shape}; expected {like.shape}, the input's shape")
     if not out.flags.writeable:
         raise ValueError("out is read-only")
+    if _overlaps_itself(out):
+        raise ValueError("out overlaps itself: some of its elements share memory (a zero or too small stride)")
     for a in inputs:
         if np.may_share_memory(out, a) and not _same_view(out, a) and _overlap(out, a):
             raise ValueError("out overlaps an input without being that same array; pass the input itself for in place")
@@ -108,6 +114,30 @@ def _overlap(a: np.ndarray, b: np.ndarray) -> bool:
         return bool(np.shares_memory(a, b, max_work=10**6))  # type: ignore[arg-type]  # stubs allow only -1, 0
     except _TooHardError:
         return True
+
+
+def _overlaps_itself(a: np.ndarray) -> bool:
+    """Whether two elements of a share a byte (bounded effort; too hard to tell counts as yes).
+
+    Sufficient for no: each stride, in increasing order, steps over everything the smaller
+    ones span. Otherwise (zero, interleaved or too small strides) the offsets are compared.
+    """
+    if a.size <= 1:
+        return False
+    dims = sorted((abs(st), n) for n, st in zip(a.shape, a.strides, strict=True) if n > 1)
+    span = a.itemsize
+    for stride, n in dims:
+        if stride < span:
+            break
+        span += stride * (n - 1)
+    else:
+        return False
+    if a.size > 10**6:
+        return True
+    offsets = np.zeros((), np.int64)
+    for stride, n in dims:
+        offsets = np.add.outer(offsets, np.arange(n, dtype=np.int64) * stride)
+    return bool((np.diff(np.sort(offsets, axis=None)) < a.itemsize).any())
 
 
 def _same_view(a: np.ndarray, b: np.ndarray) -> bool:
@@ -124,7 +154,17 @@ def _relu(activation: str | None) -> bool:
 def _epsilon(epsilon: float) -> float:
     if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real):
         raise TypeError(f"epsilon must be a real number, got {type(epsilon).__name__}")
-    return float(epsilon)
+    try:
+        return float(epsilon)
+    except OverflowError:  # an int beyond float range: infinite, which the core rejects by name
+        big: Any = epsilon
+        return math.inf if big > 0 else -math.inf
+
+
+def _require_batch(x: np.ndarray, axes: tuple[int, ...], what: str) -> None:
+    """The core's empty-batch error, raised before allocating C values (C may be huge)."""
+    if any(x.shape[d] == 0 for d in range(x.ndim) if d not in axes):
+        raise ValueError(f"{what} an empty batch: the reduced axes hold no values")
 
 
 def moments(x: ArrayLike, axis: AxisLike = -1) -> tuple[np.ndarray, np.ndarray]:
@@ -137,6 +177,7 @@ def moments(x: ArrayLike, axis: AxisLike = -1) -> tuple[np.ndarray, np.ndarray]:
     """
     x = _data(x, "x", 2)
     axes = _feature_axes(axis, x.ndim)
+    _require_batch(x, axes, "moments of")
     kept = tuple(x.shape[a] for a in axes)
     dtype = _stat_dtype(x)
     mean = np.empty(kept, dtype)
@@ -200,6 +241,7 @@ def forward(
     """
     x = _data(x, "x", 2)
     axes = _feature_axes(axis, x.ndim)
+    _require_batch(x, axes, "training on")
     kept = tuple(x.shape[a] for a in axes)
     dtype = _stat_dtype(x)
     channels = int(np.prod(kept))
