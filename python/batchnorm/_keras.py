@@ -18,6 +18,7 @@ Conventions (tf-keras 2, see SEMANTICS.md §2):
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -27,6 +28,7 @@ import operator
 import os
 import threading
 import warnings
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -92,7 +94,11 @@ def _resolve_dtype(dtype: Any) -> tuple[Any, np.dtype[Any], np.dtype[Any]]:
 def _real(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {value!r}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond float range: infinite, which the range checks reject by name
+        big: Any = value
+        return math.inf if big > 0 else -math.inf
 
 
 def _momentum(value: Any, name: str) -> float:
@@ -624,6 +630,8 @@ class BatchNormalization:
             raise ValueError("a mask cannot be used with `virtual_batch_size` (tf-keras cannot broadcast it either)")
         if vbs is not None:
             batch = x.shape[0]
+            if batch == 0:  # zero ghost batches: no statistics (the moving ones would become NaN)
+                raise ValueError("training on an empty batch: the reduced axes hold no values")
             if batch % vbs != 0:
                 raise ValueError(
                     f"virtual_batch_size={vbs} does not divide the batch size {batch} of the input "
@@ -968,21 +976,37 @@ class BatchNormalization:
     @classmethod
     def load(cls, path: str | os.PathLike[str] | Any) -> BatchNormalization:
         """The layer :meth:`save` wrote: same config, dtype, build state and bit-identical weights."""
-        with np.load(path, allow_pickle=False) as f:
-            config = json.loads(str(f["config"][()]))
-            meta = json.loads(str(f["meta"][()]))
-            arrays = {k.split(":", 1)[1]: np.array(f[k]) for k in f.files if k.startswith("weight:")}
+        not_ours = f"{path!r} is not a BatchNormalization file written by save()"
+        # A truncated, corrupt or foreign file fails in the zip reader, np.load, json or the
+        # layer's own checks with many exception types; all of them mean the same: ValueError.
+        try:  # the file is opened here: np.load leaks its own handle when the zip is corrupt
+            with contextlib.ExitStack() as stack:
+                fh = stack.enter_context(open(path, "rb")) if isinstance(path, (str, os.PathLike)) else path
+                f = stack.enter_context(np.load(fh, allow_pickle=False))  # an .npy file gives an array: TypeError
+                config = json.loads(str(f["config"][()]))
+                meta = json.loads(str(f["meta"][()]))
+                arrays = {k.split(":", 1)[1]: np.array(f[k]) for k in f.files if k.startswith("weight:")}
+        except (ValueError, TypeError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            raise ValueError(f"{not_ours}: {type(e).__name__}: {e}") from e
+        if not isinstance(meta, dict) or not isinstance(config, dict):
+            raise ValueError(f"{not_ours}: its config and meta are not JSON objects")
         if meta.get("class") != "BatchNormalization" or meta.get("format") != _SAVE_FORMAT:
-            raise ValueError(f"{path!r} is not a BatchNormalization file written by save()")
-        layer = cls.from_config({**config, "fused": meta.get("fused")})
-        if meta.get("built"):
-            layer.build(meta["input_shape"])
+            raise ValueError(not_ours)
+        try:
+            layer = cls.from_config({**config, "fused": meta.get("fused")})
+            if meta.get("built"):
+                layer.build(meta["input_shape"])
+        except (ValueError, TypeError, KeyError) as e:
+            raise ValueError(f"{not_ours}: its config does not make a layer: {e}") from e
+        if layer.built:
             keys = layer._weight_keys()
             if sorted(keys) != sorted(arrays):
                 raise ValueError(f"{path!r} holds weights {sorted(arrays)}; the layer has {sorted(keys)}")
             for k in keys:
                 if arrays[k].shape != layer._weight(k).shape:  # type: ignore[union-attr]
                     raise ValueError(f"{path!r}: weight {k!r} has shape {arrays[k].shape}")
+                if arrays[k].dtype.kind not in "biuf":
+                    raise ValueError(f"{not_ours}: weight {k!r} has dtype {arrays[k].dtype}")
                 np.copyto(layer._weight(k), arrays[k])  # type: ignore[arg-type]
         return layer
 
