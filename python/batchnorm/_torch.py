@@ -58,6 +58,8 @@ def _layer_dtype(dtype: Any) -> np.dtype[Any]:
         raise TypeError(f"dtype must be float16, bfloat16, float32 or float64, got {dtype!r}") from None
     if dt.name not in ("float16", "bfloat16", "float32", "float64"):
         raise TypeError(f"dtype must be float16, bfloat16, float32 or float64, got {dtype!r}")
+    if not dt.isnative:  # a big-endian layer would reject every (native) input as "mixed dtype"
+        raise TypeError(f"dtype must be native-endian, got the big-endian {dtype!r}")
     return dt
 
 
@@ -289,6 +291,9 @@ class _BatchNorm:
         self._check_input_dim(a)
         if not _is_floating(a.dtype):
             raise TypeError(f"expected a floating-point input (float16, bfloat16, float32, float64), got {a.dtype}")
+        if not a.dtype.isnative:  # say so, rather than torch's "mixed dtype" (torch has no such tensors)
+            fix = "x.astype(x.dtype.newbyteorder('='))"
+            raise TypeError(f"input is a big-endian array (dtype {a.dtype.str}); convert it with {fix}")
         return _data(a, "input", 0)  # aligned (copied only if the buffer is misaligned)
 
     def _check_compatible(self, x: np.ndarray) -> None:
@@ -387,10 +392,10 @@ class _BatchNorm:
         factor = 1.0 / float(nbt + 1) if self.momentum is None else float(self.momentum)
         if stats is not None:
             mean, unbiased = stats
-            new_mean = (1.0 - factor) * rm.astype(np.float64) + factor * mean
-            new_var = (1.0 - factor) * rv.astype(np.float64) + factor * unbiased
-            rm[...] = new_mean.astype(self.dtype)
-            rv[...] = new_var.astype(self.dtype)
+            new_mean = ((1.0 - factor) * rm.astype(np.float64) + factor * mean).astype(self.dtype)
+            new_var = ((1.0 - factor) * rv.astype(np.float64) + factor * unbiased).astype(self.dtype)
+            rm[...] = new_mean  # both computed first: nothing that can fail runs between the writes
+            rv[...] = new_var
         nbt += 1
 
     # ---- backward
