@@ -1,0 +1,1136 @@
+"""The bad-input table (SPEC §6, §7): every public function and layer, every misuse.
+
+ONE table, ``ROWS``: each row is (id, callable, arguments, expected exception type,
+message regex). A row passes when the call raises exactly that exception type with a
+message matching the regex (so the message names the problem), and nothing changed:
+
+* a layer in the arguments (a ``Layer`` placeholder, made fresh for the row: built,
+  trained twice and back-propagated, so every piece of state is populated) is
+  bit-for-bit unchanged - weights, moving/running statistics, counters, the built flag,
+  gradients, the saved last call, the configuration (see ``layer_state.snapshot``);
+* every NumPy array passed in (inputs, ``out=``, per-channel arrays) holds the same bytes.
+
+Rows where a crash is conceivable (odd strides, huge shapes, overlapping or aliasing
+``out=``) are ``isolated``: they run in a child Python, so a segfault fails that row
+instead of killing the test run.
+
+``tests/test_errors.py`` holds more variants of the functional API's misuse (every dtype
+with every function, ...); this table has at least one row per (entry point, misuse) and
+is the inventory ``docs/reliability.md`` counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from numpy.lib.stride_tricks import as_strided
+
+import batchnorm as bn
+from batchnorm import optimizers
+from layer_state import assert_same_state, make_layer, snapshot
+from reference import BF16
+
+HERE = Path(__file__).resolve().parent
+
+
+# ---- placeholders, made when a row runs ------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """The layer under test: a fresh layer of `kind` (see layer_state.LAYER_KINDS).
+
+    trained=False: a new, unbuilt layer; ``init``: a new BatchNormalization(**init)
+    instead; ``build``: then built for that shape (never called). ``setup`` runs on it
+    before the snapshot (e.g. to set eps=0 or a bad gradient)."""
+
+    kind: str
+    trained: bool = True
+    init: dict[str, Any] | None = None
+    build: tuple[int | None, ...] | None = None
+    setup: Callable[[Any], Any] | None = None
+
+    def make(self) -> Any:
+        if self.init is not None:
+            layer = bn.BatchNormalization(**self.init)
+        else:
+            layer = make_layer(self.kind, trained=self.trained)
+        if self.build is not None:
+            layer.build(self.build)
+        if self.setup is not None:
+            self.setup(layer)
+        return layer
+
+
+@dataclasses.dataclass(frozen=True)
+class File:
+    """A file written for the row into a fresh directory (see FILES)."""
+
+    name: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    id: str
+    call: Callable[..., Any] | str  # a function, or the name of a method of the Layer argument
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    exc: type[BaseException]
+    match: str
+    isolated: bool = False
+
+
+ROWS: list[Row] = []
+
+
+def row(
+    id: str, exc: type[BaseException], match: str, call: Callable[..., Any] | str, *args: Any, **kwargs: Any
+) -> Row:
+    r = Row(id, call, args, kwargs, exc, match)
+    ROWS.append(r)
+    return r
+
+
+def isolated(r: Row) -> None:
+    ROWS[ROWS.index(r)] = dataclasses.replace(r, isolated=True)
+
+
+# ---- shared arguments (a row never writes them: checked after each row) ----------------------
+
+_rng = np.random.default_rng(2024)
+X = _rng.normal(1.0, 2.0, (8, 3)).astype(np.float32)  # (batch, channels)
+X4 = _rng.normal(1.0, 2.0, (4, 3, 2, 2)).astype(np.float32)
+DY = _rng.standard_normal((8, 3)).astype(np.float32)
+ST = bn.forward(X)[1]
+ZEROS3, ONES3 = np.zeros(3, np.float32), np.ones(3, np.float32)
+OUT = np.zeros((8, 3), np.float32)
+OUT_RO = np.zeros((8, 3), np.float32)
+OUT_RO.flags.writeable = False
+# out aliasing x: x is BUF[:24]; a shifted window, a reversed view, a column-reversed view.
+BUF = np.arange(30, dtype=np.float32)
+XB = BUF[:24].reshape(8, 3)
+STB = bn.forward(XB)[1]
+OUT_SHIFTED = BUF[3:27].reshape(8, 3)
+OUT_REVERSED = XB[::-1]
+OUT_COLS_REVERSED = XB[:, ::-1]
+DYB = np.zeros(30, np.float32)
+DY_WINDOW = DYB[:24].reshape(8, 3)
+OUT_OVER_DY = DYB[2:26].reshape(8, 3)
+# out whose own elements alias each other: a zero stride, or rows two elements apart.
+OUT_ZERO_STRIDE = as_strided(np.zeros(3, np.float32), shape=(8, 3), strides=(0, 4), writeable=True)
+OUT_SELF_OVERLAP = as_strided(np.zeros(40, np.float32), shape=(8, 3), strides=(8, 4), writeable=True)
+# out with strides that are not whole elements, and out at an odd address.
+OUT_ODD_STRIDES = as_strided(np.zeros(64, np.float32), shape=(8, 3), strides=(8, 2), writeable=True)
+OUT_MISALIGNED = np.ndarray((8, 3), np.float32, buffer=bytearray(4 * 24 + 1), offset=1)
+# huge zero-stride inputs (no memory behind them)
+HUGE_EMPTY = np.broadcast_to(np.float32(1.0), (0, 2**40))
+HUGE_ROWS = np.broadcast_to(np.float32(1.0), (2**40, 3))
+
+
+def _as(dtype: Any, a: np.ndarray = X) -> np.ndarray:
+    return a.astype(dtype)
+
+
+OBJ = np.empty((8, 3), object)
+OBJ[...] = 1.0
+# x of other dtypes: (label, array, expected message)
+BAD_X = [
+    ("int32", _as(np.int32), "must be a float16, bfloat16, float32 or float64 array; got dtype int32"),
+    ("bool", _as(np.bool_), "got dtype bool"),
+    ("complex64", _as(np.complex64), "got dtype complex64"),
+    ("object", OBJ, "got dtype object"),
+    ("str", _as("U4"), "got dtype <U4"),
+    ("big-endian-f4", _as(">f4"), "big-endian"),
+    ("big-endian-f8", _as(">f8"), "big-endian"),
+    ("big-endian-f2", _as(">f2"), "big-endian"),
+]
+
+# ---- the functional API ------------------------------------------------------------------------
+
+
+def _normalize(x: Any, **kw: Any) -> Any:
+    """normalize with valid per-channel arrays for a (., 3) x."""
+    return bn.normalize(x, ZEROS3, ONES3, **kw)
+
+
+def _backward(x: Any, **kw: Any) -> Any:
+    """backward with dy = x and the statistics of X."""
+    return bn.backward(x, x, ST, **kw)
+
+
+FUNCTIONS: dict[str, Callable[..., Any]] = {
+    "moments": bn.moments,
+    "normalize": _normalize,
+    "forward": bn.forward,
+    "backward": _backward,
+}
+WITH_OUT = ("normalize", "forward", "backward")
+
+for name, fn in FUNCTIONS.items():
+    # wrong ndim
+    row(f"{name}/ndim-0", ValueError, r"at least (1 dimension|2 dimensions).*ndim 0", fn, np.float32(1.0))
+    if name != "normalize":
+        row(f"{name}/ndim-1", ValueError, r"at least 2 dimensions \(a batch axis and a feature axis\)", fn, X[0])
+    # axes
+    row(f"{name}/axis-out-of-range", ValueError, r"axis 2 is out of range for an array of ndim 2", fn, X, axis=2)
+    row(f"{name}/axis-negative-out-of-range", ValueError, r"axis -3 is out of range", fn, X, axis=-3)
+    row(f"{name}/axis-huge", ValueError, r"axis 18446744073709551616 is out of range", fn, X, axis=2**64)
+    row(f"{name}/axis-repeated", ValueError, r"axis -1 is repeated in the feature axes", fn, X4, axis=(3, -1))
+    row(f"{name}/axis-empty", ValueError, r"at least one feature axis", fn, X, axis=())
+    row(f"{name}/axis-float", TypeError, r"axis must be an int or a tuple of ints", fn, X, axis=1.0)
+    row(f"{name}/axis-bool", TypeError, r"axis must be an int or a tuple of ints", fn, X, axis=True)
+    # dtypes of x
+    for label, bad, msg in BAD_X:
+        row(f"{name}/x-{label}", TypeError, msg, fn, bad)
+
+# per-channel arrays of the wrong size, or of a type that is not a real number
+_PARAMS = {"mean": ZEROS3, "variance": ONES3, "gamma": ONES3, "beta": ZEROS3}
+for which in _PARAMS:
+    for label, bad, exc, msg in [
+        ("size-2", np.ones(2, np.float32), ValueError, rf"{which} has 2 elements; expected 3 \(one per channel\)"),
+        ("size-4", np.ones((2, 2)), ValueError, rf"{which} has 4 elements; expected 3"),
+        ("size-0", np.ones(0), ValueError, rf"{which} has 0 elements; expected 3"),
+        ("complex", np.ones(3, np.complex64), TypeError, rf"{which} must be a real numeric array.*complex64"),
+        ("object", np.array([1.0, None, 2.0], object), TypeError, rf"{which} must be a real numeric array.*object"),
+        ("str", np.array(["1", "2", "3"]), TypeError, rf"{which} must be a real numeric array.*<U1"),
+    ]:
+        row(f"normalize/{which}-{label}", exc, msg, bn.normalize, X, **{**_PARAMS, which: bad})
+        if which in ("gamma", "beta"):
+            row(f"forward/{which}-{label}", exc, msg, bn.forward, X, **{which: bad})
+            row(f"backward/{which}-{label}", exc, msg, bn.backward, DY, X, ST, **{which: bad})
+for which in ("mean", "inv_std"):
+    bad_stats = ST._replace(**{which: np.ones(5, np.float32)})
+    row(
+        f"backward/stats.{which}-size-5",
+        ValueError,
+        rf"stats\.{which} has 5 elements; expected 3",
+        bn.backward,
+        DY,
+        X,
+        bad_stats,
+    )
+    bad_stats = ST._replace(**{which: np.ones(3, np.complex128)})
+    row(
+        f"backward/stats.{which}-complex",
+        TypeError,
+        rf"stats\.{which} must be a real numeric",
+        bn.backward,
+        DY,
+        X,
+        bad_stats,
+    )
+for label, stats in [("None", None), ("tuple", tuple(ST)), ("dict", ST._asdict())]:
+    row(
+        f"backward/stats-{label}",
+        TypeError,
+        r"stats must be the BatchStats that forward\(\) returned",
+        bn.backward,
+        DY,
+        X,
+        stats,
+    )
+
+# x and dy that do not match
+for label, dy in [("float64", _as(np.float64, DY)), ("float16", _as(np.float16, DY)), ("bfloat16", _as(BF16, DY))]:
+    row(f"backward/dy-{label}-x-float32", TypeError, rf"dy has dtype {label} but x has float32", bn.backward, dy, X, ST)
+row("backward/dy-int32", TypeError, r"dy must be a float16.*got dtype int32", bn.backward, _as(np.int32, DY), X, ST)
+row("backward/dy-shape", ValueError, r"dy has shape \(4, 3\); expected \(8, 3\)", bn.backward, DY[:4], X, ST)
+row("backward/dy-transposed", ValueError, r"dy has shape \(3, 8\)", bn.backward, DY.T, X, ST)
+
+# empty batch (statistics need values); statistics of nothing, even when huge
+for label, x, axis in [("rows", np.ones((0, 3), np.float32), -1), ("axis-1", np.ones((2, 0, 3), np.float32), (0, 2))]:
+    row(f"moments/empty-batch-{label}", ValueError, r"moments of an empty batch", bn.moments, x, axis=axis)
+    row(f"forward/empty-batch-{label}", ValueError, r"training on an empty batch", bn.forward, x, axis=axis)
+isolated(row("moments/empty-batch-huge-channels", ValueError, r"moments of an empty batch", bn.moments, HUGE_EMPTY))
+isolated(row("forward/empty-batch-huge-channels", ValueError, r"training on an empty batch", bn.forward, HUGE_EMPTY))
+
+# out=
+_OUT_CALLS: dict[str, Callable[..., Any]] = {
+    "normalize": lambda x, **kw: bn.normalize(x, ZEROS3, ONES3, **kw),
+    "forward": lambda x, **kw: bn.forward(x, **kw),  # noqa: PLW0108 - a function of its own, named below
+    "backward": lambda x, **kw: bn.backward(x, x, STB if x is XB else ST, **kw),
+}
+_OUT_FNS: dict[str, Callable[..., Any]] = {}
+for name, call in _OUT_CALLS.items():
+    call.__name__ = call.__qualname__ = name
+    _OUT_FNS[name] = call
+for name, fn in _OUT_FNS.items():
+    row(f"{name}/out-read-only", ValueError, r"out is read-only", fn, X, out=OUT_RO)
+    row(f"{name}/out-broadcast", ValueError, r"out is read-only", fn, X, out=np.broadcast_to(np.float32(0), (8, 3)))
+    row(f"{name}/out-shape", ValueError, r"out has shape \(3, 8\); expected \(8, 3\)", fn, X, out=OUT.T)
+    row(f"{name}/out-shape-flat", ValueError, r"out has shape \(24,\)", fn, X, out=OUT.reshape(-1))
+    row(f"{name}/out-float64", TypeError, r"out has dtype float64; expected float32", fn, X, out=_as(np.float64, OUT))
+    row(f"{name}/out-int32", TypeError, r"out has dtype int32; expected float32", fn, X, out=_as(np.int32, OUT))
+    row(f"{name}/out-list", TypeError, r"out must be a NumPy array, got list", fn, X, out=OUT.tolist())
+    for label, out in [("shifted", OUT_SHIFTED), ("reversed", OUT_REVERSED), ("columns-reversed", OUT_COLS_REVERSED)]:
+        isolated(row(f"{name}/out-overlaps-x-{label}", ValueError, r"out overlaps an input", fn, XB, out=out))
+    isolated(row(f"{name}/out-zero-stride", ValueError, r"zero stride|overlaps itself", fn, X, out=OUT_ZERO_STRIDE))
+    isolated(row(f"{name}/out-overlaps-itself", ValueError, r"out overlaps itself", fn, X, out=OUT_SELF_OVERLAP))
+    isolated(
+        row(
+            f"{name}/out-odd-strides",
+            ValueError,
+            r"strides that are not whole elements|overlaps itself",
+            fn,
+            X,
+            out=OUT_ODD_STRIDES,
+        )
+    )
+    isolated(row(f"{name}/out-misaligned", ValueError, r"out is not aligned", fn, X, out=OUT_MISALIGNED))
+    isolated(
+        row(
+            f"{name}/out-shape-huge-x",
+            ValueError,
+            r"out has shape \(8, 3\); expected \(1099511627776, 3\)",
+            fn,
+            HUGE_ROWS,
+            out=OUT,
+        )
+    )
+isolated(
+    row(
+        "backward/out-overlaps-dy", ValueError, r"out overlaps an input", bn.backward, DY_WINDOW, X, ST, out=OUT_OVER_DY
+    )
+)
+isolated(row("backward/dy-shape-huge", ValueError, r"dy has shape \(1099511627776, 3\)", bn.backward, HUGE_ROWS, X, ST))
+
+# epsilon, activation
+for name in ("normalize", "forward"):
+    fn = FUNCTIONS[name]
+    for label, eps in [("negative", -1e-3), ("nan", float("nan")), ("inf", float("inf")), ("-inf", -float("inf"))]:
+        row(f"{name}/epsilon-{label}", ValueError, r"epsilon must be a finite number >= 0", fn, X, epsilon=eps)
+    row(f"{name}/epsilon-huge-int", ValueError, r"epsilon must be a finite number >= 0", fn, X, epsilon=10**400)
+    row(f"{name}/epsilon-str", TypeError, r"epsilon must be a real number, got str", fn, X, epsilon="1e-3")
+    row(f"{name}/epsilon-complex", TypeError, r"epsilon must be a real number, got complex", fn, X, epsilon=1e-3j)
+for name, fn in FUNCTIONS.items():
+    if name != "moments":
+        row(
+            f"{name}/activation", ValueError, r"activation must be None or 'relu', got 'gelu'", fn, X, activation="gelu"
+        )
+
+# threads
+for label, n, exc, msg in [
+    ("zero", 0, ValueError, r"n >= 1"),
+    ("negative", -4, ValueError, r"n >= 1"),
+    ("huge", 2**40, ValueError, r"n <= 2\*\*31 - 1"),
+    ("str", "2", TypeError, r"set_num_threads takes an int, got str"),
+    ("float", 2.0, TypeError, r"set_num_threads takes an int, got float"),
+]:
+    row(f"set_num_threads/{label}", exc, msg, bn.set_num_threads, n)
+
+
+# ---- the Keras-style layer ---------------------------------------------------------------------
+
+K = bn.BatchNormalization
+for label, kwargs, exc, msg in [
+    ("momentum-above-1", {"momentum": 1.5}, ValueError, r"momentum must be in \[0, 1\].*got 1\.5"),
+    ("momentum-negative", {"momentum": -0.1}, ValueError, r"momentum must be in \[0, 1\]"),
+    ("momentum-nan", {"momentum": float("nan")}, ValueError, r"momentum must be in \[0, 1\].*nan"),
+    ("momentum-inf", {"momentum": float("inf")}, ValueError, r"momentum must be in \[0, 1\].*inf"),
+    ("momentum-str", {"momentum": "0.9"}, TypeError, r"momentum must be a real number"),
+    ("renorm-momentum-above-1", {"renorm": True, "renorm_momentum": 2.0}, ValueError, r"renorm_momentum must be in"),
+    ("epsilon-negative", {"epsilon": -1e-3}, ValueError, r"epsilon must be a finite number >= 0"),
+    ("epsilon-nan", {"epsilon": float("nan")}, ValueError, r"epsilon must be a finite number >= 0"),
+    ("epsilon-inf", {"epsilon": float("inf")}, ValueError, r"epsilon must be a finite number >= 0"),
+    ("epsilon-huge-int", {"epsilon": 10**400}, ValueError, r"epsilon must be a finite number >= 0"),
+    ("epsilon-str", {"epsilon": "0.001"}, TypeError, r"epsilon must be a real number"),
+    ("axis-str", {"axis": "x"}, TypeError, r"argument 'axis'"),
+    ("axis-empty", {"axis": []}, ValueError, r"at least one feature axis"),
+    ("renorm-clipping-key", {"renorm": True, "renorm_clipping": {"rmax": 2, "foo": 1}}, ValueError, r"invalid keys"),
+    (
+        "renorm-clipping-rmax-below-rmin",
+        {"renorm": True, "renorm_clipping": {"rmax": 0.5, "rmin": 2}},
+        ValueError,
+        r"rmax \(0\.5\) must be >= rmin \(2\.0\)",
+    ),
+    ("renorm-clipping-dmax", {"renorm": True, "renorm_clipping": {"dmax": -1}}, ValueError, r"dmax must be >= 0"),
+    (
+        "renorm-clipping-nan",
+        {"renorm": True, "renorm_clipping": {"rmax": float("nan")}},
+        ValueError,
+        r"'rmax'\] is NaN",
+    ),
+    ("renorm-clipping-list", {"renorm": True, "renorm_clipping": [1]}, TypeError, r"renorm_clipping must be a dict"),
+    ("renorm-clipping-str", {"renorm": True, "renorm_clipping": {"rmax": "2"}}, TypeError, r"'rmax'\] must be a real"),
+    ("vbs-zero", {"virtual_batch_size": 0}, ValueError, r"virtual_batch_size` must be a positive integer"),
+    ("vbs-negative", {"virtual_batch_size": -2}, ValueError, r"virtual_batch_size` must be a positive integer"),
+    ("vbs-float", {"virtual_batch_size": 2.5}, TypeError, r"virtual_batch_size must be a positive int"),
+    ("vbs-bool", {"virtual_batch_size": True}, TypeError, r"virtual_batch_size must be a positive int"),
+    ("dtype-int32", {"dtype": "int32"}, TypeError, r"dtype must be float16, bfloat16, float32 or float64"),
+    ("dtype-complex", {"dtype": np.complex64}, TypeError, r"dtype must be float16, bfloat16, float32 or float64"),
+    ("dtype-big-endian", {"dtype": ">f4"}, TypeError, r"dtype must be float16, bfloat16, float32 or float64"),
+    ("fused-renorm", {"fused": True, "renorm": True}, ValueError, r"`fused=True` and `renorm=True`"),
+    ("fused-float64", {"fused": True, "dtype": "float64"}, ValueError, r"float16, bfloat16, or float32"),
+    ("name-int", {"name": 3}, TypeError, r"name must be a string"),
+    ("adjustment-not-callable", {"adjustment": 3}, TypeError, r"adjustment must be a callable"),
+]:
+    row(f"BatchNormalization/init-{label}", exc, msg, K, **kwargs)
+row(
+    "BatchNormalization/from_config-unknown-key",
+    TypeError,
+    r"unexpected keyword argument 'foo'",
+    K.from_config,
+    {"foo": 1},
+)
+row(
+    "BatchNormalization/from_config-synchronized",
+    ValueError,
+    r"synchronized=True",
+    K.from_config,
+    {"synchronized": True},
+)
+
+_c = np.ones((8, 3), np.complex64)
+for kind in ("keras", "keras-renorm", "keras-vbs", "keras-float16"):
+    L = Layer(kind)
+    row(f"{kind}/call-ndim-1", ValueError, r"expected ndim=2, found ndim=1", "__call__", L, X[0], training=True)
+    row(f"{kind}/call-ndim-3", ValueError, r"expected ndim=2, found ndim=3", "__call__", L, X[None], training=True)
+    row(
+        f"{kind}/call-channels",
+        ValueError,
+        r"expected axis 1 of input shape to have value 3",
+        "__call__",
+        L,
+        np.ones((8, 4), np.float32),
+        training=True,
+    )
+    row(
+        f"{kind}/infer-channels",
+        ValueError,
+        r"expected axis 1 of input shape to have value 3",
+        "__call__",
+        L,
+        np.ones((8, 4), np.float32),
+        training=False,
+    )
+    row(
+        f"{kind}/call-complex",
+        TypeError,
+        r"inputs must be a real numeric array; got dtype complex64",
+        "__call__",
+        L,
+        _c,
+        training=True,
+    )
+    row(f"{kind}/call-object", TypeError, r"got dtype object", "__call__", L, OBJ, training=True)
+    row(f"{kind}/call-str", TypeError, r"got dtype <U4", "__call__", L, _as("U4"), training=True)
+    row(
+        f"{kind}/call-empty-batch",
+        ValueError,
+        r"empty batch",
+        "__call__",
+        L,
+        np.ones((0, 3), np.float32),
+        training=True,
+    )
+    row(f"{kind}/backward-dy-shape", ValueError, r"dy has shape \(4, 3\); expected \(8, 3\)", "backward", L, DY[:4])
+    row(
+        f"{kind}/backward-dy-complex",
+        TypeError,
+        r"dy must be a real numeric array; got dtype complex64",
+        "backward",
+        L,
+        _c,
+    )
+    row(
+        f"{kind}/backward-dy-object",
+        TypeError,
+        r"dy must be a real numeric array; got dtype object",
+        "backward",
+        L,
+        OBJ,
+    )
+    row(
+        f"{kind}/backward-before-forward",
+        RuntimeError,
+        r"backward\(\) called before any forward",
+        "backward",
+        Layer(kind, trained=False),
+        DY,
+    )
+    row(
+        f"{kind}/backward-built-never-called",
+        RuntimeError,
+        r"before any forward",
+        "backward",
+        Layer(kind, trained=False, build=(8, 3)),
+        DY,
+    )
+    n = len(make_layer(kind).weights)
+    row(
+        f"{kind}/set_weights-too-few",
+        ValueError,
+        rf"weight list of length {n - 1}, but the layer was expecting {n}",
+        "set_weights",
+        L,
+        [ONES3] * (n - 1),
+    )
+    row(
+        f"{kind}/set_weights-too-many",
+        ValueError,
+        rf"length {n + 1}, but the layer was expecting {n}",
+        "set_weights",
+        L,
+        [ONES3] * (n + 1),
+    )
+    shape = make_layer(kind).weights[0].shape
+    row(
+        f"{kind}/set_weights-shape",
+        ValueError,
+        r"weight shape .* is not compatible with provided weight shape \(4,\)",
+        "set_weights",
+        L,
+        [np.ones(shape)] * (n - 1) + [np.ones(4)],
+    )
+    row(
+        f"{kind}/set_weights-complex",
+        TypeError,
+        r"must be a real numeric array, got dtype complex128",
+        "set_weights",
+        L,
+        [np.ones(shape, complex)] * n,
+    )
+    row(
+        f"{kind}/set_weights-str",
+        TypeError,
+        r"must be a real numeric array, got dtype <U1",
+        "set_weights",
+        L,
+        [np.full(shape, "1")] * n,
+    )
+row(
+    "keras/set_weights-unbuilt",
+    ValueError,
+    r"expecting 0 weights\. The layer is not built yet",
+    "set_weights",
+    Layer("keras", trained=False),
+    [ONES3] * 4,
+)
+row(
+    "keras-axes/set_weights-shape",
+    ValueError,
+    r"weight shape \(1, 3, 1, 5\) is not compatible .* \(3, 5\)",
+    "set_weights",
+    Layer("keras-axes"),
+    [np.ones((3, 5))] * 4,
+)
+row(
+    "keras/mask-shape",
+    ValueError,
+    r"mask of shape \(5,\) does not match",
+    "__call__",
+    Layer("keras"),
+    X,
+    training=True,
+    mask=np.ones(5, bool),
+)
+row(
+    "keras/mask-complex",
+    TypeError,
+    r"mask must be a boolean or numeric array",
+    "__call__",
+    Layer("keras"),
+    X,
+    training=True,
+    mask=np.ones(8, complex),
+)
+row(
+    "keras-vbs/call-batch-not-divisible",
+    ValueError,
+    r"virtual_batch_size=4 does not divide the batch size 6",
+    "__call__",
+    Layer("keras-vbs"),
+    X[:6],
+    training=True,
+)
+row(
+    "keras-vbs/unbuilt-batch-not-divisible",
+    ValueError,
+    r"virtual_batch_size=4 does not divide the batch size 6",
+    "__call__",
+    Layer("keras-vbs", trained=False),
+    X[:6],
+    training=True,
+)
+row(
+    "keras-vbs/mask",
+    ValueError,
+    r"mask cannot be used with `virtual_batch_size`",
+    "__call__",
+    Layer("keras-vbs"),
+    X,
+    training=True,
+    mask=np.ones(8),
+)
+row(
+    "keras-axes/call-dims",
+    ValueError,
+    r"expected axis 3 of input shape to have value 5",
+    "__call__",
+    Layer("keras-axes"),
+    np.ones((4, 3, 2, 4), np.float32),
+    training=True,
+)
+row(
+    "keras-adjustment/adjustment-shape",
+    ValueError,
+    r"does not broadcast to the per-channel shape",
+    "__call__",
+    Layer("keras", init={"adjustment": lambda s: (np.ones((8, 3)), 0.0)}, build=(8, 3)),
+    X,
+    training=True,
+)
+row(
+    "keras-adjustment/save",
+    ValueError,
+    r"`adjustment` callable cannot be saved",
+    "save",
+    Layer("keras-adjustment"),
+    os.devnull,
+)
+for label, kwargs, shape, msg in [
+    ("ndim-1", {}, (3,), r"at least 2 dimensions"),
+    ("axis-out-of-range", {"axis": 3}, (8, 3), r"Invalid value for `axis` argument"),
+    ("axis-repeated", {"axis": [1, -1]}, (8, 3), r"Duplicate axis"),
+    ("vbs-axis-0", {"virtual_batch_size": 2, "axis": 0}, (8, 3), r"axis cannot include 0"),
+    ("fused-rank", {"fused": True}, (8, 3), r"only support 4D or 5D input"),
+    ("undefined-feature-dim", {}, (8, None), r"undefined `axis` dimension"),
+]:
+    row(f"keras/build-{label}", ValueError, msg, "build", Layer("keras", init=kwargs), shape)
+    if None not in shape:
+        row(
+            f"keras/first-call-{label}",
+            ValueError,
+            msg,
+            "__call__",
+            Layer("keras", init=kwargs),
+            np.ones(shape, np.float32),
+            training=True,
+        )
+row(
+    "keras/first-call-complex", TypeError, r"real numeric", "__call__", Layer("keras", trained=False), _c, training=True
+)
+row(
+    "keras/first-call-empty-batch",
+    ValueError,
+    r"empty batch",
+    "__call__",
+    Layer("keras", trained=False),
+    np.ones((0, 3), np.float32),
+    training=True,
+)
+
+
+# .npz files that are not what save() writes
+def _write_files(directory: Path) -> dict[str, Path]:
+    layer = make_layer("keras")
+    good = directory / "good.npz"
+    layer.save(good)
+    raw = good.read_bytes()
+    with np.load(good) as f:
+        config, meta = str(f["config"][()]), str(f["meta"][()])
+        weights = {k: np.array(f[k]) for k in f.files if k.startswith("weight:")}
+    files: dict[str, Path] = {}
+
+    def put(name: str, data: bytes | None = None, **arrays: Any) -> None:
+        p = directory / f"{name}.npz"
+        if data is not None:
+            p.write_bytes(data)
+        else:
+            np.savez(p, **arrays)
+        files[name] = p
+
+    put("empty", b"")
+    put("truncated-head", raw[:100])
+    put("truncated-half", raw[: len(raw) // 2])
+    put("truncated-tail", raw[:-10])
+    corrupt = bytearray(raw)
+    for i in range(200, 260):  # inside the first member's data: a CRC error when read
+        corrupt[i] ^= 0xFF
+    put("corrupt", bytes(corrupt))
+    put("text", b"hello world, not a zip file")
+    put("foreign", a=np.ones(3))
+    put("config-only", config=np.array(config))
+    put("bad-json", config=np.array("{"), meta=np.array(meta))
+    put("meta-not-a-dict", config=np.array(config), meta=np.array("[1]"))
+    put("config-not-a-dict", config=np.array("[1]"), meta=np.array(meta))
+    put("config-numbers", config=np.ones(3), meta=np.array(meta))
+    put("other-class", config=np.array(config), meta=np.array(json.dumps({**json.loads(meta), "class": "Other"})))
+    put("other-format", config=np.array(config), meta=np.array(json.dumps({**json.loads(meta), "format": 99})))
+    put(
+        "config-bad-value",
+        config=np.array(json.dumps({**json.loads(config), "momentum": 5})),
+        meta=np.array(meta),
+        **weights,
+    )
+    put(
+        "config-unknown-key",
+        config=np.array(json.dumps({**json.loads(config), "foo": 1})),
+        meta=np.array(meta),
+        **weights,
+    )
+    put(
+        "input-shape-str",
+        config=np.array(config),
+        meta=np.array(json.dumps({**json.loads(meta), "input_shape": "ab"})),
+        **weights,
+    )
+    put("weights-missing", config=np.array(config), meta=np.array(meta))
+    put("weight-shape", config=np.array(config), meta=np.array(meta), **{**weights, "weight:gamma": np.ones(4)})
+    put("weight-str", config=np.array(config), meta=np.array(meta), **{**weights, "weight:gamma": np.array(["a"] * 3)})
+    put(
+        "weight-complex",
+        config=np.array(config),
+        meta=np.array(meta),
+        **{**weights, "weight:gamma": np.ones(3, complex)},
+    )
+    npy = directory / "array.npy"
+    np.save(npy, np.ones(3))
+    files["npy"] = npy
+    return files
+
+
+_LOAD_MESSAGES = {
+    "weights-missing": r"holds weights \[\]; the layer has",
+    "weight-shape": r"weight 'gamma' has shape \(4,\)",
+}
+for name in [
+    "empty", "truncated-head", "truncated-half", "truncated-tail", "corrupt", "text", "foreign", "config-only",
+    "bad-json", "meta-not-a-dict", "config-not-a-dict", "config-numbers", "other-class", "other-format",
+    "config-bad-value", "config-unknown-key", "input-shape-str", "weights-missing", "weight-shape", "weight-str",
+    "weight-complex", "npy",
+]:  # fmt: skip
+    row(
+        f"BatchNormalization.load/{name}",
+        ValueError,
+        _LOAD_MESSAGES.get(name, r"is not a BatchNormalization file"),
+        K.load,
+        File(name),
+    )
+
+
+# ---- the PyTorch-style layers and SyncBatchNorm -----------------------------------------------
+
+TORCH = {"BatchNorm1d": bn.BatchNorm1d, "BatchNorm2d": bn.BatchNorm2d, "BatchNorm3d": bn.BatchNorm3d,
+         "SyncBatchNorm": bn.SyncBatchNorm}  # fmt: skip
+TORCH_LAYER = {"BatchNorm1d": "torch1d", "BatchNorm2d": "torch2d", "BatchNorm3d": "torch3d", "SyncBatchNorm": "sync"}
+TORCH_X = {
+    "BatchNorm1d": X,
+    "BatchNorm2d": X4,
+    "BatchNorm3d": _rng.normal(size=(2, 3, 2, 2, 2)).astype(np.float32),
+    "SyncBatchNorm": X4,
+}
+TORCH_BAD_NDIM = {
+    "BatchNorm1d": [(X4, r"expected 2D or 3D input \(got 4D input\)"), (X[0], r"got 1D input")],
+    "BatchNorm2d": [(X4[0], r"expected 4D input \(got 3D input\)"), (X4[..., None], r"got 5D input")],
+    "BatchNorm3d": [(X4, r"expected 5D input \(got 4D input\)")],
+    "SyncBatchNorm": [(X[0], r"expected at least 2D input \(got 1D input\)")],
+}
+
+
+def _set(**attrs: Any) -> Callable[[Any], None]:
+    def setup(layer: Any) -> None:
+        for k, v in attrs.items():
+            setattr(layer, k, v)
+
+    return setup
+
+
+for cname, cls in TORCH.items():
+    kind = TORCH_LAYER[cname]
+    L = Layer(kind)
+    x = TORCH_X[cname]
+    for label, kwargs, exc, msg in [
+        ("num-features-negative", {"num_features": -1}, ValueError, r"num_features must be non-negative"),
+        ("num-features-float", {"num_features": 2.5}, TypeError, r"num_features must be an int"),
+        ("eps-str", {"num_features": 3, "eps": "1e-5"}, TypeError, r"eps must be a real number"),
+        ("momentum-str", {"num_features": 3, "momentum": "0.1"}, TypeError, r"momentum must be a real number or None"),
+        ("dtype-int32", {"num_features": 3, "dtype": "int32"}, TypeError, r"dtype must be float16, bfloat16, float32"),
+        ("dtype-complex", {"num_features": 3, "dtype": np.complex64}, TypeError, r"dtype must be float16, bfloat16"),
+        ("dtype-big-endian", {"num_features": 3, "dtype": ">f4"}, TypeError, r"big-endian"),
+    ]:
+        row(f"{cname}/init-{label}", exc, msg, cls, **kwargs)
+    for bad, msg in TORCH_BAD_NDIM[cname]:
+        row(f"{cname}/call-ndim-{bad.ndim}", ValueError, msg, "__call__", L, bad)
+    row(
+        f"{cname}/call-channels",
+        RuntimeError,
+        r"running_mean should contain 4 elements not 3",
+        "__call__",
+        L,
+        np.ones((8, 4, *x.shape[2:]), np.float32),
+    )
+    row(
+        f"{cname}/eval-channels",
+        RuntimeError,
+        r"running_mean should contain 4 elements not 3",
+        "__call__",
+        Layer(kind, setup=lambda layer: layer.eval()),
+        np.ones((8, 4, *x.shape[2:]), np.float32),
+    )
+    for label, dtype in [("int32", np.int32), ("bool", np.bool_), ("complex64", np.complex64), ("object", object)]:
+        row(
+            f"{cname}/call-{label}",
+            TypeError,
+            rf"expected a floating-point input .*got {np.dtype(dtype)}",
+            "__call__",
+            L,
+            x.astype(dtype),
+        )
+    row(f"{cname}/call-big-endian", TypeError, r"big-endian", "__call__", L, x.astype(">f4"))
+    row(f"{cname}/call-float64", RuntimeError, r"mixed dtype \(CPU\)", "__call__", L, x.astype(np.float64))
+    row(
+        f"{cname}/call-one-value-per-channel",
+        ValueError,
+        r"Expected more than 1 value per channel when training",
+        "__call__",
+        L,
+        x[:1, :, :1, :1] if x.ndim == 4 else np.ones((1, 3, *(1,) * (x.ndim - 2)), np.float32),
+    )
+    row(
+        f"{cname}/train-eps-zero",
+        ValueError,
+        r"eps must be positive during training, but got 0\.0",
+        "__call__",
+        Layer(kind, setup=_set(eps=0.0)),
+        x,
+    )
+    row(
+        f"{cname}/eval-eps-negative",
+        ValueError,
+        r"eps must be non-negative, but got -1\.0",
+        "__call__",
+        Layer(kind, setup=lambda layer: (setattr(layer, "eps", -1.0), layer.eval())),
+        x,
+    )
+    row(
+        f"{cname}/train-eps-nan",
+        ValueError,
+        r"eps.*(finite|positive).*nan",
+        "__call__",
+        Layer(kind, setup=_set(eps=float("nan"))),
+        x,
+    )
+    row(
+        f"{cname}/train-eps-inf",
+        ValueError,
+        r"epsilon must be a finite number",
+        "__call__",
+        Layer(kind, setup=_set(eps=float("inf"))),
+        x,
+    )
+    row(
+        f"{cname}/eval-eps-inf",
+        ValueError,
+        r"epsilon must be a finite number",
+        "__call__",
+        Layer(kind, setup=lambda layer: (setattr(layer, "eps", float("inf")), layer.eval())),
+        x,
+    )
+    row(f"{cname}/train-mode-str", ValueError, r"training mode is expected to be boolean", "train", L, "yes")
+    row(
+        f"{cname}/backward-before-forward",
+        RuntimeError,
+        r"backward\(\) called before any forward",
+        "backward",
+        Layer(kind, trained=False),
+        x,
+    )
+    y_shape = x.shape
+    row(
+        f"{cname}/backward-dy-shape",
+        ValueError,
+        r"dy has shape .*; expected",
+        "backward",
+        L,
+        np.ones((1, *y_shape[1:]), np.float32),
+    )
+    for label, dtype in [("int32", np.int32), ("complex64", np.complex64), ("object", object)]:
+        row(
+            f"{cname}/backward-dy-{label}",
+            TypeError,
+            rf"dy must be a floating-point array, got {np.dtype(dtype)}",
+            "backward",
+            L,
+            np.ones(y_shape, dtype),
+        )
+    # parameters and buffers set to values of the wrong shape, or that the layer does not have
+    for attr in ("weight", "bias", "running_mean", "running_var"):
+        row(
+            f"{cname}/set-{attr}-shape",
+            ValueError,
+            rf"{attr} must have shape \(3,\), got \(4,\)",
+            setattr,
+            L,
+            attr,
+            np.ones(4),
+        )
+        row(
+            f"{cname}/set-{attr}-2d",
+            ValueError,
+            rf"{attr} must have shape \(3,\), got \(1, 3\)",
+            setattr,
+            L,
+            attr,
+            np.ones((1, 3)),
+        )
+        row(f"{cname}/set-{attr}-none", ValueError, rf"{attr} cannot be set to None", setattr, L, attr, None)
+    row(
+        f"{cname}/set-num_batches_tracked-shape",
+        ValueError,
+        r"num_batches_tracked must be a scalar",
+        setattr,
+        L,
+        "num_batches_tracked",
+        [1, 2],
+    )
+    # load_state_dict
+    sd = make_layer(kind).state_dict()
+    for label, bad_sd, strict, msg in [
+        (
+            "missing",
+            {k: v for k, v in sd.items() if k != "running_var"},
+            True,
+            r'Missing key\(s\) in state_dict: "running_var"',
+        ),
+        ("unexpected", {**sd, "extra": np.ones(3)}, True, r'Unexpected key\(s\) in state_dict: "extra"'),
+        (
+            "shape",
+            {**sd, "running_var": np.ones(4)},
+            True,
+            r"size mismatch for running_var: copying a param with shape "
+            r"torch\.Size\(\[4\]\) from checkpoint, the shape in current model is torch\.Size\(\[3\]\)",
+        ),
+        ("shape-not-strict", {**sd, "weight": np.ones((3, 1))}, False, r"size mismatch for weight"),
+        ("counter-shape", {**sd, "num_batches_tracked": np.ones(2)}, True, r"size mismatch for num_batches_tracked"),
+        ("value-str", {**sd, "bias": np.array(["a", "b", "c"])}, True, r'While copying the parameter named "bias"'),
+        ("all-wrong", {"weight": np.ones(5)}, True, r"Missing key.*\n.*size mismatch for weight"),
+    ]:
+        row(f"{cname}/load_state_dict-{label}", RuntimeError, msg, "load_state_dict", L, bad_sd, strict=strict)
+    row(
+        f"{cname}/load_state_dict-list",
+        TypeError,
+        r"Expected state_dict to be dict-like",
+        "load_state_dict",
+        L,
+        list(sd.items()),
+    )
+for kind, attr in [("torch2d-noaffine", "weight"), ("torch2d-noaffine", "bias"), ("torch2d-notrack", "running_mean"),
+                   ("torch2d-notrack", "running_var")]:  # fmt: skip
+    row(f"{kind}/set-{attr}", ValueError, rf"this layer has no {attr}", setattr, Layer(kind), attr, np.ones(3))
+row(
+    "torch2d-notrack/set-num_batches_tracked",
+    ValueError,
+    r"no num_batches_tracked",
+    setattr,
+    Layer("torch2d-notrack"),
+    "num_batches_tracked",
+    3,
+)
+row(
+    "torch2d-noaffine/load_state_dict-weight",
+    RuntimeError,
+    r'Unexpected key\(s\) in state_dict: "weight"',
+    "load_state_dict",
+    Layer("torch2d-noaffine"),
+    {**make_layer("torch2d").state_dict()},
+)
+row(
+    "torch2d-cumulative/call-channels",
+    RuntimeError,
+    r"running_mean should contain",
+    "__call__",
+    Layer("torch2d-cumulative"),
+    np.ones((4, 5, 2, 2), np.float32),
+)
+row(
+    "torch2d-notrack/call-channels",
+    RuntimeError,
+    r"weight should contain 5 elements not 3",
+    "__call__",
+    Layer("torch2d-notrack"),
+    np.ones((4, 5, 2, 2), np.float32),
+)
+row(
+    "sync/zero-channels",
+    ValueError,
+    r"SyncBatchNorm number of input channels should be non-zero",
+    "__call__",
+    Layer("sync"),
+    np.ones((4, 0, 2), np.float32),
+)
+row(
+    "SyncBatchNorm/convert-keras-layer",
+    TypeError,
+    r"expected a BatchNorm1d/2d/3d layer, got BatchNormalization",
+    bn.SyncBatchNorm.convert_sync_batchnorm,
+    Layer("keras"),
+)
+
+
+# ---- optimizers --------------------------------------------------------------------------------
+
+for label, make, exc, msg in [
+    ("SGD-learning-rate", lambda: optimizers.SGD(learning_rate=-0.1), ValueError, r"learning_rate must be in"),
+    ("SGD-learning-rate-str", lambda: optimizers.SGD(learning_rate="0.1"), TypeError, r"learning_rate must be a real"),
+    ("SGD-momentum", lambda: optimizers.SGD(momentum=1.5), ValueError, r"momentum must be in \[0\.0, 1\.0\]"),
+    ("RMSprop-rho", lambda: optimizers.RMSprop(rho=-0.5), ValueError, r"rho must be in \[0\.0, 1\.0\]"),
+    ("Adam-beta_1", lambda: optimizers.Adam(beta_1=1.5), ValueError, r"beta_1 must be in"),
+    ("Adam-epsilon-nan", lambda: optimizers.Adam(epsilon=float("nan")), ValueError, r"epsilon must be in"),
+]:
+    row(f"optimizers/{label}", exc, msg, make)
+
+
+def _bad_grads(layer: Any) -> None:
+    key = "gamma" if isinstance(layer, bn.BatchNormalization) else "weight"
+    layer.grads = {**layer.grads, key: np.ones(5, np.float32)}
+
+
+for kind in ("keras", "keras-renorm", "torch2d", "sync"):
+    for opt in (optimizers.SGD(momentum=0.9), optimizers.Adam()):
+        row(
+            f"{kind}/{type(opt).__name__}-step-grad-shape",
+            ValueError,
+            r"gradient of '(gamma|weight)' has shape \(5,\)",
+            opt.step,
+            Layer(kind, setup=_bad_grads),
+        )
+
+
+if os.environ.get("BATCHNORM_TEST_CRASH_ROW"):  # for test_a_crashing_row_fails_alone only
+    import ctypes
+
+    isolated(row("selftest/segfault", ValueError, "", ctypes.string_at, 0))
+
+
+# ---- running the table --------------------------------------------------------------------------
+
+
+def _materialize(value: Any, files: dict[str, Path], made: list[Any]) -> Any:
+    if isinstance(value, Layer):
+        layer = value.make()
+        made.append(layer)
+        return layer
+    if isinstance(value, File):
+        return files[value.name]
+    return value
+
+
+def _array_bytes(values: list[Any]) -> list[tuple[int, bytes]]:
+    out = []
+    for v in values:
+        if isinstance(v, np.ndarray) and v.dtype != object and v.size < 2**20:
+            out.append((id(v), v.tobytes()))
+        elif isinstance(v, (list, tuple)):
+            out.extend(_array_bytes(list(v)))
+        elif isinstance(v, dict):
+            out.extend(_array_bytes(list(v.values())))
+    return out
+
+
+def check_row(r: Row, directory: Path) -> None:
+    """Runs one row: the expected exception and message, and nothing changed."""
+    files = _write_files(directory) if any(isinstance(a, File) for a in r.args) else {}
+    made: list[Any] = []
+    args = [_materialize(a, files, made) for a in r.args]
+    kwargs = {k: _materialize(v, files, made) for k, v in r.kwargs.items()}
+    states = [snapshot(layer) for layer in made]
+    values = [*args, *kwargs.values()]
+    arrays = _array_bytes(values)
+    call: Callable[..., Any] = getattr(args[0], r.call) if isinstance(r.call, str) else r.call
+    if isinstance(r.call, str):
+        args = args[1:]
+    with pytest.raises(BaseException) as info:  # noqa: PT011 - the exact type is checked below
+        call(*args, **kwargs)
+    err = info.value
+    assert type(err) is r.exc, f"{r.id}: raised {type(err).__name__}: {err}; expected {r.exc.__name__}"
+    assert info.match(r.match), f"{r.id}: message {str(err)!r} does not match {r.match!r}"
+    for layer, before in zip(made, states, strict=True):
+        assert_same_state(before, snapshot(layer))
+    assert _array_bytes(values) == arrays, f"{r.id}: an argument array was written"
+
+
+def run_isolated(row_ids: list[str], directory: str) -> None:
+    """The child process of the isolated rows: runs them in turn, one result line each
+    (START before a row, so a row that kills the process is known)."""
+    by_id = {r.id: r for r in ROWS}
+    for row_id in row_ids:
+        print("START", json.dumps(row_id), flush=True)
+        try:
+            check_row(by_id[row_id], Path(directory))
+        except BaseException as e:  # report and go on with the next row
+            print("FAIL", json.dumps([row_id, f"{type(e).__name__}: {e}"]), flush=True)
+        else:
+            print("OK", json.dumps(row_id), flush=True)
+
+
+def _run_isolated(row_ids: list[str], directory: Path, env: dict[str, str] | None = None) -> dict[str, str | None]:
+    """Runs rows in child processes (one child for all, a new one after a crash): row id ->
+    None (passed) or what went wrong."""
+    results: dict[str, str | None] = {}
+    pending = list(row_ids)
+    while pending:
+        code = (
+            f"import sys; sys.path.insert(0, {str(HERE)!r}); import test_bad_input as t; "
+            f"t.run_isolated({pending!r}, {str(directory)!r})"
+        )
+        proc = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=False, env=env
+        )
+        started = None
+        for line in proc.stdout.splitlines():
+            tag, _, payload = line.partition(" ")
+            if tag == "START":
+                started = json.loads(payload)
+            elif tag == "OK":
+                results[json.loads(payload)] = None
+                started = None
+            elif tag == "FAIL":
+                row_id, message = json.loads(payload)
+                results[row_id] = message
+                started = None
+        if started is not None or proc.returncode != 0:
+            how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit status {proc.returncode}"
+            results[started or pending[0]] = f"the child process died ({how}):\n{proc.stderr[-3000:]}"
+        pending = [i for i in pending if i not in results]
+    return results
+
+
+_ISOLATED_RESULTS: dict[str, str | None] = {}
+
+
+def test_row_ids_are_unique():
+    ids = [r.id for r in ROWS]
+    assert len(ids) == len(set(ids)), sorted(i for i in ids if ids.count(i) > 1)
+
+
+@pytest.mark.parametrize("r", ROWS, ids=[r.id for r in ROWS])
+def test_bad_input(r: Row, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    if not r.isolated:
+        check_row(r, tmp_path)
+        return
+    if not _ISOLATED_RESULTS:  # all isolated rows in one go, once per session
+        ids = [i.id for i in ROWS if i.isolated]
+        _ISOLATED_RESULTS.update(_run_isolated(ids, tmp_path_factory.mktemp("isolated")))
+    failure = _ISOLATED_RESULTS[r.id]
+    assert failure is None, f"{r.id} (in a child process): {failure}"
+
+
+def test_a_crashing_row_fails_alone(tmp_path: Path) -> None:
+    """The harness itself: a row that segfaults is reported as such, and the rows after it
+    still run (in a new child)."""
+    env = {**os.environ, "BATCHNORM_TEST_CRASH_ROW": "1"}
+    after = next(r.id for r in ROWS if r.isolated)
+    results = _run_isolated(["selftest/segfault", after], tmp_path, env)
+    assert results["selftest/segfault"] is not None
+    assert "signal 11" in results["selftest/segfault"] or "signal 6" in results["selftest/segfault"]
+    assert results[after] is None
