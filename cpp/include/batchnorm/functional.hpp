@@ -21,6 +21,7 @@
 // Errors throw batchnorm::value_error or batchnorm::type_error (both std::invalid_argument).
 #pragma once
 
+#include "batchnorm/export.hpp"
 #include "batchnorm/types.hpp"
 
 namespace batchnorm {
@@ -59,36 +60,36 @@ struct Extent {
   index_t channels;
   index_t count;
 };
-Extent extent(const Geometry& g);
+BATCHNORM_API Extent extent(const Geometry& g);
 
 /// Per-channel batch mean and biased (population) variance. Returns the count reduced
 /// per channel. Throws value_error for an empty batch.
 template <class T>
-index_t moments(const Geometry& g, In<T> x, stat_t<T>* mean, stat_t<T>* variance);
+BATCHNORM_API index_t moments(const Geometry& g, In<T> x, stat_t<T>* mean, stat_t<T>* variance);
 
 /// Mergeable per-channel statistics (count, mean, M2 = sum of squared deviations), in
 /// double. Partials from different arrays merge exactly (Chan et al.); see merge_moments.
 /// An empty batch is allowed here (count 0, mean 0, M2 0).
 template <class T>
-index_t partial_moments(const Geometry& g, In<T> x, double* mean, double* m2);
+BATCHNORM_API index_t partial_moments(const Geometry& g, In<T> x, double* mean, double* m2);
 
 /// Merges (count_b, mean_b, m2_b) into (count_a, mean_a, m2_a), per channel.
-void merge_moments(index_t channels, double* count_a, double* mean_a, double* m2_a, const double* count_b,
-                   const double* mean_b, const double* m2_b);
+BATCHNORM_API void merge_moments(index_t channels, double* count_a, double* mean_a, double* m2_a, const double* count_b,
+                                 const double* mean_b, const double* m2_b);
 
 /// Inference pass: y = act(gamma * (x - mean) * inv_std + beta), inv_std = 1/sqrt(variance +
 /// epsilon) rounded to stat_t<T> (as forward stores it, so that backward with that inv_std
 /// rebuilds the same ReLU mask).
 template <class T>
-void normalize(const Geometry& g, In<T> x, Out<T> y, const stat_t<T>* mean, const stat_t<T>* variance,
-               Affine<stat_t<T>> affine, double epsilon, Activation activation = Activation::none);
+BATCHNORM_API void normalize(const Geometry& g, In<T> x, Out<T> y, const stat_t<T>* mean, const stat_t<T>* variance,
+                             Affine<stat_t<T>> affine, double epsilon, Activation activation = Activation::none);
 
 /// Training pass: batch statistics, then y = act(gamma * (x - mean) * inv_std + beta)
 /// with inv_std = 1 / sqrt(variance + epsilon). Writes the statistics (variance biased)
 /// and returns the count reduced per channel. y may be x itself (in place).
 template <class T>
-index_t forward(const Geometry& g, In<T> x, Out<T> y, Affine<stat_t<T>> affine, double epsilon, Activation activation,
-                stat_t<T>* mean, stat_t<T>* variance, stat_t<T>* inv_std);
+BATCHNORM_API index_t forward(const Geometry& g, In<T> x, Out<T> y, Affine<stat_t<T>> affine, double epsilon,
+                              Activation activation, stat_t<T>* mean, stat_t<T>* variance, stat_t<T>* inv_std);
 
 /// Whether the statistics used in the forward pass were the batch's own (training) or
 /// constants such as moving averages (inference): the latter have no gradient.
@@ -99,22 +100,23 @@ enum class Statistics { batch, fixed };
 /// x, mean, inv_std, gamma and beta exactly as the forward pass computed it.
 /// dgamma = sum(dy' * x_hat), dbeta = sum(dy'), always written (dy' = dy masked by relu).
 template <class T>
-void backward(const Geometry& g, In<T> dy, In<T> x, Out<T> dx, const stat_t<T>* mean, const stat_t<T>* inv_std,
-              Affine<stat_t<T>> affine, Activation activation, stat_t<T>* dgamma, stat_t<T>* dbeta,
-              Statistics statistics = Statistics::batch);
+BATCHNORM_API void backward(const Geometry& g, In<T> dy, In<T> x, Out<T> dx, const stat_t<T>* mean,
+                            const stat_t<T>* inv_std, Affine<stat_t<T>> affine, Activation activation,
+                            stat_t<T>* dgamma, stat_t<T>* dbeta, Statistics statistics = Statistics::batch);
 
 /// The two halves of backward, for callers that combine the sums of several arrays
 /// (synchronized batch norm across processes) before applying them.
 /// backward_sums writes per channel sum_dy = sum(dy') and sum_dy_xc = sum(dy' * (x - mean)),
 /// in double (then dgamma = sum_dy_xc * inv_std, dbeta = sum_dy).
 template <class T>
-void backward_sums(const Geometry& g, In<T> dy, In<T> x, const stat_t<T>* mean, const stat_t<T>* inv_std,
-                   Affine<stat_t<T>> affine, Activation activation, double* sum_dy, double* sum_dy_xc);
+BATCHNORM_API void backward_sums(const Geometry& g, In<T> dy, In<T> x, const stat_t<T>* mean, const stat_t<T>* inv_std,
+                                 Affine<stat_t<T>> affine, Activation activation, double* sum_dy, double* sum_dy_xc);
 
 /// backward_apply writes dx from (possibly combined) sums over `count` values per channel.
 template <class T>
-void backward_apply(const Geometry& g, In<T> dy, In<T> x, Out<T> dx, const stat_t<T>* mean, const stat_t<T>* inv_std,
-                    Affine<stat_t<T>> affine, Activation activation, const double* sum_dy, const double* sum_dy_xc,
-                    index_t count, Statistics statistics = Statistics::batch);
+BATCHNORM_API void backward_apply(const Geometry& g, In<T> dy, In<T> x, Out<T> dx, const stat_t<T>* mean,
+                                  const stat_t<T>* inv_std, Affine<stat_t<T>> affine, Activation activation,
+                                  const double* sum_dy, const double* sum_dy_xc, index_t count,
+                                  Statistics statistics = Statistics::batch);
 
 }  // namespace batchnorm

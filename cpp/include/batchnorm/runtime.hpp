@@ -5,33 +5,35 @@
 #include <string>
 #include <vector>
 
+#include "batchnorm/export.hpp"
+
 namespace batchnorm {
 
 /// Threads the kernels use for work large enough to pay for them. Starts from
 /// OpenMP's default (OMP_NUM_THREADS); set_num_threads applies to every thread that
 /// calls into the library afterwards; a later omp_set_num_threads on the calling
 /// thread (what threadpoolctl does) is honoured until the next set_num_threads.
-int get_num_threads();
+BATCHNORM_API int get_num_threads();
 /// n >= 1; throws value_error otherwise. Without OpenMP the count is stored but one thread runs.
-void set_num_threads(int n);
+BATCHNORM_API void set_num_threads(int n);
 
 /// The instruction sets this build can dispatch to, best first ("avx512", "avx2", "baseline").
-std::vector<std::string> compiled_isas();
+BATCHNORM_API std::vector<std::string> compiled_isas();
 /// Those the running CPU supports, best first.
-std::vector<std::string> supported_isas();
+BATCHNORM_API std::vector<std::string> supported_isas();
 /// The one in use: the best supported one, capped by the environment variable
 /// BATCHNORM_MAX_ISA (baseline|avx2|avx512) read once at first use.
-std::string active_isa();
+BATCHNORM_API std::string active_isa();
 
 /// Copies `bytes` bytes with the library's threads, with ordinary or non-temporal stores:
 /// the yardstick the benchmarks measure the kernels against. The ranges must not overlap.
-void copy_memory(const void* src, void* dst, std::size_t bytes, bool nontemporal);
+BATCHNORM_API void copy_memory(const void* src, void* dst, std::size_t bytes, bool nontemporal);
 
 /// Library version ("major.minor.patch").
-std::string version();
+BATCHNORM_API std::string version();
 /// Compiler that built the library, e.g. "GCC 12.2.0".
-std::string compiler();
+BATCHNORM_API std::string compiler();
 /// Whether the library was built with OpenMP.
-bool has_openmp();
+BATCHNORM_API bool has_openmp();
 
 }  // namespace batchnorm

@@ -8,6 +8,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "batchnorm/export.hpp"
+
 namespace batchnorm {
 
 using index_t = std::int64_t;
@@ -18,13 +20,13 @@ using Strides = std::vector<index_t>;
 using Axes = std::vector<int>;
 
 /// A bad value or shape (Python: ValueError).
-class value_error : public std::invalid_argument {
+class BATCHNORM_API value_error : public std::invalid_argument {
  public:
   using std::invalid_argument::invalid_argument;
 };
 
 /// A wrong type or dtype (Python: TypeError).
-class type_error : public std::invalid_argument {
+class BATCHNORM_API type_error : public std::invalid_argument {
  public:
   using std::invalid_argument::invalid_argument;
 };
@@ -41,7 +43,7 @@ inline To bit_cast(const From& from) {
 
 /// IEEE 754 binary16, stored as its bits. Converts exactly to float and back with
 /// round-to-nearest-even (what F16C's vcvtps2ph does).
-struct float16_t {
+struct BATCHNORM_API float16_t {
   std::uint16_t bits = 0;
 
   float16_t() = default;
@@ -80,7 +82,7 @@ struct float16_t {
 };
 
 /// bfloat16 (the top half of a float32), stored as its bits; round-to-nearest-even.
-struct bfloat16_t {
+struct BATCHNORM_API bfloat16_t {
   std::uint16_t bits = 0;
 
   bfloat16_t() = default;
