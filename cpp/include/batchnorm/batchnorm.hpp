@@ -2,5 +2,6 @@
 #pragma once
 
 #include "batchnorm/functional.hpp"
+#include "batchnorm/layer.hpp"
 #include "batchnorm/runtime.hpp"
 #include "batchnorm/types.hpp"
