@@ -7,11 +7,13 @@ import json
 import sys
 
 from . import _bench
+from ._cmake import PrintCMakeDir
 from ._runtime import info
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m batchnorm", description="Batch normalization for the CPU.")
+    parser.add_argument("--cmakedir", action=PrintCMakeDir)  # C++ builds: cmake -Dbatchnorm_DIR=...
     sub = parser.add_subparsers(dest="command", required=True)
     p_info = sub.add_parser("info", help="version, SIMD level in use, OpenMP threads, compiler")
     p_info.add_argument("--json", action="store_true", help="print as JSON")
