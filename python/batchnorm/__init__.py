@@ -13,6 +13,7 @@ See ``bn.info()`` for the instruction set and threads in use.
 
 from . import constraints, initializers, optimizers, regularizers
 from ._core import __version__
+from ._fold import fold_conv, fold_dense
 from ._functional import BatchStats, backward, forward, moments, normalize
 from ._keras import BatchNormalization
 from ._runtime import get_num_threads, info, set_num_threads
@@ -29,6 +30,8 @@ __all__ = [
     "__version__",
     "backward",
     "constraints",
+    "fold_conv",
+    "fold_dense",
     "forward",
     "get_num_threads",
     "info",
