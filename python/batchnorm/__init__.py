@@ -16,6 +16,7 @@ from ._core import __version__
 from ._fold import fold_conv, fold_dense
 from ._functional import BatchStats, backward, forward, moments, normalize
 from ._keras import BatchNormalization
+from ._precise import precise_statistics
 from ._runtime import get_num_threads, info, set_num_threads
 from ._sync import SyncBatchNorm
 from ._torch import BatchNorm1d, BatchNorm2d, BatchNorm3d
@@ -39,6 +40,7 @@ __all__ = [
     "moments",
     "normalize",
     "optimizers",
+    "precise_statistics",
     "regularizers",
     "set_num_threads",
 ]

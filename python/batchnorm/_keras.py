@@ -267,6 +267,7 @@ class BatchNormalization:
         self._build: _Build | None = None
         self._last: _Last | None = None
         self.grads: dict[str, np.ndarray] = {}
+        self._precise_stats: Any = None  # an accumulator while inside bn.precise_statistics (_precise.py)
 
     # ----------------------------------------------------------------- fused rules
     def _raise_if_fused_cannot_be_used(self) -> None:
@@ -544,6 +545,9 @@ class BatchNormalization:
             train = bool(training) and self._trainable
             if train:
                 y, updates, last = self._train(b, x, mask)
+                if self._precise_stats is not None:  # bn.precise_statistics: pool the batch's values instead
+                    self._precise_stats.add(x, tuple(sorted(b.axes)), last.weights)  # of moving the statistics
+                    updates = {}
             else:
                 y, last = self._infer(b, x)
                 updates = {}

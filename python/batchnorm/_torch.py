@@ -162,6 +162,7 @@ class _BatchNorm:
         self.dtype = _layer_dtype(dtype)
         self.training = True
         self.grads: dict[str, np.ndarray] = {}
+        self._precise_stats: Any = None  # an accumulator while inside bn.precise_statistics (_precise.py)
         self._lock = threading.Lock()
         self._saved: _Saved | None = None
         c, dt = self.num_features, self.dtype
@@ -348,7 +349,9 @@ class _BatchNorm:
             y = batch.y
             update = self.training and self.track_running_stats
             with self._lock:
-                if update:
+                if update and self._precise_stats is not None:  # bn.precise_statistics: pool the batch's
+                    self._precise_stats.add(x, _AXES)  # values instead of updating the running statistics
+                elif update:
                     self._commit_running(batch.running)
                 self._saved = saved
             return y
