@@ -13,10 +13,16 @@ namespace batchnorm {
 namespace detail {
 namespace {
 
+// tables() of a per-ISA namespace is compiled inside that ISA's target region, and the
+// compiler vectorizes even the table's construction with it: it may be called only once
+// supported() said yes, or a CPU without that ISA dies of SIGILL. Whether it is compiled in
+// at all is `compiled` (kernels_<isa>.cpp define real tables exactly when
+// BATCHNORM_HAVE_TARGETS), so that compiled_isas() need not call it.
 struct Candidate {
   const char* name;
   const Tables* (*tables)();
   bool (*supported)();
+  bool compiled;
 };
 
 bool cpu_has_avx2() {
@@ -43,9 +49,9 @@ bool always() { return true; }
 // Best first; the portable baseline is last and always usable.
 const std::vector<Candidate>& candidates() {
   static const std::vector<Candidate> list{
-      {"avx512", &avx512::tables, &cpu_has_avx512},
-      {"avx2", &avx2::tables, &cpu_has_avx2},
-      {"baseline", &baseline::tables, &always},
+      {"avx512", &avx512::tables, &cpu_has_avx512, BATCHNORM_HAVE_TARGETS != 0},
+      {"avx2", &avx2::tables, &cpu_has_avx2, BATCHNORM_HAVE_TARGETS != 0},
+      {"baseline", &baseline::tables, &always, true},
   };
   return list;
 }
@@ -68,7 +74,7 @@ const Tables& choose() {
   }
   const auto& list = candidates();
   for (std::size_t i = static_cast<std::size_t>(cap); i < list.size(); ++i)
-    if (list[i].tables() && list[i].supported()) return *list[i].tables();
+    if (list[i].compiled && list[i].supported()) return *list[i].tables();
   return *baseline::tables();
 }
 
@@ -81,7 +87,7 @@ const Tables& active_tables() {
 
 const Tables* tables_for(const std::string& isa) {
   for (const Candidate& c : candidates())
-    if (isa == c.name) return c.tables() && c.supported() ? c.tables() : nullptr;
+    if (isa == c.name) return c.compiled && c.supported() ? c.tables() : nullptr;
   return nullptr;
 }
 
@@ -90,14 +96,14 @@ const Tables* tables_for(const std::string& isa) {
 std::vector<std::string> compiled_isas() {
   std::vector<std::string> out;
   for (const auto& c : detail::candidates())
-    if (c.tables()) out.emplace_back(c.name);
+    if (c.compiled) out.emplace_back(c.name);
   return out;
 }
 
 std::vector<std::string> supported_isas() {
   std::vector<std::string> out;
   for (const auto& c : detail::candidates())
-    if (c.tables() && c.supported()) out.emplace_back(c.name);
+    if (c.compiled && c.supported()) out.emplace_back(c.name);
   return out;
 }
 
