@@ -1,4 +1,4 @@
-"""Command line: ``python -m batchnorm info`` and ``python -m batchnorm bench``."""
+"""Command line: ``python -m batchnorm demo``, ``python -m batchnorm info`` and ``python -m batchnorm bench``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from . import _bench
+from . import _bench, _demo
 from ._cmake import PrintCMakeDir
 from ._runtime import info
 
@@ -15,6 +15,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m batchnorm", description="Batch normalization for the CPU.")
     parser.add_argument("--cmakedir", action=PrintCMakeDir)  # C++ builds: cmake -Dbatchnorm_DIR=...
     sub = parser.add_subparsers(dest="command", required=True)
+    p_demo = sub.add_parser(
+        "demo", help="train a small sigmoid network on digits with and without batch norm (the paper's Figure 1)"
+    )
+    _demo.add_arguments(p_demo)
     p_info = sub.add_parser("info", help="version, SIMD level in use, OpenMP threads, compiler")
     p_info.add_argument("--json", action="store_true", help="print as JSON")
     p_bench = sub.add_parser(
@@ -22,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     _bench.add_arguments(p_bench)
     args = parser.parse_args(argv)
+
+    if args.command == "demo":
+        return _demo.main(args)
 
     if args.command == "bench":
         return _bench.main(args)
