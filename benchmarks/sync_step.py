@@ -4,6 +4,7 @@ unsynchronized one, at several MPI process counts.
     python benchmarks/sync_step.py                       # 1, 2 and 4 ranks, per-rank 8x256x56x56
     python benchmarks/sync_step.py --ranks 1 2 --shape 16 256 56 56 --repeats 30
     python benchmarks/sync_step.py --split               # one 32x256x56x56 batch split across the ranks
+    python benchmarks/sync_step.py --latency --ranks 2   # the two all-reduces alone, C = 64, 256, 2048
 
 Without --worker it launches ``mpiexec -n R`` (the one beside this Python, from the
 ``mpich`` wheel) for each R, with OMP_NUM_THREADS=1 (one thread per rank), and prints a
@@ -102,21 +103,54 @@ def worker(shape: list[int], repeats: int, split: bool) -> None:
         print(json.dumps(result), flush=True)
 
 
+def latency_worker() -> None:
+    """The two all-reduces alone, back to back after a barrier, for several channel counts."""
+    import numpy as np
+    from mpi4py import MPI
+
+    from batchnorm import _mpi
+
+    comm = MPI.COMM_WORLD
+
+    def median_us(f, n: int = 300) -> float:
+        ts = []
+        for _ in range(n):
+            comm.Barrier()
+            t = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - t)
+        return float(np.median(comm.allgather(np.median(ts)))) * 1e6
+
+    for c in (64, 256, 2048):
+        mean, m2 = np.zeros(c), np.ones(c)
+        fwd = median_us(lambda mean=mean, m2=m2: _mpi.allreduce_moments(comm, 5, mean, m2))
+        bwd = median_us(lambda mean=mean, m2=m2: _mpi.allreduce_sum(comm, mean, m2))
+        if comm.Get_rank() == 0:
+            print(f"{comm.Get_size()} ranks, C = {c:>4}: forward all-reduce {fwd:7.1f} us, backward {bwd:7.1f} us")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--shape", type=int, nargs=4, default=None, metavar=("N", "C", "H", "W"))
     p.add_argument("--split", action="store_true", help="split one batch of --shape across the ranks")
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--latency", action="store_true", help="time the two all-reduces alone, C = 64, 256, 2048")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     shape = a.shape or ([32, 256, 56, 56] if a.split else [8, 256, 56, 56])
     if a.worker:
-        worker(shape, a.repeats, a.split)
+        latency_worker() if a.latency else worker(shape, a.repeats, a.split)
         return
     beside = Path(sys.executable).parent / "mpiexec"
     launcher = str(beside) if beside.exists() else "mpiexec"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if a.latency:
+        for r in a.ranks:
+            if r > 1:
+                cmd = [launcher, "-n", str(r), sys.executable, __file__, "--worker", "--latency"]
+                print(subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout, end="")
+        return
     what = (
         f"one {shape[0]}x{shape[1]}x{shape[2]}x{shape[3]} batch split across the ranks"
         if a.split
