@@ -30,8 +30,10 @@ MODE_BYTES = {"inference": 2, "forward": 3, "backward": 5}  # multiples of B, th
 DTYPES = ("float32", "float16", "bfloat16")
 EPSILON = 1e-5
 # Largest error accepted in the checks, relative to the largest magnitude of each output:
-# a few roundings of the dtype, with room for float32 NumPy's sequential sums.
+# a few roundings of the dtype. Plain NumPy sums float32 channels-last data row after row
+# (400 000 rows for ResNet-50's first layer), which costs it more digits: it gets 1e-3.
 TOLERANCE = {"float32": 1e-4, "float16": 2e-3, "bfloat16": 1.6e-2}
+NUMPY_TOLERANCE = 1e-3
 
 
 class BenchError(RuntimeError):
@@ -355,7 +357,7 @@ def check_outputs(
 
     The error of an output is ``max|got - want| / max|want|`` (NaN counts as a mismatch).
     """
-    tolerance = TOLERANCE[dtype]
+    tolerance = NUMPY_TOLERANCE if subject == "numpy" else TOLERANCE[dtype]
     checks = []
     for name, value in got.items():
         expected = want[name]
@@ -500,7 +502,7 @@ def run_case(request: dict[str, Any]) -> dict[str, Any]:
                 try:
                     call, outputs = _SUBJECTS[subject](mode, data)
                     call(0)
-                except (RuntimeError, TypeError, NotImplementedError) as e:
+                except (RuntimeError, TypeError, ValueError, NotImplementedError) as e:
                     if subject != "torch":
                         raise
                     row["subjects"][subject] = {"unsupported": f"{type(e).__name__}: {e}".splitlines()[0][:200]}
