@@ -22,7 +22,11 @@ HAS_ML_DTYPES = importlib.util.find_spec("ml_dtypes") is not None
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    """One smoke run of the command line on the quick shapes, with its JSON report."""
+    """One smoke run of the command line on the quick shapes, with its JSON report.
+
+    Without PyTorch, whose import in two more worker processes would double the time;
+    test_torch_is_timed_and_checked runs the same case code with torch in this process.
+    """
     out = tmp_path_factory.mktemp("bench") / "report.json"
     dtypes = "float32,bfloat16" if HAS_ML_DTYPES else "float32,float16"
     cmd = [
@@ -39,7 +43,7 @@ def quick_run(tmp_path_factory):
         "--gap",
         "1",
     ]
-    cmd += ["--threads", "1,2", "--dtypes", dtypes, "--shapes", "quick-dense,tiny", "--json", str(out)]
+    cmd += ["--threads", "1,2", "--dtypes", dtypes, "--shapes", "quick-dense,tiny", "--json", str(out), "--no-torch"]
     env = {k: v for k, v in os.environ.items() if k != "BATCHNORM_MAX_ISA"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
@@ -85,7 +89,7 @@ def test_json_structure(quick_run):
             assert "fraction" not in ours
             assert ours["calls_per_rep"] >= 1
         assert ("numpy" in e["subjects"]) == (e["dtype"] == "float32")
-        assert ("torch" in e["subjects"]) == HAS_TORCH
+        assert "torch" not in e["subjects"]
         if e["dtype"] == "float32":
             assert e["speedup_numpy"] > 0
 
@@ -175,6 +179,28 @@ def test_run_case_in_process():
     assert [(r["mode"], r["threads"]) for r in answer["rows"]] == [("inference", 1), ("backward", 1)]
     for row in answer["rows"]:
         assert set(row["subjects"]) == {"batchnorm", "numpy"}
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16" if HAS_ML_DTYPES else "float16"])
+@pytest.mark.parametrize(("dims", "axis"), [((4, 8, 16, 16), 1), ((4, 16, 16, 8), -1), ((1, 64), -1)])
+def test_torch_is_timed_and_checked(dims, axis, dtype, restore_threads):
+    shape = _bench_cases.Shape("t", dims, axis, "tiny" if dims == (1, 64) else "large")
+    request = _request(["torch"], shape=shape.to_json(), dtype=dtype, modes=list(_bench_cases.MODES))
+    torch = pytest.importorskip("torch")
+    threads = torch.get_num_threads()
+    try:
+        answer = _bench_cases.run_case(request)
+    finally:
+        torch.set_num_threads(threads)
+    for row in answer["rows"]:
+        result = row["subjects"]["torch"]
+        if dims == (1, 64) and row["mode"] == "forward":  # PyTorch refuses training on one value per channel
+            assert result["unsupported"].startswith("ValueError")
+            continue
+        assert len(result["times_s"]) == 1
+        assert result["checks"]
+        assert all(c["error"] <= c["tolerance"] for c in result["checks"])
 
 
 def test_check_outputs_measures_relative_error():
