@@ -16,7 +16,7 @@ from batchnorm import _demo
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
-STEPS, EVERY, TARGET = 1000, 50, 0.8
+STEPS, EVERY, TARGET = 1000, 100, 0.8
 
 
 @pytest.fixture(scope="module")
