@@ -409,6 +409,8 @@ class _BatchNorm:
         Batch statistics (training, or track_running_stats=False): the full batch-norm
         gradient; running statistics (eval): dx = weight * dy / sqrt(running_var + eps).
         Sets ``self.grads`` to {"weight": sum(dy * x_hat), "bias": sum(dy)} (affine only).
+        The last input is kept by reference (as autograd saves it): changing it in place
+        between the call and backward changes the gradient.
         """
         saved = self._last_call()
         g = self._backward_input(saved, dy)
