@@ -19,6 +19,7 @@ from ._keras import BatchNormalization
 from ._precise import precise_statistics
 from ._runtime import get_num_threads, info, set_num_threads
 from ._sync import SyncBatchNorm
+from ._sync_keras import SyncBatchNormalization
 from ._torch import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "BatchNormalization",
     "BatchStats",
     "SyncBatchNorm",
+    "SyncBatchNormalization",
     "__version__",
     "backward",
     "constraints",

@@ -18,8 +18,9 @@ mean and variance become the layer's moving statistics:
 * PyTorch-style ``BatchNorm1d/2d/3d``: ``running_mean`` = the mean, ``running_var`` =
   the unbiased variance over the total count, and ``num_batches_tracked`` advances by
   the number of training calls, as ``torch.optim.swa_utils.update_bn`` counts them.
-  ``SyncBatchNorm`` in an MPI job pools the partials of every process (one all-reduce
-  per layer on exit, so every process must leave the block together).
+  ``SyncBatchNorm`` (and the Keras-style ``SyncBatchNormalization``) in an MPI job pools
+  the partials of every process (one all-reduce per layer on exit, so every process must
+  leave the block together).
 
 n is the number of values per channel over all batches, so the result is that of
 the whole data set concatenated, whatever the batch sizes. If the block raises, nothing
@@ -143,8 +144,19 @@ def _commit_torch(layer: Any, acc: _Accumulator) -> None:
 def _sync_comm(layer: Any) -> Any:
     """The communicator a SyncBatchNorm layer pools over (None: one process)."""
     from ._sync import SyncBatchNorm
+    from ._sync_keras import SyncBatchNormalization
 
-    return _mpi.active_comm(layer.comm) if isinstance(layer, SyncBatchNorm) else None
+    return _mpi.active_comm(layer.comm) if isinstance(layer, (SyncBatchNorm, SyncBatchNormalization)) else None
+
+
+def _channels(layer: Any, acc: _Accumulator) -> int:
+    """The number of per-channel partials a synchronized layer sends when pooling."""
+    if acc.count is not None:
+        return int(acc.count.size)
+    if _is_torch(layer):
+        return int(layer.num_features)
+    b = layer._build
+    return 0 if b is None else math.prod(b.dims.values())
 
 
 class PreciseStatistics:
@@ -195,9 +207,9 @@ class PreciseStatistics:
             self.batches[i] = acc.batches
             if exc_type is not None:
                 continue
-            comm = _sync_comm(layer) if _is_torch(layer) else None
+            comm = _sync_comm(layer)
             if comm is not None:
-                c = layer.num_features
+                c = _channels(layer, acc)
                 count = np.zeros(c) if acc.count is None else acc.count
                 mean = np.zeros(c) if acc.mean is None else acc.mean
                 m2 = np.zeros(c) if acc.m2 is None else acc.m2
