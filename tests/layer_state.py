@@ -118,15 +118,23 @@ def make_layer(kind: str, *, trained: bool = True, seed: int = 0) -> Any:
         layer = cls(shape[1], **kwargs)
         call = layer
     if trained:
+        dtype = input_dtype(kind)
         for _ in range(2):
-            x = rng.normal(1.0, 2.0, size=shape).astype(np.float32)
+            x = rng.normal(1.0, 2.0, size=shape).astype(dtype)
             call(x)
-        layer.backward(rng.standard_normal(shape).astype(np.float32))
+        layer.backward(rng.standard_normal(shape).astype(dtype))
     return layer
 
 
+def input_dtype(kind: str) -> np.dtype:
+    """float32, or the layer's dtype for PyTorch-style layers (which, as torch, do not cast)."""
+    if kind in TORCH_KINDS:
+        return np.dtype(TORCH_KINDS[kind][1].get("dtype", "float32"))
+    return np.dtype(np.float32)
+
+
 def train_input(kind: str, seed: int = 1) -> np.ndarray:
-    return np.random.default_rng(seed).normal(0.5, 3.0, size=input_shape(kind)).astype(np.float32)
+    return np.random.default_rng(seed).normal(0.5, 3.0, size=input_shape(kind)).astype(input_dtype(kind))
 
 
 def training_call(layer: Any, x: np.ndarray) -> np.ndarray:
