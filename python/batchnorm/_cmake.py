@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sysconfig
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,15 @@ def cmake_dir() -> Path:
     ``find_package(batchnorm CONFIG REQUIRED)``. Raises FileNotFoundError when this
     installation has no CMake package (e.g. an import from the source tree).
     """
-    path = Path(__file__).resolve().parent / "lib" / "cmake" / "batchnorm"
-    if not (path / "batchnormConfig.cmake").is_file():
-        raise FileNotFoundError(f"no CMake package in this installation of batchnorm (looked in {path})")
-    return path
+    here = Path(__file__).resolve().parent
+    # Beside this file in a wheel install; in site-packages when an editable install runs
+    # the Python files from the source tree.
+    roots = [here, *(Path(sysconfig.get_path(k)) / "batchnorm" for k in ("platlib", "purelib"))]
+    candidates = [root / "lib" / "cmake" / "batchnorm" for root in roots]
+    for path in candidates:
+        if (path / "batchnormConfig.cmake").is_file():
+            return path
+    raise FileNotFoundError(f"no CMake package in this installation of batchnorm (looked in {candidates[0]})")
 
 
 class PrintCMakeDir(argparse.Action):
