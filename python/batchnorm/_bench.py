@@ -342,10 +342,12 @@ def run(options: Options) -> dict[str, Any]:
                 "seed": options.seed,
             }
             answers = []
+            case_load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
             for w in workers:
                 _progress(options.progress, f"[{number}/{len(cases)}] {shape.name} {dtype}: {w.name}")
                 answers.append((w.policy, w.run(request)))
-            entries.extend(_merge(shape, dtype, answers))
+            for entry in _merge(shape, dtype, answers):
+                entries.append({**entry, "load_average": case_load})
     meta["seconds"] = time.perf_counter() - started
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     meta["load_average_end"] = list(load) if load else None
