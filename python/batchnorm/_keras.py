@@ -91,6 +91,22 @@ def _resolve_dtype(dtype: Any) -> tuple[Any, np.dtype[Any], np.dtype[Any]]:
     return config, cdt, pdt
 
 
+def _copy_all(targets: dict[str, np.ndarray], values: dict[str, np.ndarray]) -> None:
+    """np.copyto(targets[k], values[k]) for every k, all or nothing: the weights are live
+    arrays (updated in place), and if a copy fails (it cannot, short of an asynchronous
+    exception or an injected fault), the copies already made are undone."""
+    done: list[tuple[np.ndarray, np.ndarray]] = []
+    try:
+        for key, value in values.items():
+            target = targets[key]
+            done.append((target, target.copy()))
+            np.copyto(target, value)
+    except BaseException:
+        for target, old in reversed(done):
+            target[...] = old
+        raise
+
+
 def _real(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {value!r}")
@@ -551,11 +567,10 @@ class BatchNormalization:
             else:
                 y, last = self._infer(b, x)
                 updates = {}
-            # Everything is computed: commit (nothing below can fail).
+            # Everything is computed: commit (all the copies or none, then nothing can fail).
+            _copy_all(b.weights, updates)
             if new_build:
                 self._commit_build(b)
-            for key, value in updates.items():
-                np.copyto(b.weights[key], value)
             self._last = last
             return y
 
@@ -897,9 +912,8 @@ class BatchNormalization:
                 if arr.dtype.kind not in "biuf":
                     raise TypeError(f"weight {key!r} must be a real numeric array, got dtype {arr.dtype}")
                 new.append(arr.astype(ref.dtype))
-            for key, arr in zip(keys, new, strict=True):
-                assert b is not None
-                np.copyto(b.weights[key], arr)
+            if b is not None:
+                _copy_all(b.weights, dict(zip(keys, new, strict=True)))
 
     # ----------------------------------------------------------------- config
     def get_config(self) -> dict[str, Any]:
