@@ -53,6 +53,12 @@ class _Slot:
         self.step = 0
         self.arrays: dict[str, np.ndarray] = {}
 
+    def copy(self) -> _Slot:
+        s = _Slot()
+        s.step = self.step
+        s.arrays = {k: v.copy() for k, v in self.arrays.items()}
+        return s
+
     def get(self, key: str, like: np.ndarray) -> np.ndarray:
         a = self.arrays.get(key)
         if a is None or a.shape != like.shape or a.dtype != like.dtype:
@@ -112,12 +118,21 @@ class Optimizer:
                 slots = self._state.setdefault(layer, {})
             except TypeError:  # not weak-referenceable: keep it alive with the state
                 slots = self._strong_state(layer)
+            # The updates run on copies of the parameters and of their optimizer state,
+            # committed together at the end: an update or a constraint that raises changes
+            # neither the layer nor the optimizer.
+            staged: list[tuple[str, np.ndarray, np.ndarray, _Slot]] = []
             for name, param, g in work:
-                slot = slots.setdefault(name, _Slot())
+                slot = slots[name].copy() if name in slots else _Slot()
+                new = param.copy()
                 slot.step += 1
-                self._update(param, g, slot)
+                self._update(new, g, slot)
                 if name in cons:
-                    np.copyto(param, np.asarray(cons[name](param)).astype(param.dtype))
+                    new[...] = np.asarray(cons[name](new)).astype(param.dtype)
+                staged.append((name, param, new, slot))
+            for name, param, new, slot in staged:
+                param[...] = new
+                slots[name] = slot
 
     def _strong_state(self, layer: Any) -> dict[str, _Slot]:
         store: dict[int, tuple[Any, dict[str, _Slot]]] = self.__dict__.setdefault("_strong", {})
