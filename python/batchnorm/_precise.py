@@ -116,15 +116,13 @@ def _commit_keras(layer: Any, acc: _Accumulator) -> None:
         # tf-keras's fused kernel stores M/(M-1) with M-1 floored at 1 (no NaN for M = 1).
         var = m2 / np.maximum(n - 1, 1) if b.fused else m2 / n
 
-    def put(key: str, value: np.ndarray) -> None:
-        target = w[key]
-        flat = target.reshape(-1)
-        flat[...] = np.where(seen, value, flat.astype(np.float64)).astype(pdt)
-
-    put("moving_mean", mean)
-    put("moving_variance", var)
+    values = {"moving_mean": mean, "moving_variance": var}
     if "moving_stddev" in w:
-        put("moving_stddev", np.sqrt(var + layer.epsilon))
+        values["moving_stddev"] = np.sqrt(var + layer.epsilon)
+    # every new value first, then the writes: a failure leaves the statistics as they were
+    new = {k: np.where(seen, v, w[k].reshape(-1).astype(np.float64)).astype(pdt) for k, v in values.items()}
+    for k, v in new.items():
+        w[k].reshape(-1)[...] = v
 
 
 def _commit_torch(layer: Any, acc: _Accumulator) -> None:
@@ -136,8 +134,10 @@ def _commit_torch(layer: Any, acc: _Accumulator) -> None:
         seen = n > 0
         with np.errstate(divide="ignore", invalid="ignore"):
             var = m2 / (n - 1)  # torch's unbiased estimator: NaN for one value in all
-        rm[...] = np.where(seen, mean, rm.astype(np.float64)).astype(rm.dtype)
-        rv[...] = np.where(seen, var, rv.astype(np.float64)).astype(rv.dtype)
+        new_mean = np.where(seen, mean, rm.astype(np.float64)).astype(rm.dtype)
+        new_var = np.where(seen, var, rv.astype(np.float64)).astype(rv.dtype)
+        rm[...] = new_mean  # both computed first: a failure leaves the statistics as they were
+        rv[...] = new_var
     nbt += acc.batches
 
 
