@@ -82,7 +82,9 @@ KERAS_KINDS: dict[str, tuple[dict[str, Any], tuple[int, ...]]] = {
     "keras-nocenter-noscale": ({"center": False, "scale": False}, (8, 3)),
     "keras-float16": ({"dtype": "float16"}, (8, 3)),
     "keras-float64": ({"dtype": "float64"}, (8, 3)),
+    "keras-sync": ({}, (8, 3)),  # SyncBatchNormalization; without MPI peers: the plain layer
 }
+KERAS_CLASSES: dict[str, type] = {"keras-sync": bn.SyncBatchNormalization}
 
 TORCH_KINDS: dict[str, tuple[type, dict[str, Any], tuple[int, ...]]] = {
     "torch1d": (bn.BatchNorm1d, {}, (8, 3)),
@@ -111,7 +113,7 @@ def make_layer(kind: str, *, trained: bool = True, seed: int = 0) -> Any:
     rng = np.random.default_rng(seed)
     if kind in KERAS_KINDS:
         kwargs, shape = KERAS_KINDS[kind]
-        layer = bn.BatchNormalization(**kwargs)
+        layer = KERAS_CLASSES.get(kind, bn.BatchNormalization)(**kwargs)
         call = lambda x: layer(x, training=True)  # noqa: E731
     else:
         cls, kwargs, shape = TORCH_KINDS[kind]

@@ -390,7 +390,7 @@ row(
 )
 
 _c = np.ones((8, 3), np.complex64)
-for kind in ("keras", "keras-renorm", "keras-vbs", "keras-float16"):
+for kind in ("keras", "keras-renorm", "keras-vbs", "keras-float16", "keras-sync"):
     L = Layer(kind)
     row(f"{kind}/call-ndim-1", ValueError, r"expected ndim=2, found ndim=1", "__call__", L, X[0], training=True)
     row(f"{kind}/call-ndim-3", ValueError, r"expected ndim=2, found ndim=3", "__call__", L, X[None], training=True)
@@ -628,6 +628,14 @@ row(
     np.ones((0, 3), np.float32),
     training=True,
 )
+
+
+row("SyncBatchNormalization/init-fused", ValueError, r"`fused` argument cannot be True", bn.SyncBatchNormalization,
+    fused=True)  # fmt: skip
+row("SyncBatchNormalization/init-vbs", ValueError, r"does not support `virtual_batch_size`", bn.SyncBatchNormalization,
+    virtual_batch_size=2)  # fmt: skip
+row("SyncBatchNormalization/init-momentum", ValueError, r"momentum must be in \[0, 1\]", bn.SyncBatchNormalization,
+    momentum=2.0)  # fmt: skip
 
 
 # .npz files that are not what save() writes
@@ -977,6 +985,55 @@ row(
 )
 
 
+# ---- folding into the previous layer, precise statistics ----------------------------------------
+
+_K34 = np.ones((4, 3), np.float32)  # a Dense kernel (in=4, out=3) for a 3-channel layer
+for label, call, args, kwargs, exc, msg in [
+    ("fold_dense/kernel-3d", bn.fold_dense, (np.ones((4, 3, 1)), None, Layer("keras")), {}, ValueError,
+     r"kernel must be 2-D \(\(in, out\)\), got shape \(4, 3, 1\)"),
+    ("fold_dense/layout", bn.fold_dense, (_K34, None, Layer("keras")), {"layout": "xy"}, ValueError,
+     r"layout must be 'io'"),
+    ("fold_dense/kernel-complex", bn.fold_dense, (_K34.astype(complex), None, Layer("keras")), {}, TypeError,
+     r"kernel must be a real numeric array, got dtype complex128"),
+    ("fold_dense/kernel-channels", bn.fold_dense, (np.ones((3, 5)), None, Layer("keras")), {}, ValueError,
+     r"normalizes 3 channels but the kernel has 5 output channels"),
+    ("fold_dense/kernel-oi-channels", bn.fold_dense, (_K34, None, Layer("torch1d")), {"layout": "oi"}, ValueError,
+     r"normalizes 3 channels but the kernel has 4 output channels"),
+    ("fold_dense/bias-shape", bn.fold_dense, (_K34, np.ones(4), Layer("keras")), {}, ValueError,
+     r"bias has shape \(4,\); expected \(3,\)"),
+    ("fold_dense/bias-str", bn.fold_dense, (_K34, np.array(["a"] * 3), Layer("keras")), {}, TypeError,
+     r"bias must be a real numeric array"),
+    ("fold_dense/not-a-layer", bn.fold_dense, (_K34, None, object()), {}, TypeError, r"expected a batch-norm layer"),
+    ("fold_dense/unbuilt", bn.fold_dense, (_K34, None, Layer("keras", trained=False)), {}, ValueError,
+     r"is not built"),
+    ("fold_dense/no-running-stats", bn.fold_dense, (_K34, None, Layer("torch2d-notrack")), {}, ValueError,
+     r"has no running statistics"),
+    ("fold_conv/weight-2d", bn.fold_conv, (np.ones((3, 4)), None, Layer("torch2d")), {}, ValueError,
+     r"at least 3 dimensions"),
+    ("fold_conv/layout", bn.fold_conv, (np.ones((3, 4, 1, 1)), None, Layer("torch2d")), {"layout": "NCHW"},
+     ValueError, r"layout must be 'OIHW'"),
+    ("fold_conv/channels", bn.fold_conv, (np.ones((3, 4, 1, 1)), None, Layer("torch2d")), {"layout": "HWIO"},
+     ValueError, r"normalizes 3 channels but the weight has 1 output channels"),
+]:  # fmt: skip
+    row(label, exc, msg, call, *args, **kwargs)
+
+
+def _nested_precise(layer: Any) -> None:
+    with bn.precise_statistics(layer):
+        bn.precise_statistics(layer).__enter__()
+
+
+for kind in ("keras", "torch2d", "sync"):
+    row(f"precise_statistics/nested-{kind}", RuntimeError, r"already inside another precise_statistics block",
+        _nested_precise, Layer(kind))  # fmt: skip
+row("precise_statistics/str", TypeError, r"takes a batch-norm layer .* or an iterable of them, got str",
+    bn.precise_statistics, "layer")  # fmt: skip
+row("precise_statistics/not-a-layer", TypeError, r"expected batch-norm layers of this package, got object",
+    bn.precise_statistics, [Layer("keras"), object()])  # fmt: skip
+row("precise_statistics/no-running-stats", ValueError, r"has no running statistics", bn.precise_statistics,
+    [Layer("torch2d-notrack")])  # fmt: skip
+
+
 # ---- optimizers --------------------------------------------------------------------------------
 
 for label, make, exc, msg in [
@@ -1022,6 +1079,8 @@ def _materialize(value: Any, files: dict[str, Path], made: list[Any]) -> Any:
         return layer
     if isinstance(value, File):
         return files[value.name]
+    if isinstance(value, list) and any(isinstance(v, (Layer, File)) for v in value):
+        return [_materialize(v, files, made) for v in value]
     return value
 
 
