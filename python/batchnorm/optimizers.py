@@ -20,6 +20,7 @@ done in the parameter's dtype, as TensorFlow does with float32 variables.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import threading
@@ -130,9 +131,13 @@ class Optimizer:
                 if name in cons:
                     new[...] = np.asarray(cons[name](new)).astype(param.dtype)
                 staged.append((name, param, new, slot))
-            for name, param, new, slot in staged:
-                param[...] = new
-                slots[name] = slot
+            # Under the layer's own lock (if it has one), so that a concurrent call of the
+            # layer sees all of this step's parameters or none of them.
+            lock: Any = getattr(layer, "_lock", None)
+            with lock if hasattr(lock, "__enter__") else contextlib.nullcontext():
+                for name, param, new, slot in staged:
+                    param[...] = new
+                    slots[name] = slot
 
     def _strong_state(self, layer: Any) -> dict[str, _Slot]:
         store: dict[int, tuple[Any, dict[str, _Slot]]] = self.__dict__.setdefault("_strong", {})
