@@ -313,6 +313,57 @@ def test_calls_see_a_concurrent_weight_load_whole_or_not_at_all(kind, fast_switc
     assert loads > 0
 
 
+@pytest.mark.parametrize("kind", ["keras", "torch2d"])
+def test_calls_see_a_concurrent_optimizer_step_whole_or_not_at_all(kind, fast_switching):
+    """While one thread makes K optimizer steps (fixed gradients), the others' inference
+    outputs are exactly those of the layer after some k <= K steps: never gamma of step k
+    with beta of step k - 1 (the optimizer commits under the layer's lock).
+
+    (Without that lock, one run in three fails; five runs are made.)"""
+    for _ in range(5 * STRESS):
+        _optimizer_race(kind)
+
+
+def _optimizer_race(kind: str) -> None:
+    steps = 100
+    x = train_input(kind, seed=5)
+
+    def fresh() -> Any:
+        layer = make_layer(kind)
+        layer.grads = {k: np.full_like(v, 0.25 * (i + 1)) for i, (k, v) in enumerate(layer.grads.items())}
+        if not isinstance(layer, bn.BatchNormalization):
+            layer.eval()
+        return layer
+
+    def infer(layer: Any) -> np.ndarray:
+        return layer(x, training=False) if isinstance(layer, bn.BatchNormalization) else layer(x)
+
+    serial, opt = fresh(), optimizers.SGD(learning_rate=0.01)
+    expected = {infer(serial).tobytes()}
+    for _ in range(steps):
+        opt.step(serial)
+        expected.add(infer(serial).tobytes())
+    assert len(expected) == steps + 1
+
+    shared, opt = fresh(), optimizers.SGD(learning_rate=0.01)
+    stepped = threading.Event()
+
+    def target(i: int) -> int:
+        if i == 0:
+            with Countdown(1, stepped):
+                for _ in range(steps):
+                    opt.step(shared)
+            return 0
+        n = 0
+        while not stepped.is_set() or n == 0:  # call the layer for as long as the steps go on
+            assert infer(shared).tobytes() in expected, "a call saw half of an optimizer step"
+            n += 1
+        return n
+
+    assert sum(run_threads(N_THREADS, target)) > 0
+    assert infer(shared).tobytes() == infer(serial).tobytes()
+
+
 def test_forward_backward_pairs_under_a_caller_lock():
     """The documented rule for backward on a shared layer: backward differentiates the
     layer's last call, whichever thread made it, so a thread that needs the gradient of its
