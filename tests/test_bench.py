@@ -225,6 +225,29 @@ def test_summary_arithmetic():
     assert _bench._speedup(s, {"unsupported": "x"}) is None
 
 
+def test_a_disturbed_window_takes_the_best_copy_of_the_case():
+    nbytes = 1000
+    quiet = {"times_s": [1.0], "copy_ordinary_s": [0.1], "copy_nontemporal_s": [0.05]}  # 40 kB/s
+    slowed = {"times_s": [1.0], "copy_ordinary_s": [1.0], "copy_nontemporal_s": [0.5]}  # 4 kB/s
+    measured = {
+        name: {"inherited": _bench._summarize(t, 2 * nbytes, nbytes)} for name, t in (("a", quiet), ("b", slowed))
+    }
+    _bench._repair_disturbed_limits(measured, 2 * nbytes)
+    a, b = measured["a"]["inherited"], measured["b"]["inherited"]
+    assert "limit_disturbed_gbs" not in a
+    assert b["limit_disturbed_gbs"] == pytest.approx(4e-6)
+    assert b["limit_gbs"] == a["limit_gbs"] == pytest.approx(40e-6)
+    assert b["fraction"] == pytest.approx(a["fraction"])
+
+
+def test_resummarize_reproduces_the_report(quick_run):
+    _, report = quick_run
+    again = _bench.resummarize(report)
+    for old, new in zip(report["results"], again["results"], strict=True):
+        assert new["speedup_numpy"] == pytest.approx(old["speedup_numpy"])
+        assert new["subjects"]["batchnorm"]["median_ms"] == old["subjects"]["batchnorm"]["median_ms"]
+
+
 def test_bad_options_exit_with_a_message(capsys):
     from batchnorm.__main__ import main
 
