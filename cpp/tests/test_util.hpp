@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "batchnorm/batchnorm.hpp"
+#include "batchnorm/reference.hpp"
 
 namespace bntest {
 
@@ -40,24 +41,15 @@ struct TypeNames {
   }
 };
 
+// Element <-> double conversions: the oracle's own, so tests and reference agree on them.
 template <class T>
 double to_d(T v) {
-  if constexpr (std::is_same_v<T, double>)
-    return v;
-  else if constexpr (std::is_same_v<T, float>)
-    return static_cast<double>(v);
-  else
-    return static_cast<double>(static_cast<float>(v));
+  return batchnorm::reference::detail::to_double(v);
 }
 
 template <class T>
 T from_d(double v) {
-  if constexpr (std::is_same_v<T, double>)
-    return v;
-  else if constexpr (std::is_same_v<T, float>)
-    return static_cast<float>(v);
-  else
-    return T(static_cast<float>(v));
+  return batchnorm::reference::detail::from_double<T>(v);
 }
 
 /// Unit roundoff of the storage type T (half an ulp, relative).
