@@ -86,6 +86,13 @@ S* channel_array(const py::object& o, const char* name, index_t channels, bool w
   return static_cast<S*>(const_cast<void*>(a.data()));
 }
 
+// Optional gamma and beta (None: 1 and 0).
+template <class S>
+Affine<S> affine_of(const py::object& gamma, const py::object& beta, index_t channels) {
+  return {channel_array<S>(gamma, "gamma", channels, false, true),
+          channel_array<S>(beta, "beta", channels, false, true)};
+}
+
 }  // namespace
 
 ArrayArg describe(const py::array& a, const char* name, bool writeable) {
@@ -163,8 +170,7 @@ void register_functional(py::module_& m) {
           using S = stat_t<T>;
           const S* mu = channel_array<S>(mean, "mean", channels, false);
           const S* var = channel_array<S>(variance, "variance", channels, false);
-          const Affine<S> affine{channel_array<S>(gamma, "gamma", channels, false, true),
-                                 channel_array<S>(beta, "beta", channels, false, true)};
+          const Affine<S> affine = affine_of<S>(gamma, beta, channels);
           py::gil_scoped_release nogil;
           normalize<T>(g, {static_cast<const T*>(xa.data), xa.strides}, {static_cast<T*>(ya.data), ya.strides}, mu, var,
                        affine, epsilon, relu ? Activation::relu : Activation::none);
@@ -186,8 +192,7 @@ void register_functional(py::module_& m) {
         return with_element(xa.element, [&](auto tag) {
           using T = decltype(tag);
           using S = stat_t<T>;
-          const Affine<S> affine{channel_array<S>(gamma, "gamma", channels, false, true),
-                                 channel_array<S>(beta, "beta", channels, false, true)};
+          const Affine<S> affine = affine_of<S>(gamma, beta, channels);
           S* mu = channel_array<S>(mean, "mean", channels, true);
           S* var = channel_array<S>(variance, "variance", channels, true);
           S* inv = channel_array<S>(inv_std, "inv_std", channels, true);
@@ -216,8 +221,7 @@ void register_functional(py::module_& m) {
           using S = stat_t<T>;
           const S* mu = channel_array<S>(mean, "mean", channels, false);
           const S* inv = channel_array<S>(inv_std, "inv_std", channels, false);
-          const Affine<S> affine{channel_array<S>(gamma, "gamma", channels, false, true),
-                                 channel_array<S>(beta, "beta", channels, false, true)};
+          const Affine<S> affine = affine_of<S>(gamma, beta, channels);
           S* dg = channel_array<S>(dgamma, "dgamma", channels, true);
           S* db = channel_array<S>(dbeta, "dbeta", channels, true);
           py::gil_scoped_release nogil;
@@ -248,8 +252,7 @@ void register_functional(py::module_& m) {
           using S = stat_t<T>;
           const S* mu = channel_array<S>(mean, "mean", channels, false);
           const S* inv = channel_array<S>(inv_std, "inv_std", channels, false);
-          const Affine<S> affine{channel_array<S>(gamma, "gamma", channels, false, true),
-                                 channel_array<S>(beta, "beta", channels, false, true)};
+          const Affine<S> affine = affine_of<S>(gamma, beta, channels);
           py::gil_scoped_release nogil;
           backward_sums<T>(g, {static_cast<const T*>(dya.data), dya.strides},
                            {static_cast<const T*>(xa.data), xa.strides}, mu, inv, affine,
@@ -278,8 +281,7 @@ void register_functional(py::module_& m) {
           using S = stat_t<T>;
           const S* mu = channel_array<S>(mean, "mean", channels, false);
           const S* inv = channel_array<S>(inv_std, "inv_std", channels, false);
-          const Affine<S> affine{channel_array<S>(gamma, "gamma", channels, false, true),
-                                 channel_array<S>(beta, "beta", channels, false, true)};
+          const Affine<S> affine = affine_of<S>(gamma, beta, channels);
           py::gil_scoped_release nogil;
           backward_apply<T>(g, {static_cast<const T*>(dya.data), dya.strides},
                             {static_cast<const T*>(xa.data), xa.strides}, {static_cast<T*>(dxa.data), dxa.strides}, mu,
