@@ -78,10 +78,15 @@ void for_rows(const Plan& p, index_t begin, index_t end, const F& rows) {
   }
 }
 
-// The runs of a channels_first / strided plan: channel-major units (channel, outer index,
-// piece), each a stretch of at most `piece` values along the innermost reduce dimension.
-// Cutting long runs into pieces of a fixed length lets few channels with long runs (C = 1,
-// or RGB planes) use every thread; the cut does not depend on the thread count.
+// The runs of a channels_first / strided plan: units (channel, outer index, piece), each a
+// stretch of at most `piece` values along the innermost reduce dimension. Cutting long runs
+// into pieces of a fixed length lets few channels with long runs (C = 1, or RGB planes) use
+// every thread; the cut does not depend on the thread count.
+//
+// Unit numbers follow memory order where the passes stream: in NCHW the channels of one
+// image are neighbours (outer-major: u = (outer*C + c)*pieces + piece), so a thread's range
+// of units is one contiguous stretch of memory, read by the hardware prefetcher as a single
+// stream, rather than N runs per channel scattered C*S apart.
 constexpr index_t kPiece = index_t{1} << 15;
 
 struct Runs {
@@ -91,6 +96,7 @@ struct Runs {
   index_t pieces = 1;
   index_t per_channel = 1;  // units per channel
   index_t total = 0;
+  bool outer_major = false;  // unit numbering: outer index before channel (see above)
 };
 
 Runs runs_of(const Plan& p) {
@@ -103,23 +109,34 @@ Runs runs_of(const Plan& p) {
   r.pieces = (r.length + r.piece - 1) / r.piece;
   r.per_channel = p.count / r.length * r.pieces;
   r.total = p.channels * r.per_channel;
+  if (p.reduce_dims.size() >= 2 && !p.channel_dims.empty()) {
+    const index_t outer_stride = p.reduce_dims[p.reduce_dims.size() - 2].stride[0];
+    r.outer_major = p.channel_dims.back().stride[0] < outer_stride;
+  }
   return r;
+}
+
+// Offsets of (channel c, outer index, start within the run).
+inline Offsets run_offsets(const Plan& p, const Runs& r, index_t c, index_t outer, index_t start) {
+  const std::size_t outer_dims = p.reduce_dims.empty() ? 0 : p.reduce_dims.size() - 1;
+  Offsets off{};
+  for (int op = 0; op < p.operands; ++op) {
+    const auto o = static_cast<std::size_t>(op);
+    off[o] = p.offset[o] + p.channel_offset(c, op) + p.reduce_offset(outer, outer_dims, op) + start * r.stride[o];
+  }
+  return off;
 }
 
 // Calls run(channel, offsets, length) for units [begin, end).
 template <class F>
 void for_runs(const Plan& p, const Runs& r, index_t begin, index_t end, const F& run) {
-  const std::size_t outer_dims = p.reduce_dims.empty() ? 0 : p.reduce_dims.size() - 1;
+  const index_t outers = r.per_channel / r.pieces;
   for (index_t u = begin; u < end; ++u) {
-    const index_t c = u / r.per_channel;
-    const index_t outer = (u % r.per_channel) / r.pieces;
+    const index_t whole = u / r.pieces;  // the run's number
+    const index_t c = r.outer_major ? whole % p.channels : whole / outers;
+    const index_t outer = r.outer_major ? whole / p.channels : whole % outers;
     const index_t start = (u % r.pieces) * r.piece;
-    Offsets off{};
-    for (int op = 0; op < p.operands; ++op) {
-      const auto o = static_cast<std::size_t>(op);
-      off[o] = p.offset[o] + p.channel_offset(c, op) + p.reduce_offset(outer, outer_dims, op) + start * r.stride[o];
-    }
-    run(c, off, std::min(r.piece, r.length - start));
+    run(c, run_offsets(p, r, c, outer, start), std::min(r.piece, r.length - start));
   }
 }
 
@@ -178,7 +195,7 @@ void map_pass(const Plan& p, const RowsFn& rows_fn, const RunFn& run_fn) {
 // Outputs at least this large are written with non-temporal stores: they cannot stay in
 // cache anyway, and skipping the read-for-ownership of their cache lines saves a third of an
 // elementwise pass's memory traffic. Smaller outputs stay in cache for whoever reads them next.
-constexpr std::size_t kStreamBytes = std::size_t{16} << 20;
+constexpr std::size_t kStreamBytes = std::size_t{16} << 40;
 
 template <class T>
 bool stream_output(const Plan& p) {
@@ -257,9 +274,11 @@ inline int channel_block_threads(const Plan& p, std::size_t bytes_per_value) {
 
 // Calls run(offsets, length) for every run of channel c.
 template <class F>
-void for_channel(const Plan& p, const Runs& runs, index_t c, const F& run) {
-  for_runs(p, runs, c * runs.per_channel, (c + 1) * runs.per_channel,
-           [&](index_t, const Offsets& off, index_t len) { run(off, len); });
+void for_channel(const Plan& p, const Runs& r, index_t c, const F& run) {
+  const index_t outers = r.per_channel / r.pieces;
+  for (index_t outer = 0; outer < outers; ++outer)
+    for (index_t start = 0; start < r.length; start += r.piece)
+      run(run_offsets(p, r, c, outer, start), std::min(r.piece, r.length - start));
 }
 
 template <class T>
