@@ -362,6 +362,246 @@ inline void reduce2_block(const C* dy, const C* x, index_t n, C a, C m, C b, dou
 }
 #endif
 
+// ---- direct vector elementwise passes (float compute: float, float16, bfloat16) --------
+// The affine passes over contiguous data load, convert, compute, convert and store in
+// registers, with no staging buffer, and write streamed output with non-temporal stores
+// straight from registers (after a scalar head that aligns the output to 64 bytes).
+// Every element is computed by the same sequence of roundings as the scalar functions
+// above (affine(), relu(), k1*g + k2*(x - m) + k3), so vector body and scalar edges agree.
+// The baseline build runs the same loops with one float per "vector".
+#if BATCHNORM_KERNEL_SIMD == 512
+using vF = __m512;
+constexpr index_t kVF = 16;  // floats per vector
+inline vF vf_set(float a) { return _mm512_set1_ps(a); }
+inline vF vf_loadu(const float* p) { return _mm512_loadu_ps(p); }
+inline vF vf_load(const float* p) { return _mm512_loadu_ps(p); }
+inline vF vf_load(const float16_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline vF vf_load(const bfloat16_t* p) {
+  const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
+}
+inline vF vf_sub(vF a, vF b) { return _mm512_sub_ps(a, b); }
+inline vF vf_add(vF a, vF b) { return _mm512_add_ps(a, b); }
+inline vF vf_mul(vF a, vF b) { return _mm512_mul_ps(a, b); }
+inline vF vf_fma(vF a, vF b, vF c) { return _mm512_fmadd_ps(a, b, c); }
+inline vF vf_relu(vF z) { return _mm512_max_ps(_mm512_setzero_ps(), z); }  // (0 > z) ? 0 : z, as relu()
+inline vF vf_where_positive(vF z, vF g) {
+  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_GT_OQ), g);
+}
+inline __m256i vf_to_half(vF v) { return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline __m256i vf_to_bfloat(vF v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i one = _mm512_set1_epi32(1);
+  const __m512i rounded = _mm512_srli_epi32(
+      _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16), one))),
+      16);
+  const __mmask16 nan =
+      _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
+  const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+  return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, quiet));
+}
+template <bool Stream>
+inline void vf_store(float* p, vF v) {
+  Stream ? _mm512_stream_ps(p, v) : _mm512_storeu_ps(p, v);
+}
+template <bool Stream>
+inline void vh_store(void* p, __m256i h) {
+  Stream ? _mm256_stream_si256(static_cast<__m256i*>(p), h) : _mm256_storeu_si256(static_cast<__m256i*>(p), h);
+}
+#elif BATCHNORM_KERNEL_SIMD == 256
+using vF = __m256;
+constexpr index_t kVF = 8;
+inline vF vf_set(float a) { return _mm256_set1_ps(a); }
+inline vF vf_loadu(const float* p) { return _mm256_loadu_ps(p); }
+inline vF vf_load(const float* p) { return _mm256_loadu_ps(p); }
+inline vF vf_load(const float16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline vF vf_load(const bfloat16_t* p) {
+  const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
+}
+inline vF vf_sub(vF a, vF b) { return _mm256_sub_ps(a, b); }
+inline vF vf_add(vF a, vF b) { return _mm256_add_ps(a, b); }
+inline vF vf_mul(vF a, vF b) { return _mm256_mul_ps(a, b); }
+inline vF vf_fma(vF a, vF b, vF c) { return _mm256_fmadd_ps(a, b, c); }
+inline vF vf_relu(vF z) { return _mm256_max_ps(_mm256_setzero_ps(), z); }
+inline vF vf_where_positive(vF z, vF g) { return _mm256_and_ps(_mm256_cmp_ps(z, _mm256_setzero_ps(), _CMP_GT_OQ), g); }
+inline __m128i vf_to_half(vF v) { return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline __m128i vf_to_bfloat(vF v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i rounded = _mm256_srli_epi32(
+      _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff),
+                                           _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1)))),
+      16);
+  const __m256i nan =
+      _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)), _mm256_set1_epi32(0x7f800000));
+  const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+  const __m256i r = _mm256_blendv_epi8(rounded, quiet, nan);
+  return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08));
+}
+template <bool Stream>
+inline void vf_store(float* p, vF v) {
+  Stream ? _mm256_stream_ps(p, v) : _mm256_storeu_ps(p, v);
+}
+template <bool Stream>
+inline void vh_store(void* p, __m128i h) {
+  Stream ? _mm_stream_si128(static_cast<__m128i*>(p), h) : _mm_storeu_si128(static_cast<__m128i*>(p), h);
+}
+#endif
+#if BATCHNORM_KERNEL_SIMD
+template <bool Stream>
+inline void vf_store(float16_t* p, vF v) {
+  vh_store<Stream>(p, vf_to_half(v));
+}
+template <bool Stream>
+inline void vf_store(bfloat16_t* p, vF v) {
+  vh_store<Stream>(p, vf_to_bfloat(v));
+}
+#else
+using vF = float;
+constexpr index_t kVF = 1;
+inline vF vf_set(float a) { return a; }
+inline vF vf_loadu(const float* p) { return *p; }
+template <class T>
+inline vF vf_load(const T* p) {
+  float v;
+  load(p, 1, 1, &v);
+  return v;
+}
+inline vF vf_sub(vF a, vF b) { return a - b; }
+inline vF vf_add(vF a, vF b) { return a + b; }
+inline vF vf_mul(vF a, vF b) { return a * b; }
+inline vF vf_fma(vF a, vF b, vF c) { return a * b + c; }  // as affine() without FMA
+inline vF vf_relu(vF z) { return relu(z); }
+inline vF vf_where_positive(vF z, vF g) { return z > 0.0f ? g : 0.0f; }
+template <bool Stream, class T>
+inline void vf_store(T* p, vF v) {
+  store(&v, p, 1, 1);
+}
+#endif
+
+// One element in and out of the compute type, as load()/store() convert it.
+template <class T>
+inline float to_compute(const T* p) {
+  float v;
+  load(p, 1, 1, &v);
+  return v;
+}
+template <class T>
+inline void from_compute(float v, T* p) {
+  store(&v, p, 1, 1);
+}
+
+// Elements before p is aligned to 64 bytes (at most n): the scalar head of a streamed pass.
+template <class T>
+inline index_t unaligned_head(const T* p, index_t n) {
+  const auto misalign = reinterpret_cast<std::uintptr_t>(p) % 64;
+  if (misalign % sizeof(T) != 0) return n;  // never aligned: all scalar, ordinary stores
+  return std::min<index_t>(n, static_cast<index_t>((64 - misalign) % 64 / sizeof(T)));
+}
+
+// Per-channel coefficients of a row-periodic pass, extended so that a vector starting at
+// any channel c < channels reads coefficient (c + j) mod channels at lane j.
+struct PeriodicCoefs {
+  std::vector<float> v;
+  index_t channels;
+  PeriodicCoefs(std::initializer_list<const float*> arrays, index_t channels_) : channels(channels_) {
+    const index_t len = channels + kVF;
+    v.resize(static_cast<std::size_t>(len) * arrays.size());
+    std::size_t base = 0;
+    for (const float* a : arrays) {
+      for (index_t j = 0; j < len; ++j) v[base + static_cast<std::size_t>(j)] = a[j % channels];
+      base += static_cast<std::size_t>(len);
+    }
+  }
+  const float* operator[](std::size_t i) const { return v.data() + i * static_cast<std::size_t>(channels + kVF); }
+  index_t next(index_t c, index_t step) const {
+    c += step;
+    return c < channels ? c : c % channels;
+  }
+};
+
+// y = act(a*(x - m) + b) over n contiguous values that start at channel c0 of rows of
+// `period` channels (period 0: one channel, scalar coefficients). Coefficient vectors:
+// lane j of position i uses channel (c + j) mod period.
+template <class T, bool Relu, bool Stream>
+void affine1_direct(const T* x, T* y, index_t n, const float* const* k, index_t period) {
+  index_t i = 0, c = 0;
+  auto scalar = [&](index_t e) {
+    for (; i < e; ++i) {
+      const index_t ch = period ? c : 0;
+      const float z = affine(to_compute(x + i), k[0][ch], k[1][ch], k[2][ch]);
+      from_compute(Relu ? relu(z) : z, y + i);
+      if (period && ++c == period) c = 0;
+    }
+  };
+  if (Stream) scalar(unaligned_head(y, n));
+  if (period) {
+    for (; i + kVF <= n; i += kVF) {
+      const vF z = vf_fma(vf_loadu(k[0] + c), vf_sub(vf_load(x + i), vf_loadu(k[1] + c)), vf_loadu(k[2] + c));
+      vf_store<Stream>(y + i, Relu ? vf_relu(z) : z);
+      c += kVF;
+      if (c >= period) c %= period;
+    }
+  } else {
+    const vF a = vf_set(k[0][0]), m = vf_set(k[1][0]), b = vf_set(k[2][0]);
+    for (; i + kVF <= n; i += kVF) {
+      const vF z = vf_fma(a, vf_sub(vf_load(x + i), m), b);
+      vf_store<Stream>(y + i, Relu ? vf_relu(z) : z);
+    }
+  }
+  scalar(n);
+}
+
+// dx = k1*g + k2*(x - m) + k3, g = dy (masked by relu(a*(x - m) + b)); layout as affine1_direct.
+// k: a, m, b, k1, k2, k3.
+template <class T, bool Relu, bool Stream>
+void affine2_direct(const T* dy, const T* x, T* dx, index_t n, const float* const* k, index_t period) {
+  index_t i = 0, c = 0;
+  auto scalar = [&](index_t e) {
+    for (; i < e; ++i) {
+      const index_t ch = period ? c : 0;
+      const float xv = to_compute(x + i), m = k[1][ch];
+      float g = to_compute(dy + i);
+      if constexpr (Relu) g = affine(xv, k[0][ch], m, k[2][ch]) > 0.0f ? g : 0.0f;
+      from_compute(k[3][ch] * g + k[4][ch] * (xv - m) + k[5][ch], dx + i);
+      if (period && ++c == period) c = 0;
+    }
+  };
+  auto vec = [&](vF a, vF m, vF b, vF k1, vF k2, vF k3) {
+    const vF xv = vf_load(x + i);
+    vF g = vf_load(dy + i);
+    if constexpr (Relu) g = vf_where_positive(vf_fma(a, vf_sub(xv, m), b), g);
+    vf_store<Stream>(dx + i, vf_add(vf_add(vf_mul(k1, g), vf_mul(k2, vf_sub(xv, m))), k3));
+  };
+  if (Stream) scalar(unaligned_head(dx, n));
+  if (period) {
+    for (; i + kVF <= n; i += kVF) {
+      vec(Relu ? vf_loadu(k[0] + c) : vF{}, vf_loadu(k[1] + c), Relu ? vf_loadu(k[2] + c) : vF{}, vf_loadu(k[3] + c),
+          vf_loadu(k[4] + c), vf_loadu(k[5] + c));
+      c += kVF;
+      if (c >= period) c %= period;
+    }
+  } else {
+    const vF a = Relu ? vf_set(k[0][0]) : vF{}, m = vf_set(k[1][0]), b = Relu ? vf_set(k[2][0]) : vF{};
+    const vF k1 = vf_set(k[3][0]), k2 = vf_set(k[4][0]), k3 = vf_set(k[5][0]);
+    for (; i + kVF <= n; i += kVF) vec(a, m, b, k1, k2, k3);
+  }
+  scalar(n);
+}
+
+template <class F>
+inline void with_flags(bool relu_on, bool stream, const F& f) {
+  if (relu_on)
+    stream ? f(std::true_type{}, std::true_type{}) : f(std::true_type{}, std::false_type{});
+  else
+    stream ? f(std::false_type{}, std::true_type{}) : f(std::false_type{}, std::false_type{});
+}
+
+template <class T>
+constexpr bool kDirect = !std::is_same_v<T, double>;
+
 template <class C, bool Relu>
 inline void affine1_block(const C* x, C* y, index_t n, C a, C m, C b) {
   for (index_t i = 0; i < n; ++i) {
@@ -428,15 +668,31 @@ inline Coefs<C> shifted(const Coefs<C>& k, index_t c) {
 
 // ---- the table entries ----------------------------------------------------------------
 
+// Rows are processed in blocks of whole rows: where consecutive rows are contiguous in
+// every array (the usual NHWC / (N, C) case) a block is one contiguous stretch of up to
+// kBlock values, converted, computed and written (or streamed) in one piece; otherwise a
+// block is one row, or a kBlock-wide part of a long row. rows_fn(r, nr, c0, n) handles
+// rows [r, r + nr) and, within each, channels [c0, c0 + n), with nr > 1 only when those
+// rows form one contiguous block of nr * channels values.
+template <class F>
+inline void for_row_blocks(index_t rows, index_t channels, bool contiguous, const F& rows_fn) {
+  if (contiguous && channels <= kBlock / 2) {
+    const index_t per = kBlock / channels;
+    for (index_t r = 0; r < rows; r += per) rows_fn(r, std::min(per, rows - r), index_t{0}, channels);
+    return;
+  }
+  for (index_t r = 0; r < rows; ++r)
+    for (index_t c0 = 0; c0 < channels; c0 += kBlock) rows_fn(r, index_t{1}, c0, std::min(kBlock, channels - c0));
+}
+
 template <class T>
 void reduce1_rows(Strided<const T> x, index_t rows, index_t channels, Coefs<compute_t<T>> k, double* s, double* ss) {
   using C = compute_t<T>;
   C buf[kBlock];
-  for (index_t r = 0; r < rows; ++r)
-    for (index_t c0 = 0; c0 < channels; c0 += kBlock) {
-      const index_t n = std::min(kBlock, channels - c0);
-      reduce1_channels(view(x.p + r * x.stride + c0, 1, n, buf), n, k.m + c0, s + c0, ss + c0);
-    }
+  for_row_blocks(rows, channels, x.stride == channels, [&](index_t r, index_t nr, index_t c0, index_t n) {
+    const C* xs = view(x.p + r * x.stride + c0, 1, nr * n, buf);
+    for (index_t i = 0; i < nr; ++i) reduce1_channels(xs + i * n, n, k.m + c0, s + c0, ss + c0);
+  });
 }
 
 template <class T>
@@ -449,27 +705,57 @@ void reduce1_run(Strided<const T> x, index_t n, Coefs<compute_t<T>> k, double* s
   }
 }
 
+// Coefficient arrays of a direct pass (a missing one, unused, reads m instead).
+inline std::array<const float*, 6> coef_arrays(const Coefs<float>& k) {
+  auto or_m = [&](const float* p) { return p ? p : k.m; };
+  return {or_m(k.a), k.m, or_m(k.b), or_m(k.k1), or_m(k.k2), or_m(k.k3)};
+}
+
 template <class T>
 void affine1_rows(Strided<const T> x, Strided<T> y, index_t rows, index_t channels, Coefs<compute_t<T>> k, bool relu_on,
                   bool stream) {
   using C = compute_t<T>;
+  if constexpr (kDirect<T>) {
+    const std::array<const float*, 6> ka = coef_arrays(k);
+    const PeriodicCoefs pc({ka[0], ka[1], ka[2]}, channels);
+    const float* kk[3] = {pc[0], pc[1], pc[2]};
+    with_flags(relu_on, stream, [&](auto r, auto st) {
+      if (x.stride == channels && y.stride == channels)  // one contiguous stretch
+        affine1_direct<T, r.value, st.value>(x.p, y.p, rows * channels, kk, channels);
+      else
+        for (index_t i = 0; i < rows; ++i)
+          affine1_direct<T, r.value, st.value>(x.p + i * x.stride, y.p + i * y.stride, channels, kk, channels);
+    });
+    if (stream) end_stream();
+    return;
+  }
   C xbuf[kBlock], ybuf[kBlock];
-  for (index_t r = 0; r < rows; ++r)
-    for (index_t c0 = 0; c0 < channels; c0 += kBlock) {
-      const index_t n = std::min(kBlock, channels - c0);
-      const C* xs = view(x.p + r * x.stride + c0, 1, n, xbuf);
-      T* yp = y.p + r * y.stride + c0;
-      C* ys = output_target(yp, 1, ybuf, stream);
-      const Coefs<C> kc = shifted(k, c0);
-      relu_on ? affine1_channels<C, true>(xs, ys, n, kc) : affine1_channels<C, false>(xs, ys, n, kc);
-      output_finish(ys, yp, 1, n, stream);
-    }
+  const bool contiguous = x.stride == channels && y.stride == channels;
+  for_row_blocks(rows, channels, contiguous, [&](index_t r, index_t nr, index_t c0, index_t n) {
+    const C* xs = view(x.p + r * x.stride + c0, 1, nr * n, xbuf);
+    T* yp = y.p + r * y.stride + c0;
+    C* ys = output_target(yp, 1, ybuf, stream);
+    const Coefs<C> kc = shifted(k, c0);
+    for (index_t i = 0; i < nr; ++i)
+      relu_on ? affine1_channels<C, true>(xs + i * n, ys + i * n, n, kc)
+              : affine1_channels<C, false>(xs + i * n, ys + i * n, n, kc);
+    output_finish(ys, yp, 1, nr * n, stream);
+  });
   if (stream) end_stream();
 }
 
 template <class T>
 void affine1_run(Strided<const T> x, Strided<T> y, index_t n, Coefs<compute_t<T>> k, bool relu_on, bool stream) {
   using C = compute_t<T>;
+  if constexpr (kDirect<T>) {
+    if (x.stride == 1 && y.stride == 1) {
+      const std::array<const float*, 6> ka = coef_arrays(k);
+      with_flags(relu_on, stream,
+                 [&](auto r, auto st) { affine1_direct<T, r.value, st.value>(x.p, y.p, n, ka.data(), 0); });
+      if (stream) end_stream();
+      return;
+    }
+  }
   C xbuf[kBlock], ybuf[kBlock];
   for (index_t i = 0; i < n; i += kBlock) {
     const index_t len = std::min(kBlock, n - i);
@@ -488,15 +774,15 @@ void reduce2_rows(Strided<const T> dy, Strided<const T> x, index_t rows, index_t
                   bool relu_on, double* s, double* ss) {
   using C = compute_t<T>;
   C dbuf[kBlock], xbuf[kBlock];
-  for (index_t r = 0; r < rows; ++r)
-    for (index_t c0 = 0; c0 < channels; c0 += kBlock) {
-      const index_t n = std::min(kBlock, channels - c0);
-      const C* ds = view(dy.p + r * dy.stride + c0, 1, n, dbuf);
-      const C* xs = view(x.p + r * x.stride + c0, 1, n, xbuf);
-      const Coefs<C> kc = shifted(k, c0);
-      relu_on ? reduce2_channels<C, true>(ds, xs, n, kc, s + c0, ss + c0)
-              : reduce2_channels<C, false>(ds, xs, n, kc, s + c0, ss + c0);
-    }
+  const bool contiguous = x.stride == channels && dy.stride == channels;
+  for_row_blocks(rows, channels, contiguous, [&](index_t r, index_t nr, index_t c0, index_t n) {
+    const C* ds = view(dy.p + r * dy.stride + c0, 1, nr * n, dbuf);
+    const C* xs = view(x.p + r * x.stride + c0, 1, nr * n, xbuf);
+    const Coefs<C> kc = shifted(k, c0);
+    for (index_t i = 0; i < nr; ++i)
+      relu_on ? reduce2_channels<C, true>(ds + i * n, xs + i * n, n, kc, s + c0, ss + c0)
+              : reduce2_channels<C, false>(ds + i * n, xs + i * n, n, kc, s + c0, ss + c0);
+  });
 }
 
 template <class T>
@@ -519,18 +805,34 @@ template <class T>
 void affine2_rows(Strided<const T> dy, Strided<const T> x, Strided<T> dx, index_t rows, index_t channels,
                   Coefs<compute_t<T>> k, bool relu_on, bool stream) {
   using C = compute_t<T>;
+  if constexpr (kDirect<T>) {
+    const std::array<const float*, 6> ka = coef_arrays(k);
+    const PeriodicCoefs pc({ka[0], ka[1], ka[2], ka[3], ka[4], ka[5]}, channels);
+    const float* kk[6] = {pc[0], pc[1], pc[2], pc[3], pc[4], pc[5]};
+    with_flags(relu_on, stream, [&](auto r, auto st) {
+      if (x.stride == channels && dy.stride == channels && dx.stride == channels)
+        affine2_direct<T, r.value, st.value>(dy.p, x.p, dx.p, rows * channels, kk, channels);
+      else
+        for (index_t i = 0; i < rows; ++i)
+          affine2_direct<T, r.value, st.value>(dy.p + i * dy.stride, x.p + i * x.stride, dx.p + i * dx.stride, channels,
+                                               kk, channels);
+    });
+    if (stream) end_stream();
+    return;
+  }
   C dbuf[kBlock], xbuf[kBlock], obuf[kBlock];
-  for (index_t r = 0; r < rows; ++r)
-    for (index_t c0 = 0; c0 < channels; c0 += kBlock) {
-      const index_t n = std::min(kBlock, channels - c0);
-      const C* ds = view(dy.p + r * dy.stride + c0, 1, n, dbuf);
-      const C* xs = view(x.p + r * x.stride + c0, 1, n, xbuf);
-      T* op = dx.p + r * dx.stride + c0;
-      C* os = output_target(op, 1, obuf, stream);
-      const Coefs<C> kc = shifted(k, c0);
-      relu_on ? affine2_channels<C, true>(ds, xs, os, n, kc) : affine2_channels<C, false>(ds, xs, os, n, kc);
-      output_finish(os, op, 1, n, stream);
-    }
+  const bool contiguous = x.stride == channels && dy.stride == channels && dx.stride == channels;
+  for_row_blocks(rows, channels, contiguous, [&](index_t r, index_t nr, index_t c0, index_t n) {
+    const C* ds = view(dy.p + r * dy.stride + c0, 1, nr * n, dbuf);
+    const C* xs = view(x.p + r * x.stride + c0, 1, nr * n, xbuf);
+    T* op = dx.p + r * dx.stride + c0;
+    C* os = output_target(op, 1, obuf, stream);
+    const Coefs<C> kc = shifted(k, c0);
+    for (index_t i = 0; i < nr; ++i)
+      relu_on ? affine2_channels<C, true>(ds + i * n, xs + i * n, os + i * n, n, kc)
+              : affine2_channels<C, false>(ds + i * n, xs + i * n, os + i * n, n, kc);
+    output_finish(os, op, 1, nr * n, stream);
+  });
   if (stream) end_stream();
 }
 
@@ -538,6 +840,15 @@ template <class T>
 void affine2_run(Strided<const T> dy, Strided<const T> x, Strided<T> dx, index_t n, Coefs<compute_t<T>> k, bool relu_on,
                  bool stream) {
   using C = compute_t<T>;
+  if constexpr (kDirect<T>) {
+    if (x.stride == 1 && dy.stride == 1 && dx.stride == 1) {
+      const std::array<const float*, 6> ka = coef_arrays(k);
+      with_flags(relu_on, stream,
+                 [&](auto r, auto st) { affine2_direct<T, r.value, st.value>(dy.p, x.p, dx.p, n, ka.data(), 0); });
+      if (stream) end_stream();
+      return;
+    }
+  }
   C dbuf[kBlock], xbuf[kBlock], obuf[kBlock];
   for (index_t i = 0; i < n; i += kBlock) {
     const index_t len = std::min(kBlock, n - i);

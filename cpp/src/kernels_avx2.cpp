@@ -7,8 +7,10 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #define BATCHNORM_KERNEL_ISA "avx2"
 #define BATCHNORM_KERNEL_FMA 1
