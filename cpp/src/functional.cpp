@@ -195,7 +195,7 @@ void map_pass(const Plan& p, const RowsFn& rows_fn, const RunFn& run_fn) {
 // Outputs at least this large are written with non-temporal stores: they cannot stay in
 // cache anyway, and skipping the read-for-ownership of their cache lines saves a third of an
 // elementwise pass's memory traffic. Smaller outputs stay in cache for whoever reads them next.
-constexpr std::size_t kStreamBytes = std::size_t{16} << 40;
+constexpr std::size_t kStreamBytes = std::size_t{16} << 20;
 
 template <class T>
 bool stream_output(const Plan& p) {
