@@ -127,17 +127,82 @@ inline Offsets run_offsets(const Plan& p, const Runs& r, index_t c, index_t oute
   return off;
 }
 
-// Calls run(channel, offsets, length) for units [begin, end).
+// A group of runs that one call of a runs kernel takes: `count` runs of `length` values
+// from `offsets` on, `stride` apart, of channels c, c + step, c + 2*step, ... (step 0: all
+// of channel c). Runs are grouped where they are contiguous (channels_first, unsplit) and
+// the order walks a single channel dimension (consecutive channels) or a single outer
+// dimension (one channel's runs); otherwise a group is one unit.
+struct RunGroup {
+  index_t c;
+  Offsets offsets;
+  index_t length, count, step;
+  Offsets stride;  // between runs
+  Offsets elem;    // within a run (1 in every array for channels_first)
+};
+
+// Calls run(group) for the units [begin, end), numbered outer-major or channel-major.
 template <class F>
-void for_runs(const Plan& p, const Runs& r, index_t begin, index_t end, const F& run) {
+void for_run_groups(const Plan& p, const Runs& r, bool outer_major, index_t begin, index_t end, const F& run) {
   const index_t outers = r.per_channel / r.pieces;
-  for (index_t u = begin; u < end; ++u) {
+  const bool contiguous_runs = p.kind == Kind::channels_first && r.pieces == 1;
+  const bool by_channel = outer_major && contiguous_runs && p.channel_dims.size() == 1;
+  const bool by_outer = !outer_major && contiguous_runs && p.reduce_dims.size() == 2;
+  for (index_t u = begin; u < end;) {
     const index_t whole = u / r.pieces;  // the run's number
-    const index_t c = r.outer_major ? whole % p.channels : whole / outers;
-    const index_t outer = r.outer_major ? whole / p.channels : whole % outers;
+    const index_t c = outer_major ? whole % p.channels : whole / outers;
+    const index_t outer = outer_major ? whole / p.channels : whole % outers;
     const index_t start = (u % r.pieces) * r.piece;
-    run(c, run_offsets(p, r, c, outer, start), std::min(r.piece, r.length - start));
+    RunGroup g{c, run_offsets(p, r, c, outer, start), std::min(r.piece, r.length - start), 1, 0, Offsets{}, r.stride};
+    if (by_channel) {
+      g.count = std::min(end - u, p.channels - c);
+      g.step = 1;
+      g.stride = p.channel_dims[0].stride;
+    } else if (by_outer) {
+      g.count = std::min(end - u, outers - outer);
+      g.stride = p.reduce_dims[0].stride;
+    }
+    run(g);
+    u += g.count;
   }
+}
+
+// One group through the kernels: the runs kernels take contiguous runs, the run kernels
+// one run of any stride.
+template <class T>
+void reduce1_group(const KernelTable<T>& kt, const RunGroup& g, const T* x, const Coefs<compute_t<T>>& k, double* s,
+                   double* ss, index_t ahead) {
+  if (g.elem[0] == 1)
+    kt.reduce1_runs({x + g.offsets[0], g.stride[0]}, g.length, g.count, g.step, k, s, ss, ahead);
+  else
+    kt.reduce1_run({x + g.offsets[0], g.elem[0]}, g.length, k, s, ss, ahead);
+}
+template <class T>
+void affine1_group(const KernelTable<T>& kt, const RunGroup& g, const T* x, T* y, const Coefs<compute_t<T>>& k,
+                   bool relu, Output out) {
+  if (g.elem[0] == 1 && g.elem[1] == 1)
+    kt.affine1_runs({x + g.offsets[0], g.stride[0]}, {y + g.offsets[1], g.stride[1]}, g.length, g.count, g.step, k,
+                    relu, out);
+  else
+    kt.affine1_run({x + g.offsets[0], g.elem[0]}, {y + g.offsets[1], g.elem[1]}, g.length, k, relu, out);
+}
+template <class T>
+void reduce2_group(const KernelTable<T>& kt, const RunGroup& g, const T* dy, const T* x, const Coefs<compute_t<T>>& k,
+                   bool relu, double* s, double* ss, index_t ahead) {
+  if (g.elem[0] == 1 && g.elem[1] == 1)
+    kt.reduce2_runs({dy + g.offsets[1], g.stride[1]}, {x + g.offsets[0], g.stride[0]}, g.length, g.count, g.step, k,
+                    relu, s, ss, ahead);
+  else
+    kt.reduce2_run({dy + g.offsets[1], g.elem[1]}, {x + g.offsets[0], g.elem[0]}, g.length, k, relu, s, ss, ahead);
+}
+template <class T>
+void affine2_group(const KernelTable<T>& kt, const RunGroup& g, const T* dy, const T* x, T* dx,
+                   const Coefs<compute_t<T>>& k, bool relu, Output out) {
+  if (g.elem[0] == 1 && g.elem[1] == 1 && g.elem[2] == 1)
+    kt.affine2_runs({dy + g.offsets[1], g.stride[1]}, {x + g.offsets[0], g.stride[0]}, {dx + g.offsets[2], g.stride[2]},
+                    g.length, g.count, g.step, k, relu, out);
+  else
+    kt.affine2_run({dy + g.offsets[1], g.elem[1]}, {x + g.offsets[0], g.elem[0]}, {dx + g.offsets[2], g.elem[2]},
+                   g.length, k, relu, out);
 }
 
 // Work items of a plan (rows or runs), for splitting among threads.
@@ -145,7 +210,7 @@ index_t work_items(const Plan& p) { return p.kind == Kind::channels_last ? p.cou
 
 // A per-channel sum pass (reduce-1 or reduce-2): sums (s, ss) per channel into out_s,
 // out_ss (zeroed here). rows_fn(offsets, nrows, row_strides, s, ss) and
-// run_fn(c, offsets, runs, s_c, ss_c) do one work item.
+// run_fn(group, s_c, ss_c) do one group of work items (s_c, ss_c: the group's first channel).
 template <class RowsFn, class RunFn>
 void reduce_pass(const Plan& p, double* out_s, double* out_ss, const RowsFn& rows_fn, const RunFn& run_fn) {
   const index_t C = p.channels;
@@ -164,8 +229,7 @@ void reduce_pass(const Plan& p, double* out_s, double* out_ss, const RowsFn& row
       for_rows(p, begin, end,
                [&](const Offsets& off, index_t nrows, const Offsets& rs) { rows_fn(off, nrows, rs, s, ss); });
     else
-      for_runs(p, runs, begin, end,
-               [&](index_t c, const Offsets& off, index_t len) { run_fn(c, off, runs, len, s + c, ss + c); });
+      for_run_groups(p, runs, runs.outer_major, begin, end, [&](const RunGroup& g) { run_fn(g, s + g.c, ss + g.c); });
   });
   if (nt > 1)
     for (int t = 0; t < nt; ++t) {
@@ -188,7 +252,7 @@ void map_pass(const Plan& p, const RowsFn& rows_fn, const RunFn& run_fn) {
     if (p.kind == Kind::channels_last)
       for_rows(p, begin, end, rows_fn);
     else
-      for_runs(p, runs, begin, end, [&](index_t c, const Offsets& off, index_t len) { run_fn(c, off, runs, len); });
+      for_run_groups(p, runs, runs.outer_major, begin, end, run_fn);
   });
 }
 
@@ -250,9 +314,7 @@ void sum_moments(const Plan& p, const T* x, double* mean, double* m2) {
       [&](const Offsets& off, index_t rows, const Offsets& rs, double* ps, double* pss) {
         kt.reduce1_rows({x + off[0], rs[0]}, rows, ch, k, ps, pss);
       },
-      [&](index_t c, const Offsets& off, const Runs& r, index_t len, double* ps, double* pss) {
-        kt.reduce1_run({x + off[0], r.stride[0]}, len, at_channel<T>(k, c), ps, pss);
-      });
+      [&](const RunGroup& g, double* ps, double* pss) { reduce1_group(kt, g, x, at_channel<T>(k, g.c), ps, pss, 0); });
   for (std::size_t c = 0; c < shift.size(); ++c)
     moments_from_sums(static_cast<double>(shift[c]), s[c], ss[c], static_cast<double>(p.count), mean[c], m2[c]);
 }
@@ -263,22 +325,52 @@ void sum_moments(const Plan& p, const T* x, double* mean, double* m2) {
 // bytes per input byte instead of 3, a backward 3 instead of 5. Channels are split among
 // threads, so each channel's sums are one thread's and do not depend on the thread count.
 constexpr std::size_t kChannelCacheBytes = std::size_t{1} << 19;  // half of a common per-core L2
+constexpr std::size_t kMinBlockRunBytes = 1024;
 
 // Threads for the channel-block schedule, or 0 where streaming passes are the better choice.
 inline int channel_block_threads(const Plan& p, std::size_t bytes_per_value) {
   if (p.kind == Kind::channels_last) return 0;
   if (static_cast<std::size_t>(p.count) * bytes_per_value > kChannelCacheBytes) return 0;
+  // Short runs (ResNet's 7x7 maps) scatter a channel over many small pieces of memory: one
+  // channel's 32 runs of 196 bytes sit 400 KB apart, each a cold miss. Streaming passes
+  // read them in memory order instead, which measured 1.5x faster at r50-7 shapes.
+  if (static_cast<std::size_t>(p.reduce_dims.empty() ? 1 : p.reduce_dims.back().size) * bytes_per_value <
+      kMinBlockRunBytes)
+    return 0;
   const int nt = threads_for(p.channels * p.count);
   return nt == 1 || p.channels >= 4 * nt ? nt : 0;  // few channels: balance by pieces instead
 }
 
-// Calls run(offsets, length) for every run of channel c.
+// Element distance from channel c's values to channel c + 1's in the given input arrays,
+// when it is the same in all of them (the prefetch distance of the channel-block
+// schedule), else 0 (no prefetch).
+inline index_t next_channel_distance(const Plan& p, index_t c, std::initializer_list<int> inputs) {
+  index_t distance = 0;
+  for (int op : inputs) {
+    const index_t d = p.channel_offset(c + 1, op) - p.channel_offset(c, op);
+    if (op != *inputs.begin() && d != distance) return 0;
+    distance = d;
+  }
+  return distance;
+}
+
+// Calls run(group) for units [u0, u1) of channel c (numbered 0 .. runs.per_channel - 1).
 template <class F>
-void for_channel(const Plan& p, const Runs& r, index_t c, const F& run) {
-  const index_t outers = r.per_channel / r.pieces;
-  for (index_t outer = 0; outer < outers; ++outer)
-    for (index_t start = 0; start < r.length; start += r.piece)
-      run(run_offsets(p, r, c, outer, start), std::min(r.piece, r.length - start));
+void for_channel(const Plan& p, const Runs& r, index_t c, index_t u0, index_t u1, const F& run) {
+  for_run_groups(p, r, false, c * r.per_channel + u0, c * r.per_channel + u1, run);
+}
+
+// The channel-block schedule overlaps memory traffic with arithmetic: while channel c is
+// summed and then written, channel c + 1 is prefetched, the first half of its units during
+// the sums and the rest during the elementwise pass (which also writes c), so the memory
+// never idles while a channel is processed from cache. Distances of 0 prefetch nothing.
+// Calls pass(group, ahead) for the units of channel c: the first half with ahead = the
+// distance to channel c + 1 when `first_half_ahead`, the second half with it otherwise.
+template <class F>
+void channel_halves(const Plan& p, const Runs& r, index_t c, index_t distance, bool first_half_ahead, const F& pass) {
+  const index_t half = r.per_channel / 2;
+  for_channel(p, r, c, 0, half, [&](const RunGroup& g) { pass(g, first_half_ahead ? distance : 0); });
+  for_channel(p, r, c, half, r.per_channel, [&](const RunGroup& g) { pass(g, first_half_ahead ? 0 : distance); });
 }
 
 template <class T>
@@ -290,9 +382,7 @@ void affine1(const Plan& p, const T* x, T* y, const Coefs<compute_t<T>>& k, bool
       [&](const Offsets& off, index_t rows, const Offsets& rs) {
         kt.affine1_rows({x + off[0], rs[0]}, {y + off[1], rs[1]}, rows, p.channels, k, relu, stream);
       },
-      [&](index_t c, const Offsets& off, const Runs& r, index_t len) {
-        kt.affine1_run({x + off[0], r.stride[0]}, {y + off[1], r.stride[1]}, len, at_channel<T>(k, c), relu, stream);
-      });
+      [&](const RunGroup& g) { affine1_group(kt, g, x, y, at_channel<T>(k, g.c), relu, stream); });
 }
 
 // Per-channel coefficients of an affine pass, in the compute type.
@@ -366,18 +456,18 @@ void forward_channel_blocks(const Plan& p, int nt, const T* x, T* y, const Affin
       C shift = channel_shift(p, x, c);
       Coefs<C> k;
       k.m = &shift;
+      const index_t next = c + 1 < c1 ? next_channel_distance(p, c, {0}) : 0;
       double s = 0, ss = 0;
-      for_channel(p, runs, c, [&](const Offsets& off, index_t len) {
-        kt.reduce1_run({x + off[0], runs.stride[0]}, len, k, &s, &ss);
-      });
+      channel_halves(p, runs, c, next, true,
+                     [&](const RunGroup& g, index_t ahead) { reduce1_group(kt, g, x, k, &s, &ss, ahead); });
       double mu, m2;
       moments_from_sums(static_cast<double>(shift), s, ss, M, mu, m2);
       const double inv = store_stats(c, mu, m2, M, epsilon, mean, variance, inv_std);
       C a, m, b;
       forward_coef<T>(affine, c, mean[c], inv, a, m, b);
       const Coefs<C> kc{&a, &m, &b};
-      for_channel(p, runs, c, [&](const Offsets& off, index_t len) {
-        kt.affine1_run({x + off[0], runs.stride[0]}, {y + off[1], runs.stride[1]}, len, kc, relu, stream);
+      channel_halves(p, runs, c, next, false, [&](const RunGroup& g, index_t ahead) {
+        affine1_group(kt, g, x, y, kc, relu, Output(stream, ahead));
       });
     }
   });
@@ -546,18 +636,17 @@ void backward_channel_blocks(BackwardSetup<T>& b, int nt, const T* dy, const T* 
     partition(p.channels, t, n, c0, c1);
     for (index_t c = c0; c < c1; ++c) {
       const Coefs<compute_t<T>> kc = at_channel<T>(kv, c);
+      const index_t next = c + 1 < c1 ? next_channel_distance(p, c, {0, 1}) : 0;
       double sum_dy = 0, sum_dy_xc = 0;
-      for_channel(p, runs, c, [&](const Offsets& off, index_t len) {
-        kt.reduce2_run({dy + off[1], runs.stride[1]}, {x + off[0], runs.stride[0]}, len, kc, b.relu, &sum_dy,
-                       &sum_dy_xc);
+      channel_halves(p, runs, c, next, true, [&](const RunGroup& g, index_t ahead) {
+        reduce2_group(kt, g, dy, x, kc, b.relu, &sum_dy, &sum_dy_xc, ahead);
       });
       const auto i = static_cast<std::size_t>(c);
       dbeta[c] = static_cast<stat_t<T>>(sum_dy);
       dgamma[c] = static_cast<stat_t<T>>(sum_dy_xc * b.inv[i]);
       b.set_apply_coef(i, affine, sum_dy, sum_dy_xc, p.count, statistics);
-      for_channel(p, runs, c, [&](const Offsets& off, index_t len) {
-        kt.affine2_run({dy + off[1], runs.stride[1]}, {x + off[0], runs.stride[0]}, {dx + off[2], runs.stride[2]}, len,
-                       kc, b.relu, stream);
+      channel_halves(p, runs, c, next, false, [&](const RunGroup& g, index_t ahead) {
+        affine2_group(kt, g, dy, x, dx, kc, b.relu, Output(stream, ahead));
       });
     }
   });
@@ -575,8 +664,8 @@ void reduce2(const BackwardSetup<T>& b, const T* dy, const T* x, double* sum_dy,
       [&](const Offsets& off, index_t rows, const Offsets& rs, double* s, double* ss) {
         kt.reduce2_rows({dy + off[1], rs[1]}, {x + off[0], rs[0]}, rows, ch, kv, relu, s, ss);
       },
-      [&](index_t c, const Offsets& off, const Runs& r, index_t len, double* s, double* ss) {
-        kt.reduce2_run({dy + off[1], r.stride[1]}, {x + off[0], r.stride[0]}, len, at_channel<T>(kv, c), relu, s, ss);
+      [&](const RunGroup& g, double* s, double* ss) {
+        reduce2_group(kt, g, dy, x, at_channel<T>(kv, g.c), relu, s, ss, 0);
       });
 }
 
@@ -597,10 +686,7 @@ void affine2(BackwardSetup<T>& b, const T* dy, const T* x, T* dx, const Affine<s
         kt.affine2_rows({dy + off[1], rs[1]}, {x + off[0], rs[0]}, {dx + off[2], rs[2]}, rows, p.channels, kv, relu,
                         stream);
       },
-      [&](index_t c, const Offsets& off, const Runs& r, index_t len) {
-        kt.affine2_run({dy + off[1], r.stride[1]}, {x + off[0], r.stride[0]}, {dx + off[2], r.stride[2]}, len,
-                       at_channel<T>(kv, c), relu, stream);
-      });
+      [&](const RunGroup& g) { affine2_group(kt, g, dy, x, dx, at_channel<T>(kv, g.c), relu, stream); });
 }
 
 void check_inputs(std::initializer_list<const void*> ptrs) {

@@ -67,6 +67,18 @@ inline void store(const float* in, float16_t* p, index_t stride, index_t n) {
   for (; i < n; ++i) p[i * stride].bits = float16_t::from_float(in[i]);
 }
 
+// One element in and out of the compute type, as load()/store() convert it.
+template <class T>
+inline float to_compute(const T* p) {
+  float v;
+  load(p, 1, 1, &v);
+  return v;
+}
+template <class T>
+inline void from_compute(float v, T* p) {
+  store(&v, p, 1, 1);
+}
+
 // n contiguous compute values starting at p: p itself where it already is that, else buf.
 template <class T, class C>
 inline const C* view(const T* p, index_t stride, index_t n, C* buf) {
@@ -130,6 +142,15 @@ inline void end_stream() {
 #endif
 }
 
+// Prefetches the line of p (into L2 and closer), for a pass that reads it later.
+inline void prefetch(const void* p) {
+#if BATCHNORM_KERNEL_SIMD
+  _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1);
+#else
+  (void)p;
+#endif
+}
+
 // Writes n computed values to contiguous p with non-temporal stores.
 template <class T, class C>
 inline void stream_out(const C* computed, T* p, index_t n) {
@@ -159,23 +180,36 @@ inline void output_finish(const C* computed, T* p, index_t stride, index_t n, bo
 
 // ---- the arithmetic, on contiguous compute arrays ------------------------------------
 
-// a*(x - m) + b, rounded the same way everywhere it is computed (forward output, the
-// backward's ReLU mask, scalar tails and vector bodies): one fused multiply-add where the
-// instruction set has it, a multiply and an add where it does not.
-inline float affine(float x, float a, float m, float b) {
+// a*b + c: one fused multiply-add where the instruction set has it, a multiply and an add
+// where it does not. Every pass is written with it, so the rounding is the same everywhere
+// an expression is computed (vector bodies, scalar edges, every code path).
+inline float madd(float a, float b, float c) {
 #if BATCHNORM_KERNEL_FMA
-  return __builtin_fmaf(a, x - m, b);
+  return __builtin_fmaf(a, b, c);
 #else
-  return a * (x - m) + b;
+  return a * b + c;
 #endif
 }
-inline double affine(double x, double a, double m, double b) {
+inline double madd(double a, double b, double c) {
 #if BATCHNORM_KERNEL_FMA
-  return __builtin_fma(a, x - m, b);
+  return __builtin_fma(a, b, c);
 #else
-  return a * (x - m) + b;
+  return a * b + c;
 #endif
 }
+
+// a*(x - m) + b: the forward output and the backward's ReLU mask (bit for bit the same).
+template <class C>
+inline C affine(C x, C a, C m, C b) {
+  return madd(a, x - m, b);
+}
+
+// dx = k1*g + k2*(x - m) + k3, as madd(k1, g, madd(k2, x - m, k3)).
+template <class C>
+inline C apply2(C g, C xc, C k1, C k2, C k3) {
+  return madd(k1, g, madd(k2, xc, k3));
+}
+
 template <class C>
 inline C relu(C z) {
   return z < C(0) ? C(0) : z;  // NaN stays NaN, as IEEE max(z, 0) in PyTorch
@@ -256,6 +290,19 @@ inline vd d_positive_and(vd z, vd g) {
   return _mm512_maskz_mov_pd(_mm512_cmp_pd_mask(z, _mm512_setzero_pd(), _CMP_GT_OQ), g);
 }
 inline vf f_load(const float* p) { return _mm256_loadu_ps(p); }
+inline vf f_load(const float16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline vf f_load(const bfloat16_t* p) {
+  return _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+// The first n < W elements as floats, zeros after (masked loads touch no other memory).
+inline __mmask8 first_lanes(index_t n) { return static_cast<__mmask8>((1u << n) - 1u); }
+inline vf f_load_first(const float* p, __mmask8 k) { return _mm256_maskz_loadu_ps(k, p); }
+inline vf f_load_first(const float16_t* p, __mmask8 k) { return _mm256_cvtph_ps(_mm_maskz_loadu_epi16(k, p)); }
+inline vf f_load_first(const bfloat16_t* p, __mmask8 k) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_maskz_loadu_epi16(k, p)), 16));
+}
+inline vd d_sub_first(__mmask8 k, vd a, vd b) { return _mm512_maskz_sub_pd(k, a, b); }
 inline vf f_set(float a) { return _mm256_set1_ps(a); }
 inline vf f_affine(vf x, vf a, vf m, vf b) { return _mm256_fmadd_ps(a, _mm256_sub_ps(x, m), b); }
 inline vf f_positive_and(vf z, vf g) { return _mm256_and_ps(_mm256_cmp_ps(z, _mm256_setzero_ps(), _CMP_GT_OQ), g); }
@@ -273,6 +320,10 @@ inline vd d_from(vf f) { return _mm256_cvtps_pd(f); }
 inline void d_store(double* p, vd v) { _mm256_storeu_pd(p, v); }
 inline vd d_positive_and(vd z, vd g) { return _mm256_and_pd(_mm256_cmp_pd(z, _mm256_setzero_pd(), _CMP_GT_OQ), g); }
 inline vf f_load(const float* p) { return _mm_loadu_ps(p); }
+inline vf f_load(const float16_t* p) { return _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))); }
+inline vf f_load(const bfloat16_t* p) {
+  return _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))), 16));
+}
 inline vf f_set(float a) { return _mm_set1_ps(a); }
 inline vf f_affine(vf x, vf a, vf m, vf b) { return _mm_fmadd_ps(a, _mm_sub_ps(x, m), b); }
 inline vf f_positive_and(vf z, vf g) { return _mm_and_ps(_mm_cmp_ps(z, _mm_setzero_ps(), _CMP_GT_OQ), g); }
@@ -288,12 +339,18 @@ struct VectorLanes {
   VectorLanes() {
     for (vd& a : acc) a = d_zero();
   }
+  // The pairwise order of Lanes::total over the kUnroll*W lanes (halves added, then
+  // halves of the halves), done in registers: short runs finish once per run.
   double finish(double tail) {
-    alignas(64) double lanes[kUnroll * W];
-    for (int u = 0; u < kUnroll; ++u) d_store(lanes + u * W, acc[u]);
-    for (int w = kUnroll * W / 2; w > 0; w /= 2)
-      for (int j = 0; j < w; ++j) lanes[j] += lanes[j + w];
-    return lanes[0] + tail;
+    static_assert(kUnroll == 4, "the pairing below is written for four accumulators");
+    const vd v = d_add(d_add(acc[0], acc[2]), d_add(acc[1], acc[3]));
+#if BATCHNORM_KERNEL_SIMD == 512
+    const __m256d h = _mm256_add_pd(_mm512_castpd512_pd256(v), _mm512_extractf64x4_pd(v, 1));
+#else
+    const __m256d h = v;
+#endif
+    const __m128d q = _mm_add_pd(_mm256_castpd256_pd128(h), _mm256_extractf128_pd(h, 1));
+    return (_mm_cvtsd_f64(q) + _mm_cvtsd_f64(_mm_unpackhi_pd(q, q))) + tail;
   }
 };
 
@@ -351,6 +408,84 @@ inline void reduce2_block(const C* dy, const C* x, index_t n, C a, C m, C b, dou
   s += ls.finish(ts);
   ss += lss.finish(tss);
 }
+
+// The two reductions straight from the element type (16-bit converted in registers), with
+// the sums carried across the runs of one channel in Sums and reduced once at the end.
+// With ahead != 0 the inputs are prefetched that many elements ahead as the run is read.
+struct Sums {
+  VectorLanes s, ss;
+  double ts = 0, tss = 0;  // scalar tails
+  void add_to(double& out_s, double& out_ss) {
+    out_s += s.finish(ts);
+    out_ss += ss.finish(tss);
+  }
+};
+
+template <class T>
+inline void reduce1_direct(const T* x, index_t n, double m, Sums& a, index_t ahead) {
+  const vd vm = d_set(m);
+  index_t i = 0;
+  for (; i + kUnroll * W <= n; i += kUnroll * W) {
+    if (ahead) prefetch(x + i + ahead), prefetch(x + i + ahead + kUnroll * W - 1);
+    for (int u = 0; u < kUnroll; ++u) {
+      const vd d = d_sub(d_from(f_load(x + i + u * W)), vm);
+      a.s.acc[u] = d_add(a.s.acc[u], d);
+      a.ss.acc[u] = d_fma(d, d, a.ss.acc[u]);
+    }
+  }
+  for (; i + W <= n; i += W) {
+    const vd d = d_sub(d_from(f_load(x + i)), vm);
+    a.s.acc[0] = d_add(a.s.acc[0], d);
+    a.ss.acc[0] = d_fma(d, d, a.ss.acc[0]);
+  }
+  if (i == n) return;
+#if BATCHNORM_KERNEL_SIMD == 512
+  const __mmask8 k = first_lanes(n - i);
+  const vd d = d_sub_first(k, d_from(f_load_first(x + i, k)), vm);
+  a.s.acc[1] = d_add(a.s.acc[1], d);
+  a.ss.acc[1] = d_fma(d, d, a.ss.acc[1]);
+#else
+  for (; i < n; ++i) {
+    const double d = static_cast<double>(to_compute(x + i)) - m;
+    a.ts += d;
+    a.tss += d * d;
+  }
+#endif
+}
+
+template <class T, bool Relu>
+inline void reduce2_direct(const T* dy, const T* x, index_t n, float a, float m, float b, Sums& sums, index_t ahead) {
+  const vf va = f_set(a), vm = f_set(m), vb = f_set(b);
+  const vd md = d_set(m);
+  auto step = [&](vf dyv, vf xv, int u) {
+    vf g = dyv;
+    if constexpr (Relu) g = f_positive_and(f_affine(xv, va, vm, vb), g);
+    const vd gd = d_from(g);
+    sums.s.acc[u] = d_add(sums.s.acc[u], gd);
+    sums.ss.acc[u] = d_fma(gd, d_sub(d_from(xv), md), sums.ss.acc[u]);
+  };
+  index_t i = 0;
+  for (; i + kUnroll * W <= n; i += kUnroll * W) {
+    if (ahead) {
+      prefetch(x + i + ahead), prefetch(x + i + ahead + kUnroll * W - 1);
+      prefetch(dy + i + ahead), prefetch(dy + i + ahead + kUnroll * W - 1);
+    }
+    for (int u = 0; u < kUnroll; ++u) step(f_load(dy + i + u * W), f_load(x + i + u * W), u);
+  }
+  for (; i + W <= n; i += W) step(f_load(dy + i), f_load(x + i), 0);
+  if (i == n) return;
+#if BATCHNORM_KERNEL_SIMD == 512
+  const __mmask8 k = first_lanes(n - i);  // dy = 0 in the lanes past the end: they add nothing
+  step(f_load_first(dy + i, k), f_load_first(x + i, k), 1);
+#else
+  for (; i < n; ++i) {
+    const float xv = to_compute(x + i);
+    const double g = masked<float, Relu>(to_compute(dy + i), xv, a, m, b);
+    sums.ts += g;
+    sums.tss += g * (static_cast<double>(xv) - static_cast<double>(m));
+  }
+#endif
+}
 #else
 template <class C>
 inline void reduce1_block(const C* x, index_t n, double m, double& s, double& ss) {
@@ -367,7 +502,7 @@ inline void reduce2_block(const C* dy, const C* x, index_t n, C a, C m, C b, dou
 // registers, with no staging buffer, and write streamed output with non-temporal stores
 // straight from registers (after a scalar head that aligns the output to 64 bytes).
 // Every element is computed by the same sequence of roundings as the scalar functions
-// above (affine(), relu(), k1*g + k2*(x - m) + k3), so vector body and scalar edges agree.
+// above (affine(), relu(), apply2()), so vector body and scalar edges agree.
 // The baseline build runs the same loops with one float per "vector".
 #if BATCHNORM_KERNEL_SIMD == 512
 using vF = __m512;
@@ -481,18 +616,6 @@ inline void vf_store(T* p, vF v) {
 }
 #endif
 
-// One element in and out of the compute type, as load()/store() convert it.
-template <class T>
-inline float to_compute(const T* p) {
-  float v;
-  load(p, 1, 1, &v);
-  return v;
-}
-template <class T>
-inline void from_compute(float v, T* p) {
-  store(&v, p, 1, 1);
-}
-
 // Elements before p is aligned to 64 bytes (at most n): the scalar head of a streamed pass.
 template <class T>
 inline index_t unaligned_head(const T* p, index_t n) {
@@ -526,7 +649,7 @@ struct PeriodicCoefs {
 // `period` channels (period 0: one channel, scalar coefficients). Coefficient vectors:
 // lane j of position i uses channel (c + j) mod period.
 template <class T, bool Relu, bool Stream>
-void affine1_direct(const T* x, T* y, index_t n, const float* const* k, index_t period) {
+void affine1_direct(const T* x, T* y, index_t n, const float* const* k, index_t period, index_t ahead = 0) {
   index_t i = 0, c = 0;
   auto scalar = [&](index_t e) {
     for (; i < e; ++i) {
@@ -547,6 +670,7 @@ void affine1_direct(const T* x, T* y, index_t n, const float* const* k, index_t 
   } else {
     const vF a = vf_set(k[0][0]), m = vf_set(k[1][0]), b = vf_set(k[2][0]);
     for (; i + kVF <= n; i += kVF) {
+      if (ahead) prefetch(x + i + ahead);
       const vF z = vf_fma(a, vf_sub(vf_load(x + i), m), b);
       vf_store<Stream>(y + i, Relu ? vf_relu(z) : z);
     }
@@ -554,10 +678,11 @@ void affine1_direct(const T* x, T* y, index_t n, const float* const* k, index_t 
   scalar(n);
 }
 
-// dx = k1*g + k2*(x - m) + k3, g = dy (masked by relu(a*(x - m) + b)); layout as affine1_direct.
+// dx = apply2(g, x - m, k1, k2, k3), g = dy (masked by relu(a*(x - m) + b)); layout as affine1_direct.
 // k: a, m, b, k1, k2, k3.
 template <class T, bool Relu, bool Stream>
-void affine2_direct(const T* dy, const T* x, T* dx, index_t n, const float* const* k, index_t period) {
+void affine2_direct(const T* dy, const T* x, T* dx, index_t n, const float* const* k, index_t period,
+                    index_t ahead = 0) {
   index_t i = 0, c = 0;
   auto scalar = [&](index_t e) {
     for (; i < e; ++i) {
@@ -565,7 +690,7 @@ void affine2_direct(const T* dy, const T* x, T* dx, index_t n, const float* cons
       const float xv = to_compute(x + i), m = k[1][ch];
       float g = to_compute(dy + i);
       if constexpr (Relu) g = affine(xv, k[0][ch], m, k[2][ch]) > 0.0f ? g : 0.0f;
-      from_compute(k[3][ch] * g + k[4][ch] * (xv - m) + k[5][ch], dx + i);
+      from_compute(apply2(g, xv - m, k[3][ch], k[4][ch], k[5][ch]), dx + i);
       if (period && ++c == period) c = 0;
     }
   };
@@ -573,7 +698,7 @@ void affine2_direct(const T* dy, const T* x, T* dx, index_t n, const float* cons
     const vF xv = vf_load(x + i);
     vF g = vf_load(dy + i);
     if constexpr (Relu) g = vf_where_positive(vf_fma(a, vf_sub(xv, m), b), g);
-    vf_store<Stream>(dx + i, vf_add(vf_add(vf_mul(k1, g), vf_mul(k2, vf_sub(xv, m))), k3));
+    vf_store<Stream>(dx + i, vf_fma(k1, g, vf_fma(k2, vf_sub(xv, m), k3)));
   };
   if (Stream) scalar(unaligned_head(dx, n));
   if (period) {
@@ -586,7 +711,10 @@ void affine2_direct(const T* dy, const T* x, T* dx, index_t n, const float* cons
   } else {
     const vF a = Relu ? vf_set(k[0][0]) : vF{}, m = vf_set(k[1][0]), b = Relu ? vf_set(k[2][0]) : vF{};
     const vF k1 = vf_set(k[3][0]), k2 = vf_set(k[4][0]), k3 = vf_set(k[5][0]);
-    for (; i + kVF <= n; i += kVF) vec(a, m, b, k1, k2, k3);
+    for (; i + kVF <= n; i += kVF) {
+      if (ahead) prefetch(x + i + ahead), prefetch(dy + i + ahead);
+      vec(a, m, b, k1, k2, k3);
+    }
   }
   scalar(n);
 }
@@ -616,7 +744,7 @@ inline void affine2_block(const C* dy, const C* x, C* dx, index_t n, const Coefs
   for (index_t i = 0; i < n; ++i) {
     C g = dy[i];
     if constexpr (Relu) g = affine(x[i], *k.a, m, *k.b) > C(0) ? g : C(0);
-    dx[i] = k1 * g + k2 * (x[i] - m) + k3;
+    dx[i] = apply2(g, x[i] - m, k1, k2, k3);
   }
 }
 
@@ -653,7 +781,7 @@ inline void affine2_channels(const C* dy, const C* x, C* dx, index_t n, const Co
   for (index_t c = 0; c < n; ++c) {
     C g = dy[c];
     if constexpr (Relu) g = affine(x[c], k.a[c], k.m[c], k.b[c]) > C(0) ? g : C(0);
-    dx[c] = k.k1[c] * g + k.k2[c] * (x[c] - k.m[c]) + k.k3[c];
+    dx[c] = apply2(g, x[c] - k.m[c], k.k1[c], k.k2[c], k.k3[c]);
   }
 }
 
@@ -696,8 +824,13 @@ void reduce1_rows(Strided<const T> x, index_t rows, index_t channels, Coefs<comp
 }
 
 template <class T>
-void reduce1_run(Strided<const T> x, index_t n, Coefs<compute_t<T>> k, double* s, double* ss) {
+void reduce1_runs(Strided<const T> x, index_t n, index_t count, index_t step, Coefs<compute_t<T>> k, double* s,
+                  double* ss, index_t ahead);
+
+template <class T>
+void reduce1_run(Strided<const T> x, index_t n, Coefs<compute_t<T>> k, double* s, double* ss, index_t ahead) {
   using C = compute_t<T>;
+  if (kDirect<T> && BATCHNORM_KERNEL_SIMD && x.stride == 1) return reduce1_runs<T>(x, n, 1, 0, k, s, ss, ahead);
   C buf[kBlock];
   for (index_t i = 0; i < n; i += kBlock) {
     const index_t len = std::min(kBlock, n - i);
@@ -715,6 +848,7 @@ template <class T>
 void affine1_rows(Strided<const T> x, Strided<T> y, index_t rows, index_t channels, Coefs<compute_t<T>> k, bool relu_on,
                   bool stream) {
   using C = compute_t<T>;
+  if (rows <= 0 || channels <= 0) return;
   if constexpr (kDirect<T>) {
     const std::array<const float*, 6> ka = coef_arrays(k);
     const PeriodicCoefs pc({ka[0], ka[1], ka[2]}, channels);
@@ -745,13 +879,14 @@ void affine1_rows(Strided<const T> x, Strided<T> y, index_t rows, index_t channe
 }
 
 template <class T>
-void affine1_run(Strided<const T> x, Strided<T> y, index_t n, Coefs<compute_t<T>> k, bool relu_on, bool stream) {
+void affine1_run(Strided<const T> x, Strided<T> y, index_t n, Coefs<compute_t<T>> k, bool relu_on, Output out) {
   using C = compute_t<T>;
+  const bool stream = out.stream;
   if constexpr (kDirect<T>) {
     if (x.stride == 1 && y.stride == 1) {
       const std::array<const float*, 6> ka = coef_arrays(k);
       with_flags(relu_on, stream,
-                 [&](auto r, auto st) { affine1_direct<T, r.value, st.value>(x.p, y.p, n, ka.data(), 0); });
+                 [&](auto r, auto st) { affine1_direct<T, r.value, st.value>(x.p, y.p, n, ka.data(), 0, out.ahead); });
       if (stream) end_stream();
       return;
     }
@@ -786,9 +921,15 @@ void reduce2_rows(Strided<const T> dy, Strided<const T> x, index_t rows, index_t
 }
 
 template <class T>
+void reduce2_runs(Strided<const T> dy, Strided<const T> x, index_t n, index_t count, index_t step,
+                  Coefs<compute_t<T>> k, bool relu_on, double* s, double* ss, index_t ahead);
+
+template <class T>
 void reduce2_run(Strided<const T> dy, Strided<const T> x, index_t n, Coefs<compute_t<T>> k, bool relu_on, double* s,
-                 double* ss) {
+                 double* ss, index_t ahead) {
   using C = compute_t<T>;
+  if (kDirect<T> && BATCHNORM_KERNEL_SIMD && x.stride == 1 && dy.stride == 1)
+    return reduce2_runs<T>(dy, x, n, 1, 0, k, relu_on, s, ss, ahead);
   C dbuf[kBlock], xbuf[kBlock];
   for (index_t i = 0; i < n; i += kBlock) {
     const index_t len = std::min(kBlock, n - i);
@@ -805,6 +946,7 @@ template <class T>
 void affine2_rows(Strided<const T> dy, Strided<const T> x, Strided<T> dx, index_t rows, index_t channels,
                   Coefs<compute_t<T>> k, bool relu_on, bool stream) {
   using C = compute_t<T>;
+  if (rows <= 0 || channels <= 0) return;
   if constexpr (kDirect<T>) {
     const std::array<const float*, 6> ka = coef_arrays(k);
     const PeriodicCoefs pc({ka[0], ka[1], ka[2], ka[3], ka[4], ka[5]}, channels);
@@ -838,13 +980,15 @@ void affine2_rows(Strided<const T> dy, Strided<const T> x, Strided<T> dx, index_
 
 template <class T>
 void affine2_run(Strided<const T> dy, Strided<const T> x, Strided<T> dx, index_t n, Coefs<compute_t<T>> k, bool relu_on,
-                 bool stream) {
+                 Output out) {
   using C = compute_t<T>;
+  const bool stream = out.stream;
   if constexpr (kDirect<T>) {
     if (x.stride == 1 && dy.stride == 1 && dx.stride == 1) {
       const std::array<const float*, 6> ka = coef_arrays(k);
-      with_flags(relu_on, stream,
-                 [&](auto r, auto st) { affine2_direct<T, r.value, st.value>(dy.p, x.p, dx.p, n, ka.data(), 0); });
+      with_flags(relu_on, stream, [&](auto r, auto st) {
+        affine2_direct<T, r.value, st.value>(dy.p, x.p, dx.p, n, ka.data(), 0, out.ahead);
+      });
       if (stream) end_stream();
       return;
     }
@@ -862,10 +1006,95 @@ void affine2_run(Strided<const T> dy, Strided<const T> x, Strided<T> dx, index_t
   if (stream) end_stream();
 }
 
+// ---- runs: `count` runs of n contiguous values, run j at p + j*stride in every array.
+// Run j uses the coefficients and accumulators of channel j*step: step 0 for the runs of
+// one channel (sums carried across them, reduced once), step 1 for consecutive channels.
+
+template <class T>
+void reduce1_runs(Strided<const T> x, index_t n, index_t count, index_t step, Coefs<compute_t<T>> k, double* s,
+                  double* ss, index_t ahead) {
+#if BATCHNORM_KERNEL_SIMD
+  if constexpr (kDirect<T>) {
+    Sums sums;
+    for (index_t j = 0; j < count; ++j) {
+      const T* p = x.p + j * x.stride;
+      reduce1_direct(p, n, static_cast<double>(k.m[j * step]), sums, ahead);
+      if (step) sums.add_to(s[j], ss[j]), sums = Sums();
+    }
+    if (!step) sums.add_to(*s, *ss);
+    return;
+  }
+#endif
+  for (index_t j = 0; j < count; ++j)
+    reduce1_run<T>({x.p + j * x.stride, 1}, n, shifted(k, j * step), s + j * step, ss + j * step, ahead);
+}
+
+template <class T>
+void reduce2_runs(Strided<const T> dy, Strided<const T> x, index_t n, index_t count, index_t step,
+                  Coefs<compute_t<T>> k, bool relu_on, double* s, double* ss, index_t ahead) {
+#if BATCHNORM_KERNEL_SIMD
+  if constexpr (kDirect<T>) {
+    auto body = [&](auto relu) {
+      Sums sums;
+      for (index_t j = 0; j < count; ++j) {
+        const index_t c = j * step;
+        const T* xp = x.p + j * x.stride;
+        const T* dp = dy.p + j * dy.stride;
+        const float a = relu.value ? k.a[c] : 1.0f, b = relu.value ? k.b[c] : 0.0f;  // a, b: only with the ReLU
+        reduce2_direct<T, relu.value>(dp, xp, n, a, k.m[c], b, sums, ahead);
+        if (step) sums.add_to(s[j], ss[j]), sums = Sums();
+      }
+      if (!step) sums.add_to(*s, *ss);
+    };
+    relu_on ? body(std::true_type{}) : body(std::false_type{});
+    return;
+  }
+#endif
+  for (index_t j = 0; j < count; ++j)
+    reduce2_run<T>({dy.p + j * dy.stride, 1}, {x.p + j * x.stride, 1}, n, shifted(k, j * step), relu_on, s + j * step,
+                   ss + j * step, ahead);
+}
+
+template <class T>
+void affine1_runs(Strided<const T> x, Strided<T> y, index_t n, index_t count, index_t step, Coefs<compute_t<T>> k,
+                  bool relu_on, Output out) {
+  if constexpr (kDirect<T>) {
+    with_flags(relu_on, out.stream, [&](auto r, auto st) {
+      for (index_t j = 0; j < count; ++j) {
+        const std::array<const float*, 6> ka = coef_arrays(shifted(k, j * step));
+        affine1_direct<T, r.value, st.value>(x.p + j * x.stride, y.p + j * y.stride, n, ka.data(), 0, out.ahead);
+      }
+    });
+    if (out.stream) end_stream();
+    return;
+  }
+  for (index_t j = 0; j < count; ++j)
+    affine1_run<T>({x.p + j * x.stride, 1}, {y.p + j * y.stride, 1}, n, shifted(k, j * step), relu_on, out);
+}
+
+template <class T>
+void affine2_runs(Strided<const T> dy, Strided<const T> x, Strided<T> dx, index_t n, index_t count, index_t step,
+                  Coefs<compute_t<T>> k, bool relu_on, Output out) {
+  if constexpr (kDirect<T>) {
+    with_flags(relu_on, out.stream, [&](auto r, auto st) {
+      for (index_t j = 0; j < count; ++j) {
+        const std::array<const float*, 6> ka = coef_arrays(shifted(k, j * step));
+        affine2_direct<T, r.value, st.value>(dy.p + j * dy.stride, x.p + j * x.stride, dx.p + j * dx.stride, n,
+                                             ka.data(), 0, out.ahead);
+      }
+    });
+    if (out.stream) end_stream();
+    return;
+  }
+  for (index_t j = 0; j < count; ++j)
+    affine2_run<T>({dy.p + j * dy.stride, 1}, {x.p + j * x.stride, 1}, {dx.p + j * dx.stride, 1}, n,
+                   shifted(k, j * step), relu_on, out);
+}
+
 template <class T>
 KernelTable<T> make_table() {
-  return {&reduce1_rows<T>, &reduce1_run<T>, &affine1_rows<T>, &affine1_run<T>,
-          &reduce2_rows<T>, &reduce2_run<T>, &affine2_rows<T>, &affine2_run<T>};
+  return {&reduce1_rows<T>, &reduce1_run<T>, &affine1_rows<T>, &affine1_run<T>,  &reduce2_rows<T>, &reduce2_run<T>,
+          &affine2_rows<T>, &affine2_run<T>, &reduce1_runs<T>, &affine1_runs<T>, &reduce2_runs<T>, &affine2_runs<T>};
 }
 
 const Tables* tables() {

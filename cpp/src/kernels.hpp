@@ -48,21 +48,45 @@ struct Strided {
   index_t stride;
 };
 
+/// How an elementwise pass writes its output, and what it prefetches meanwhile.
+///   stream: non-temporal stores for contiguous output (see above).
+///   ahead:  run kernels only: while computing element i, prefetch element i + ahead of
+///           each input (x, and dy in affine-2) into cache, for the pass that reads there
+///           next (the channel-block schedule's next channel); 0 prefetches nothing.
+///           The reduce run kernels take the same distance as their last argument.
+struct Output {
+  bool stream = false;
+  index_t ahead = 0;
+  Output(bool stream_ = false, index_t ahead_ = 0) : stream(stream_), ahead(ahead_) {}  // NOLINT: from bool
+};
+
 template <class T>
 struct KernelTable {
   using C = compute_t<T>;
   void (*reduce1_rows)(Strided<const T> x, index_t rows, index_t channels, Coefs<C> k, double* s, double* ss);
-  void (*reduce1_run)(Strided<const T> x, index_t n, Coefs<C> k, double* s, double* ss);
+  void (*reduce1_run)(Strided<const T> x, index_t n, Coefs<C> k, double* s, double* ss, index_t ahead);
   void (*affine1_rows)(Strided<const T> x, Strided<T> y, index_t rows, index_t channels, Coefs<C> k, bool relu,
                        bool stream);
-  void (*affine1_run)(Strided<const T> x, Strided<T> y, index_t n, Coefs<C> k, bool relu, bool stream);
+  void (*affine1_run)(Strided<const T> x, Strided<T> y, index_t n, Coefs<C> k, bool relu, Output out);
   void (*reduce2_rows)(Strided<const T> dy, Strided<const T> x, index_t rows, index_t channels, Coefs<C> k, bool relu,
                        double* s, double* ss);
-  void (*reduce2_run)(Strided<const T> dy, Strided<const T> x, index_t n, Coefs<C> k, bool relu, double* s, double* ss);
+  void (*reduce2_run)(Strided<const T> dy, Strided<const T> x, index_t n, Coefs<C> k, bool relu, double* s, double* ss,
+                      index_t ahead);
   void (*affine2_rows)(Strided<const T> dy, Strided<const T> x, Strided<T> dx, index_t rows, index_t channels,
                        Coefs<C> k, bool relu, bool stream);
   void (*affine2_run)(Strided<const T> dy, Strided<const T> x, Strided<T> dx, index_t n, Coefs<C> k, bool relu,
-                      bool stream);
+                      Output out);
+  // Many runs per call (each a contiguous stretch of n values; `stride` of a Strided is the
+  // distance between runs): run j uses channel j*step's coefficients and accumulators, so
+  // step 0 sums all runs into one channel and step 1 walks consecutive channels.
+  void (*reduce1_runs)(Strided<const T> x, index_t n, index_t count, index_t step, Coefs<C> k, double* s, double* ss,
+                       index_t ahead);
+  void (*affine1_runs)(Strided<const T> x, Strided<T> y, index_t n, index_t count, index_t step, Coefs<C> k, bool relu,
+                       Output out);
+  void (*reduce2_runs)(Strided<const T> dy, Strided<const T> x, index_t n, index_t count, index_t step, Coefs<C> k,
+                       bool relu, double* s, double* ss, index_t ahead);
+  void (*affine2_runs)(Strided<const T> dy, Strided<const T> x, Strided<T> dx, index_t n, index_t count, index_t step,
+                       Coefs<C> k, bool relu, Output out);
 };
 
 struct Tables {

@@ -8,6 +8,7 @@
 // which -Wmaybe-uninitialized reports wherever they are inlined; not a defect here.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"  // GCC 12's _mm512_extractf64x4_pd
 #endif
 #include <immintrin.h>
 

@@ -144,7 +144,7 @@ TYPED_TEST(Kernels, Reduce1Run) {
         }
         Coefs<C> k;
         k.m = &m;
-        kt.reduce1_run({x.data(), stride}, n, k, &s, &ss);
+        kt.reduce1_run({x.data(), stride}, n, k, &s, &ss, 0);
         EXPECT_NEAR(s, want_s, 1e-13 * scale);
         EXPECT_NEAR(ss, want_ss, 1e-13 * scale);
       }
@@ -229,7 +229,7 @@ TYPED_TEST(Kernels, Reduce2Run) {
           }
           Coefs<C> k;
           k.a = &a, k.m = &m, k.b = &b;
-          kt.reduce2_run({dy.data(), dstride}, {x.data(), stride}, n, k, relu, &s, &ss);
+          kt.reduce2_run({dy.data(), dstride}, {x.data(), stride}, n, k, relu, &s, &ss, 0);
           EXPECT_NEAR(s, want_s, 1e-13 * scale);
           EXPECT_NEAR(ss, want_ss, 1e-13 * scale);
         }
@@ -414,8 +414,8 @@ TYPED_TEST(Kernels, ZeroLengthIsANoOp) {
     const Coefs<C> k{&one, &one, &one, &one, &one, &one};
     T sentinel = from_d<T>(7.0);
     double s = 3, ss = 4;
-    kt.reduce1_run({&sentinel, 1}, 0, k, &s, &ss);
-    kt.reduce2_run({&sentinel, 1}, {&sentinel, 1}, 0, k, true, &s, &ss);
+    kt.reduce1_run({&sentinel, 1}, 0, k, &s, &ss, 0);
+    kt.reduce2_run({&sentinel, 1}, {&sentinel, 1}, 0, k, true, &s, &ss, 0);
     kt.affine1_run({&sentinel, 1}, {&sentinel, 1}, 0, k, true, false);
     kt.affine2_run({&sentinel, 1}, {&sentinel, 1}, {&sentinel, 1}, 0, k, false, false);
     kt.reduce1_rows({&sentinel, 1}, 0, 1, k, &s, &ss);
@@ -502,7 +502,7 @@ TYPED_TEST(Kernels, Reduce2WithoutReluNeedsNoActivationCoefs) {
     Coefs<C> k;
     k.m = m.data();  // a, b: null
     double s = 0, ss = 0;
-    kt.reduce2_run({dy.data(), 1}, {x.data(), 1}, 6, k, false, &s, &ss);
+    kt.reduce2_run({dy.data(), 1}, {x.data(), 1}, 6, k, false, &s, &ss, 0);
     EXPECT_EQ(s, 3.0);
     EXPECT_EQ(ss, 3.0);
     std::vector<double> sr(3, 0.0), ssr(3, 0.0);
