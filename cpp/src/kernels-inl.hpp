@@ -813,9 +813,96 @@ inline void for_row_blocks(index_t rows, index_t channels, bool contiguous, cons
     for (index_t c0 = 0; c0 < channels; c0 += kBlock) rows_fn(r, index_t{1}, c0, std::min(kBlock, channels - c0));
 }
 
+#if BATCHNORM_KERNEL_SIMD
+// Row tiles for the channels-last reductions: for each vector of kVF channels, the sums of
+// kTileRows rows are kept in registers and added to the per-channel accumulators once per
+// tile, instead of loading and storing the accumulators for every row. Channels past the
+// last whole vector go through the scalar per-row loop.
+constexpr index_t kTileRows = 4;
+// Rows per tile for `channels`: with many channels a tile's rows are far apart and their
+// accumulators are few per row, so one row at a time (accumulators in L1) reads faster.
+inline index_t tile_rows(index_t channels) { return channels <= 128 ? kTileRows : 1; }
+
+inline void split(vF v, vd& lo, vd& hi) {
+#if BATCHNORM_KERNEL_SIMD == 512
+  lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+  hi = _mm512_cvtps_pd(_mm512_extractf32x8_ps(v, 1));
+#else
+  lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v));
+  hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+#endif
+}
+
+template <class T>
+void reduce1_tiles(Strided<const T> x, index_t rows, index_t channels, const float* m, double* s, double* ss) {
+  const index_t vec_channels = channels / kVF * kVF, tile = tile_rows(channels);
+  for (index_t r0 = 0; r0 < rows; r0 += tile) {
+    const index_t r1 = std::min(rows, r0 + tile);
+    for (index_t c = 0; c < vec_channels; c += kVF) {
+      vd m0, m1;
+      split(vf_loadu(m + c), m0, m1);
+      vd s0 = d_zero(), s1 = d_zero(), q0 = d_zero(), q1 = d_zero();
+      for (index_t r = r0; r < r1; ++r) {
+        vd v0, v1;
+        split(vf_load(x.p + r * x.stride + c), v0, v1);
+        const vd d0 = d_sub(v0, m0), d1 = d_sub(v1, m1);
+        s0 = d_add(s0, d0), s1 = d_add(s1, d1);
+        q0 = d_fma(d0, d0, q0), q1 = d_fma(d1, d1, q1);
+      }
+      d_store(s + c, d_add(d_load(s + c), s0)), d_store(s + c + W, d_add(d_load(s + c + W), s1));
+      d_store(ss + c, d_add(d_load(ss + c), q0)), d_store(ss + c + W, d_add(d_load(ss + c + W), q1));
+    }
+    for (index_t r = r0; r < r1 && vec_channels < channels; ++r)
+      for (index_t c = vec_channels; c < channels; ++c) {
+        const double d = static_cast<double>(to_compute(x.p + r * x.stride + c)) - static_cast<double>(m[c]);
+        s[c] += d;
+        ss[c] += d * d;
+      }
+  }
+}
+
+template <class T, bool Relu>
+void reduce2_tiles(Strided<const T> dy, Strided<const T> x, index_t rows, index_t channels, const Coefs<float>& k,
+                   double* s, double* ss) {
+  const index_t vec_channels = channels / kVF * kVF, tile = tile_rows(channels);
+  for (index_t r0 = 0; r0 < rows; r0 += tile) {
+    const index_t r1 = std::min(rows, r0 + tile);
+    for (index_t c = 0; c < vec_channels; c += kVF) {
+      const vF mf = vf_loadu(k.m + c);
+      const vF a = Relu ? vf_loadu(k.a + c) : mf, b = Relu ? vf_loadu(k.b + c) : mf;  // a, b only with the ReLU
+      vd m0, m1;
+      split(mf, m0, m1);
+      vd s0 = d_zero(), s1 = d_zero(), q0 = d_zero(), q1 = d_zero();
+      for (index_t r = r0; r < r1; ++r) {
+        const vF xv = vf_load(x.p + r * x.stride + c);
+        vF g = vf_load(dy.p + r * dy.stride + c);
+        if constexpr (Relu) g = vf_where_positive(vf_fma(a, vf_sub(xv, mf), b), g);
+        vd g0, g1, x0, x1;
+        split(g, g0, g1), split(xv, x0, x1);
+        s0 = d_add(s0, g0), s1 = d_add(s1, g1);
+        q0 = d_fma(g0, d_sub(x0, m0), q0), q1 = d_fma(g1, d_sub(x1, m1), q1);
+      }
+      d_store(s + c, d_add(d_load(s + c), s0)), d_store(s + c + W, d_add(d_load(s + c + W), s1));
+      d_store(ss + c, d_add(d_load(ss + c), q0)), d_store(ss + c + W, d_add(d_load(ss + c + W), q1));
+    }
+    for (index_t r = r0; r < r1 && vec_channels < channels; ++r)
+      for (index_t c = vec_channels; c < channels; ++c) {
+        const float xv = to_compute(x.p + r * x.stride + c);
+        const double g = masked<float, Relu>(to_compute(dy.p + r * dy.stride + c), xv, Relu ? k.a[c] : 1.0f, k.m[c],
+                                             Relu ? k.b[c] : 0.0f);
+        s[c] += g;
+        ss[c] += g * (static_cast<double>(xv) - static_cast<double>(k.m[c]));
+      }
+  }
+}
+#endif
+
 template <class T>
 void reduce1_rows(Strided<const T> x, index_t rows, index_t channels, Coefs<compute_t<T>> k, double* s, double* ss) {
   using C = compute_t<T>;
+#if BATCHNORM_KERNEL_SIMD
+  if constexpr (kDirect<T>) return reduce1_tiles(x, rows, channels, k.m, s, ss);
+#endif
   C buf[kBlock];
   for_row_blocks(rows, channels, x.stride == channels, [&](index_t r, index_t nr, index_t c0, index_t n) {
     const C* xs = view(x.p + r * x.stride + c0, 1, nr * n, buf);
@@ -908,6 +995,11 @@ template <class T>
 void reduce2_rows(Strided<const T> dy, Strided<const T> x, index_t rows, index_t channels, Coefs<compute_t<T>> k,
                   bool relu_on, double* s, double* ss) {
   using C = compute_t<T>;
+#if BATCHNORM_KERNEL_SIMD
+  if constexpr (kDirect<T>)
+    return relu_on ? reduce2_tiles<T, true>(dy, x, rows, channels, k, s, ss)
+                   : reduce2_tiles<T, false>(dy, x, rows, channels, k, s, ss);
+#endif
   C dbuf[kBlock], xbuf[kBlock];
   const bool contiguous = x.stride == channels && dy.stride == channels;
   for_row_blocks(rows, channels, contiguous, [&](index_t r, index_t nr, index_t c0, index_t n) {
