@@ -208,7 +208,7 @@ def normalize(
     x = _data(x, "x", 1)
     axes = _feature_axes(axis, x.ndim)
     dtype = _stat_dtype(x)
-    channels = int(np.prod([x.shape[a] for a in axes]))
+    channels = math.prod(x.shape[a] for a in axes)
     y = _output(out, x, (x,))
     _core.normalize(
         x,
@@ -244,7 +244,7 @@ def forward(
     _require_batch(x, axes, "training on")
     kept = tuple(x.shape[a] for a in axes)
     dtype = _stat_dtype(x)
-    channels = int(np.prod(kept))
+    channels = math.prod(kept)
     g = _channel_param(gamma, "gamma", dtype, channels)
     b = _channel_param(beta, "beta", dtype, channels)
     eps = _epsilon(epsilon)
@@ -281,7 +281,7 @@ def backward(
     axes = _feature_axes(axis, x.ndim)
     kept = tuple(x.shape[a] for a in axes)
     dtype = _stat_dtype(x)
-    channels = int(np.prod(kept))
+    channels = math.prod(kept)
     try:
         stat_mean, stat_inv_std = stats.mean, stats.inv_std
     except AttributeError:
