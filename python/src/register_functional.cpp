@@ -7,6 +7,7 @@
 // py::array arguments keep alive, and no Python object.
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "batchnorm/functional.hpp"
 #include "bindings.hpp"
@@ -141,6 +142,92 @@ ArrayArg describe(const py::array& a, const char* name, bool writeable) {
   return arg;
 }
 
+namespace {
+
+// The bindings of moments, normalize, forward and backward.
+
+index_t moments_into(const py::array& x, const std::vector<int>& axes, const py::object& mean,
+                     const py::object& variance) {
+  const ArrayArg xa = describe(x, "x", false);
+  const Geometry g{xa.shape, to_axes(axes)};
+  const index_t channels = extent(g).channels;
+  return with_element(xa.element, [&](auto tag) {
+    using T = decltype(tag);
+    auto* mu = channel_array<stat_t<T>>(mean, "mean", channels, true);
+    auto* var = channel_array<stat_t<T>>(variance, "variance", channels, true);
+    py::gil_scoped_release nogil;
+    return moments<T>(g, {static_cast<const T*>(xa.data), xa.strides}, mu, var);
+  });
+}
+
+void normalize_into(const py::array& x, const py::array& y, const std::vector<int>& axes, const py::object& mean,
+                    const py::object& variance, const py::object& gamma, const py::object& beta, double epsilon,
+                    bool relu) {
+  const ArrayArg xa = describe(x, "x", false);
+  const ArrayArg ya = describe(y, "out", true);
+  check_like(xa, "x", ya, "out");
+  const Geometry g{xa.shape, to_axes(axes)};
+  const index_t channels = extent(g).channels;
+  with_element(xa.element, [&](auto tag) {
+    using T = decltype(tag);
+    using S = stat_t<T>;
+    const S* mu = channel_array<S>(mean, "mean", channels, false);
+    const S* var = channel_array<S>(variance, "variance", channels, false);
+    const Affine<S> affine = affine_of<S>(gamma, beta, channels);
+    py::gil_scoped_release nogil;
+    normalize<T>(g, {static_cast<const T*>(xa.data), xa.strides}, {static_cast<T*>(ya.data), ya.strides}, mu, var,
+                 affine, epsilon, relu ? Activation::relu : Activation::none);
+  });
+}
+
+index_t forward_into(const py::array& x, const py::array& y, const std::vector<int>& axes, const py::object& gamma,
+                     const py::object& beta, double epsilon, bool relu, const py::object& mean,
+                     const py::object& variance, const py::object& inv_std) {
+  const ArrayArg xa = describe(x, "x", false);
+  const ArrayArg ya = describe(y, "out", true);
+  check_like(xa, "x", ya, "out");
+  const Geometry g{xa.shape, to_axes(axes)};
+  const index_t channels = extent(g).channels;
+  return with_element(xa.element, [&](auto tag) {
+    using T = decltype(tag);
+    using S = stat_t<T>;
+    const Affine<S> affine = affine_of<S>(gamma, beta, channels);
+    S* mu = channel_array<S>(mean, "mean", channels, true);
+    S* var = channel_array<S>(variance, "variance", channels, true);
+    S* inv = channel_array<S>(inv_std, "inv_std", channels, true);
+    py::gil_scoped_release nogil;
+    return forward<T>(g, {static_cast<const T*>(xa.data), xa.strides}, {static_cast<T*>(ya.data), ya.strides}, affine,
+                      epsilon, relu ? Activation::relu : Activation::none, mu, var, inv);
+  });
+}
+
+void backward_into(const py::array& dy, const py::array& x, const py::array& dx, const std::vector<int>& axes,
+                   const py::object& mean, const py::object& inv_std, const py::object& gamma, const py::object& beta,
+                   bool relu, const py::object& dgamma, const py::object& dbeta, bool fixed_statistics) {
+  const ArrayArg xa = describe(x, "x", false);
+  const ArrayArg dya = describe(dy, "dy", false);
+  const ArrayArg dxa = describe(dx, "out", true);
+  check_like(dya, "dy", xa, "x");
+  check_like(xa, "x", dxa, "out");
+  const Geometry g{xa.shape, to_axes(axes)};
+  const index_t channels = extent(g).channels;
+  with_element(xa.element, [&](auto tag) {
+    using T = decltype(tag);
+    using S = stat_t<T>;
+    const S* mu = channel_array<S>(mean, "mean", channels, false);
+    const S* inv = channel_array<S>(inv_std, "inv_std", channels, false);
+    const Affine<S> affine = affine_of<S>(gamma, beta, channels);
+    S* dg = channel_array<S>(dgamma, "dgamma", channels, true);
+    S* db = channel_array<S>(dbeta, "dbeta", channels, true);
+    py::gil_scoped_release nogil;
+    backward<T>(g, {static_cast<const T*>(dya.data), dya.strides}, {static_cast<const T*>(xa.data), xa.strides},
+                {static_cast<T*>(dxa.data), dxa.strides}, mu, inv, affine, relu ? Activation::relu : Activation::none,
+                dg, db, fixed_statistics ? Statistics::fixed : Statistics::batch);
+  });
+}
+
+}  // namespace
+
 void register_functional(py::module_& m) {
   m.def(
       "extent",
@@ -150,21 +237,7 @@ void register_functional(py::module_& m) {
       },
       py::arg("shape"), py::arg("axes"), "(channels, count) of an array shape and feature axes");
 
-  m.def(
-      "moments",
-      [](const py::array& x, const std::vector<int>& axes, const py::object& mean, const py::object& variance) {
-        const ArrayArg xa = describe(x, "x", false);
-        const Geometry g{xa.shape, to_axes(axes)};
-        const index_t channels = extent(g).channels;
-        return with_element(xa.element, [&](auto tag) {
-          using T = decltype(tag);
-          auto* mu = channel_array<stat_t<T>>(mean, "mean", channels, true);
-          auto* var = channel_array<stat_t<T>>(variance, "variance", channels, true);
-          py::gil_scoped_release nogil;
-          return moments<T>(g, {static_cast<const T*>(xa.data), xa.strides}, mu, var);
-        });
-      },
-      py::arg("x").noconvert(), py::arg("axes"), py::arg("mean"), py::arg("variance"));
+  m.def("moments", &moments_into, py::arg("x").noconvert(), py::arg("axes"), py::arg("mean"), py::arg("variance"));
 
   m.def(
       "partial_moments",
@@ -182,84 +255,16 @@ void register_functional(py::module_& m) {
       },
       py::arg("x").noconvert(), py::arg("axes"), py::arg("mean"), py::arg("m2"));
 
-  m.def(
-      "normalize",
-      [](const py::array& x, const py::array& y, const std::vector<int>& axes, const py::object& mean,
-         const py::object& variance, const py::object& gamma, const py::object& beta, double epsilon, bool relu) {
-        const ArrayArg xa = describe(x, "x", false);
-        const ArrayArg ya = describe(y, "out", true);
-        check_like(xa, "x", ya, "out");
-        const Geometry g{xa.shape, to_axes(axes)};
-        const index_t channels = extent(g).channels;
-        with_element(xa.element, [&](auto tag) {
-          using T = decltype(tag);
-          using S = stat_t<T>;
-          const S* mu = channel_array<S>(mean, "mean", channels, false);
-          const S* var = channel_array<S>(variance, "variance", channels, false);
-          const Affine<S> affine = affine_of<S>(gamma, beta, channels);
-          py::gil_scoped_release nogil;
-          normalize<T>(g, {static_cast<const T*>(xa.data), xa.strides}, {static_cast<T*>(ya.data), ya.strides}, mu, var,
-                       affine, epsilon, relu ? Activation::relu : Activation::none);
-        });
-      },
-      py::arg("x").noconvert(), py::arg("out").noconvert(), py::arg("axes"), py::arg("mean"), py::arg("variance"),
-      py::arg("gamma"), py::arg("beta"), py::arg("epsilon"), py::arg("relu"));
+  m.def("normalize", &normalize_into, py::arg("x").noconvert(), py::arg("out").noconvert(), py::arg("axes"),
+        py::arg("mean"), py::arg("variance"), py::arg("gamma"), py::arg("beta"), py::arg("epsilon"), py::arg("relu"));
 
-  m.def(
-      "forward",
-      [](const py::array& x, const py::array& y, const std::vector<int>& axes, const py::object& gamma,
-         const py::object& beta, double epsilon, bool relu, const py::object& mean, const py::object& variance,
-         const py::object& inv_std) {
-        const ArrayArg xa = describe(x, "x", false);
-        const ArrayArg ya = describe(y, "out", true);
-        check_like(xa, "x", ya, "out");
-        const Geometry g{xa.shape, to_axes(axes)};
-        const index_t channels = extent(g).channels;
-        return with_element(xa.element, [&](auto tag) {
-          using T = decltype(tag);
-          using S = stat_t<T>;
-          const Affine<S> affine = affine_of<S>(gamma, beta, channels);
-          S* mu = channel_array<S>(mean, "mean", channels, true);
-          S* var = channel_array<S>(variance, "variance", channels, true);
-          S* inv = channel_array<S>(inv_std, "inv_std", channels, true);
-          py::gil_scoped_release nogil;
-          return forward<T>(g, {static_cast<const T*>(xa.data), xa.strides}, {static_cast<T*>(ya.data), ya.strides},
-                            affine, epsilon, relu ? Activation::relu : Activation::none, mu, var, inv);
-        });
-      },
-      py::arg("x").noconvert(), py::arg("out").noconvert(), py::arg("axes"), py::arg("gamma"), py::arg("beta"),
-      py::arg("epsilon"), py::arg("relu"), py::arg("mean"), py::arg("variance"), py::arg("inv_std"));
+  m.def("forward", &forward_into, py::arg("x").noconvert(), py::arg("out").noconvert(), py::arg("axes"),
+        py::arg("gamma"), py::arg("beta"), py::arg("epsilon"), py::arg("relu"), py::arg("mean"), py::arg("variance"),
+        py::arg("inv_std"));
 
-  m.def(
-      "backward",
-      [](const py::array& dy, const py::array& x, const py::array& dx, const std::vector<int>& axes,
-         const py::object& mean, const py::object& inv_std, const py::object& gamma, const py::object& beta, bool relu,
-         const py::object& dgamma, const py::object& dbeta, bool fixed_statistics) {
-        const ArrayArg xa = describe(x, "x", false);
-        const ArrayArg dya = describe(dy, "dy", false);
-        const ArrayArg dxa = describe(dx, "out", true);
-        check_like(dya, "dy", xa, "x");
-        check_like(xa, "x", dxa, "out");
-        const Geometry g{xa.shape, to_axes(axes)};
-        const index_t channels = extent(g).channels;
-        with_element(xa.element, [&](auto tag) {
-          using T = decltype(tag);
-          using S = stat_t<T>;
-          const S* mu = channel_array<S>(mean, "mean", channels, false);
-          const S* inv = channel_array<S>(inv_std, "inv_std", channels, false);
-          const Affine<S> affine = affine_of<S>(gamma, beta, channels);
-          S* dg = channel_array<S>(dgamma, "dgamma", channels, true);
-          S* db = channel_array<S>(dbeta, "dbeta", channels, true);
-          py::gil_scoped_release nogil;
-          backward<T>(g, {static_cast<const T*>(dya.data), dya.strides}, {static_cast<const T*>(xa.data), xa.strides},
-                      {static_cast<T*>(dxa.data), dxa.strides}, mu, inv, affine,
-                      relu ? Activation::relu : Activation::none, dg, db,
-                      fixed_statistics ? Statistics::fixed : Statistics::batch);
-        });
-      },
-      py::arg("dy").noconvert(), py::arg("x").noconvert(), py::arg("out").noconvert(), py::arg("axes"), py::arg("mean"),
-      py::arg("inv_std"), py::arg("gamma"), py::arg("beta"), py::arg("relu"), py::arg("dgamma"), py::arg("dbeta"),
-      py::arg("fixed_statistics") = false);
+  m.def("backward", &backward_into, py::arg("dy").noconvert(), py::arg("x").noconvert(), py::arg("out").noconvert(),
+        py::arg("axes"), py::arg("mean"), py::arg("inv_std"), py::arg("gamma"), py::arg("beta"), py::arg("relu"),
+        py::arg("dgamma"), py::arg("dbeta"), py::arg("fixed_statistics") = false);
 
   m.def(
       "backward_sums",
