@@ -80,3 +80,32 @@ def backward_apply(
     count: int,
     fixed_statistics: bool = False,
 ) -> None: ...
+
+# The functional API's fast path (python/src/register_functional.cpp): the public function's
+# arguments as given; None unless they are in the form the general path hands to the core.
+def fast_moments(x: object, axis: object) -> tuple[np.ndarray, np.ndarray] | None: ...
+def fast_normalize(
+    x: object,
+    mean: object,
+    variance: object,
+    gamma: object,
+    beta: object,
+    axis: object,
+    epsilon: object,
+    activation: object,
+    out: object,
+) -> np.ndarray | None: ...
+def fast_forward(
+    x: object, gamma: object, beta: object, axis: object, epsilon: object, activation: object, out: object
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int] | None: ...
+def fast_backward(
+    dy: object,
+    x: object,
+    mean: object,
+    inv_std: object,
+    gamma: object,
+    beta: object,
+    axis: object,
+    activation: object,
+    out: object,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None: ...

@@ -3,6 +3,17 @@
 Argument handling lives here (array conversion, feature axes, output allocation and
 checks); the arithmetic is all in the C++ core, which receives the NumPy buffers as they
 are, with the GIL released.
+
+Each function first offers its arguments, untouched, to its ``_core.fast_*`` binding. The
+common call (exact ndarrays of the right dtypes, C-contiguous; an int axis; a float
+epsilon; ``out`` None or a fitting array apart from the inputs) is already in the form
+the general path below would hand to the core: nothing to convert, copy or reject. The
+binding recognises it with a few C-level checks, allocates the outputs as the general path
+would and runs the same core call, which saves several microseconds per call on small
+inputs. For anything else it returns None and the general path runs; it never raises on
+its own. What it accepts, and why that is equivalent, is spelled out where it is defined,
+in ``python/src/register_functional.cpp``; ``tests/test_fast_path.py`` checks both paths
+agree on borderline inputs.
 """
 
 from __future__ import annotations
@@ -175,6 +186,9 @@ def moments(x: ArrayLike, axis: AxisLike = -1) -> tuple[np.ndarray, np.ndarray]:
     float32 inputs, float64 for float64. The variance is computed with shifted sums in
     double precision, so data far from zero (mean/std of 1e6 in float32) keeps its digits.
     """
+    fast = _core.fast_moments(x, axis)
+    if fast is not None:
+        return fast
     x = _data(x, "x", 2)
     axes = _feature_axes(axis, x.ndim)
     _require_batch(x, axes, "moments of")
@@ -205,10 +219,13 @@ def normalize(
     and ``beta=None`` means 0. ``activation`` is None or ``"relu"`` (fused). ``out`` may be
     a preallocated array of x's shape and dtype, or x itself.
     """
+    fast = _core.fast_normalize(x, mean, variance, gamma, beta, axis, epsilon, activation, out)
+    if fast is not None:
+        return fast
     x = _data(x, "x", 1)
     axes = _feature_axes(axis, x.ndim)
     dtype = _stat_dtype(x)
-    channels = int(np.prod([x.shape[a] for a in axes]))
+    channels = math.prod(x.shape[a] for a in axes)
     y = _output(out, x, (x,))
     _core.normalize(
         x,
@@ -239,12 +256,16 @@ def forward(
     Returns ``y`` (x's shape and dtype) and :class:`BatchStats` (mean, biased variance,
     inv_std, count). Raises ValueError for an empty batch.
     """
+    fast = _core.fast_forward(x, gamma, beta, axis, epsilon, activation, out)
+    if fast is not None:
+        y, mean, variance, inv_std, count = fast
+        return y, BatchStats(mean, variance, inv_std, count)
     x = _data(x, "x", 2)
     axes = _feature_axes(axis, x.ndim)
     _require_batch(x, axes, "training on")
     kept = tuple(x.shape[a] for a in axes)
     dtype = _stat_dtype(x)
-    channels = int(np.prod(kept))
+    channels = math.prod(kept)
     g = _channel_param(gamma, "gamma", dtype, channels)
     b = _channel_param(beta, "beta", dtype, channels)
     eps = _epsilon(epsilon)
@@ -276,12 +297,16 @@ def backward(
     (x's shape and dtype), ``dgamma = sum(dy' * x_hat)`` and ``dbeta = sum(dy')``
     (``dy'``: dy masked by the activation), always, also when gamma/beta are None.
     """
+    if type(stats) is BatchStats:  # a NamedTuple: reading its fields (again below) runs no user code
+        fast = _core.fast_backward(dy, x, stats.mean, stats.inv_std, gamma, beta, axis, activation, out)
+        if fast is not None:
+            return fast
     x = _data(x, "x", 2)
     dy = _data(dy, "dy", 2)
     axes = _feature_axes(axis, x.ndim)
     kept = tuple(x.shape[a] for a in axes)
     dtype = _stat_dtype(x)
-    channels = int(np.prod(kept))
+    channels = math.prod(kept)
     try:
         stat_mean, stat_inv_std = stats.mean, stats.inv_std
     except AttributeError:
