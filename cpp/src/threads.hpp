@@ -33,6 +33,7 @@ inline int processors() {
 /// and no more than 4 per processor (set_num_threads accepts any count; a team of
 /// thousands of threads would only thrash).
 inline int threads_for(index_t elements) {
+  if (elements < 2 * kParallelGrain) return 1;  // without asking OpenMP (a system call) on tiny inputs
   const index_t by_size = std::max<index_t>(1, elements / kParallelGrain);
   const index_t cap = index_t{4} * std::max(1, processors());
   return static_cast<int>(std::min<index_t>({threads(), by_size, cap}));

@@ -70,7 +70,7 @@ Element element_of(const py::array& a, const char* name) {
   Element e{};
   if (element_if_supported(dt, e)) return e;
   const std::string what = is_float(dt) ? "a big-endian array (convert it with x.astype(x.dtype.newbyteorder('=')))"
-                                        : "dtype " + py::str(dt).cast<std::string>();
+                                        : "dtype " + py::str(py::handle(dt)).cast<std::string>();
   throw type_error(std::string(name) + " must be a float16, bfloat16, float32 or float64 array; got " + what);
 }
 
