@@ -1,0 +1,83 @@
+"""A quick before/after measurement of batchnorm's passes, for working on the kernels.
+
+Each repetition times one call next to a non-temporal copy of the same number of bytes
+(``_core.copy_memory``, the library's own threads) and reports the median time and the
+median of the per-repetition fractions of the copy limit (model bytes: moments 1B,
+inference 2B, training forward 3B, backward 5B; B = bytes of x). Inputs rotate over at
+least four buffers (more for small shapes) so every call starts from memory. Only
+batchnorm is timed: for the comparison with PyTorch and NumPy, and for the published
+table, use ``python -m batchnorm bench`` (docs/performance.md).
+
+    python benchmarks/passes.py                       # every shape, float32, 2 threads
+    python benchmarks/passes.py r50-56-nchw,dense-4096x1024 moments,forward,backward float16 1,2
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+
+import batchnorm as bn
+from batchnorm import _core
+from batchnorm._bench import DEFAULT_SHAPES, parse_shapes
+from batchnorm._bench_cases import MODE_BYTES, _numpy_dtype
+
+# The large shapes of the benchmark's own table (benchmarks/shapes.txt), and its byte model.
+SHAPES = {s.name: (s.dims, s.axis) for s in parse_shapes(DEFAULT_SHAPES) if s.kind == "large"}
+MODEL_BYTES = {"moments": 1, **MODE_BYTES}
+
+
+def measure(shape, axis, mode, dtype, threads, repeats=11, warmup=2):
+    bn.set_num_threads(threads)
+    dtype = _numpy_dtype(dtype)
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    nbuf = max(4, int(512e6 // (3 * nbytes)))
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal(shape, dtype=np.float32).astype(dtype) for _ in range(nbuf)]
+    dys = [rng.standard_normal(shape, dtype=np.float32).astype(dtype) for _ in range(nbuf)]
+    outs = [np.ones_like(x) for x in xs]  # touched: no page faults in the timed calls
+    copies = [np.ones(nbytes // 4, np.float32) for _ in range(max(8, int(8e8 // nbytes)))]
+    channels = shape[axis]
+    mean, var = np.zeros(channels, np.float32), np.ones(channels, np.float32)
+    gamma, beta = np.ones(channels, np.float32), np.zeros(channels, np.float32)
+    stats = bn.forward(xs[0], gamma, beta, axis=axis, out=outs[0])[1]
+    calls = {
+        "moments": lambda i: bn.moments(xs[i], axis=axis),
+        "inference": lambda i: bn.normalize(xs[i], mean, var, gamma, beta, axis=axis, out=outs[i]),
+        "forward": lambda i: bn.forward(xs[i], gamma, beta, axis=axis, out=outs[i]),
+        "backward": lambda i: bn.backward(dys[i], xs[i], stats, gamma, beta, axis=axis, out=outs[i]),
+    }
+    times, fractions = [], []
+    for r in range(warmup + repeats):
+        src, dst = copies[(2 * r) % len(copies)], copies[(2 * r + 1) % len(copies)]
+        t0 = time.perf_counter()
+        _core.copy_memory(src, dst, True)
+        limit = 2 * nbytes / (time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        calls[mode](r % nbuf)
+        elapsed = time.perf_counter() - t0
+        if r >= warmup:
+            times.append(elapsed)
+            fractions.append(MODEL_BYTES[mode] * nbytes / elapsed / limit)
+    return float(np.median(times)), float(np.median(fractions))
+
+
+def main(argv: list[str]) -> None:
+    names = argv[0].split(",") if argv and argv[0] != "all" else list(SHAPES)
+    modes = argv[1].split(",") if len(argv) > 1 else ["inference", "forward", "backward"]
+    dtypes = argv[2].split(",") if len(argv) > 2 else ["float32"]
+    threads = [int(t) for t in argv[3].split(",")] if len(argv) > 3 else [2]
+    print(f"batchnorm {bn.__version__}, ISA {bn.info()['simd']}")
+    for nt in threads:
+        for dtype in dtypes:
+            for name in names:
+                shape, axis = SHAPES[name]
+                for mode in modes:
+                    t, f = measure(shape, axis, mode, dtype, nt)
+                    print(f"{nt} threads  {dtype:8s} {name:16s} {mode:9s} {t * 1e3:8.3f} ms  {f:5.2f} of the limit")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
