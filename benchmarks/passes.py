@@ -29,7 +29,7 @@ SHAPES = {s.name: (s.dims, s.axis) for s in parse_shapes(DEFAULT_SHAPES) if s.ki
 MODEL_BYTES = {"moments": 1, **MODE_BYTES}
 
 
-def measure(shape, axis, mode, dtype, threads, repeats=11, warmup=2):
+def measure(shape, axis, mode, dtype, threads, *, repeats=11, warmup=2):
     bn.set_num_threads(threads)
     dtype = _numpy_dtype(dtype)
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
