@@ -545,6 +545,16 @@ template <bool Stream>
 inline void vh_store(void* p, __m256i h) {
   Stream ? _mm256_stream_si256(static_cast<__m256i*>(p), h) : _mm256_storeu_si256(static_cast<__m256i*>(p), h);
 }
+// The first n < kVF elements (masked: nothing past them is read or written).
+inline __mmask16 first_floats(index_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
+inline vF vf_load_first(const float* p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, p); }
+inline vF vf_load_first(const float16_t* p, __mmask16 k) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, p)); }
+inline vF vf_load_first(const bfloat16_t* p, __mmask16 k) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16));
+}
+inline void vf_store_first(float* p, vF v, __mmask16 k) { _mm512_mask_storeu_ps(p, k, v); }
+inline void vf_store_first(float16_t* p, vF v, __mmask16 k) { _mm256_mask_storeu_epi16(p, k, vf_to_half(v)); }
+inline void vf_store_first(bfloat16_t* p, vF v, __mmask16 k) { _mm256_mask_storeu_epi16(p, k, vf_to_bfloat(v)); }
 #elif BATCHNORM_KERNEL_SIMD == 256
 using vF = __m256;
 constexpr index_t kVF = 8;
@@ -674,6 +684,14 @@ void affine1_direct(const T* x, T* y, index_t n, const float* const* k, index_t 
       const vF z = vf_fma(a, vf_sub(vf_load(x + i), m), b);
       vf_store<Stream>(y + i, Relu ? vf_relu(z) : z);
     }
+#if BATCHNORM_KERNEL_SIMD == 512
+    if (i < n) {  // the last few as one masked vector
+      const __mmask16 f = first_floats(n - i);
+      const vF z = vf_fma(a, vf_sub(vf_load_first(x + i, f), m), b);
+      vf_store_first(y + i, Relu ? vf_relu(z) : z, f);
+      return;
+    }
+#endif
   }
   scalar(n);
 }
@@ -715,6 +733,16 @@ void affine2_direct(const T* dy, const T* x, T* dx, index_t n, const float* cons
       if (ahead) prefetch(x + i + ahead), prefetch(dy + i + ahead);
       vec(a, m, b, k1, k2, k3);
     }
+#if BATCHNORM_KERNEL_SIMD == 512
+    if (i < n) {  // the last few as one masked vector (dy = x = 0 past the end: finite)
+      const __mmask16 f = first_floats(n - i);
+      const vF xv = vf_load_first(x + i, f);
+      vF g = vf_load_first(dy + i, f);
+      if constexpr (Relu) g = vf_where_positive(vf_fma(a, vf_sub(xv, m), b), g);
+      vf_store_first(dx + i, vf_fma(k1, g, vf_fma(k2, vf_sub(xv, m), k3)), f);
+      return;
+    }
+#endif
   }
   scalar(n);
 }
@@ -1107,13 +1135,17 @@ void reduce1_runs(Strided<const T> x, index_t n, index_t count, index_t step, Co
                   double* ss, index_t ahead) {
 #if BATCHNORM_KERNEL_SIMD
   if constexpr (kDirect<T>) {
-    Sums sums;
-    for (index_t j = 0; j < count; ++j) {
-      const T* p = x.p + j * x.stride;
-      reduce1_direct(p, n, static_cast<double>(k.m[j * step]), sums, ahead);
-      if (step) sums.add_to(s[j], ss[j]), sums = Sums();
+    if (step) {  // one channel per run: fresh sums each run, which stay in registers
+      for (index_t j = 0; j < count; ++j) {
+        Sums sums;
+        reduce1_direct(x.p + j * x.stride, n, static_cast<double>(k.m[j]), sums, ahead);
+        sums.add_to(s[j], ss[j]);
+      }
+      return;
     }
-    if (!step) sums.add_to(*s, *ss);
+    Sums sums;
+    for (index_t j = 0; j < count; ++j) reduce1_direct(x.p + j * x.stride, n, static_cast<double>(*k.m), sums, ahead);
+    sums.add_to(*s, *ss);
     return;
   }
 #endif
@@ -1127,16 +1159,22 @@ void reduce2_runs(Strided<const T> dy, Strided<const T> x, index_t n, index_t co
 #if BATCHNORM_KERNEL_SIMD
   if constexpr (kDirect<T>) {
     auto body = [&](auto relu) {
-      Sums sums;
-      for (index_t j = 0; j < count; ++j) {
+      auto run = [&](index_t j, Sums& sums) {
         const index_t c = j * step;
-        const T* xp = x.p + j * x.stride;
-        const T* dp = dy.p + j * dy.stride;
         const float a = relu.value ? k.a[c] : 1.0f, b = relu.value ? k.b[c] : 0.0f;  // a, b: only with the ReLU
-        reduce2_direct<T, relu.value>(dp, xp, n, a, k.m[c], b, sums, ahead);
-        if (step) sums.add_to(s[j], ss[j]), sums = Sums();
+        reduce2_direct<T, relu.value>(dy.p + j * dy.stride, x.p + j * x.stride, n, a, k.m[c], b, sums, ahead);
+      };
+      if (step) {  // as reduce1_runs
+        for (index_t j = 0; j < count; ++j) {
+          Sums sums;
+          run(j, sums);
+          sums.add_to(s[j], ss[j]);
+        }
+        return;
       }
-      if (!step) sums.add_to(*s, *ss);
+      Sums sums;
+      for (index_t j = 0; j < count; ++j) run(j, sums);
+      sums.add_to(*s, *ss);
     };
     relu_on ? body(std::true_type{}) : body(std::false_type{});
     return;
