@@ -522,8 +522,6 @@ inline vF vf_load(const bfloat16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
 }
 inline vF vf_sub(vF a, vF b) { return _mm512_sub_ps(a, b); }
-inline vF vf_add(vF a, vF b) { return _mm512_add_ps(a, b); }
-inline vF vf_mul(vF a, vF b) { return _mm512_mul_ps(a, b); }
 inline vF vf_fma(vF a, vF b, vF c) { return _mm512_fmadd_ps(a, b, c); }
 inline vF vf_relu(vF z) { return _mm512_max_ps(_mm512_setzero_ps(), z); }  // (0 > z) ? 0 : z, as relu()
 inline vF vf_where_positive(vF z, vF g) {
@@ -571,8 +569,6 @@ inline vF vf_load(const bfloat16_t* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
 }
 inline vF vf_sub(vF a, vF b) { return _mm256_sub_ps(a, b); }
-inline vF vf_add(vF a, vF b) { return _mm256_add_ps(a, b); }
-inline vF vf_mul(vF a, vF b) { return _mm256_mul_ps(a, b); }
 inline vF vf_fma(vF a, vF b, vF c) { return _mm256_fmadd_ps(a, b, c); }
 inline vF vf_relu(vF z) { return _mm256_max_ps(_mm256_setzero_ps(), z); }
 inline vF vf_where_positive(vF z, vF g) { return _mm256_and_ps(_mm256_cmp_ps(z, _mm256_setzero_ps(), _CMP_GT_OQ), g); }
@@ -619,8 +615,6 @@ inline vF vf_load(const T* p) {
   return v;
 }
 inline vF vf_sub(vF a, vF b) { return a - b; }
-inline vF vf_add(vF a, vF b) { return a + b; }
-inline vF vf_mul(vF a, vF b) { return a * b; }
 inline vF vf_fma(vF a, vF b, vF c) { return a * b + c; }  // as affine() without FMA
 inline vF vf_relu(vF z) { return relu(z); }
 inline vF vf_where_positive(vF z, vF g) { return z > 0.0f ? g : 0.0f; }
@@ -653,15 +647,8 @@ struct PeriodicCoefs {
     }
   }
   const float* operator[](std::size_t i) const { return v.data() + i * static_cast<std::size_t>(channels + kVF); }
-  index_t next(index_t c, index_t step) const {
-    c += step;
-    return c < channels ? c : c % channels;
-  }
 };
 
-// y = act(a*(x - m) + b) over n contiguous values that start at channel c0 of rows of
-// `period` channels (period 0: one channel, scalar coefficients). Coefficient vectors:
-// lane j of position i uses channel (c + j) mod period.
 // End of the streamed part of [i, n) when i is 64-byte aligned: whole cache lines only. A
 // line written partly by streaming and partly by ordinary stores (a 16-bit vector is half
 // a line) costs a partial write-combining flush and a read for ownership: float16 runs of
@@ -672,6 +659,9 @@ inline index_t whole_lines_end(index_t i, index_t n) {
   return i + (n - i) / line * line;
 }
 
+// y = act(a*(x - m) + b) over n contiguous values that start at channel 0 of rows of
+// `period` channels (period 0: one channel, scalar coefficients). Coefficient vectors:
+// lane j of position i uses channel (c + j) mod period.
 template <class T, bool Relu, bool Stream>
 void affine1_direct(const T* x, T* y, index_t n, const float* const* k, index_t period, index_t ahead = 0) {
   index_t i = 0, c = 0;
