@@ -527,7 +527,9 @@ inline vF vf_relu(vF z) { return _mm512_max_ps(_mm512_setzero_ps(), z); }  // (0
 inline vF vf_where_positive(vF z, vF g) {
   return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_GT_OQ), g);
 }
-inline __m256i vf_to_half(vF v) { return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline __m256i vf_to_half(vF v) {  // the maskz form: the plain one is a macro with a bare -1 mask at -O0
+  return _mm512_maskz_cvtps_ph(static_cast<__mmask16>(0xffff), v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
 inline __m256i vf_to_bfloat(vF v) {
   const __m512i u = _mm512_castps_si512(v);
   const __m512i one = _mm512_set1_epi32(1);
