@@ -9,10 +9,16 @@
 // outside that namespace: a function compiled for AVX-512 must never be picked by the
 // linker for baseline code.
 //
-// Structure: the inner loops work on contiguous arrays of the compute type C. Data that
-// is already such an array is used in place; anything else (16-bit types, strided runs)
-// is converted block by block into a small stack buffer first, and written back the same
-// way, so one set of simple loops serves every element type and stride.
+// Structure, two layers:
+//  - Register paths (the "direct", "tiles" and "runs" functions) for the common case:
+//    float, float16 and bfloat16 (compute type float) in contiguous runs or rows. They
+//    load, convert, compute, convert and store in registers, stream large outputs with
+//    non-temporal stores, and handle run edges with masked vectors on AVX-512.
+//  - General loops for everything else (double, strided runs, scalar edges): they work on
+//    contiguous arrays of the compute type C, using data in place where it already is
+//    one and otherwise converting block by block through a small stack buffer.
+// Both round every expression the same way (madd, affine, apply2), so results do not
+// depend on which layer, vector body or scalar edge computed an element.
 
 constexpr index_t kBlock = 512;  // elements per conversion block (4 KiB of double)
 constexpr int kLanes = 16;       // independent accumulators: enough to hide add latency
