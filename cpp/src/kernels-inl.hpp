@@ -364,24 +364,29 @@ struct VectorLanes {
   }
 };
 
-inline vd load_d(const float* p) { return d_from(f_load(p)); }
-inline vd load_d(const double* p) { return d_load(p); }
-
-template <class C>
-inline void reduce1_block(const C* x, index_t n, double m, double& s, double& ss) {
-  VectorLanes ls, lss;
-  const vd vm = d_set(m);
-  index_t i = 0;
-  for (; i + kUnroll * W <= n; i += kUnroll * W)
-    for (int u = 0; u < kUnroll; ++u) {
-      const vd d = d_sub(load_d(x + i + u * W), vm);
-      ls.acc[u] = d_add(ls.acc[u], d);
-      lss.acc[u] = d_fma(d, d, lss.acc[u]);
-    }
-  double ts = 0, tss = 0;
-  reduce1_block_scalar(x + i, n - i, m, ts, tss);
-  s += ls.finish(ts);
-  ss += lss.finish(tss);
+// W elements as doubles (16-bit converted in registers); on AVX-512 also the first n < W.
+template <class T>
+inline vd load_d(const T* p) {
+  if constexpr (std::is_same_v<T, double>)
+    return d_load(p);
+  else
+    return d_from(f_load(p));
+}
+#if BATCHNORM_KERNEL_SIMD == 512
+template <class T>
+inline vd load_d_first(const T* p, __mmask8 k) {
+  if constexpr (std::is_same_v<T, double>)
+    return _mm512_maskz_loadu_pd(k, p);
+  else
+    return d_from(f_load_first(p, k));
+}
+#endif
+template <class T>
+inline double to_double(const T* p) {
+  if constexpr (std::is_same_v<T, double>)
+    return *p;
+  else
+    return static_cast<double>(to_compute(p));
 }
 
 // dy masked by the ReLU of the pre-activation, as doubles.
@@ -438,29 +443,37 @@ inline void reduce1_direct(const T* x, index_t n, double m, Sums& a, index_t ahe
   for (; i + kUnroll * W <= n; i += kUnroll * W) {
     if (ahead) prefetch(x + i + ahead), prefetch(x + i + ahead + kUnroll * W - 1);
     for (int u = 0; u < kUnroll; ++u) {
-      const vd d = d_sub(d_from(f_load(x + i + u * W)), vm);
+      const vd d = d_sub(load_d(x + i + u * W), vm);
       a.s.acc[u] = d_add(a.s.acc[u], d);
       a.ss.acc[u] = d_fma(d, d, a.ss.acc[u]);
     }
   }
   for (; i + W <= n; i += W) {
-    const vd d = d_sub(d_from(f_load(x + i)), vm);
+    const vd d = d_sub(load_d(x + i), vm);
     a.s.acc[0] = d_add(a.s.acc[0], d);
     a.ss.acc[0] = d_fma(d, d, a.ss.acc[0]);
   }
   if (i == n) return;
 #if BATCHNORM_KERNEL_SIMD == 512
   const __mmask8 k = first_lanes(n - i);
-  const vd d = d_sub_first(k, d_from(f_load_first(x + i, k)), vm);
+  const vd d = d_sub_first(k, load_d_first(x + i, k), vm);
   a.s.acc[1] = d_add(a.s.acc[1], d);
   a.ss.acc[1] = d_fma(d, d, a.ss.acc[1]);
 #else
   for (; i < n; ++i) {
-    const double d = static_cast<double>(to_compute(x + i)) - m;
+    const double d = to_double(x + i) - m;
     a.ts += d;
     a.tss += d * d;
   }
 #endif
+}
+
+// The general loops' reduce-1 over one block (float or double): the same sums, finished.
+template <class C>
+inline void reduce1_block(const C* x, index_t n, double m, double& s, double& ss) {
+  Sums a;
+  reduce1_direct(x, n, m, a, 0);
+  a.add_to(s, ss);
 }
 
 template <class T, bool Relu>
@@ -618,9 +631,7 @@ inline vF vf_set(float a) { return a; }
 inline vF vf_loadu(const float* p) { return *p; }
 template <class T>
 inline vF vf_load(const T* p) {
-  float v;
-  load(p, 1, 1, &v);
-  return v;
+  return to_compute(p);
 }
 inline vF vf_sub(vF a, vF b) { return a - b; }
 inline vF vf_fma(vF a, vF b, vF c) { return a * b + c; }  // as affine() without FMA
@@ -628,7 +639,7 @@ inline vF vf_relu(vF z) { return relu(z); }
 inline vF vf_where_positive(vF z, vF g) { return z > 0.0f ? g : 0.0f; }
 template <bool Stream, class T>
 inline void vf_store(T* p, vF v) {
-  store(&v, p, 1, 1);
+  from_compute(v, p);
 }
 #endif
 
