@@ -660,8 +660,9 @@ struct PeriodicCoefs {
     const index_t len = channels + kVF;
     v.resize(static_cast<std::size_t>(len) * arrays.size());
     std::size_t base = 0;
-    for (const float* a : arrays) {
-      for (index_t j = 0; j < len; ++j) v[base + static_cast<std::size_t>(j)] = a[j % channels];
+    for (const float* a : arrays) {  // a[0..channels) repeated (no division per value: C = 4096 is common)
+      float* out = v.data() + base;
+      for (index_t j = 0; j < len; j += channels) std::copy_n(a, std::min(channels, len - j), out + j);
       base += static_cast<std::size_t>(len);
     }
   }
