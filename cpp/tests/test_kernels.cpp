@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <random>
 #include <string>
@@ -383,6 +384,70 @@ TYPED_TEST(Kernels, RowsKernels) {
             EXPECT_TRUE(bntest::bitwise_equal(dy.values(), dv)) << "dy changed";
           }
   }
+}
+
+// Wide rows (C = 2048 and 4096: the coefficient arrays no longer fit L1) are written a group
+// of rows at a time; each value must come out as it does when the rows are passed one by
+// one. Rows 4, 6 and 9 leave 0, 2 and 1 rows after the last group; the output is 64-byte
+// aligned (streamed groups need it) or one element off (ordinary loop), streamed or not,
+// dense or padded (a padded row of 16 more keeps every row aligned).
+TYPED_TEST(Kernels, WideRowGroupsEqualRowByRow) {
+  using T = TypeParam;
+  using C = compute_t<T>;
+  auto bits = [](const T* p, std::size_t n) {
+    std::vector<unsigned char> out(n * sizeof(T));
+    std::memcpy(out.data(), p, out.size());
+    return out;
+  };
+  for (const auto& isa : isas())
+    for (index_t channels : {index_t{2048}, index_t{4096}})
+      for (index_t rows : {index_t{4}, index_t{6}, index_t{9}})
+        for (index_t pad : {index_t{0}, index_t{16}}) {
+          const index_t stride = channels + pad;
+          const auto nc = static_cast<std::size_t>(channels), span = static_cast<std::size_t>(rows * stride);
+          RowsCase<T> k;
+          k.a = bntest::uniform<C>(nc, -1.5, 1.5, this->rng), k.m = bntest::uniform<C>(nc, -1, 1, this->rng);
+          k.b = bntest::uniform<C>(nc, -0.5, 0.5, this->rng), k.k1 = bntest::uniform<C>(nc, -1, 1, this->rng);
+          k.k2 = bntest::uniform<C>(nc, -1, 1, this->rng), k.k3 = bntest::uniform<C>(nc, -1, 1, this->rng);
+          const std::vector<T> x = bntest::normal<T>(span, 0.0, 1.0, this->rng);
+          const std::vector<T> dy = bntest::normal<T>(span, 0.0, 1.0, this->rng);
+          const KernelTable<T>& kt = table<T>(isa);
+          for (std::size_t shift : {std::size_t{0}, std::size_t{1}})
+            for (bool relu : {false, true})
+              for (bool stream : {false, true}) {
+                SCOPED_TRACE(::testing::Message()
+                             << isa << " channels " << channels << " rows " << rows << " pad " << pad << " shift "
+                             << shift << " relu " << relu << " stream " << stream);
+                // Outputs at a 64-byte boundary (+ shift elements), guard values around them.
+                const T guard = from_d<T>(-7.0);
+                std::vector<T> mem_a(span + 128, guard), mem_b(span + 128, guard);
+                auto aligned = [shift](std::vector<T>& m) {
+                  const auto addr = reinterpret_cast<std::uintptr_t>(m.data());
+                  return m.data() + (64 - addr % 64) % 64 / sizeof(T) + shift;
+                };
+                T *grouped = aligned(mem_a), *single = aligned(mem_b);
+                kt.affine1_rows({x.data(), stride}, {grouped, stride}, rows, channels, k.coefs(), relu, stream);
+                for (index_t r = 0; r < rows; ++r)
+                  kt.affine1_rows({x.data() + r * stride, stride}, {single + r * stride, stride}, 1, channels,
+                                  k.coefs(), relu, stream);
+                EXPECT_EQ(bits(grouped, span), bits(single, span)) << "affine1_rows";
+                kt.affine2_rows({dy.data(), stride}, {x.data(), stride}, {grouped, stride}, rows, channels, k.coefs(),
+                                relu, stream);
+                for (index_t r = 0; r < rows; ++r)
+                  kt.affine2_rows({dy.data() + r * stride, stride}, {x.data() + r * stride, stride},
+                                  {single + r * stride, stride}, 1, channels, k.coefs(), relu, stream);
+                EXPECT_EQ(bits(grouped, span), bits(single, span)) << "affine2_rows";
+                // Nothing written before the first value or in the padding after a row.
+                const std::size_t first = static_cast<std::size_t>(grouped - mem_a.data());
+                EXPECT_TRUE(std::all_of(mem_a.begin(), mem_a.begin() + static_cast<std::ptrdiff_t>(first),
+                                        [&](const T& v) { return to_d(v) == -7.0; }));
+                EXPECT_TRUE(std::all_of(mem_a.begin() + static_cast<std::ptrdiff_t>(first + span), mem_a.end(),
+                                        [&](const T& v) { return to_d(v) == -7.0; }));
+                for (index_t r = 0; r < rows && pad > 0; ++r)
+                  for (index_t c = channels; c < stride; ++c)
+                    ASSERT_EQ(to_d(grouped[r * stride + c]), -7.0) << "padding of row " << r;
+              }
+        }
 }
 
 TYPED_TEST(Kernels, RowsInPlace) {
