@@ -791,6 +791,53 @@ TEST(Errors, ShapesAxesStridesAndOutputs) {
   EXPECT_NO_THROW(bn::moments<float>(Geometry{{6, 4}, {1}}, {x.data(), {0, 1}}, mean.data(), var.data()));
 }
 
+// Strides that give two output elements one location are refused like a zero stride;
+// interleaved strides that do not are accepted (checked value by value up to 2^20
+// elements, refused beyond, as the Python layer does).
+TEST(Errors, SelfOverlappingOutputs) {
+  std::vector<float> x(24), mean(3, 0.5f), var(3, 2.0f), inv(3);
+  for (std::size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>(i % 7) - 2.5f;
+  std::vector<float> y(64, -7.0f);
+  const Geometry g{{4, 3}, {1}};
+  auto message = [&](const bn::Strides& ys) {
+    try {
+      bn::normalize<float>(g, {x.data()}, {y.data(), ys}, mean.data(), var.data(), {}, 1e-5);
+    } catch (const bn::value_error& e) {
+      return std::string(e.what());
+    }
+    return std::string();
+  };
+  EXPECT_NE(message({1, 1}).find("y overlaps itself"), std::string::npos) << message({1, 1});
+  EXPECT_NE(message({2, 1}).find("y overlaps itself"), std::string::npos);
+  EXPECT_NE(message({-1, 2}).find("y overlaps itself"), std::string::npos);
+  EXPECT_THROW(bn::forward<float>(g, {x.data()}, {y.data(), {1, 1}}, {}, 1e-5, Activation::none, mean.data(),
+                                  var.data(), inv.data()),
+               bn::value_error);
+  EXPECT_THROW(bn::backward<float>(g, {x.data()}, {x.data()}, {y.data(), {2, 1}}, mean.data(), var.data(), {},
+                                   Activation::none, var.data(), var.data()),
+               bn::value_error);
+  // Nested strides (transposed, padded) and interleaved ones without a shared location.
+  std::vector<float> dense(12);
+  bn::normalize<float>(g, {x.data()}, {dense.data()}, mean.data(), var.data(), {}, 1e-5);
+  for (const bn::Strides& ys : {bn::Strides{1, 4}, bn::Strides{5, 1}, bn::Strides{3, 4}, bn::Strides{3, 2}}) {
+    SCOPED_TRACE(::testing::Message() << "y strides " << ys[0] << ", " << ys[1]);
+    std::fill(y.begin(), y.end(), -7.0f);
+    EXPECT_EQ(message(ys), "");
+    for (index_t i = 0; i < 4; ++i)
+      for (index_t c = 0; c < 3; ++c)
+        EXPECT_EQ(y[static_cast<std::size_t>(i * ys[0] + c * ys[1])], dense[static_cast<std::size_t>(i * 3 + c)]);
+  }
+  // (n, 2) with strides (2, 3): even and odd offsets, never equal, but not nested.
+  const index_t big = index_t{1} << 20;
+  std::vector<float> xb(static_cast<std::size_t>(2 * big)), yb(static_cast<std::size_t>(2 * big + 2));
+  std::vector<float> m2(2, 0.0f), v2(2, 1.0f);
+  EXPECT_NO_THROW(
+      bn::normalize<float>(Geometry{{1000, 2}, {1}}, {xb.data()}, {yb.data(), {2, 3}}, m2.data(), v2.data(), {}, 1e-5));
+  EXPECT_THROW(
+      bn::normalize<float>(Geometry{{big, 2}, {1}}, {xb.data()}, {yb.data(), {2, 3}}, m2.data(), v2.data(), {}, 1e-5),
+      bn::value_error);
+}
+
 TEST(Errors, AllDeriveFromInvalidArgument) {
   static_assert(std::is_base_of_v<std::invalid_argument, bn::value_error>);
   static_assert(std::is_base_of_v<std::invalid_argument, bn::type_error>);

@@ -41,6 +41,9 @@ struct In {
 
 /// An output array: data pointer and strides in elements (empty = C-contiguous).
 /// It must not overlap the inputs, unless it is the same array with the same strides.
+/// Strides that give two of its elements one location (zero, too small or interleaved
+/// onto each other) are refused with value_error; interleaved strides that keep every
+/// element apart are accepted up to 2^20 elements (checked one by one) and refused beyond.
 template <class T>
 struct Out {
   T* data = nullptr;
