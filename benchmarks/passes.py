@@ -10,6 +10,12 @@ table, use ``python -m batchnorm bench`` (docs/performance.md).
 
     python benchmarks/passes.py                       # every shape, float32, 2 threads
     python benchmarks/passes.py r50-56-nchw,dense-4096x1024 moments,forward,backward float16 1,2
+    python benchmarks/passes.py 64x4096@-1,16x8192 inference float32 1 --in-cache
+
+A shape is a name of the table or dimensions with an optional feature axis
+(``64x4096@-1``; the default axis is -1, channels last). ``--in-cache`` times the
+arithmetic rather than the memory: one set of arrays, small enough to stay in cache,
+called over and over; it prints microseconds per call (the best of 7 loops).
 """
 
 from __future__ import annotations
@@ -29,26 +35,46 @@ SHAPES = {s.name: (s.dims, s.axis) for s in parse_shapes(DEFAULT_SHAPES) if s.ki
 MODEL_BYTES = {"moments": 1, **MODE_BYTES}
 
 
-def measure(shape, axis, mode, dtype, threads, *, repeats=11, warmup=2):
-    bn.set_num_threads(threads)
-    dtype = _numpy_dtype(dtype)
-    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    nbuf = max(4, int(512e6 // (3 * nbytes)))
+def make_calls(shape, axis, dtype, nbuf):
+    """nbuf sets of (x, dy, out) and, per mode, a call on set i."""
     rng = np.random.default_rng(0)
     xs = [rng.standard_normal(shape, dtype=np.float32).astype(dtype) for _ in range(nbuf)]
     dys = [rng.standard_normal(shape, dtype=np.float32).astype(dtype) for _ in range(nbuf)]
     outs = [np.ones_like(x) for x in xs]  # touched: no page faults in the timed calls
-    copies = [np.ones(nbytes // 4, np.float32) for _ in range(max(8, int(8e8 // nbytes)))]
     channels = shape[axis]
     mean, var = np.zeros(channels, np.float32), np.ones(channels, np.float32)
     gamma, beta = np.ones(channels, np.float32), np.zeros(channels, np.float32)
     stats = bn.forward(xs[0], gamma, beta, axis=axis, out=outs[0])[1]
-    calls = {
+    return {
         "moments": lambda i: bn.moments(xs[i], axis=axis),
         "inference": lambda i: bn.normalize(xs[i], mean, var, gamma, beta, axis=axis, out=outs[i]),
         "forward": lambda i: bn.forward(xs[i], gamma, beta, axis=axis, out=outs[i]),
         "backward": lambda i: bn.backward(dys[i], xs[i], stats, gamma, beta, axis=axis, out=outs[i]),
     }
+
+
+def measure_in_cache(shape, axis, mode, dtype, threads, *, loops=7):
+    """Microseconds per call on one set of arrays (the best of `loops` loops of calls)."""
+    bn.set_num_threads(threads)
+    dtype = _numpy_dtype(dtype)
+    call = make_calls(shape, axis, dtype, 1)[mode]
+    calls = max(20, int(2e7 // (int(np.prod(shape)) * np.dtype(dtype).itemsize)))
+    best = float("inf")
+    for _ in range(loops):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            call(0)
+        best = min(best, (time.perf_counter() - t0) / calls)
+    return best * 1e6
+
+
+def measure(shape, axis, mode, dtype, threads, *, repeats=11, warmup=2):
+    bn.set_num_threads(threads)
+    dtype = _numpy_dtype(dtype)
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    nbuf = max(4, int(512e6 // (3 * nbytes)))
+    calls = make_calls(shape, axis, dtype, nbuf)
+    copies = [np.ones(nbytes // 4, np.float32) for _ in range(max(8, int(8e8 // nbytes)))]
     times, fractions = [], []
     for r in range(warmup + repeats):
         src, dst = copies[(2 * r) % len(copies)], copies[(2 * r + 1) % len(copies)]
@@ -64,7 +90,20 @@ def measure(shape, axis, mode, dtype, threads, *, repeats=11, warmup=2):
     return float(np.median(times)), float(np.median(fractions))
 
 
+def shape_of(name: str) -> tuple[tuple[int, ...], int]:
+    """A table shape by name, or dimensions with an optional axis: ``64x4096@-1``."""
+    if name in SHAPES:
+        return SHAPES[name]
+    dims, _, axis = name.partition("@")
+    try:
+        return tuple(int(d) for d in dims.split("x")), int(axis or -1)
+    except ValueError:
+        raise SystemExit(f"unknown shape {name!r}: a name of {sorted(SHAPES)} or dimensions like 64x4096@-1") from None
+
+
 def main(argv: list[str]) -> None:
+    in_cache = "--in-cache" in argv
+    argv = [a for a in argv if a != "--in-cache"]
     names = argv[0].split(",") if argv and argv[0] != "all" else list(SHAPES)
     modes = argv[1].split(",") if len(argv) > 1 else ["inference", "forward", "backward"]
     dtypes = argv[2].split(",") if len(argv) > 2 else ["float32"]
@@ -73,8 +112,12 @@ def main(argv: list[str]) -> None:
     for nt in threads:
         for dtype in dtypes:
             for name in names:
-                shape, axis = SHAPES[name]
+                shape, axis = shape_of(name)
                 for mode in modes:
+                    if in_cache:
+                        us = measure_in_cache(shape, axis, mode, dtype, nt)
+                        print(f"{nt} threads  {dtype:8s} {name:16s} {mode:9s} {us:9.1f} us per call, in cache")
+                        continue
                     t, f = measure(shape, axis, mode, dtype, nt)
                     print(f"{nt} threads  {dtype:8s} {name:16s} {mode:9s} {t * 1e3:8.3f} ms  {f:5.2f} of the limit")
 
