@@ -9,6 +9,10 @@
 #include "isa_region.hpp"
 #include "kernels.hpp"
 
+#if BATCHNORM_HAVE_TARGETS
+#include <cpuid.h>
+#endif
+
 namespace batchnorm {
 namespace detail {
 namespace {
@@ -25,10 +29,20 @@ struct Candidate {
   bool compiled;
 };
 
+// F16C from CPUID leaf 1 (ECX bit 29): Clang's __builtin_cpu_supports has no "f16c".
+bool cpu_has_f16c() {
+#if BATCHNORM_HAVE_TARGETS
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  return __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & bit_F16C) != 0;
+#else
+  return false;
+#endif
+}
+
 bool cpu_has_avx2() {
 #if BATCHNORM_HAVE_TARGETS
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c() &&
          __builtin_cpu_supports("bmi2");
 #else
   return false;

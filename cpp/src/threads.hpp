@@ -47,7 +47,7 @@ inline void partition(index_t total, int t, int n, index_t& begin, index_t& end)
 
 /// Calls f(t, n) for t in [0, n) on n threads (the current thread if n == 1). f must not throw.
 template <class F>
-void parallel(int n, const F& f) {
+void parallel([[maybe_unused]] int n, const F& f) {
 #if BATCHNORM_OPENMP
   if (n > 1) {
 #pragma omp parallel num_threads(n)

@@ -15,6 +15,7 @@
 #include "batchnorm/types.hpp"
 
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
 #include <immintrin.h>
 #define BNTEST_HAVE_F16C_TARGET 1
 #else
@@ -240,9 +241,9 @@ __attribute__((target("f16c"))) std::uint16_t hw_from_float(float f) {
 __attribute__((target("f16c"))) float hw_to_float(std::uint16_t h) {
   return _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h)));
 }
-bool cpu_has_f16c() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("f16c");
+bool cpu_has_f16c() {  // CPUID leaf 1, ECX bit 29 (Clang's __builtin_cpu_supports has no "f16c")
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  return __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & bit_F16C) != 0;
 }
 #endif
 
