@@ -357,6 +357,20 @@ TYPED_TEST(Functional, LongRuns) {
   }
 }
 
+// Arrays of a few MiB: after the sums, the elementwise pass of a training forward or a
+// backward walks each thread's share back to front in 2 MiB chunks; every chunk and the
+// share's first, partial one must be written exactly once (rows and short runs).
+TYPED_TEST(Functional, BackToFrontChunks) {
+  const std::vector<Case> big_cases = {
+      {"rows_2100x512", {2100, 512}, {1}, {}, {}},
+      {"short_runs_96x256x7x7", {96, 256, 7, 7}, {1}, {}, {}},
+  };
+  for (const Case& c : big_cases) {
+    this->check_forward(c, Activation::none, true);
+    this->check_backward(c, Statistics::batch, Activation::relu, true);
+  }
+}
+
 TYPED_TEST(Functional, BackwardInPlace) {
   using T = TypeParam;
   using S = stat_t<T>;
