@@ -290,14 +290,15 @@ void reduce_pass(const Plan& p, double* out_s, double* out_ss, const RowsFn& row
 // walks each thread's share back to front, in chunks of kReverseChunkBytes read front to
 // back: what the sums read last is still in cache (L2, then L3) and is used before it is
 // evicted, instead of being evicted by the start of the array. Medians of three paired
-// runs at 2 threads (benchmarks/passes.py, float32, fractions of the copy limit):
-// dense 4096x1024 backward 0.90 -> 1.02, dense 256x4096 training forward 0.81 -> 0.91,
-// r50-7-nhwc training forward 0.98 -> 1.05, r50-7-nchw 1.22 -> 1.25. Only for arrays of up
-// to kReverseMaxBytes, a last-level cache's worth: beyond, little of them is still cached,
-// and at one thread r50-28-nhwc and r50-56-nhwc training forward ran 4-6% slower back to
-// front. Chunks of 256 KiB were slower than 2 MiB.
+// runs at 2 threads (benchmarks/passes.py, float32, fractions of the copy limit): dense
+// 256x4096 training forward 0.81 -> 0.91, r50-7-nhwc 0.98 -> 1.05, r50-7-nchw 1.22 -> 1.25.
+// Only for arrays of up to kReverseMaxBytes, half a last-level cache: beyond, what the
+// sums read last has partly been evicted, and r50-28-nhwc float16 training forward
+// (25.7 MB) ran 7-15% slower back to front, r50-28/56-nhwc float32 4-6% slower at one
+// thread (dense 4096x1024 backward, 32 MiB of x and dy, was 13% faster: the gain depends
+// on what else the cache holds). Chunks of 256 KiB were slower than 2 MiB.
 constexpr std::size_t kReverseChunkBytes = std::size_t{2} << 20;
-constexpr std::size_t kReverseMaxBytes = std::size_t{32} << 20;
+constexpr std::size_t kReverseMaxBytes = std::size_t{16} << 20;
 
 // Work items per chunk of a back-to-front pass over elements of `element_bytes` (summed
 // over the arrays read), or 0 (front to back) for arrays beyond kReverseMaxBytes.
