@@ -300,22 +300,23 @@ void reduce_pass(const Plan& p, double* out_s, double* out_ss, const RowsFn& row
 constexpr std::size_t kReverseChunkBytes = std::size_t{2} << 20;
 constexpr std::size_t kReverseMaxBytes = std::size_t{16} << 20;
 
-// Work items per chunk of a back-to-front pass over elements of `element_bytes` (summed
-// over the arrays read), or 0 (front to back) for arrays beyond kReverseMaxBytes.
-index_t reverse_chunk(const Plan& p, std::size_t element_bytes) {
-  const auto bytes = static_cast<std::size_t>(p.channels) * static_cast<std::size_t>(p.count) * element_bytes;
-  if (bytes > kReverseMaxBytes) return 0;
-  const index_t item = p.kind == Kind::channels_last ? p.channels : runs_of(p).piece;
-  const auto item_bytes = static_cast<std::size_t>(item) * element_bytes;
+// Work items per chunk of a back-to-front pass that re-reads `reread_bytes` per element
+// (summed over the arrays), or 0 (front to back) for none or beyond kReverseMaxBytes.
+index_t reverse_chunk(const Plan& p, const Runs& runs, std::size_t reread_bytes) {
+  const auto bytes = static_cast<std::size_t>(p.channels) * static_cast<std::size_t>(p.count) * reread_bytes;
+  if (reread_bytes == 0 || bytes > kReverseMaxBytes) return 0;
+  const index_t item = p.kind == Kind::channels_last ? p.channels : runs.piece;
+  const auto item_bytes = static_cast<std::size_t>(item) * reread_bytes;
   return static_cast<index_t>(std::max<std::size_t>(1, kReverseChunkBytes / std::max<std::size_t>(1, item_bytes)));
 }
 
-// An elementwise pass (affine-1 or affine-2), front to back, or back to front in chunks of
-// `chunk` work items when chunk > 0 (see kReverseChunkBytes).
+// An elementwise pass (affine-1 or affine-2). After a sum pass that read `reread_bytes` per
+// element it goes back to front where that pays (see kReverseChunkBytes); 0: front to back.
 template <class RowsFn, class RunFn>
-void map_pass(const Plan& p, const RowsFn& rows_fn, const RunFn& run_fn, index_t chunk = 0) {
+void map_pass(const Plan& p, const RowsFn& rows_fn, const RunFn& run_fn, std::size_t reread_bytes = 0) {
   const Runs runs = runs_of(p);
   const index_t items = work_items(p);
+  const index_t chunk = reverse_chunk(p, runs, reread_bytes);
   parallel(threads_for(p.channels * p.count), [&](int t, int n) {
     index_t begin, end;
     partition(items, t, n, begin, end);
@@ -466,7 +467,7 @@ void affine1(const Plan& p, const T* x, T* y, const Coefs<compute_t<T>>& k, bool
         kt.affine1_rows({x + off[0], rs[0]}, {y + off[1], rs[1]}, rows, p.channels, k, relu, stream);
       },
       [&](const RunGroup& g) { affine1_group(kt, g, x, y, at_channel<T>(k, g.c), relu, stream); },
-      after_sums ? reverse_chunk(p, sizeof(T)) : 0);
+      after_sums ? sizeof(T) : 0);
 }
 
 // Per-channel coefficients of an affine pass, in the compute type.
@@ -771,7 +772,7 @@ void affine2(BackwardSetup<T>& b, const T* dy, const T* x, T* dx, const Affine<s
                         stream);
       },
       [&](const RunGroup& g) { affine2_group(kt, g, dy, x, dx, at_channel<T>(kv, g.c), relu, stream); },
-      reverse_chunk(p, 2 * sizeof(T)));  // x and dy were just summed, or were by backward_sums
+      2 * sizeof(T));  // x and dy were just summed, or were by backward_sums
 }
 
 void check_inputs(std::initializer_list<const void*> ptrs) {

@@ -643,6 +643,17 @@ inline void vf_store(T* p, vF v) {
 }
 #endif
 
+// Vector forms of affine() and of dx = apply2(g, x - m, k1, k2, k3): the same operations in
+// the same order, so a vector body's values equal the scalar edges' bit for bit.
+inline vF vf_affine(vF x, vF a, vF m, vF b) { return vf_fma(a, vf_sub(x, m), b); }
+
+// dx of one vector, g = dy masked by the ReLU of affine(x).
+template <bool Relu>
+inline vF vf_dx(vF dy, vF x, vF a, vF m, vF b, vF k1, vF k2, vF k3) {
+  if constexpr (Relu) dy = vf_where_positive(vf_affine(x, a, m, b), dy);
+  return vf_fma(k1, dy, vf_fma(k2, vf_sub(x, m), k3));
+}
+
 // Elements before p is aligned to 64 bytes (at most n): the scalar head of a streamed pass.
 template <class T>
 inline index_t unaligned_head(const T* p, index_t n) {
@@ -699,7 +710,7 @@ void affine1_direct(const T* x, T* y, index_t n, const float* const* k, index_t 
     const vF a = vf_set(k[0][0]), m = vf_set(k[1][0]), b = vf_set(k[2][0]);
     for (; i < e; i += std::min(kVF, e - i)) {
       const __mmask16 f = first_floats(std::min(kVF, e - i));
-      const vF z = vf_fma(a, vf_sub(vf_load_first(x + i, f), m), b);
+      const vF z = vf_affine(vf_load_first(x + i, f), a, m, b);
       vf_store_first(y + i, Relu ? vf_relu(z) : z, f);
     }
   };
@@ -710,7 +721,7 @@ void affine1_direct(const T* x, T* y, index_t n, const float* const* k, index_t 
   if (period) {
     auto loop = [&](auto streamed, index_t end) {
       for (; i + kVF <= end; i += kVF) {
-        const vF z = vf_fma(vf_loadu(k[0] + c), vf_sub(vf_load(x + i), vf_loadu(k[1] + c)), vf_loadu(k[2] + c));
+        const vF z = vf_affine(vf_load(x + i), vf_loadu(k[0] + c), vf_loadu(k[1] + c), vf_loadu(k[2] + c));
         vf_store<streamed.value>(y + i, Relu ? vf_relu(z) : z);
         c += kVF;
         if (c >= period) c %= period;
@@ -722,7 +733,7 @@ void affine1_direct(const T* x, T* y, index_t n, const float* const* k, index_t 
     auto loop = [&](auto streamed, index_t end) {
       for (; i + kVF <= end; i += kVF) {
         if (ahead) prefetch(x + i + ahead);
-        const vF z = vf_fma(a, vf_sub(vf_load(x + i), m), b);
+        const vF z = vf_affine(vf_load(x + i), a, m, b);
         vf_store<streamed.value>(y + i, Relu ? vf_relu(z) : z);
       }
     };
@@ -751,10 +762,7 @@ void affine2_direct(const T* dy, const T* x, T* dx, index_t n, const float* cons
     }
   };
   auto vec = [&](auto streamed, vF a, vF m, vF b, vF k1, vF k2, vF k3) {
-    const vF xv = vf_load(x + i);
-    vF g = vf_load(dy + i);
-    if constexpr (Relu) g = vf_where_positive(vf_fma(a, vf_sub(xv, m), b), g);
-    vf_store<streamed.value>(dx + i, vf_fma(k1, g, vf_fma(k2, vf_sub(xv, m), k3)));
+    vf_store<streamed.value>(dx + i, vf_dx<Relu>(vf_load(dy + i), vf_load(x + i), a, m, b, k1, k2, k3));
   };
 #if BATCHNORM_KERNEL_SIMD == 512
   // Runs: the elements before the aligned body, and after it, as masked vectors (dy = x = 0
@@ -764,10 +772,7 @@ void affine2_direct(const T* dy, const T* x, T* dx, index_t n, const float* cons
     const vF k1 = vf_set(k[3][0]), k2 = vf_set(k[4][0]), k3 = vf_set(k[5][0]);
     for (; i < e; i += std::min(kVF, e - i)) {
       const __mmask16 f = first_floats(std::min(kVF, e - i));
-      const vF xv = vf_load_first(x + i, f);
-      vF g = vf_load_first(dy + i, f);
-      if constexpr (Relu) g = vf_where_positive(vf_fma(a, vf_sub(xv, m), b), g);
-      vf_store_first(dx + i, vf_fma(k1, g, vf_fma(k2, vf_sub(xv, m), k3)), f);
+      vf_store_first(dx + i, vf_dx<Relu>(vf_load_first(dy + i, f), vf_load_first(x + i, f), a, m, b, k1, k2, k3), f);
     }
   };
   if (Stream && !period) masked(unaligned_head(dx, n));
@@ -830,7 +835,7 @@ void affine1_row_group(const T* x, index_t xs, T* y, index_t ys, index_t channel
   for (index_t c = 0; c < channels; c += kVF) {
     const vF a = vf_loadu(ka + c), m = vf_loadu(km + c), b = vf_loadu(kb + c);
     for (index_t r = 0; r < kRowGroup; ++r) {
-      const vF z = vf_fma(a, vf_sub(vf_load(x + r * xs + c), m), b);
+      const vF z = vf_affine(vf_load(x + r * xs + c), a, m, b);
       vf_store<Stream>(y + r * ys + c, Relu ? vf_relu(z) : z);
     }
   }
@@ -844,12 +849,9 @@ void affine2_row_group(const T* dy, index_t ds, const T* x, index_t xs, T* dx, i
   for (index_t c = 0; c < channels; c += kVF) {
     const vF a = Relu ? vf_loadu(ka + c) : vF{}, m = vf_loadu(km + c), b = Relu ? vf_loadu(kb + c) : vF{};
     const vF c1 = vf_loadu(k1 + c), c2 = vf_loadu(k2 + c), c3 = vf_loadu(k3 + c);
-    for (index_t r = 0; r < kRowGroup; ++r) {
-      const vF xv = vf_load(x + r * xs + c);
-      vF g = vf_load(dy + r * ds + c);
-      if constexpr (Relu) g = vf_where_positive(vf_fma(a, vf_sub(xv, m), b), g);
-      vf_store<Stream>(dx + r * os + c, vf_fma(c1, g, vf_fma(c2, vf_sub(xv, m), c3)));
-    }
+    for (index_t r = 0; r < kRowGroup; ++r)
+      vf_store<Stream>(dx + r * os + c,
+                       vf_dx<Relu>(vf_load(dy + r * ds + c), vf_load(x + r * xs + c), a, m, b, c1, c2, c3));
   }
 }
 
@@ -1025,7 +1027,7 @@ void reduce2_tiles(Strided<const T> dy, Strided<const T> x, index_t rows, index_
         prefetch(x.p + r * x.stride + c + kAheadRows), prefetch(dy.p + r * dy.stride + c + kAheadRows);
         const vF xv = vf_load(x.p + r * x.stride + c);
         vF g = vf_load(dy.p + r * dy.stride + c);
-        if constexpr (Relu) g = vf_where_positive(vf_fma(a, vf_sub(xv, mf), b), g);
+        if constexpr (Relu) g = vf_where_positive(vf_affine(xv, a, mf, b), g);
         vd g0, g1, x0, x1;
         split(g, g0, g1), split(xv, x0, x1);
         s0 = d_add(s0, g0), s1 = d_add(s1, g1);
