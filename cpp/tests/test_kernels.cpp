@@ -587,8 +587,13 @@ TYPED_TEST(Kernels, StreamedOutputEqualsOrdinaryOutput) {
   const index_t n = 1100;
   const std::vector<T> x = bntest::normal<T>(static_cast<std::size_t>(n + 64), 2.0, 1.5, this->rng);
   const std::vector<T> dy = bntest::normal<T>(static_cast<std::size_t>(n + 64), 0.0, 1.0, this->rng);
-  const std::vector<C> a(static_cast<std::size_t>(n + 64), C(0.7)), m(a.size(), C(2)), b(a.size(), C(0.1)),
-      k1(a.size(), C(0.7)), k2(a.size(), C(-0.2)), k3(a.size(), C(0.05));
+  // Coefficients differ per channel: a streamed rows pass starts its vector loop at another
+  // channel than an ordinary one (after the head that aligns the output) and keeps its
+  // coefficient arrays at another offset in the cache line (PeriodicCoefs).
+  const auto nk = static_cast<std::size_t>(n + 64);
+  const std::vector<C> a = bntest::uniform<C>(nk, 0.5, 1.5, this->rng), m = bntest::uniform<C>(nk, 1.5, 2.5, this->rng),
+                       b = bntest::uniform<C>(nk, -0.2, 0.2, this->rng), k1 = bntest::uniform<C>(nk, -1, 1, this->rng),
+                       k2 = bntest::uniform<C>(nk, -1, 1, this->rng), k3 = bntest::uniform<C>(nk, -0.1, 0.1, this->rng);
   const Coefs<C> k{a.data(), m.data(), b.data(), k1.data(), k2.data(), k3.data()};
   auto bits = [](const std::vector<T>& v) {
     std::vector<unsigned char> out(v.size() * sizeof(T));
@@ -617,5 +622,17 @@ TYPED_TEST(Kernels, StreamedOutputEqualsOrdinaryOutput) {
           kt.affine2_rows({dy.data() + shift, len}, {x.data() + shift, len}, {streamed.data() + shift, len}, 1, len, k,
                           relu, true);
           EXPECT_EQ(bits(plain), bits(streamed)) << "affine2_rows";
+          // Four rows in one stretch, of a quarter of len's whole vectors each: the channel of
+          // the vector loop carries over from row to row.
+          if (len < 16) continue;
+          const index_t ch = len / 16 * 16 / 4, rows = len / ch;
+          kt.affine1_rows({x.data() + shift, ch}, {plain.data() + shift, ch}, rows, ch, k, relu, false);
+          kt.affine1_rows({x.data() + shift, ch}, {streamed.data() + shift, ch}, rows, ch, k, relu, true);
+          EXPECT_EQ(bits(plain), bits(streamed)) << "affine1_rows, " << rows << " rows of " << ch;
+          kt.affine2_rows({dy.data() + shift, ch}, {x.data() + shift, ch}, {plain.data() + shift, ch}, rows, ch, k,
+                          relu, false);
+          kt.affine2_rows({dy.data() + shift, ch}, {x.data() + shift, ch}, {streamed.data() + shift, ch}, rows, ch, k,
+                          relu, true);
+          EXPECT_EQ(bits(plain), bits(streamed)) << "affine2_rows, " << rows << " rows of " << ch;
         }
 }
