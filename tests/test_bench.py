@@ -248,6 +248,46 @@ def test_resummarize_reproduces_the_report(quick_run):
         assert new["subjects"]["batchnorm"]["median_ms"] == old["subjects"]["batchnorm"]["median_ms"]
 
 
+def test_a_row_of_several_rounds_is_their_median_round():
+    rows = [{"speedup_torch": v, "subjects": {}, "name": k} for k, v in enumerate([1.2, 0.8, 1.0])]
+    chosen = _bench._median_round(rows)
+    assert chosen["name"] == chosen["round"] == 2
+    assert chosen["speedup_torch_rounds"] == [1.2, 0.8, 1.0]
+    assert chosen["rounds"] == rows
+    even = [{"speedup_torch": v, "subjects": {}, "name": k} for k, v in enumerate([1.0, 3.0, 2.0, 4.0])]
+    assert _bench._median_round(even)["name"] == 2  # the lower median
+    assert _bench._median_round(rows[:1]) is rows[0]  # one round: the row unchanged
+    no_torch = [{"speedup_torch": None, "subjects": {"batchnorm": {"fraction": f}}, "name": f} for f in (0.9, 0.5, 0.7)]
+    assert _bench._median_round(no_torch)["name"] == 0.7
+
+
+def test_rounds_survive_resummarize_and_show_in_the_table(quick_run):
+    """A report whose every row has a second round with batchnorm twice as slow: the lower
+    median of two rounds is the slow one, and the table gains the rounds column."""
+    _, report = quick_run
+
+    def slowed(e):
+        ours = e["subjects"]["batchnorm"]
+        policies = {p: {**t, "times_s": [2 * v for v in t["times_s"]]} for p, t in ours["policies"].items()}
+        return {**e, "subjects": {**e["subjects"], "batchnorm": {**ours, "policies": policies}}}
+
+    two = {
+        **report,
+        "meta": {**report["meta"], "options": {**report["meta"]["options"], "rounds": 2}},
+        "results": [{**e, "rounds": [e, slowed(e)]} for e in report["results"]],
+    }
+    again = _bench.resummarize(two)
+    for old, new in zip(report["results"], again["results"], strict=True):
+        assert new["round"] == 1
+        assert new["subjects"]["batchnorm"]["median_ms"] == pytest.approx(2 * old["subjects"]["batchnorm"]["median_ms"])
+        assert len(new["rounds"]) == 2
+    table = _bench.format_table(again)
+    assert "2 rounds over the whole list" in table
+    headers = [line for line in table.splitlines() if line.startswith("shape ")]
+    assert len(headers) == 2
+    assert all(line.split().index("rounds") == line.split().index("x") + 2 for line in headers)  # after "x torch"
+
+
 def test_bad_options_exit_with_a_message(capsys):
     from batchnorm.__main__ import main
 
@@ -255,6 +295,8 @@ def test_bad_options_exit_with_a_message(capsys):
     assert "unknown dtypes" in capsys.readouterr().err
     assert main(["bench", "--quick", "--modes", "sideways"]) == 2
     assert "--modes" in capsys.readouterr().err
+    assert main(["bench", "--quick", "--rounds", "0"]) == 2
+    assert "--rounds" in capsys.readouterr().err
 
 
 def test_png_needs_matplotlib(tmp_path, capsys):

@@ -195,6 +195,7 @@ class Options:
     torch: bool = True
     seed: int = 0
     progress: bool = True
+    rounds: int = 1
 
 
 def _median(values: Sequence[float] | np.ndarray) -> float:
@@ -323,35 +324,40 @@ def run(options: Options) -> dict[str, Any]:
         "numpy": options.numpy,
         "torch": options.torch,
         "seed": options.seed,
+        "rounds": options.rounds,
     }
     meta["command"] = " ".join(["python -m batchnorm bench", *sys.argv[1:]]) if sys.argv else None
-    entries = []
+    rounds: list[list[dict[str, Any]]] = []
     started = time.perf_counter()
     with _workers(options, options.dtypes) as workers:
         cases = [(s, d) for s in options.shapes for d in options.dtypes]
-        for number, (shape, dtype) in enumerate(cases, 1):
-            request = {
-                "shape": shape.to_json(),
-                "dtype": dtype,
-                "modes": list(options.modes),
-                "threads": list(options.threads),
-                "repeats": options.repeats,
-                "warmup": options.warmup,
-                "footprint_bytes": int(options.footprint_mib * _MIB),
-                "gap_s": options.gap_ms / 1e3,
-                "seed": options.seed,
-            }
-            answers = []
-            case_load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-            for w in workers:
-                _progress(options.progress, f"[{number}/{len(cases)}] {shape.name} {dtype}: {w.name}")
-                answers.append((w.policy, w.run(request)))
-            for entry in _merge(shape, dtype, answers):
-                entries.append({**entry, "load_average": case_load})
+        for round_number in range(1, options.rounds + 1):
+            entries = []
+            prefix = f"[round {round_number}/{options.rounds}] " if options.rounds > 1 else ""
+            for number, (shape, dtype) in enumerate(cases, 1):
+                request = {
+                    "shape": shape.to_json(),
+                    "dtype": dtype,
+                    "modes": list(options.modes),
+                    "threads": list(options.threads),
+                    "repeats": options.repeats,
+                    "warmup": options.warmup,
+                    "footprint_bytes": int(options.footprint_mib * _MIB),
+                    "gap_s": options.gap_ms / 1e3,
+                    "seed": options.seed,
+                }
+                answers = []
+                case_load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+                for w in workers:
+                    _progress(options.progress, f"{prefix}[{number}/{len(cases)}] {shape.name} {dtype}: {w.name}")
+                    answers.append((w.policy, w.run(request)))
+                for entry in _merge(shape, dtype, answers):
+                    entries.append({**entry, "load_average": case_load})
+            rounds.append(entries)
     meta["seconds"] = time.perf_counter() - started
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     meta["load_average_end"] = list(load) if load else None
-    return {"meta": meta, "results": entries}
+    return {"meta": meta, "results": [_median_round(list(same)) for same in zip(*rounds, strict=True)]}
 
 
 def _best(policies: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -429,30 +435,58 @@ def _merge(shape: Shape, dtype: str, answers: list[tuple[str, dict[str, Any]]]) 
     return entries
 
 
+def _round_key(entry: dict[str, Any]) -> float:
+    """What the rounds of one row are ranked by: the speed-up over PyTorch, else our fraction
+    of the limit, else our speed (tiny shapes without PyTorch)."""
+    if entry.get("speedup_torch") is not None:
+        return float(entry["speedup_torch"])
+    ours = entry["subjects"]["batchnorm"]
+    return float(ours["fraction"] if "fraction" in ours else 1.0 / ours["median_ms"])
+
+
+def _median_round(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from its rounds: the round with the median speed-up over PyTorch (the lower
+    median for an even count), so every figure in the row comes from one round; the rounds
+    are kept under "rounds", and "speedup_torch_rounds" lists each round's speed-up."""
+    if len(entries) == 1:
+        return entries[0]
+    order = sorted(range(len(entries)), key=lambda k: _round_key(entries[k]))
+    chosen = order[(len(entries) - 1) // 2]
+    return {
+        **entries[chosen],
+        "round": chosen,
+        "rounds": entries,
+        "speedup_torch_rounds": [e.get("speedup_torch") for e in entries],
+    }
+
+
 def resummarize(report: dict[str, Any]) -> dict[str, Any]:
     """The report recomputed from the raw timings it holds (after a change of the summary rules)."""
-    entries = []
-    for e in report["results"]:
-        measured = {
-            name: {
-                policy: _summarize(
-                    {k: v for k, v in t.items() if k in _RAW_KEYS}, MODE_BYTES[e["mode"]] * e["bytes"], e["bytes"]
-                )
-                for policy, t in subject["policies"].items()
-            }
-            for name, subject in e["subjects"].items()
+    return {**report, "results": [_resummarize_row(e) for e in report["results"]]}
+
+
+def _resummarize_row(e: dict[str, Any]) -> dict[str, Any]:
+    if "rounds" in e:
+        return _median_round([_resummarize_row(r) for r in e["rounds"]])
+    measured = {
+        name: {
+            policy: _summarize(
+                {k: v for k, v in t.items() if k in _RAW_KEYS}, MODE_BYTES[e["mode"]] * e["bytes"], e["bytes"]
+            )
+            for policy, t in subject["policies"].items()
         }
-        entry = _entry(
-            e["shape"],
-            e["dtype"],
-            mode=e["mode"],
-            threads=e["threads"],
-            nbytes=e["bytes"],
-            buffers=e["buffers"],
-            measured=measured,
-        )
-        entries.append({**entry, "load_average": e.get("load_average")})
-    return {**report, "results": entries}
+        for name, subject in e["subjects"].items()
+    }
+    entry = _entry(
+        e["shape"],
+        e["dtype"],
+        mode=e["mode"],
+        threads=e["threads"],
+        nbytes=e["bytes"],
+        buffers=e["buffers"],
+        measured=measured,
+    )
+    return {**entry, "load_average": e.get("load_average")}
 
 
 _RAW_KEYS = (
@@ -481,6 +515,12 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _span(values: list[float | None] | None) -> str:
+    """The lowest and highest of the rounds' values: "0.87-1.10"."""
+    known = [v for v in values or [] if v is not None]
+    return f"{min(known):.2f}-{max(known):.2f}" if known else "-"
+
+
 def header(report: dict[str, Any]) -> str:
     meta = report["meta"]
     info = meta["batchnorm"]
@@ -489,6 +529,7 @@ def header(report: dict[str, Any]) -> str:
     l3 = [f"{caches[k] // 1024} MiB ({k.split('_')[1]})" for k in ("L3_sysfs_kib", "L3_getconf_kib") if k in caches]
     opts = meta["options"]
     load, end = meta.get("load_average"), meta.get("load_average_end")
+    rounds = opts.get("rounds", 1)
     lines = [
         f"batchnorm {info['version']}: ISA {info['simd']} (CPU supports {', '.join(info['simd_supported'])}), "
         f"OpenMP {'on' if info['openmp'] else 'off'}, {info['compiler']}",
@@ -505,6 +546,12 @@ def header(report: dict[str, Any]) -> str:
         "same threads) timed next to the repetitions; model bytes: infer 2B, train-fwd 3B, backward 5B",
         "wp = the faster OpenMP wait policy (i inherited, p PASSIVE); x torch, x numpy = times faster than "
         "PyTorch, plain NumPy; * = every copy next to it was slowed, the limit is the case's best copy",
+        (
+            f"{rounds} rounds over the whole list; each row is the round with the median x torch, "
+            "and 'rounds' gives the lowest and highest x torch of the rounds"
+            if rounds > 1
+            else ""
+        ),
     ]
     return "\n".join(line for line in lines if line)
 
@@ -523,14 +570,16 @@ def format_table(report: dict[str, Any]) -> str:
         ("lim", ">"),
         ("wp", "<"),
         ("x torch", ">"),
+        ("rounds", ">"),
         ("numpy", ">"),
         ("x numpy", ">"),
         ("copy GB/s ord/nt", ">"),
     )
     out = [header(report)]
     results = report["results"]
+    with_rounds = any("rounds" in e for e in results)
     for threads in sorted({e["threads"] for e in results}, reverse=True):
-        rows = []
+        rows: list[tuple[str, ...]] = []
         for e in (e for e in results if e["threads"] == threads):
             ours, torch, numpy = (e["subjects"].get(k, {}) for k in ("batchnorm", "torch", "numpy"))
             copy = (
@@ -551,17 +600,21 @@ def format_table(report: dict[str, Any]) -> str:
                     _fmt(torch.get("fraction"), ".2f") + ("*" if "limit_disturbed_gbs" in torch else ""),
                     torch.get("policy", "-")[:1],
                     _fmt(e["speedup_torch"], ".2f"),
+                    _span(e.get("speedup_torch_rounds")),
                     _fmt_time(numpy.get("median_ms")),
                     _fmt(e["speedup_numpy"], ".1f"),
                     copy,
                 )
             )
-        widths = [max(len(c[0]), *(len(r[k]) for r in rows)) for k, c in enumerate(columns)]
+        keep = [k for k, c in enumerate(columns) if with_rounds or c[0] != "rounds"]  # the column of --rounds
+        shown = [columns[k] for k in keep]
+        rows = [tuple(r[k] for k in keep) for r in rows]
+        widths = [max(len(c[0]), *(len(r[k]) for r in rows)) for k, c in enumerate(shown)]
         out.append("")
         out.append(f"threads = {threads}")
-        out.append("  ".join(f"{c[0]:{c[1]}{w}}" for c, w in zip(columns, widths, strict=True)))
+        out.append("  ".join(f"{c[0]:{c[1]}{w}}" for c, w in zip(shown, widths, strict=True)))
         out.append("  ".join("-" * w for w in widths))
-        out.extend("  ".join(f"{v:{c[1]}{w}}" for v, c, w in zip(r, columns, widths, strict=True)) for r in rows)
+        out.extend("  ".join(f"{v:{c[1]}{w}}" for v, c, w in zip(r, shown, widths, strict=True)) for r in rows)
     return "\n".join(out)
 
 
@@ -651,6 +704,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=_int_list, default=(1, 2), help="comma-separated thread counts (default 1,2)")
     parser.add_argument("--repeats", type=int, help="timed repetitions per case; the median is reported (default 11)")
     parser.add_argument("--warmup", type=int, help="untimed repetitions first (default 2)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the whole list N times; each row is the round with the median speed-up over PyTorch (default 1)",
+    )
     parser.add_argument("--footprint", type=float, help="MiB of x the rotating input buffers span (default 512)")
     parser.add_argument(
         "--gap",
@@ -681,8 +740,8 @@ def options_from_args(args: argparse.Namespace) -> Options:
     repeats = args.repeats if args.repeats is not None else 3 if args.quick else 11
     warmup = args.warmup if args.warmup is not None else 1 if args.quick else 2
     footprint = args.footprint if args.footprint is not None else 8.0 if args.quick else 512.0
-    if repeats < 1 or warmup < 0 or footprint < 0 or args.gap < 0:
-        raise BenchError("--repeats must be >= 1, --warmup, --footprint and --gap >= 0")
+    if repeats < 1 or args.rounds < 1 or warmup < 0 or footprint < 0 or args.gap < 0:
+        raise BenchError("--repeats and --rounds must be >= 1, --warmup, --footprint and --gap >= 0")
     return Options(
         shapes=select_shapes(table, args.shapes),
         modes=modes,
@@ -696,6 +755,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
         torch=not args.no_torch,
         seed=args.seed,
         progress=not args.quiet,
+        rounds=args.rounds,
     )
 
 
