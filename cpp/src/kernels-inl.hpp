@@ -673,11 +673,14 @@ inline index_t unaligned_head(const T* p, index_t n) {
 // channels-first pass of the same bytes: 0.66-0.71); backward with C = 256 1.64-1.65
 // against 1.92-1.96. From C = 2048 on, the arrays crowd L1 and alignment no longer matters.
 struct PeriodicCoefs {
+  // Values past `channels`: a vector starting at channel c < channels, or at c < channels +
+  // 32 (the head that aligns a 16-bit output, where row groups start: group_shift).
+  static constexpr index_t kExtra = kVF + 32;
   std::vector<float> v;
   std::size_t first = 0, stride = 0;  // in floats: the start of array 0, and from one array to the next
   PeriodicCoefs(std::initializer_list<const float*> arrays, index_t channels, std::size_t phase) {
     constexpr std::size_t line = 64 / sizeof(float);
-    const auto len = static_cast<std::size_t>(channels + kVF);
+    const auto len = static_cast<std::size_t>(channels + kExtra);
     stride = (len + line - 1) / line * line;
     v.resize(stride * arrays.size() + line);
     const auto addr = reinterpret_cast<std::uintptr_t>(v.data());  // float-aligned
@@ -713,12 +716,13 @@ inline index_t whole_lines_end(index_t i, index_t n) {
   return i + (n - i) / line * line;
 }
 
-// y = act(a*(x - m) + b) over n contiguous values that start at channel 0 of rows of
-// `period` channels (period 0: one channel, scalar coefficients). Coefficient vectors:
-// lane j of position i uses channel (c + j) mod period.
+// y = act(a*(x - m) + b) over n contiguous values that start at channel first_channel of
+// rows of `period` channels (period 0: one channel, scalar coefficients). Coefficient
+// vectors: lane j of position i uses channel (c + j) mod period.
 template <class T, bool Relu, bool Stream>
-void affine1_direct(const T* x, T* y, index_t n, const float* const* k, index_t period, index_t ahead = 0) {
-  index_t i = 0, c = 0;
+void affine1_direct(const T* x, T* y, index_t n, const float* const* k, index_t period, index_t ahead = 0,
+                    index_t first_channel = 0) {
+  index_t i = 0, c = first_channel;
   auto scalar = [&](index_t e) {
     for (; i < e; ++i) {
       const index_t ch = period ? c : 0;
@@ -771,9 +775,9 @@ void affine1_direct(const T* x, T* y, index_t n, const float* const* k, index_t 
 // dx = apply2(g, x - m, k1, k2, k3), g = dy (masked by relu(a*(x - m) + b)); layout as affine1_direct.
 // k: a, m, b, k1, k2, k3.
 template <class T, bool Relu, bool Stream>
-void affine2_direct(const T* dy, const T* x, T* dx, index_t n, const float* const* k, index_t period,
-                    index_t ahead = 0) {
-  index_t i = 0, c = 0;
+void affine2_direct(const T* dy, const T* x, T* dx, index_t n, const float* const* k, index_t period, index_t ahead = 0,
+                    index_t first_channel = 0) {
+  index_t i = 0, c = first_channel;
   auto scalar = [&](index_t e) {
     for (; i < e; ++i) {
       const index_t ch = period ? c : 0;
@@ -837,19 +841,29 @@ void affine2_direct(const T* dy, const T* x, T* dx, index_t n, const float* cons
 // inference 0.45 -> 0.55-0.63 of the copy limit, backward 0.72-0.78 -> 0.98-1.02).
 // Narrower rows keep the one stretch: grouped, r50-7-nhwc inference (C = 2048, 24 KiB of
 // coefficients) took 0.78-0.87 ms against 0.52-0.60.
-// Groups need every row to start at channel 0 with whole vectors and, when streamed, on a
-// 64-byte boundary with whole cache lines (the streamed-store rule of whole_lines_end).
+// Groups need whole vectors and, when streamed, group rows that start on a cache line and
+// are whole lines (the streamed-store rule of whole_lines_end): rows a multiple of 64
+// bytes long and apart, and an output that starts on a line, or, for one contiguous
+// stretch, group rows shifted by the head that aligns it: a group row then runs from
+// channel h of one row to channel h - 1 of the next. (NumPy puts large arrays 16 bytes
+// past a line. Unshifted, such outputs took the one-stretch loop: (1024, 4096) float32
+// inference at one thread 1.26 ms, against 0.81 ms for an aligned output in groups.)
 constexpr index_t kRowGroup = 4;
 constexpr std::size_t kRowGroupCoefBytes = 32 << 10;
 
+// The channel h at which group rows start, or -1 for no groups.
 template <class T>
-inline bool row_groups(index_t rows, index_t channels, int coef_arrays, bool stream, const T* out, index_t out_stride) {
-  if (rows < kRowGroup || channels % kVF != 0) return false;
+inline index_t group_shift(index_t rows, index_t channels, int coef_arrays, bool stream, const T* out,
+                           index_t out_stride, bool contiguous) {
+  if (rows < kRowGroup || channels % kVF != 0) return -1;
   if (static_cast<std::size_t>(channels) * sizeof(float) * static_cast<std::size_t>(coef_arrays) < kRowGroupCoefBytes)
-    return false;
-  if (!stream) return true;
+    return -1;
+  if (!stream) return 0;
   const auto line = static_cast<index_t>(64 / sizeof(T));
-  return reinterpret_cast<std::uintptr_t>(out) % 64 == 0 && out_stride % line == 0 && channels % line == 0;
+  if (out_stride % line != 0 || channels % line != 0) return -1;
+  const auto misalign = reinterpret_cast<std::uintptr_t>(out) % 64;
+  if (misalign == 0) return 0;
+  return contiguous && misalign % sizeof(T) == 0 ? static_cast<index_t>((64 - misalign) / sizeof(T)) : -1;
 }
 
 template <class T, bool Relu, bool Stream>
@@ -1114,14 +1128,20 @@ void affine1_rows(Strided<const T> x, Strided<T> y, index_t rows, index_t channe
     const PeriodicCoefs pc({ka[0], ka[1], ka[2]}, channels, coef_phase(y.p, stream));
     const float* kk[3] = {pc[0], pc[1], pc[2]};
     with_flags(relu_on, stream, [&](auto r, auto st) {
+      const bool contiguous = x.stride == channels && y.stride == channels;  // one stretch
+      const index_t h = group_shift(rows, channels, 3, stream, y.p, y.stride, contiguous);
       index_t i = 0;
-      if (row_groups(rows, channels, 3, stream, y.p, y.stride))
-        for (; i + kRowGroup <= rows; i += kRowGroup)
-          affine1_row_group<T, r.value, st.value>(x.p + i * x.stride, x.stride, y.p + i * y.stride, y.stride, channels,
-                                                  kk);
-      if (x.stride == channels && y.stride == channels)  // one contiguous stretch
-        affine1_direct<T, r.value, st.value>(x.p + i * channels, y.p + i * channels, (rows - i) * channels, kk,
-                                             channels);
+      if (h >= 0) {
+        const float* ks[3] = {kk[0] + h, kk[1] + h, kk[2] + h};
+        affine1_direct<T, r.value, st.value>(x.p, y.p, h, kk, channels);  // (h > 0: the head of row 0)
+        for (; i + kRowGroup + (h > 0) <= rows; i += kRowGroup)
+          affine1_row_group<T, r.value, st.value>(x.p + i * x.stride + h, x.stride, y.p + i * y.stride + h, y.stride,
+                                                  channels, ks);
+      }
+      const index_t c = std::max<index_t>(h, 0);  // where row i's values not yet written start
+      if (contiguous)
+        affine1_direct<T, r.value, st.value>(x.p + i * channels + c, y.p + i * channels + c, (rows - i) * channels - c,
+                                             kk, channels, 0, c);
       else
         for (; i < rows; ++i)
           affine1_direct<T, r.value, st.value>(x.p + i * x.stride, y.p + i * y.stride, channels, kk, channels);
@@ -1223,14 +1243,20 @@ void affine2_rows(Strided<const T> dy, Strided<const T> x, Strided<T> dx, index_
     const PeriodicCoefs pc({ka[0], ka[1], ka[2], ka[3], ka[4], ka[5]}, channels, coef_phase(dx.p, stream));
     const float* kk[6] = {pc[0], pc[1], pc[2], pc[3], pc[4], pc[5]};
     with_flags(relu_on, stream, [&](auto r, auto st) {
+      const bool contiguous = x.stride == channels && dy.stride == channels && dx.stride == channels;
+      const index_t h = group_shift(rows, channels, r.value ? 6 : 4, stream, dx.p, dx.stride, contiguous);
       index_t i = 0;
-      if (row_groups(rows, channels, r.value ? 6 : 4, stream, dx.p, dx.stride))
-        for (; i + kRowGroup <= rows; i += kRowGroup)
-          affine2_row_group<T, r.value, st.value>(dy.p + i * dy.stride, dy.stride, x.p + i * x.stride, x.stride,
-                                                  dx.p + i * dx.stride, dx.stride, channels, kk);
-      if (x.stride == channels && dy.stride == channels && dx.stride == channels)
-        affine2_direct<T, r.value, st.value>(dy.p + i * channels, x.p + i * channels, dx.p + i * channels,
-                                             (rows - i) * channels, kk, channels);
+      if (h >= 0) {  // as in affine1_rows
+        const float* ks[6] = {kk[0] + h, kk[1] + h, kk[2] + h, kk[3] + h, kk[4] + h, kk[5] + h};
+        affine2_direct<T, r.value, st.value>(dy.p, x.p, dx.p, h, kk, channels);
+        for (; i + kRowGroup + (h > 0) <= rows; i += kRowGroup)
+          affine2_row_group<T, r.value, st.value>(dy.p + i * dy.stride + h, dy.stride, x.p + i * x.stride + h, x.stride,
+                                                  dx.p + i * dx.stride + h, dx.stride, channels, ks);
+      }
+      const index_t c = std::max<index_t>(h, 0);
+      if (contiguous)
+        affine2_direct<T, r.value, st.value>(dy.p + i * channels + c, x.p + i * channels + c, dx.p + i * channels + c,
+                                             (rows - i) * channels - c, kk, channels, 0, c);
       else
         for (; i < rows; ++i)
           affine2_direct<T, r.value, st.value>(dy.p + i * dy.stride, x.p + i * x.stride, dx.p + i * dx.stride, channels,

@@ -389,7 +389,8 @@ TYPED_TEST(Kernels, RowsKernels) {
 // Wide rows (C = 2048 and 4096: the coefficient arrays no longer fit L1) are written a group
 // of rows at a time; each value must come out as it does when the rows are passed one by
 // one. Rows 4, 6 and 9 leave 0, 2 and 1 rows after the last group; the output is 64-byte
-// aligned (streamed groups need it) or one element off (ordinary loop), streamed or not,
+// aligned or 1 or 5 elements off (streamed and dense, the groups then start at the head
+// that aligns the output, in the middle of a row; padded, no groups), streamed or not,
 // dense or padded (a padded row of 16 more keeps every row aligned).
 TYPED_TEST(Kernels, WideRowGroupsEqualRowByRow) {
   using T = TypeParam;
@@ -412,7 +413,7 @@ TYPED_TEST(Kernels, WideRowGroupsEqualRowByRow) {
           const std::vector<T> x = bntest::normal<T>(span, 0.0, 1.0, this->rng);
           const std::vector<T> dy = bntest::normal<T>(span, 0.0, 1.0, this->rng);
           const KernelTable<T>& kt = table<T>(isa);
-          for (std::size_t shift : {std::size_t{0}, std::size_t{1}})
+          for (std::size_t shift : {std::size_t{0}, std::size_t{1}, std::size_t{5}})
             for (bool relu : {false, true})
               for (bool stream : {false, true}) {
                 SCOPED_TRACE(::testing::Message()
