@@ -672,15 +672,20 @@ inline index_t unaligned_head(const T* p, index_t n) {
 // ms against 0.78-0.81 with straddling loads, C = 1024 0.65-0.66 against 0.70-0.71 (the
 // channels-first pass of the same bytes: 0.66-0.71); backward with C = 256 1.64-1.65
 // against 1.92-1.96. From C = 2048 on, the arrays crowd L1 and alignment no longer matters.
+// The arrays hold channels + extra values: a vector's lanes may run `extra` past the last
+// channel. A vector starts at a channel c < channels, or, where row groups start at the
+// head that aligns a streamed output (group_shift), at c < 64 / sizeof(T) past a row.
+// (Values further than needed cost time: with 32 more, (256, 4096) training forward in
+// cache took 323-327 us against 304.)
+template <class T>
+constexpr index_t kPeriodicExtra = std::max<index_t>(kVF, 64 / sizeof(T));
+
 struct PeriodicCoefs {
-  // Values past `channels`: a vector starting at channel c < channels, or at c < channels +
-  // 32 (the head that aligns a 16-bit output, where row groups start: group_shift).
-  static constexpr index_t kExtra = kVF + 32;
   std::vector<float> v;
   std::size_t first = 0, stride = 0;  // in floats: the start of array 0, and from one array to the next
-  PeriodicCoefs(std::initializer_list<const float*> arrays, index_t channels, std::size_t phase) {
+  PeriodicCoefs(std::initializer_list<const float*> arrays, index_t channels, std::size_t phase, index_t extra) {
     constexpr std::size_t line = 64 / sizeof(float);
-    const auto len = static_cast<std::size_t>(channels + kExtra);
+    const auto len = static_cast<std::size_t>(channels + extra);
     stride = (len + line - 1) / line * line;
     v.resize(stride * arrays.size() + line);
     const auto addr = reinterpret_cast<std::uintptr_t>(v.data());  // float-aligned
@@ -1125,7 +1130,7 @@ void affine1_rows(Strided<const T> x, Strided<T> y, index_t rows, index_t channe
   if (rows <= 0 || channels <= 0) return;
   if constexpr (kDirect<T>) {
     const std::array<const float*, 6> ka = coef_arrays(k);
-    const PeriodicCoefs pc({ka[0], ka[1], ka[2]}, channels, coef_phase(y.p, stream));
+    const PeriodicCoefs pc({ka[0], ka[1], ka[2]}, channels, coef_phase(y.p, stream), kPeriodicExtra<T>);
     const float* kk[3] = {pc[0], pc[1], pc[2]};
     with_flags(relu_on, stream, [&](auto r, auto st) {
       const bool contiguous = x.stride == channels && y.stride == channels;  // one stretch
@@ -1240,7 +1245,8 @@ void affine2_rows(Strided<const T> dy, Strided<const T> x, Strided<T> dx, index_
   if (rows <= 0 || channels <= 0) return;
   if constexpr (kDirect<T>) {
     const std::array<const float*, 6> ka = coef_arrays(k);
-    const PeriodicCoefs pc({ka[0], ka[1], ka[2], ka[3], ka[4], ka[5]}, channels, coef_phase(dx.p, stream));
+    const PeriodicCoefs pc({ka[0], ka[1], ka[2], ka[3], ka[4], ka[5]}, channels, coef_phase(dx.p, stream),
+                           kPeriodicExtra<T>);
     const float* kk[6] = {pc[0], pc[1], pc[2], pc[3], pc[4], pc[5]};
     with_flags(relu_on, stream, [&](auto r, auto st) {
       const bool contiguous = x.stride == channels && dy.stride == channels && dx.stride == channels;
