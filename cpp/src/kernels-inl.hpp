@@ -654,62 +654,59 @@ inline vF vf_dx(vF dy, vF x, vF a, vF m, vF b, vF k1, vF k2, vF k3) {
   return vf_fma(k1, dy, vf_fma(k2, vf_sub(x, m), k3));
 }
 
+// Elements before p is on a 64-byte boundary, or -1 if it never is (p not T-aligned).
+template <class T>
+inline index_t line_head(const T* p) {
+  const auto misalign = reinterpret_cast<std::uintptr_t>(p) % 64;
+  return misalign % sizeof(T) != 0 ? -1 : static_cast<index_t>((64 - misalign) % 64 / sizeof(T));
+}
+
 // Elements before p is aligned to 64 bytes (at most n): the scalar head of a streamed pass.
 template <class T>
 inline index_t unaligned_head(const T* p, index_t n) {
-  const auto misalign = reinterpret_cast<std::uintptr_t>(p) % 64;
-  if (misalign % sizeof(T) != 0) return n;  // never aligned: all scalar, ordinary stores
-  return std::min<index_t>(n, static_cast<index_t>((64 - misalign) % 64 / sizeof(T)));
+  const index_t head = line_head(p);
+  return head < 0 ? n : std::min(n, head);  // never aligned: all scalar, ordinary stores
 }
 
-// Per-channel coefficients of a row-periodic pass, extended so that a vector starting at
-// any channel c < channels reads coefficient (c + j) mod channels at lane j.
-// The arrays start `phase` bytes past a cache line (see coef_phase), so that where the
-// vector loop's positions are whole lines of the output, its coefficient loads are whole
-// lines too: a load that straddles two lines costs two L1 accesses, and a pass over memory
-// has few to spare. One thread, 12.8 MB of float32 channels last, ordinary stores (x and
-// y 16 bytes past a line, as NumPy allocates them): inference with C = 256 took 0.66-0.68
-// ms against 0.78-0.81 with straddling loads, C = 1024 0.65-0.66 against 0.70-0.71 (the
-// channels-first pass of the same bytes: 0.66-0.71); backward with C = 256 1.64-1.65
-// against 1.92-1.96. From C = 2048 on, the arrays crowd L1 and alignment no longer matters.
-// The arrays hold channels + extra values: a vector's lanes may run `extra` past the last
-// channel. A vector starts at a channel c < channels, or, where row groups start at the
-// head that aligns a streamed output (group_shift), at c < 64 / sizeof(T) past a row.
-// (Values further than needed cost time: with 32 more, (256, 4096) training forward in
-// cache took 323-327 us against 304.)
-template <class T>
-constexpr index_t kPeriodicExtra = std::max<index_t>(kVF, 64 / sizeof(T));
-
+// Per-channel coefficients of a row-periodic pass writing `out` (from channel 0), extended
+// so that a vector starting at channel c reads coefficient (c + j) mod channels at lane j.
+//
+// Phase: the arrays start where, in a cache line, the vector loop's first coefficient load
+// falls when its output positions are whole lines (after the scalar head that aligns a
+// streamed output; at channel 0 otherwise), so those loads are whole lines too: a load that
+// straddles two lines costs two L1 accesses, and a pass over memory has few to spare. One
+// thread, 12.8 MB of float32 channels last, ordinary stores (x and y 16 bytes past a line,
+// as NumPy allocates them): inference with C = 256 took 0.66-0.68 ms against 0.78-0.81 with
+// straddling loads, C = 1024 0.65-0.66 against 0.70-0.71 (the channels-first pass of the
+// same bytes: 0.66-0.71); backward with C = 256 1.64-1.65 against 1.92-1.96. From C = 2048
+// on, the arrays crowd L1 and alignment no longer matters.
+//
+// Extension: a vector starts at a channel c < channels, or, where row groups start at the
+// head that aligns a streamed output (group_shift), up to 64 / sizeof(T) - 1 channels past
+// a row, so each array holds channels + max(kVF, 64 / sizeof(T)) values. (No more than
+// needed: with 32 more, (256, 4096) training forward in cache took 323-327 us against 304.)
 struct PeriodicCoefs {
   std::vector<float> v;
   std::size_t first = 0, stride = 0;  // in floats: the start of array 0, and from one array to the next
-  PeriodicCoefs(std::initializer_list<const float*> arrays, index_t channels, std::size_t phase, index_t extra) {
+  template <class T>
+  PeriodicCoefs(std::initializer_list<const float*> arrays, index_t channels, const T* out, bool stream) {
     constexpr std::size_t line = 64 / sizeof(float);
-    const auto len = static_cast<std::size_t>(channels + extra);
+    const index_t head = stream ? line_head(out) : 0;
+    const std::size_t phase = head > 0 ? (64 - static_cast<std::size_t>(head) * sizeof(float) % 64) % 64 : 0;
+    const auto len = static_cast<std::size_t>(channels + std::max<index_t>(kVF, 64 / sizeof(T)));
     stride = (len + line - 1) / line * line;
     v.resize(stride * arrays.size() + line);
     const auto addr = reinterpret_cast<std::uintptr_t>(v.data());  // float-aligned
     first = (phase + 64 - addr % 64) % 64 / sizeof(float);
-    float* out = v.data() + first;
+    float* dst = v.data() + first;
     for (const float* a : arrays) {  // a[0..channels) repeated (no division per value: C = 4096 is common)
       for (std::size_t j = 0; j < len; j += static_cast<std::size_t>(channels))
-        std::copy_n(a, std::min(static_cast<std::size_t>(channels), len - j), out + j);
-      out += stride;
+        std::copy_n(a, std::min(static_cast<std::size_t>(channels), len - j), dst + j);
+      dst += stride;
     }
   }
   const float* operator[](std::size_t i) const { return v.data() + first + i * stride; }
 };
-
-// Where PeriodicCoefs arrays should start within a cache line for a pass writing out, which
-// starts at channel 0: a streamed pass's vector loop begins after the scalar head that
-// aligns out (unaligned_head), at the channel the head ends on; an ordinary one at channel 0.
-template <class T>
-inline std::size_t coef_phase(const T* out, bool stream) {
-  const auto misalign = reinterpret_cast<std::uintptr_t>(out) % 64;
-  if (!stream || misalign % sizeof(T) != 0) return 0;
-  const std::size_t head = (64 - misalign) % 64 / sizeof(T);
-  return (64 - head * sizeof(float) % 64) % 64;
-}
 
 // End of the streamed part of [i, n) when i is 64-byte aligned: whole cache lines only. A
 // line written partly by streaming and partly by ordinary stores (a 16-bit vector is half
@@ -866,9 +863,28 @@ inline index_t group_shift(index_t rows, index_t channels, int coef_arrays, bool
   if (!stream) return 0;
   const auto line = static_cast<index_t>(64 / sizeof(T));
   if (out_stride % line != 0 || channels % line != 0) return -1;
-  const auto misalign = reinterpret_cast<std::uintptr_t>(out) % 64;
-  if (misalign == 0) return 0;
-  return contiguous && misalign % sizeof(T) == 0 ? static_cast<index_t>((64 - misalign) / sizeof(T)) : -1;
+  const index_t head = line_head(out);
+  return head == 0 || (head > 0 && contiguous) ? head : -1;
+}
+
+// Order of a wide-rows pass: with groups (h = group_shift(...) >= 0), the first h values
+// of row 0, then groups of kRowGroup rows from channel h (group(i): rows i.. from there;
+// a shifted group's last row runs into row i + kRowGroup, so one row is left over); then
+// the values not yet written, as one stretch when the rows are contiguous
+// (stretch(offset, n, first_channel)), else row by row (row(i)).
+template <class Group, class Stretch, class Row>
+inline void drive_rows(index_t rows, index_t channels, index_t h, bool contiguous, const Group& group,
+                       const Stretch& stretch, const Row& row) {
+  index_t i = 0;
+  if (h >= 0) {
+    if (h > 0) stretch(index_t{0}, h, index_t{0});
+    for (; i + kRowGroup + (h > 0) <= rows; i += kRowGroup) group(i);
+  }
+  const index_t c = std::max<index_t>(h, 0);  // (h > 0 only for contiguous rows)
+  if (contiguous)
+    stretch(i * channels + c, (rows - i) * channels - c, c);
+  else
+    for (; i < rows; ++i) row(i);
 }
 
 template <class T, bool Relu, bool Stream>
@@ -1130,26 +1146,25 @@ void affine1_rows(Strided<const T> x, Strided<T> y, index_t rows, index_t channe
   if (rows <= 0 || channels <= 0) return;
   if constexpr (kDirect<T>) {
     const std::array<const float*, 6> ka = coef_arrays(k);
-    const PeriodicCoefs pc({ka[0], ka[1], ka[2]}, channels, coef_phase(y.p, stream), kPeriodicExtra<T>);
+    const PeriodicCoefs pc({ka[0], ka[1], ka[2]}, channels, y.p, stream);
     const float* kk[3] = {pc[0], pc[1], pc[2]};
     with_flags(relu_on, stream, [&](auto r, auto st) {
-      const bool contiguous = x.stride == channels && y.stride == channels;  // one stretch
+      const bool contiguous = x.stride == channels && y.stride == channels;
       const index_t h = group_shift(rows, channels, 3, stream, y.p, y.stride, contiguous);
-      index_t i = 0;
-      if (h >= 0) {
-        const float* ks[3] = {kk[0] + h, kk[1] + h, kk[2] + h};
-        affine1_direct<T, r.value, st.value>(x.p, y.p, h, kk, channels);  // (h > 0: the head of row 0)
-        for (; i + kRowGroup + (h > 0) <= rows; i += kRowGroup)
-          affine1_row_group<T, r.value, st.value>(x.p + i * x.stride + h, x.stride, y.p + i * y.stride + h, y.stride,
-                                                  channels, ks);
-      }
-      const index_t c = std::max<index_t>(h, 0);  // where row i's values not yet written start
-      if (contiguous)
-        affine1_direct<T, r.value, st.value>(x.p + i * channels + c, y.p + i * channels + c, (rows - i) * channels - c,
-                                             kk, channels, 0, c);
-      else
-        for (; i < rows; ++i)
-          affine1_direct<T, r.value, st.value>(x.p + i * x.stride, y.p + i * y.stride, channels, kk, channels);
+      const index_t g = std::max<index_t>(h, 0);  // the channel group rows start at
+      const float* ks[3] = {kk[0] + g, kk[1] + g, kk[2] + g};
+      drive_rows(
+          rows, channels, h, contiguous,
+          [&](index_t i) {
+            affine1_row_group<T, r.value, st.value>(x.p + i * x.stride + g, x.stride, y.p + i * y.stride + g, y.stride,
+                                                    channels, ks);
+          },
+          [&](index_t off, index_t n, index_t c) {
+            affine1_direct<T, r.value, st.value>(x.p + off, y.p + off, n, kk, channels, 0, c);
+          },
+          [&](index_t i) {
+            affine1_direct<T, r.value, st.value>(x.p + i * x.stride, y.p + i * y.stride, channels, kk, channels);
+          });
     });
     if (stream) end_stream();
     return;
@@ -1245,28 +1260,26 @@ void affine2_rows(Strided<const T> dy, Strided<const T> x, Strided<T> dx, index_
   if (rows <= 0 || channels <= 0) return;
   if constexpr (kDirect<T>) {
     const std::array<const float*, 6> ka = coef_arrays(k);
-    const PeriodicCoefs pc({ka[0], ka[1], ka[2], ka[3], ka[4], ka[5]}, channels, coef_phase(dx.p, stream),
-                           kPeriodicExtra<T>);
+    const PeriodicCoefs pc({ka[0], ka[1], ka[2], ka[3], ka[4], ka[5]}, channels, dx.p, stream);
     const float* kk[6] = {pc[0], pc[1], pc[2], pc[3], pc[4], pc[5]};
     with_flags(relu_on, stream, [&](auto r, auto st) {
       const bool contiguous = x.stride == channels && dy.stride == channels && dx.stride == channels;
       const index_t h = group_shift(rows, channels, r.value ? 6 : 4, stream, dx.p, dx.stride, contiguous);
-      index_t i = 0;
-      if (h >= 0) {  // as in affine1_rows
-        const float* ks[6] = {kk[0] + h, kk[1] + h, kk[2] + h, kk[3] + h, kk[4] + h, kk[5] + h};
-        affine2_direct<T, r.value, st.value>(dy.p, x.p, dx.p, h, kk, channels);
-        for (; i + kRowGroup + (h > 0) <= rows; i += kRowGroup)
-          affine2_row_group<T, r.value, st.value>(dy.p + i * dy.stride + h, dy.stride, x.p + i * x.stride + h, x.stride,
-                                                  dx.p + i * dx.stride + h, dx.stride, channels, ks);
-      }
-      const index_t c = std::max<index_t>(h, 0);
-      if (contiguous)
-        affine2_direct<T, r.value, st.value>(dy.p + i * channels + c, x.p + i * channels + c, dx.p + i * channels + c,
-                                             (rows - i) * channels - c, kk, channels, 0, c);
-      else
-        for (; i < rows; ++i)
-          affine2_direct<T, r.value, st.value>(dy.p + i * dy.stride, x.p + i * x.stride, dx.p + i * dx.stride, channels,
-                                               kk, channels);
+      const index_t g = std::max<index_t>(h, 0);
+      const float* ks[6] = {kk[0] + g, kk[1] + g, kk[2] + g, kk[3] + g, kk[4] + g, kk[5] + g};
+      drive_rows(
+          rows, channels, h, contiguous,
+          [&](index_t i) {
+            affine2_row_group<T, r.value, st.value>(dy.p + i * dy.stride + g, dy.stride, x.p + i * x.stride + g,
+                                                    x.stride, dx.p + i * dx.stride + g, dx.stride, channels, ks);
+          },
+          [&](index_t off, index_t n, index_t c) {
+            affine2_direct<T, r.value, st.value>(dy.p + off, x.p + off, dx.p + off, n, kk, channels, 0, c);
+          },
+          [&](index_t i) {
+            affine2_direct<T, r.value, st.value>(dy.p + i * dy.stride, x.p + i * x.stride, dx.p + i * dx.stride,
+                                                 channels, kk, channels);
+          });
     });
     if (stream) end_stream();
     return;
