@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from . import _core, constraints, initializers, regularizers
+from ._functional import inv_std_of
 
 __all__ = ["BatchNormalization"]
 
@@ -586,8 +587,7 @@ class BatchNormalization:
         beta = self._channel(w.get("beta"))
         y = np.empty_like(x)
         _core.normalize(x, y, axes, mean, var, gamma, beta, self.epsilon, False)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            inv_std = (1.0 / np.sqrt(var.astype(np.float64) + self.epsilon)).astype(self.param_dtype)
+        inv_std = inv_std_of(var, self.epsilon, self.param_dtype)
         last = _Last(
             training=False,
             x=x,
@@ -714,8 +714,7 @@ class BatchNormalization:
         b_tiled = None if b_eff is None else np.tile(b_eff, reps)
         if need_stats_first:
             _core.normalize(xv, y, core_axes, mean, var, g_tiled, b_tiled, self.epsilon, False)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                inv_std[...] = 1.0 / np.sqrt(var.astype(np.float64) + self.epsilon)
+            inv_std[...] = inv_std_of(var, self.epsilon, inv_std.dtype)
         else:
             _core.forward(xv, y, core_axes, g_tiled, b_tiled, self.epsilon, False, mean, var, inv_std)
         new_mean, new_var = self._batch_moments(mean, var, reps, channels)

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from . import _core, _mpi
+from ._functional import inv_std_of
 from ._torch import _AXES, _Batch, _BatchNorm, _Saved, _stat_dtype
 
 __all__ = ["SyncBatchNorm"]
@@ -117,8 +118,7 @@ class SyncBatchNorm(_BatchNorm):
         var_s = (m2 / total).astype(sdt)
         eps = float(self.eps)
         _core.normalize(x, y, _AXES, mean_s, var_s, weight, bias, eps, False)
-        # The inv_std normalize used: 1/sqrt(var + eps) in double, rounded as the core rounds it.
-        inv_std = (1.0 / np.sqrt(var_s.astype(np.float64) + eps)).astype(sdt)
+        inv_std = inv_std_of(var_s, eps, sdt)  # the one normalize used
         return _Batch(y, mean_s, inv_std, total, (mean, m2 / (total - 1)), comm)
 
     def _backward_input(self, saved: _Saved, dy: Any) -> np.ndarray:

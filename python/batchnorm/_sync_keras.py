@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from . import _core, _mpi
+from ._functional import inv_std_of
 from ._keras import BatchNormalization, _Build, _Last, _unique_name
 
 __all__ = ["SyncBatchNormalization"]
@@ -220,9 +221,7 @@ class SyncBatchNormalization(BatchNormalization):
         g_eff, b_eff = self._effective_affine(gamma, beta, scale_mult, offset_mult)
         y = np.empty_like(x)
         _core.normalize(x, y, axes, mean_s, var_s, g_eff, b_eff, self.epsilon, False)
-        # The inv_std normalize used: 1/sqrt(var + eps) in double, rounded as the plain layer rounds it.
-        with np.errstate(divide="ignore", invalid="ignore"):
-            inv_std = (1.0 / np.sqrt(var_s.astype(np.float64) + self.epsilon)).astype(pdt)
+        inv_std = inv_std_of(var_s, self.epsilon, pdt)  # the one normalize used
 
         mom = self.momentum
         updates = {"moving_mean": self._moving_average(w["moving_mean"], new_mean, mom)}

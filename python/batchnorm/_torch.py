@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import _core
-from ._functional import _data
+from ._functional import _data, inv_std_of
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
@@ -358,8 +358,7 @@ class _BatchNorm:
         mean, var = running
         y = np.empty_like(x)
         _core.normalize(x, y, _AXES, mean, var, weight, bias, float(self.eps), False)
-        # The inv_std normalize used: 1/sqrt(var + eps) in double, rounded to the stat dtype.
-        inv_std = (1.0 / np.sqrt(var.astype(np.float64) + float(self.eps))).astype(sdt)
+        inv_std = inv_std_of(var, float(self.eps), sdt)  # the one normalize used
         with self._lock:
             self._saved = _Saved(x, weight, mean, inv_std, 0, True)
         return y
