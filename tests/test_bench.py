@@ -17,6 +17,7 @@ from batchnorm import _bench, _bench_cases
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_TORCH = importlib.util.find_spec("torch") is not None
+HAS_ONNXRUNTIME = all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnx"))
 HAS_ML_DTYPES = importlib.util.find_spec("ml_dtypes") is not None
 
 
@@ -90,6 +91,9 @@ def test_json_structure(quick_run):
             assert ours["calls_per_rep"] >= 1
         assert ("numpy" in e["subjects"]) == (e["dtype"] == "float32")
         assert "torch" not in e["subjects"]
+        assert ("onnxruntime" in e["subjects"]) == HAS_ONNXRUNTIME
+        if HAS_ONNXRUNTIME and e["mode"] != "backward" and e["dtype"] != "bfloat16":
+            assert e["speedup_onnxruntime"] > 0
         if e["dtype"] == "float32":
             assert e["speedup_numpy"] > 0
 
@@ -101,11 +105,12 @@ def test_every_timed_result_was_checked(quick_run):
         for name, result in e["subjects"].items():
             for policy, timed in result["policies"].items():
                 if "unsupported" in timed:
-                    assert name == "torch"
+                    assert name in _bench_cases.PEERS
+                    assert e["mode"] == "backward" or e["dtype"] == "bfloat16" or name == "torch", timed
                     continue
                 checks = timed["checks"]
                 assert expected_outputs[e["mode"]] <= {c["output"] for c in checks}, (name, policy, e["mode"])
-                tolerance = _bench_cases.NUMPY_TOLERANCE if name == "numpy" else _bench_cases.TOLERANCE[e["dtype"]]
+                tolerance = _bench_cases.tolerance_for(name, e["dtype"])
                 for c in checks:
                     assert 0 <= c["error"] <= c["tolerance"] == tolerance
 
@@ -163,8 +168,8 @@ def test_a_wrong_result_stops_the_run(monkeypatch):
     """The worker's case runner, in this process, with an implementation that is off."""
     right = _bench_cases._SUBJECTS["batchnorm"]
 
-    def off_by_a_little(mode, data):
-        call, outputs = right(mode, data)
+    def off_by_a_little(mode, data, threads):
+        call, outputs = right(mode, data, threads)
         return call, lambda r, i: {k: v * (1 + 1e-3) for k, v in outputs(r, i).items()}
 
     monkeypatch.setitem(_bench_cases._SUBJECTS, "batchnorm", off_by_a_little)
@@ -201,6 +206,34 @@ def test_torch_is_timed_and_checked(dims, axis, dtype, restore_threads):
         assert len(result["times_s"]) == 1
         assert result["checks"]
         assert all(c["error"] <= c["tolerance"] for c in result["checks"])
+
+
+@pytest.mark.skipif(not HAS_ONNXRUNTIME, reason="needs onnxruntime and onnx")
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize(("dims", "axis"), [((4, 8, 16, 16), 1), ((4, 16, 16, 8), -1), ((16, 64), -1)])
+def test_onnxruntime_is_timed_and_checked(dims, axis, dtype, threads, restore_threads):
+    """Inference and training forward (with the batch mean and variance) against the float64
+    reference; its backward is reported as unsupported."""
+    shape = _bench_cases.Shape("t", dims, axis, "tiny" if dims == (16, 64) else "large")
+    request = _request(
+        ["onnxruntime"], shape=shape.to_json(), dtype=dtype, modes=list(_bench_cases.MODES), threads=[threads]
+    )
+    answer = _bench_cases.run_case(request)
+    results = {row["mode"]: row["subjects"]["onnxruntime"] for row in answer["rows"]}
+    assert results["backward"]["unsupported"].startswith("NotImplementedError")
+    for mode, outputs in (("inference", {"y"}), ("forward", {"y", "mean", "variance"})):
+        assert len(results[mode]["times_s"]) == 1
+        assert {c["output"] for c in results[mode]["checks"]} == outputs
+        assert all(c["error"] <= c["tolerance"] for c in results[mode]["checks"])
+
+
+@pytest.mark.skipif(not HAS_ONNXRUNTIME, reason="needs onnxruntime and onnx")
+def test_onnxruntime_without_a_kernel_is_unsupported():
+    """bfloat16 has no CPU kernel in ONNX Runtime: a row says so instead of stopping the run."""
+    pytest.importorskip("ml_dtypes")
+    answer = _bench_cases.run_case(_request(["onnxruntime"], dtype="bfloat16", modes=["inference"]))
+    assert "NOT_IMPLEMENTED" in answer["rows"][0]["subjects"]["onnxruntime"]["unsupported"]
 
 
 def test_check_outputs_measures_relative_error():

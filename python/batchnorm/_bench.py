@@ -8,6 +8,9 @@ What is timed, per shape x mode x dtype x thread count:
 - **torch**: ``torch.nn.functional.batch_norm`` (eval / training) and
   ``torch.ops.aten.native_batch_norm_backward``, once with the inherited OpenMP wait
   policy and once with ``OMP_WAIT_POLICY=PASSIVE``; the faster of the two is compared;
+- **onnxruntime**: ONNX Runtime's CPU ``BatchNormalization`` in a one-node model, on bound
+  buffers, for inference and the training forward (``training_mode=1``; it has no backward
+  outside its training builds), once with a spinning and once with a non-spinning pool;
 - **copy**: next to every repetition, a parallel copy of the same number of bytes with the
   library's threads (``_core.copy_memory``), once with ordinary and once with
   non-temporal stores: the bandwidth a single streaming pass can reach at that moment.
@@ -193,6 +196,7 @@ class Options:
     gap_ms: float = 12.0
     numpy: bool = True
     torch: bool = True
+    onnxruntime: bool = True
     seed: int = 0
     progress: bool = True
     rounds: int = 1
@@ -260,7 +264,7 @@ def machine_info() -> dict[str, Any]:
             )
             caches[f"{name}_getconf_kib"] = int(answer.stdout.strip()) // 1024
     versions = {"python": platform.python_version(), "numpy": np.__version__}
-    for module in ("torch", "ml_dtypes", "matplotlib"):
+    for module in ("torch", "onnxruntime", "onnx", "ml_dtypes", "matplotlib"):
         if importlib.util.find_spec(module) is not None:
             with contextlib.suppress(Exception):
                 versions[module] = str(importlib.import_module(module).__version__)
@@ -288,6 +292,8 @@ def _workers(options: Options, dtypes: Sequence[str]) -> Iterator[list[_Worker]]
     plan = [("batchnorm", ours, "inherited"), ("batchnorm-passive", ["batchnorm"], "passive")]
     if options.torch:
         plan += [("torch", ["torch"], "inherited"), ("torch-passive", ["torch"], "passive")]
+    if options.onnxruntime:
+        plan += [("onnxruntime", ["onnxruntime"], "inherited"), ("onnxruntime-passive", ["onnxruntime"], "passive")]
     workers: list[_Worker] = []
     try:
         for name, subjects, policy in plan:
@@ -312,6 +318,8 @@ def run(options: Options) -> dict[str, Any]:
         raise BenchError(f"dtypes {sorted(missing)} need ml_dtypes: pip install ml_dtypes")
     if options.torch and importlib.util.find_spec("torch") is None:
         options = dataclasses.replace(options, torch=False)
+    if options.onnxruntime and not all(importlib.util.find_spec(m) for m in ("onnxruntime", "onnx")):
+        options = dataclasses.replace(options, onnxruntime=False)
     meta = machine_info()
     meta["options"] = {
         "modes": list(options.modes),
@@ -323,6 +331,7 @@ def run(options: Options) -> dict[str, Any]:
         "gap_ms": options.gap_ms,
         "numpy": options.numpy,
         "torch": options.torch,
+        "onnxruntime": options.onnxruntime,
         "seed": options.seed,
         "rounds": options.rounds,
     }
@@ -406,6 +415,7 @@ def _entry(
         "buffers": buffers,
         "subjects": subjects,
         "speedup_torch": _speedup(ours, subjects.get("torch")),
+        "speedup_onnxruntime": _speedup(ours, subjects.get("onnxruntime")),
         "speedup_numpy": _speedup(ours, subjects.get("numpy")),
     }
 
@@ -534,8 +544,12 @@ def header(report: dict[str, Any]) -> str:
         f"batchnorm {info['version']}: ISA {info['simd']} (CPU supports {', '.join(info['simd_supported'])}), "
         f"OpenMP {'on' if info['openmp'] else 'off'}, {info['compiler']}",
         f"CPU {meta['cpu']}, {meta['logical_cpus']} logical CPUs, L3 reported {' / '.join(l3) or 'unknown'}",
-        "Python {}, NumPy {}, PyTorch {}, ml_dtypes {}".format(
-            v["python"], v["numpy"], v.get("torch", "not installed"), v.get("ml_dtypes", "not installed")
+        "Python {}, NumPy {}, PyTorch {}, ONNX Runtime {}, ml_dtypes {}".format(
+            v["python"],
+            v["numpy"],
+            v.get("torch", "not installed"),
+            v.get("onnxruntime", "not installed"),
+            v.get("ml_dtypes", "not installed"),
         ),
         f"threads {', '.join(map(str, opts['threads']))}; medians of {opts['repeats']} repetitions after "
         f"{opts['warmup']} warm-up; inputs rotate over >= {opts['footprint_mib']:g} MiB of x; "
@@ -544,8 +558,9 @@ def header(report: dict[str, Any]) -> str:
         f"{_fmt(end[0] if end else None, '.2f')} at end",
         "lim = (model bytes / median time) / best copy bandwidth (ordinary or non-temporal stores, "
         "same threads) timed next to the repetitions; model bytes: infer 2B, train-fwd 3B, backward 5B",
-        "wp = the faster OpenMP wait policy (i inherited, p PASSIVE); x torch, x numpy = times faster than "
-        "PyTorch, plain NumPy; * = every copy next to it was slowed, the limit is the case's best copy",
+        "wp = the faster OpenMP wait policy (i inherited, p PASSIVE); x torch, x ort, x numpy = times faster "
+        "than PyTorch, ONNX Runtime, plain NumPy; * = every copy next to it was slowed, the limit is the "
+        "case's best copy; n/a = the library cannot do it",
         (
             f"{rounds} rounds over the whole list; each row is the round with the median x torch, "
             "and 'rounds' gives the lowest and highest x torch of the rounds"
@@ -571,6 +586,8 @@ def format_table(report: dict[str, Any]) -> str:
         ("wp", "<"),
         ("x torch", ">"),
         ("rounds", ">"),
+        ("ort", ">"),
+        ("x ort", ">"),
         ("numpy", ">"),
         ("x numpy", ">"),
         ("copy GB/s ord/nt", ">"),
@@ -578,10 +595,12 @@ def format_table(report: dict[str, Any]) -> str:
     out = [header(report)]
     results = report["results"]
     with_rounds = any("rounds" in e for e in results)
+    with_ort = any("onnxruntime" in e["subjects"] for e in results)
+    hidden = ({"rounds"} if not with_rounds else set()) | ({"ort", "x ort"} if not with_ort else set())
     for threads in sorted({e["threads"] for e in results}, reverse=True):
         rows: list[tuple[str, ...]] = []
         for e in (e for e in results if e["threads"] == threads):
-            ours, torch, numpy = (e["subjects"].get(k, {}) for k in ("batchnorm", "torch", "numpy"))
+            ours, torch, ort, numpy = (e["subjects"].get(k, {}) for k in ("batchnorm", "torch", "onnxruntime", "numpy"))
             copy = (
                 f"{ours['copy_ordinary_gbs']:.0f}/{ours['copy_nontemporal_gbs']:.0f}"
                 if "copy_ordinary_gbs" in ours
@@ -601,12 +620,14 @@ def format_table(report: dict[str, Any]) -> str:
                     torch.get("policy", "-")[:1],
                     _fmt(e["speedup_torch"], ".2f"),
                     _span(e.get("speedup_torch_rounds")),
+                    "n/a" if "unsupported" in ort else _fmt_time(ort.get("median_ms")),
+                    _fmt(e.get("speedup_onnxruntime"), ".2f"),
                     _fmt_time(numpy.get("median_ms")),
                     _fmt(e["speedup_numpy"], ".1f"),
                     copy,
                 )
             )
-        keep = [k for k, c in enumerate(columns) if with_rounds or c[0] != "rounds"]  # the column of --rounds
+        keep = [k for k, c in enumerate(columns) if c[0] not in hidden]
         shown = [columns[k] for k in keep]
         rows = [tuple(r[k] for k in keep) for r in rows]
         widths = [max(len(c[0]), *(len(r[k]) for r in rows)) for k, c in enumerate(shown)]
@@ -639,7 +660,7 @@ def save_png(report: dict[str, Any], path: str) -> None:
     names = list(dict.fromkeys(e["shape"]["name"] for e in results))
     series = [
         (subject, dtype)
-        for subject in ("batchnorm", "torch", "numpy")
+        for subject in ("batchnorm", "torch", "onnxruntime", "numpy")
         for dtype in dict.fromkeys(e["dtype"] for e in results)
         if any(
             subject in e["subjects"] and "fraction" in e["subjects"][subject] and e["dtype"] == dtype for e in results
@@ -720,6 +741,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "thread is left over from the step before (default 12 ms; libgomp spins about 8 ms)",
     )
     parser.add_argument("--no-torch", action="store_true", help="do not time PyTorch")
+    parser.add_argument("--no-onnxruntime", action="store_true", help="do not time ONNX Runtime")
     parser.add_argument("--no-numpy", action="store_true", help="do not time the NumPy implementation")
     parser.add_argument("--json", metavar="PATH", help="save the full report (every timing) as JSON")
     parser.add_argument("--png", metavar="PATH", help="save a bar chart of the fractions of the limit (matplotlib)")
@@ -753,6 +775,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
         gap_ms=args.gap,
         numpy=not args.no_numpy,
         torch=not args.no_torch,
+        onnxruntime=not args.no_onnxruntime,
         seed=args.seed,
         progress=not args.quiet,
         rounds=args.rounds,
