@@ -691,10 +691,11 @@ def save_png(report: dict[str, Any], path: str) -> None:
             ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2)
             ax.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
             ax.set_ylabel("fraction of copy limit")
-    axes[0][0].legend(fontsize=7)
+    handles, labels = axes[0][0].get_legend_handles_labels()  # below the panels, clear of the bars
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8)
     info = report["meta"]["batchnorm"]
     fig.suptitle(f"batchnorm {info['version']} ({info['simd']}) vs a copy of the same bytes, {report['meta']['cpu']}")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05 + 0.02 * ((len(labels) - 1) // 6), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
