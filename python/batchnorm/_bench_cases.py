@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import functools
 import importlib
 import importlib.util
 import json
@@ -119,7 +120,7 @@ class CaseData:
     the dtype. Per-channel parameters are float32.
     """
 
-    def __init__(self, shape: Shape, dtype: str, count: int, seed: int, backward: bool) -> None:
+    def __init__(self, shape: Shape, dtype: str, count: int, seed: int) -> None:
         self.shape = shape
         self.dtype_name = dtype
         self.dtype = _numpy_dtype(dtype)
@@ -140,10 +141,7 @@ class CaseData:
         self.x = [self._variant(base, i) for i in range(count)]
         del base
         self.out = [np.ones_like(self.x[0]) for _ in range(count)]  # written once: no page faults when timed
-        self.dy: list[np.ndarray] = []
-        if backward:
-            base = rng.standard_normal(shape.dims, dtype=np.float32)
-            self.dy = [self._variant(base, i) for i in range(count)]
+        self._rng = rng  # dy's sample comes next from it, when a backward first asks for dy
         self._stats: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self._references: dict[tuple[str, int], dict[str, np.ndarray]] = {}
 
@@ -151,6 +149,12 @@ class CaseData:
         v = base * np.float32(1 + i / 20)
         v += np.float32(i / 10)
         return v if self.dtype == np.float32 else v.astype(self.dtype)
+
+    @functools.cached_property
+    def dy(self) -> list[np.ndarray]:
+        """The upstream gradients, made on first use (only backward reads them)."""
+        base = self._rng.standard_normal(self.shape.dims, dtype=np.float32)
+        return [self._variant(base, i) for i in range(self.count)]
 
     @property
     def nbytes(self) -> int:
@@ -226,7 +230,7 @@ def _batchnorm_subject(mode: str, data: CaseData, threads: int) -> tuple[Call, O
     import batchnorm as bn
 
     axis, gamma, beta = data.shape.axis, data.gamma, data.beta
-    x, out, dy = data.x, data.out, data.dy
+    x, out = data.x, data.out
     if mode == "inference":
         mean, var = data.running_mean, data.running_var
 
@@ -244,7 +248,7 @@ def _batchnorm_subject(mode: str, data: CaseData, threads: int) -> tuple[Call, O
             return {"y": y.astype(np.float64), "mean": stats.mean.astype(np.float64), "variance": stats.variance}
 
         return forward, forward_outputs
-    count = data.x[0].size // data.shape.channels
+    dy, count = data.dy, data.x[0].size // data.shape.channels
     stats = [bn.BatchStats(*data.stats(i), count) for i in range(data.count)]
 
     def backward(i: int) -> Any:
@@ -263,7 +267,7 @@ def _numpy_subject(mode: str, data: CaseData, threads: int) -> tuple[Call, Outpu
     red = _reduce_axes(data.shape)
     gamma = data.gamma.reshape(pshape)
     beta = data.beta.reshape(pshape)
-    x, out, dy = data.x, data.out, data.dy
+    x, out = data.x, data.out
     if mode == "inference":
         scale = (data.gamma / np.sqrt(data.running_var + np.float32(EPSILON))).reshape(pshape)
         shift = beta - data.running_mean.reshape(pshape) * scale
@@ -287,7 +291,7 @@ def _numpy_subject(mode: str, data: CaseData, threads: int) -> tuple[Call, Outpu
             return {"y": y.astype(np.float64), "mean": mean.reshape(-1), "variance": var.reshape(-1)}
 
         return forward, forward_outputs
-    count = data.x[0].size // data.shape.channels
+    dy, count = data.dy, data.x[0].size // data.shape.channels
     stats = [(m.reshape(pshape), s.reshape(pshape)) for m, _, s in (data.stats(i) for i in range(data.count))]
 
     def backward(i: int) -> Any:
@@ -579,8 +583,7 @@ def run_case(request: dict[str, Any]) -> dict[str, Any]:
     nbytes = math.prod(shape.dims) * itemsize
     count = 1 if tiny else max(4, math.ceil(request["footprint_bytes"] / nbytes))
     count = min(count, max(4, request.get("max_buffers", 4096)))
-    needs_dy = "backward" in request["modes"] and set(request["subjects"]) != {"onnxruntime"}  # it has no backward
-    data = CaseData(shape, dtype, count, request["seed"], needs_dy)
+    data = CaseData(shape, dtype, count, request["seed"])
     rows = []
     for mode in request["modes"]:
         for threads in request["threads"]:
