@@ -597,3 +597,40 @@ def test_half_precision_rounds_to_nearest(dtype):
     assert stats.variance.dtype == F32
     assert stats.variance[0] == 5.0
     assert stats.mean[0] == 0.0
+
+
+# ---- empty batches, zero channels, epsilon 0 ---------------------------------------------
+
+
+def test_empty_batch_in_inference_is_fine():
+    """Only statistics need values: normalize of an empty batch is an empty result."""
+    x = np.ones((0, 3), np.float32)
+    y = bn.normalize(x, np.zeros(3), np.ones(3))
+    assert y.shape == (0, 3)
+    assert y.dtype == np.float32
+
+
+def test_zero_channels_are_fine():
+    mean, var = bn.moments(np.ones((4, 0), np.float32), axis=-1)
+    assert mean.shape == (0,)
+    assert var.shape == (0,)
+    y = bn.normalize(np.ones((4, 0), np.float32), np.zeros(0), np.ones(0))
+    assert y.shape == (4, 0)
+    y, stats = bn.forward(np.ones((4, 0), np.float32))
+    assert y.shape == (4, 0)
+    assert stats.mean.shape == (0,)
+    assert stats.count == 4
+
+
+def test_backward_of_empty_batch_gives_zero_parameter_gradients():
+    x = np.ones((0, 3), np.float32)
+    stats = bn.BatchStats(np.zeros(3, np.float32), np.ones(3, np.float32), np.ones(3, np.float32), 0)
+    dx, dgamma, dbeta = bn.backward(x, x, stats)
+    assert dx.shape == (0, 3)
+    np.testing.assert_array_equal(dgamma, np.zeros(3))
+    np.testing.assert_array_equal(dbeta, np.zeros(3))
+
+
+def test_zero_epsilon_is_allowed():
+    y, _ = bn.forward(np.arange(24, dtype=np.float32).reshape(4, 6), epsilon=0.0)
+    assert np.isfinite(y).all()
