@@ -121,8 +121,11 @@ def cases(function: str):
     return pytest.mark.parametrize(("case", "dtype"), cases_of(function))
 
 
-affine = pytest.mark.parametrize("affine", [False, True], ids=["plain", "affine"])
-relu = pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
+affine_relu = pytest.mark.parametrize(
+    ("affine", "relu"),
+    list(itertools.product([False, True], [False, True])),
+    ids=["plain-linear", "plain-relu", "affine-linear", "affine-relu"],
+)
 
 
 def _x(case: Case, dtype, rng) -> np.ndarray:
@@ -177,8 +180,7 @@ def test_moments(case, dtype, rng):
 
 
 @cases("normalize")
-@affine
-@relu
+@affine_relu
 def test_normalize(case, dtype, affine, relu, rng):
     x = _x(case, dtype, rng)
     x0 = x.copy()
@@ -208,8 +210,7 @@ def test_normalize(case, dtype, affine, relu, rng):
 
 
 @cases("forward")
-@affine
-@relu
+@affine_relu
 def test_forward(case, dtype, affine, relu, rng):
     x = _x(case, dtype, rng)
     x0 = x.copy()
@@ -241,8 +242,7 @@ def test_forward(case, dtype, affine, relu, rng):
 
 
 @cases("backward")
-@affine
-@relu
+@affine_relu
 @pytest.mark.parametrize("dy_layout", ["like-x", "c"], ids=["dy-like-x", "dy-c"])
 def test_backward(case, dtype, affine, relu, dy_layout, rng):
     eps = 1e-3
