@@ -25,7 +25,12 @@ import numpy as np
 import pytest
 
 import batchnorm as bn
-from batchnorm import _core, _functional, _keras, _mpi, _precise, _sync, _sync_keras, _torch, optimizers
+from batchnorm import _core, _functional, _precise, optimizers
+from batchnorm.distributed import _mpi
+from batchnorm.keras import _layer as _keras
+from batchnorm.keras import _sync as _sync_keras
+from batchnorm.nn import _layers as _torch
+from batchnorm.nn import _sync
 from layer_state import LAYER_KINDS, assert_same_state, make_layer, snapshot, train_input, training_call
 
 

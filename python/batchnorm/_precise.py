@@ -38,7 +38,8 @@ from typing import Any
 
 import numpy as np
 
-from . import _core, _mpi
+from . import _core
+from .distributed import _mpi
 
 __all__ = ["PreciseStatistics", "precise_statistics"]
 
@@ -143,8 +144,8 @@ def _commit_torch(layer: Any, acc: _Accumulator) -> None:
 
 def _sync_comm(layer: Any) -> Any:
     """The communicator a SyncBatchNorm layer pools over (None: one process)."""
-    from ._sync import SyncBatchNorm
-    from ._sync_keras import SyncBatchNormalization
+    from .keras import SyncBatchNormalization
+    from .nn import SyncBatchNorm
 
     return _mpi.active_comm(layer.comm) if isinstance(layer, (SyncBatchNorm, SyncBatchNormalization)) else None
 

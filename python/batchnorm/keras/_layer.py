@@ -35,8 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from . import _core, constraints, initializers, regularizers
-from ._functional import inv_std_of
+from .. import _core
+from .._functional import inv_std_of
+from . import constraints, initializers, regularizers
 
 __all__ = ["BatchNormalization"]
 

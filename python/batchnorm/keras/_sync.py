@@ -3,7 +3,7 @@
 tf-keras's ``SyncBatchNormalization`` (``BatchNormalization(synchronized=True)``) on CPU
 processes joined by MPI. In a training call each process reduces its own batch to
 per-channel partials (count, mean, M2; with a mask: weight sum, weighted mean and M2),
-ONE all-reduce merges them exactly (:mod:`batchnorm._mpi`), and every process normalizes
+ONE all-reduce merges them exactly (:mod:`batchnorm.distributed`), and every process normalizes
 its rows with the global mean and biased variance and moves its moving statistics towards
 them. Backward reduces the two per-channel sums locally, ONE all-reduce adds them, and
 each process writes its dx from the global sums. So on R processes the outputs, dx and
@@ -25,9 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from . import _core, _mpi
-from ._functional import inv_std_of
-from ._keras import BatchNormalization, _Build, _Last, _unique_name
+from .. import _core
+from .._functional import inv_std_of
+from ..distributed import _mpi
+from ._layer import BatchNormalization, _Build, _Last, _unique_name
 
 __all__ = ["SyncBatchNormalization"]
 
@@ -62,7 +63,7 @@ class SyncBatchNormalization(BatchNormalization):
     Every process of ``comm`` must make the same sequence of training calls (forward,
     then backward) with the same feature sizes, as with any collective; batch sizes may
     differ, also be zero. A process whose call fails raises its own error and the others
-    get ``batchnorm._mpi.PeerError`` from the same collective instead of hanging; a call
+    get ``batchnorm.PeerError`` from the same collective instead of hanging; a call
     that raises changes nothing. ``get_config()`` has tf-keras's keys (no ``comm``);
     ``save`` writes BatchNormalization's file format, which either class can ``load``.
     """

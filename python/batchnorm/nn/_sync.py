@@ -1,7 +1,7 @@
 """SyncBatchNorm: PyTorch-style batch norm with statistics shared across MPI processes.
 
 In training, each process reduces its own batch to per-channel partials (count, mean,
-M2), ONE all-reduce merges them exactly (:mod:`batchnorm._mpi`), and every process
+M2), ONE all-reduce merges them exactly (:mod:`batchnorm.distributed`), and every process
 normalizes its batch with the global statistics and updates its running statistics from
 them. Backward reduces the two per-channel sums locally, ONE all-reduce adds them, and
 each process writes its dx from the global sums. So on R processes the outputs, dx and
@@ -19,9 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from . import _core, _mpi
-from ._functional import inv_std_of
-from ._torch import _AXES, _Batch, _BatchNorm, _Saved, _stat_dtype
+from .. import _core
+from .._functional import inv_std_of
+from ..distributed import _mpi
+from ._layers import _AXES, _Batch, _BatchNorm, _Saved, _stat_dtype
 
 __all__ = ["SyncBatchNorm"]
 

@@ -25,8 +25,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import _core
-from ._functional import _data, inv_std_of
+from .. import _core
+from .._functional import _data, inv_std_of
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
