@@ -39,17 +39,8 @@ class SyncBatchNorm(_BatchNorm):
     collective operation; processes may hold different batch sizes, also zero.
     """
 
-    def __init__(  # noqa: PLR0917 - torch's positional signature
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        dtype: Any = "float32",
-        comm: Any = None,
-    ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, dtype)
+    def __init__(self, *args: Any, comm: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.comm = comm
 
     @classmethod
