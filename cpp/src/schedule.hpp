@@ -208,14 +208,9 @@ void reduce_pass(const Plan& p, double* out_s, double* out_ss, const RowsFn& row
 // After a sum pass over the same arrays (training forward, backward), the elementwise pass
 // walks each thread's share back to front, in chunks of kReverseChunkBytes read front to
 // back: what the sums read last is still in cache (L2, then L3) and is used before it is
-// evicted, instead of being evicted by the start of the array. Medians of three paired
-// runs at 2 threads (benchmarks/passes.py, float32, fractions of the copy limit): dense
-// 256x4096 training forward 0.81 -> 0.91, r50-7-nhwc 0.98 -> 1.05, r50-7-nchw 1.22 -> 1.25.
-// Only for arrays of up to kReverseMaxBytes, half a last-level cache: beyond, what the
-// sums read last has partly been evicted, and r50-28-nhwc float16 training forward
-// (25.7 MB) ran 7-15% slower back to front, r50-28/56-nhwc float32 4-6% slower at one
-// thread (dense 4096x1024 backward, 32 MiB of x and dy, was 13% faster: the gain depends
-// on what else the cache holds). Chunks of 256 KiB were slower than 2 MiB.
+// evicted, instead of being evicted by the start of the array. Only for arrays of up to
+// kReverseMaxBytes, half a last-level cache: beyond, what the sums read last has partly
+// been evicted (measured: docs/performance.md).
 constexpr std::size_t kReverseChunkBytes = std::size_t{2} << 20;
 constexpr std::size_t kReverseMaxBytes = std::size_t{16} << 20;
 
@@ -262,11 +257,7 @@ constexpr std::size_t kStreamBytes = std::size_t{16} << 20;
 // Channels-first runs shorter than this are written with ordinary stores whatever the size:
 // a short run shares its first and last cache lines with the runs of its neighbouring
 // channels, and lines written partly streamed and partly not cost more than streaming
-// saves. Measured at 2 threads (benchmarks/passes.py, float32, x of 26-77 MB): inference
-// of 64x2048x7x7 (196-byte runs) 1.9-2.0 ms streamed against 1.07-1.10 ms not, 128x1024x8x8
-// (256 B) 2.3-2.4 against 1.0-1.4, 128x1024x12x12 (576 B) 3.38 against 3.13-3.14 (training
-// forward and backward alike); 128x1024x13x13 (676 B) 3.54-3.66 streamed against
-// 3.76-3.78, and longer runs gain more from streaming.
+// saves (measured: docs/performance.md).
 constexpr std::size_t kMinStreamRunBytes = 640;
 
 template <class T>
@@ -308,9 +299,7 @@ void sum_moments(const Plan& p, const T* x, double* mean, double* m2) {
 // bytes per input byte instead of 3, a backward 3 instead of 5. Channels are split among
 // threads, so each channel's sums are one thread's and do not depend on the thread count.
 // The limit is a share of the last-level cache rather than L2: a channel of a few MiB is
-// still there (or in L2) when it is read again. ResNet's 32x64x112x112 backward (3.2 MB of
-// x and dy per channel) measured 0.94 -> 1.01 of the copy limit at one thread with 4 MiB
-// against 512 KiB; the 512 KiB cases were unchanged.
+// still there (or in L2) when it is read again (measured: docs/performance.md).
 constexpr std::size_t kChannelCacheBytes = std::size_t{4} << 20;
 constexpr std::size_t kMinBlockRunBytes = 1024;
 
@@ -320,7 +309,7 @@ inline int channel_block_threads(const Plan& p, std::size_t bytes_per_value) {
   if (static_cast<std::size_t>(p.count) * bytes_per_value > kChannelCacheBytes) return 0;
   // Short runs (ResNet's 7x7 maps) scatter a channel over many small pieces of memory: one
   // channel's 32 runs of 196 bytes sit 400 KB apart, each a cold miss. Streaming passes
-  // read them in memory order instead, which measured 1.5x faster at r50-7 shapes.
+  // read them in memory order instead (measured: docs/performance.md).
   if (static_cast<std::size_t>(p.reduce_dims.empty() ? 1 : p.reduce_dims.back().size) * bytes_per_value <
       kMinBlockRunBytes)
     return 0;
