@@ -70,22 +70,26 @@ index_t moments(const Geometry& g, In<T> x, stat_t<T>* mean, stat_t<T>* variance
 
 template <class T>
 void normalize(const Geometry& g, In<T> x, Out<T> y, const stat_t<T>* mean, const stat_t<T>* variance,
-               Affine<stat_t<T>> affine, double epsilon, Activation activation) {
+               Affine<stat_t<T>> affine, double epsilon, Activation activation, stat_t<T>* inv_std) {
   static_assert(is_element_v<T>, "unsupported element type");
   check_epsilon(epsilon);
   const Plan p = make_plan(g, operand_strides({&x.strides, &y.strides}));
   check_output(p, 1, "y");
   check_not_null(mean, "mean");
   check_not_null(variance, "variance");
+  if (!empty(p)) {
+    check_not_null(x.data, "x");
+    check_not_null(y.data, "y");
+  }
+  std::vector<double> inv(static_cast<std::size_t>(p.channels));
+  for (index_t c = 0; c < p.channels; ++c) {  // rounded as forward() stores it
+    const auto stored = static_cast<stat_t<T>>(1.0 / std::sqrt(static_cast<double>(variance[c]) + epsilon));
+    inv[static_cast<std::size_t>(c)] = static_cast<double>(stored);
+    if (inv_std) inv_std[c] = stored;
+  }
   if (empty(p)) return;
-  check_not_null(x.data, "x");
-  check_not_null(y.data, "y");
-  std::vector<double> inv_std(static_cast<std::size_t>(p.channels));
-  for (index_t c = 0; c < p.channels; ++c)  // rounded as forward() stores it
-    inv_std[static_cast<std::size_t>(c)] =
-        static_cast<stat_t<T>>(1.0 / std::sqrt(static_cast<double>(variance[c]) + epsilon));
   CoefStore<compute_t<T>> k(p.channels, false);
-  set_forward_coefs<T>(k, p.channels, mean, inv_std.data(), affine);
+  set_forward_coefs<T>(k, p.channels, mean, inv.data(), affine);
   affine1(p, x.data, y.data, k.view(), activation == Activation::relu, false);
 }
 
@@ -182,7 +186,7 @@ void backward(const Geometry& g, In<T> dy, In<T> x, Out<T> dx, const stat_t<T>* 
   template index_t partial_moments<T>(const Geometry&, In<T>, double*, double*);                                       \
   template index_t moments<T>(const Geometry&, In<T>, stat_t<T>*, stat_t<T>*);                                         \
   template void normalize<T>(const Geometry&, In<T>, Out<T>, const stat_t<T>*, const stat_t<T>*, Affine<stat_t<T>>,    \
-                             double, Activation);                                                                      \
+                             double, Activation, stat_t<T>*);                                                          \
   template index_t forward<T>(const Geometry&, In<T>, Out<T>, Affine<stat_t<T>>, double, Activation, stat_t<T>*,       \
                               stat_t<T>*, stat_t<T>*);                                                                 \
   template void backward<T>(const Geometry&, In<T>, In<T>, Out<T>, const stat_t<T>*, const stat_t<T>*,                 \
