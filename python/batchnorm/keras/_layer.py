@@ -32,7 +32,6 @@ from typing import Any, TypeVar
 import numpy as np
 
 from .. import _core
-from .._functional import inv_std_of
 from . import _args, _build, _saving, _step, constraints, initializers, regularizers
 from ._build import Build
 from ._step import Last, Stats
@@ -202,8 +201,8 @@ class BatchNormalization(LayerWeights):
         gamma = None if "gamma" not in w else np.array(w["gamma"], copy=True).reshape(-1)
         beta = self._channel(w.get("beta"))
         y = np.empty_like(x)
-        _core.normalize(x, y, axes, mean, var, gamma, beta, self.epsilon, False)
-        inv_std = inv_std_of(var, self.epsilon, self.param_dtype)
+        inv_std = np.empty_like(var)
+        _core.normalize(x, y, axes, mean, var, gamma, beta, self.epsilon, False, inv_std=inv_std)
         last = Last(training=False, x=x, input_shape=x.shape, axes=axes, mean=mean, inv_std=inv_std, gamma=gamma)
         return y, last
 
@@ -244,14 +243,15 @@ class BatchNormalization(LayerWeights):
         g_tiled = None if g_eff is None else np.tile(g_eff, reps)
         b_tiled = None if b_eff is None else np.tile(b_eff, reps)
         y = np.empty_like(xv)
+        kept = tuple(xv.shape[a] for a in axes)
+        inv_std = np.empty(kept, pdt)
         if stats is None:  # one pass computes the statistics and normalizes with them
-            kept = tuple(xv.shape[a] for a in axes)
             stats = Stats(np.empty(kept, pdt), np.empty(kept, pdt))
-            inv_std = np.empty(kept, pdt)
             _core.forward(xv, y, axes, g_tiled, b_tiled, self.epsilon, False, stats.mean, stats.variance, inv_std)
         else:
-            _core.normalize(xv, y, axes, stats.mean, stats.variance, g_tiled, b_tiled, self.epsilon, False)
-            inv_std = inv_std_of(stats.variance, self.epsilon, pdt)
+            _core.normalize(
+                xv, y, axes, stats.mean, stats.variance, g_tiled, b_tiled, self.epsilon, False, inv_std=inv_std
+            )
 
         new_mean, new_var = _step.channel_moments(stats, reps)
         if b.fused:  # TensorFlow's fused kernel hands back the unbiased variance (tensorflow/tensorflow#55545)

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .. import _core
-from .._functional import _data, inv_std_of
+from .._functional import _data
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
@@ -357,8 +357,8 @@ class _BatchNorm:
             return y
         mean, var = running
         y = np.empty_like(x)
-        _core.normalize(x, y, _AXES, mean, var, weight, bias, float(self.eps), False)
-        inv_std = inv_std_of(var, float(self.eps), sdt)  # the one normalize used
+        inv_std = np.empty_like(var)
+        _core.normalize(x, y, _AXES, mean, var, weight, bias, float(self.eps), False, inv_std=inv_std)
         with self._lock:
             self._saved = _Saved(x, weight, mean, inv_std, 0, True)
         return y

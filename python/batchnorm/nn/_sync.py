@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 
 from .. import _core
-from .._functional import inv_std_of
 from ..distributed import _mpi
 from ._layers import _AXES, _Batch, _BatchNorm, _Saved, _stat_dtype
 
@@ -109,8 +108,8 @@ class SyncBatchNorm(_BatchNorm):
         mean_s = mean.astype(sdt)
         var_s = (m2 / total).astype(sdt)
         eps = float(self.eps)
-        _core.normalize(x, y, _AXES, mean_s, var_s, weight, bias, eps, False)
-        inv_std = inv_std_of(var_s, eps, sdt)  # the one normalize used
+        inv_std = np.empty_like(var_s)
+        _core.normalize(x, y, _AXES, mean_s, var_s, weight, bias, eps, False, inv_std=inv_std)
         return _Batch(y, mean_s, inv_std, total, (mean, m2 / (total - 1)), comm)
 
     def _backward_input(self, saved: _Saved, dy: Any) -> np.ndarray:
