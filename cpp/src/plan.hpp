@@ -16,6 +16,7 @@
 #pragma once
 
 #include <array>
+#include <initializer_list>
 #include <vector>
 
 #include "batchnorm/functional.hpp"
@@ -67,6 +68,9 @@ Strides contiguous_strides(const Shape& shape);
 /// Builds the plan for arrays sharing g.shape; strides[i] empty means C-contiguous.
 /// Validates the shape, the axes and the strides' lengths.
 Plan make_plan(const Geometry& g, const std::vector<const Strides*>& strides);
+
+/// The strides of the operands, in plan order, as make_plan takes them.
+inline std::vector<const Strides*> operand_strides(std::initializer_list<const Strides*> s) { return s; }
 
 const char* kind_name(Kind kind);
 

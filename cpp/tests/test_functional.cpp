@@ -565,6 +565,32 @@ TYPED_TEST(Functional, PartialMomentsMerge) {
   EXPECT_TRUE(bntest::all_close(m0, ma, 1e-15, 0));
 }
 
+TYPED_TEST(Functional, NormalizeReturnsInvStd) {
+  using T = TypeParam;
+  using S = stat_t<T>;
+  const Case c{"nchw", {6, 4, 5}, {1}, {}, {}};
+  const Geometry g{c.shape, c.axes};
+  auto x = this->make_x(c);
+  Buffer<T> y(c.shape, {}), z(c.shape, {});
+  std::vector<S> mean(4), var(4), inv(4), got(4, S(-1));
+  bn::forward<T>(g, {x.data()}, {y.data()}, {}, this->eps, Activation::none, mean.data(), var.data(), inv.data());
+  bn::normalize<T>(g, {x.data()}, {z.data()}, mean.data(), var.data(), {}, this->eps, Activation::none, got.data());
+  for (std::size_t i = 0; i < 4; ++i) {  // 1/sqrt(variance + eps) of the stored variance, rounded as forward's
+    const auto want = static_cast<S>(1.0 / std::sqrt(static_cast<double>(var[i]) + this->eps));
+    EXPECT_EQ(got[i], want) << "channel " << i;
+    EXPECT_NEAR(static_cast<double>(got[i]), static_cast<double>(inv[i]),
+                2 * this->stat_rtol * static_cast<double>(inv[i]));
+  }
+  if constexpr (std::is_same_v<T, double>) {
+    EXPECT_EQ(got, inv);
+  }
+  // Written for an empty batch too; the default (null) writes nothing.
+  std::vector<S> empty_inv(4, S(-1));
+  bn::normalize<T>(Geometry{{0, 4, 5}, {1}}, {nullptr}, {nullptr}, mean.data(), var.data(), {}, this->eps,
+                   Activation::none, empty_inv.data());
+  EXPECT_EQ(empty_inv, got);
+}
+
 // ---- thread counts -------------------------------------------------------------------------
 
 struct ThreadRun {

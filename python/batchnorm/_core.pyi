@@ -26,6 +26,10 @@ def normalize(
     beta: np.ndarray | None,
     epsilon: float,
     relu: bool,
+    inv_std: np.ndarray | None = None,
+) -> None: ...
+def merge_moments(
+    count_a: np.ndarray, mean_a: np.ndarray, m2_a: np.ndarray, count_b: np.ndarray, mean_b: np.ndarray, m2_b: np.ndarray
 ) -> None: ...
 def forward(
     x: np.ndarray,

@@ -166,7 +166,7 @@ index_t moments_into(const py::array& x, const std::vector<int>& axes, const py:
 
 void normalize_into(const py::array& x, const py::array& y, const std::vector<int>& axes, const py::object& mean,
                     const py::object& variance, const py::object& gamma, const py::object& beta, double epsilon,
-                    bool relu) {
+                    bool relu, const py::object& inv_std) {
   const ArrayArg xa = describe(x, "x", false);
   const ArrayArg ya = describe(y, "out", true);
   check_like(xa, "x", ya, "out");
@@ -178,9 +178,10 @@ void normalize_into(const py::array& x, const py::array& y, const std::vector<in
     const S* mu = channel_array<S>(mean, "mean", channels, false);
     const S* var = channel_array<S>(variance, "variance", channels, false);
     const Affine<S> affine = affine_of<S>(gamma, beta, channels);
+    S* inv = channel_array<S>(inv_std, "inv_std", channels, true, true);
     py::gil_scoped_release nogil;
     normalize<T>(g, {static_cast<const T*>(xa.data), xa.strides}, {static_cast<T*>(ya.data), ya.strides}, mu, var,
-                 affine, epsilon, relu ? Activation::relu : Activation::none);
+                 affine, epsilon, relu ? Activation::relu : Activation::none, inv);
   });
 }
 
@@ -357,7 +358,7 @@ py::object fast_normalize(py::handle x, py::handle mean, py::handle variance, py
   if (!y) return py::none();
   normalize_into(xa, *y, {a}, py::reinterpret_borrow<py::object>(mean), py::reinterpret_borrow<py::object>(variance),
                  py::reinterpret_borrow<py::object>(gamma), py::reinterpret_borrow<py::object>(beta),
-                 PyFloat_AS_DOUBLE(epsilon.ptr()), relu);
+                 PyFloat_AS_DOUBLE(epsilon.ptr()), relu, py::none());
   return *y;
 }
 
@@ -437,7 +438,29 @@ void register_functional(py::module_& m) {
       py::arg("x").noconvert(), py::arg("axes"), py::arg("mean"), py::arg("m2"));
 
   m.def("normalize", &normalize_into, py::arg("x").noconvert(), py::arg("out").noconvert(), py::arg("axes"),
-        py::arg("mean"), py::arg("variance"), py::arg("gamma"), py::arg("beta"), py::arg("epsilon"), py::arg("relu"));
+        py::arg("mean"), py::arg("variance"), py::arg("gamma"), py::arg("beta"), py::arg("epsilon"), py::arg("relu"),
+        py::arg("inv_std") = py::none());
+
+  m.def(
+      "merge_moments",
+      [](const py::array& count_a, const py::object& mean_a, const py::object& m2_a, const py::object& count_b,
+         const py::object& mean_b, const py::object& m2_b) {
+        const auto channels = static_cast<index_t>(count_a.size());
+        auto vector = [channels](const py::object& o, const char* name, bool writeable) {
+          double* p = channel_array<double>(o, name, channels, writeable);
+          if (py::reinterpret_borrow<py::array>(o).ndim() != 1) throw value_error(std::string(name) + " must be 1-D");
+          return p;
+        };
+        double* na = vector(count_a, "count_a", true);
+        double* ma = vector(mean_a, "mean_a", true);
+        double* qa = vector(m2_a, "m2_a", true);
+        const double* nb = vector(count_b, "count_b", false);
+        const double* mb = vector(mean_b, "mean_b", false);
+        const double* qb = vector(m2_b, "m2_b", false);
+        merge_moments(channels, na, ma, qa, nb, mb, qb);
+      },
+      py::arg("count_a").noconvert(), py::arg("mean_a"), py::arg("m2_a"), py::arg("count_b"), py::arg("mean_b"),
+      py::arg("m2_b"), "Merges the per-channel partials b into a, in place (Chan et al.)");
 
   m.def("forward", &forward_into, py::arg("x").noconvert(), py::arg("out").noconvert(), py::arg("axes"),
         py::arg("gamma"), py::arg("beta"), py::arg("epsilon"), py::arg("relu"), py::arg("mean"), py::arg("variance"),

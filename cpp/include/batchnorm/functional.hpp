@@ -82,10 +82,12 @@ BATCHNORM_API void merge_moments(index_t channels, double* count_a, double* mean
 
 /// Inference pass: y = act(gamma * (x - mean) * inv_std + beta), inv_std = 1/sqrt(variance +
 /// epsilon) rounded to stat_t<T> (as forward stores it, so that backward with that inv_std
-/// rebuilds the same ReLU mask).
+/// rebuilds the same ReLU mask). A non-null inv_std receives it, one value per channel (also
+/// for an empty batch).
 template <class T>
 BATCHNORM_API void normalize(const Geometry& g, In<T> x, Out<T> y, const stat_t<T>* mean, const stat_t<T>* variance,
-                             Affine<stat_t<T>> affine, double epsilon, Activation activation = Activation::none);
+                             Affine<stat_t<T>> affine, double epsilon, Activation activation = Activation::none,
+                             stat_t<T>* inv_std = nullptr);
 
 /// Training pass: batch statistics, then y = act(gamma * (x - mean) * inv_std + beta)
 /// with inv_std = 1 / sqrt(variance + epsilon). Writes the statistics (variance biased)

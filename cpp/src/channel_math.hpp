@@ -1,0 +1,131 @@
+// The per-channel arithmetic between the passes: the shift and the moments of the sums,
+// the statistics as stored, and the coefficients each pass applies.
+//
+// Statistics. Each channel's values are shifted by the channel's first value K before
+// they are summed, in double: s = sum(x - K), ss = sum((x - K)^2). Then
+//     mean = K + s/M,   M2 = ss - s^2/M,   variance = M2/M.
+// The shift removes the offset that ruins the textbook E[x^2] - E[x]^2 (float32 data with
+// mean/std = 1e4 loses all digits there); what cancels in M2 is at most about the ratio
+// of (K - mean)^2 to the variance, harmless in double. Per-thread partial sums share K,
+// so they add; they are merged in thread order, so a result depends only on the data and
+// the thread count, and across thread counts only in double rounding.
+//
+// Backward (per channel, g = dy masked by the fused ReLU, x_hat = (x - mean)*inv_std):
+//     dbeta  = sum g,   dgamma = sum g*x_hat = inv_std * sum g*(x - mean)
+//     batch statistics:  dx = a*(g - dbeta/M - x_hat*dgamma/M),  a = gamma*inv_std
+//                          = k1*g + k2*(x - mean) + k3,  k1 = a, k2 = -a*inv_std*dgamma/M,
+//                                                         k3 = -a*dbeta/M
+//     fixed statistics:  dx = a*g
+// The per-channel coefficients of every pass are derived from the stored (rounded)
+// mean and inv_std, so backward rebuilds the forward's ReLU mask bit for bit.
+#pragma once
+
+#include <cmath>
+#include <cstddef>
+#include <type_traits>
+#include <vector>
+
+#include "batchnorm/functional.hpp"
+#include "kernels.hpp"
+#include "plan.hpp"
+
+namespace batchnorm::detail {
+
+// The coefficients of channels c, c + 1, ... (for a kernel call that starts at channel c).
+template <class T>
+Coefs<compute_t<T>> at_channel(const Coefs<compute_t<T>>& k, index_t c) {
+  auto at = [c](const compute_t<T>* v) { return v ? v + c : v; };
+  return {at(k.a), at(k.m), at(k.b), at(k.k1), at(k.k2), at(k.k3)};
+}
+
+// The shift K of channel c: its first value, unless that is infinite or NaN, which would
+// turn every x - K into NaN; K = 0 lets the sums follow IEEE arithmetic (mean([inf, 1]) = inf).
+template <class T>
+compute_t<T> channel_shift(const Plan& p, const T* x, index_t c) {
+  using C = compute_t<T>;
+  const T* first = x + p.offset[0] + p.channel_offset(c, 0);
+  C v;
+  if constexpr (std::is_same_v<T, C>)
+    v = *first;
+  else
+    v = static_cast<float>(*first);
+  return std::isfinite(v) ? v : C(0);
+}
+
+// mean and M2 of M values from their sums s = sum(x - K), ss = sum((x - K)^2).
+inline void moments_from_sums(double shift, double s, double ss, double M, double& mean, double& m2) {
+  mean = shift + s / M;
+  m2 = ss - s * s / M;
+  if (m2 < 0) m2 = 0;  // rounding only; NaN stays NaN
+}
+
+// Per-channel coefficients of an affine pass, in the compute type.
+template <class C>
+struct CoefStore {
+  std::vector<C> a, m, b, k1, k2, k3;
+  explicit CoefStore(index_t channels, bool backward) {
+    const auto n = static_cast<std::size_t>(channels);
+    a.resize(n), m.resize(n), b.resize(n);
+    if (backward) k1.resize(n), k2.resize(n), k3.resize(n);
+  }
+  Coefs<C> view() const {
+    auto ptr = [](const std::vector<C>& v) { return v.empty() ? nullptr : v.data(); };
+    return {ptr(a), ptr(m), ptr(b), ptr(k1), ptr(k2), ptr(k3)};
+  }
+};
+
+template <class S>
+double gamma_of(const Affine<S>& affine, index_t c) {
+  return affine.gamma ? static_cast<double>(affine.gamma[c]) : 1.0;
+}
+template <class S>
+double beta_of(const Affine<S>& affine, index_t c) {
+  return affine.beta ? static_cast<double>(affine.beta[c]) : 0.0;
+}
+
+// a = gamma*inv_std, m = mean, b = beta: the forward pass's coefficients of channel c.
+template <class T>
+void forward_coef(const Affine<stat_t<T>>& affine, index_t c, stat_t<T> mean, double inv_std, compute_t<T>& a,
+                  compute_t<T>& m, compute_t<T>& b) {
+  using C = compute_t<T>;
+  a = static_cast<C>(gamma_of(affine, c) * inv_std);
+  m = static_cast<C>(mean);
+  b = static_cast<C>(beta_of(affine, c));
+}
+
+template <class T>
+void set_forward_coefs(CoefStore<compute_t<T>>& k, index_t channels, const stat_t<T>* mean, const double* inv_std,
+                       const Affine<stat_t<T>>& affine) {
+  for (index_t c = 0; c < channels; ++c) {
+    const auto i = static_cast<std::size_t>(c);
+    forward_coef<T>(affine, c, mean[c], inv_std[c], k.a[i], k.m[i], k.b[i]);
+  }
+}
+
+// Stores channel c's statistics in the statistics type; returns inv_std as stored, so every
+// later pass (and backward) derives its coefficients from the same value.
+template <class S>
+double store_stats(index_t c, double mean, double m2, double count, double epsilon, S* mean_out, S* var_out,
+                   S* inv_out) {
+  const double var = m2 / count;
+  mean_out[c] = static_cast<S>(mean);
+  var_out[c] = static_cast<S>(var);
+  inv_out[c] = static_cast<S>(1.0 / std::sqrt(var + epsilon));
+  return static_cast<double>(inv_out[c]);
+}
+
+// k1, k2, k3 of channel c from its sums over `count` values (see the comment at the top).
+template <class T>
+void set_apply_coef(CoefStore<compute_t<T>>& k, std::size_t c, double inv, const Affine<stat_t<T>>& affine,
+                    double sum_dy, double sum_dy_xc, index_t count, Statistics statistics) {
+  using C = compute_t<T>;
+  const double M = static_cast<double>(count);
+  const bool batch = statistics == Statistics::batch;
+  const double a = gamma_of(affine, static_cast<index_t>(c)) * inv;
+  const double dgamma = sum_dy_xc * inv;
+  k.k1[c] = static_cast<C>(a);
+  k.k2[c] = static_cast<C>(batch ? -a * inv * dgamma / M : 0.0);
+  k.k3[c] = static_cast<C>(batch ? -a * sum_dy / M : 0.0);
+}
+
+}  // namespace batchnorm::detail

@@ -1,0 +1,77 @@
+// Validation shared by the functional API (checks.hpp).
+#include "checks.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace batchnorm::detail {
+
+void check_epsilon(double epsilon) {
+  if (!std::isfinite(epsilon) || epsilon < 0)
+    throw value_error("epsilon must be a finite number >= 0, got " + std::to_string(epsilon));
+}
+
+void check_not_null(const void* p, const char* what) {
+  if (!p) throw value_error(std::string(what) + " must not be null");
+}
+
+void check_inputs(std::initializer_list<const void*> ptrs) {
+  for (const void* ptr : ptrs) check_not_null(ptr, "dy, x and dx");
+}
+
+// Outputs of more elements than this whose strides are not nested (below) are refused
+// rather than checked value by value, as the Python layer does.
+constexpr index_t kExactOverlapLimit = index_t{1} << 20;
+
+// Whether two elements of operand op share a location. Sufficient for no, and true of every
+// slice or transpose of a dense array: each stride, in increasing order, steps over all that
+// the smaller ones span. Otherwise (interleaved or too small strides) the offsets are
+// compared, up to kExactOverlapLimit elements; larger ones count as overlapping.
+bool overlaps_itself(const Plan& p, int op) {
+  std::vector<std::pair<index_t, index_t>> dims;  // (|stride|, size) of the dims that vary
+  for (const std::vector<Dim>* list : {&p.channel_dims, &p.reduce_dims})
+    for (const Dim& d : *list)
+      if (d.size > 1) dims.emplace_back(std::abs(d.stride[static_cast<std::size_t>(op)]), d.size);
+  std::sort(dims.begin(), dims.end());
+  index_t span = 1;  // elements from the first to the last offset of the dims so far, + 1
+  bool nested = true;
+  for (const auto& [stride, size] : dims) {
+    if (stride < span) {
+      nested = false;
+      break;
+    }
+    span = stride > (std::numeric_limits<index_t>::max() - span) / (size - 1) ? std::numeric_limits<index_t>::max()
+                                                                              : span + stride * (size - 1);
+  }
+  if (nested) return false;
+  if (p.channels > kExactOverlapLimit / std::max<index_t>(1, p.count)) return true;
+  std::vector<index_t> offsets{0};
+  for (const auto& [stride, size] : dims) {
+    std::vector<index_t> next;
+    next.reserve(offsets.size() * static_cast<std::size_t>(size));
+    for (index_t o : offsets)
+      for (index_t i = 0; i < size; ++i) next.push_back(o + i * stride);
+    offsets.swap(next);
+  }
+  std::sort(offsets.begin(), offsets.end());
+  return std::adjacent_find(offsets.begin(), offsets.end()) != offsets.end();
+}
+
+// An output must give every element its own location (an empty one has nothing to place).
+void check_output(const Plan& p, int op, const char* what) {
+  if (empty(p)) return;
+  for (const std::vector<Dim>* dims : {&p.channel_dims, &p.reduce_dims})
+    for (const Dim& d : *dims)
+      if (d.stride[static_cast<std::size_t>(op)] == 0)
+        throw value_error(std::string(what) + " has a zero stride: several elements would share one location");
+  if (overlaps_itself(p, op))
+    throw value_error(std::string(what) +
+                      " overlaps itself: its strides give several elements one location (interleaved or too small)");
+}
+
+}  // namespace batchnorm::detail

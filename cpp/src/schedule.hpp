@@ -1,0 +1,496 @@
+// How each pass is split into work items and over threads (rows, groups of runs, channel
+// blocks), in which order it walks memory and how it writes, and the pass drivers that call
+// the kernel table of the active instruction set (kernels.hpp).
+#pragma once
+
+#include <algorithm>
+#include <array>
+#include <cstddef>
+#include <initializer_list>
+#include <vector>
+
+#include "batchnorm/functional.hpp"
+#include "channel_math.hpp"
+#include "checks.hpp"
+#include "kernels.hpp"
+#include "plan.hpp"
+#include "threads.hpp"
+
+namespace batchnorm::detail {
+
+using Offsets = std::array<index_t, kMaxOperands>;
+
+// Calls rows(offsets, nrows, row_strides) for rows [begin, end) of a channels_last plan.
+template <class F>
+void for_rows(const Plan& p, index_t begin, index_t end, const F& rows) {
+  if (p.reduce_dims.empty()) {
+    if (begin < end) rows(p.offset, index_t{1}, Offsets{});
+    return;
+  }
+  const Dim& inner = p.reduce_dims.back();
+  const std::size_t outer_dims = p.reduce_dims.size() - 1;
+  for (index_t r = begin; r < end;) {
+    const index_t i = r % inner.size;
+    const index_t len = std::min(inner.size - i, end - r);
+    Offsets off{};
+    for (int op = 0; op < p.operands; ++op) {
+      const auto o = static_cast<std::size_t>(op);
+      off[o] = p.offset[o] + p.reduce_offset(r / inner.size, outer_dims, op) + i * inner.stride[o];
+    }
+    rows(off, len, inner.stride);
+    r += len;
+  }
+}
+
+// The runs of a channels_first / strided plan: units (channel, outer index, piece), each a
+// stretch of at most `piece` values along the innermost reduce dimension. Cutting long runs
+// into pieces of a fixed length lets few channels with long runs (C = 1, or RGB planes) use
+// every thread; the cut does not depend on the thread count.
+//
+// Unit numbers follow memory order where the passes stream: in NCHW the channels of one
+// image are neighbours (outer-major: u = (outer*C + c)*pieces + piece), so a thread's range
+// of units is one contiguous stretch of memory, read by the hardware prefetcher as a single
+// stream, rather than N runs per channel scattered C*S apart.
+constexpr index_t kPiece = index_t{1} << 15;
+
+struct Runs {
+  index_t length = 1;  // of a whole run
+  Offsets stride{};
+  index_t piece = 1;  // values per unit (the last piece of a run may be shorter)
+  index_t pieces = 1;
+  index_t per_channel = 1;  // units per channel
+  index_t total = 0;
+  bool outer_major = false;  // unit numbering: outer index before channel (see above)
+};
+
+inline Runs runs_of(const Plan& p) {
+  Runs r;
+  if (!p.reduce_dims.empty()) {
+    r.length = p.reduce_dims.back().size;
+    r.stride = p.reduce_dims.back().stride;
+  }
+  r.piece = std::max<index_t>(1, std::min(r.length, kPiece));
+  r.pieces = (r.length + r.piece - 1) / r.piece;
+  r.per_channel = p.count / r.length * r.pieces;
+  r.total = p.channels * r.per_channel;
+  if (p.reduce_dims.size() >= 2 && !p.channel_dims.empty()) {
+    const index_t outer_stride = p.reduce_dims[p.reduce_dims.size() - 2].stride[0];
+    r.outer_major = p.channel_dims.back().stride[0] < outer_stride;
+  }
+  return r;
+}
+
+// Offsets of (channel c, outer index, start within the run).
+inline Offsets run_offsets(const Plan& p, const Runs& r, index_t c, index_t outer, index_t start) {
+  const std::size_t outer_dims = p.reduce_dims.empty() ? 0 : p.reduce_dims.size() - 1;
+  Offsets off{};
+  for (int op = 0; op < p.operands; ++op) {
+    const auto o = static_cast<std::size_t>(op);
+    off[o] = p.offset[o] + p.channel_offset(c, op) + p.reduce_offset(outer, outer_dims, op) + start * r.stride[o];
+  }
+  return off;
+}
+
+// A group of runs that one call of a runs kernel takes: `count` runs of `length` values
+// from `offsets` on, `stride` apart, of channels c, c + step, c + 2*step, ... (step 0: all
+// of channel c). Runs are grouped where they are contiguous (channels_first, unsplit) and
+// the order walks a single channel dimension (consecutive channels) or a single outer
+// dimension (one channel's runs); otherwise a group is one unit.
+struct RunGroup {
+  index_t c;
+  Offsets offsets;
+  index_t length, count, step;
+  Offsets stride;  // between runs
+  Offsets elem;    // within a run (1 in every array for channels_first)
+};
+
+// Calls run(group) for the units [begin, end), numbered outer-major or channel-major.
+template <class F>
+void for_run_groups(const Plan& p, const Runs& r, bool outer_major, index_t begin, index_t end, const F& run) {
+  const index_t outers = r.per_channel / r.pieces;
+  const bool contiguous_runs = p.kind == Kind::channels_first && r.pieces == 1;
+  const bool by_channel = outer_major && contiguous_runs && p.channel_dims.size() == 1;
+  const bool by_outer = !outer_major && contiguous_runs && p.reduce_dims.size() == 2;
+  for (index_t u = begin; u < end;) {
+    const index_t whole = u / r.pieces;  // the run's number
+    const index_t c = outer_major ? whole % p.channels : whole / outers;
+    const index_t outer = outer_major ? whole / p.channels : whole % outers;
+    const index_t start = (u % r.pieces) * r.piece;
+    RunGroup g{c, run_offsets(p, r, c, outer, start), std::min(r.piece, r.length - start), 1, 0, Offsets{}, r.stride};
+    if (by_channel) {
+      g.count = std::min(end - u, p.channels - c);
+      g.step = 1;
+      g.stride = p.channel_dims[0].stride;
+    } else if (by_outer) {
+      g.count = std::min(end - u, outers - outer);
+      g.stride = p.reduce_dims[0].stride;
+    }
+    run(g);
+    u += g.count;
+  }
+}
+
+// One group through the kernels: the runs kernels take contiguous runs, the run kernels
+// one run of any stride.
+template <class T>
+void reduce1_group(const KernelTable<T>& kt, const RunGroup& g, const T* x, const Coefs<compute_t<T>>& k, double* s,
+                   double* ss, index_t ahead) {
+  if (g.elem[0] == 1)
+    kt.reduce1_runs({x + g.offsets[0], g.stride[0]}, g.length, g.count, g.step, k, s, ss, ahead);
+  else
+    kt.reduce1_run({x + g.offsets[0], g.elem[0]}, g.length, k, s, ss, ahead);
+}
+template <class T>
+void affine1_group(const KernelTable<T>& kt, const RunGroup& g, const T* x, T* y, const Coefs<compute_t<T>>& k,
+                   bool relu, Output out) {
+  if (g.elem[0] == 1 && g.elem[1] == 1)
+    kt.affine1_runs({x + g.offsets[0], g.stride[0]}, {y + g.offsets[1], g.stride[1]}, g.length, g.count, g.step, k,
+                    relu, out);
+  else
+    kt.affine1_run({x + g.offsets[0], g.elem[0]}, {y + g.offsets[1], g.elem[1]}, g.length, k, relu, out);
+}
+template <class T>
+void reduce2_group(const KernelTable<T>& kt, const RunGroup& g, const T* dy, const T* x, const Coefs<compute_t<T>>& k,
+                   bool relu, double* s, double* ss, index_t ahead) {
+  if (g.elem[0] == 1 && g.elem[1] == 1)
+    kt.reduce2_runs({dy + g.offsets[1], g.stride[1]}, {x + g.offsets[0], g.stride[0]}, g.length, g.count, g.step, k,
+                    relu, s, ss, ahead);
+  else
+    kt.reduce2_run({dy + g.offsets[1], g.elem[1]}, {x + g.offsets[0], g.elem[0]}, g.length, k, relu, s, ss, ahead);
+}
+template <class T>
+void affine2_group(const KernelTable<T>& kt, const RunGroup& g, const T* dy, const T* x, T* dx,
+                   const Coefs<compute_t<T>>& k, bool relu, Output out) {
+  if (g.elem[0] == 1 && g.elem[1] == 1 && g.elem[2] == 1)
+    kt.affine2_runs({dy + g.offsets[1], g.stride[1]}, {x + g.offsets[0], g.stride[0]}, {dx + g.offsets[2], g.stride[2]},
+                    g.length, g.count, g.step, k, relu, out);
+  else
+    kt.affine2_run({dy + g.offsets[1], g.elem[1]}, {x + g.offsets[0], g.elem[0]}, {dx + g.offsets[2], g.elem[2]},
+                   g.length, k, relu, out);
+}
+
+// Work items of a plan (rows or runs), for splitting among threads.
+inline index_t work_items(const Plan& p) { return p.kind == Kind::channels_last ? p.count : runs_of(p).total; }
+
+// A per-channel sum pass (reduce-1 or reduce-2): sums (s, ss) per channel into out_s,
+// out_ss (zeroed here). rows_fn(offsets, nrows, row_strides, s, ss) and
+// run_fn(group, s_c, ss_c) do one group of work items (s_c, ss_c: the group's first channel).
+template <class RowsFn, class RunFn>
+void reduce_pass(const Plan& p, double* out_s, double* out_ss, const RowsFn& rows_fn, const RunFn& run_fn) {
+  const index_t C = p.channels;
+  std::fill(out_s, out_s + C, 0.0);
+  std::fill(out_ss, out_ss + C, 0.0);
+  const int nt = threads_for(p.channels * p.count);
+  std::vector<double> partial(nt > 1 ? static_cast<std::size_t>(2 * nt * C) : 0, 0.0);
+  const Runs runs = runs_of(p);
+  const index_t items = work_items(p);
+  parallel(nt, [&](int t, int n) {
+    double* s = nt > 1 ? partial.data() + 2 * t * C : out_s;
+    double* ss = nt > 1 ? s + C : out_ss;
+    index_t begin, end;
+    partition(items, t, n, begin, end);
+    if (p.kind == Kind::channels_last)
+      for_rows(p, begin, end,
+               [&](const Offsets& off, index_t nrows, const Offsets& rs) { rows_fn(off, nrows, rs, s, ss); });
+    else
+      for_run_groups(p, runs, runs.outer_major, begin, end, [&](const RunGroup& g) { run_fn(g, s + g.c, ss + g.c); });
+  });
+  if (nt > 1)
+    for (int t = 0; t < nt; ++t) {
+      const double* s = partial.data() + 2 * t * C;
+      for (index_t c = 0; c < C; ++c) {
+        out_s[c] += s[c];
+        out_ss[c] += s[C + c];
+      }
+    }
+}
+
+// After a sum pass over the same arrays (training forward, backward), the elementwise pass
+// walks each thread's share back to front, in chunks of kReverseChunkBytes read front to
+// back: what the sums read last is still in cache (L2, then L3) and is used before it is
+// evicted, instead of being evicted by the start of the array. Only for arrays of up to
+// kReverseMaxBytes, half a last-level cache: beyond, what the sums read last has partly
+// been evicted (measured: docs/performance.md).
+constexpr std::size_t kReverseChunkBytes = std::size_t{2} << 20;
+constexpr std::size_t kReverseMaxBytes = std::size_t{16} << 20;
+
+// Work items per chunk of a back-to-front pass that re-reads `reread_bytes` per element
+// (summed over the arrays), or 0 (front to back) for none or beyond kReverseMaxBytes.
+inline index_t reverse_chunk(const Plan& p, const Runs& runs, std::size_t reread_bytes) {
+  const auto bytes = static_cast<std::size_t>(p.channels) * static_cast<std::size_t>(p.count) * reread_bytes;
+  if (reread_bytes == 0 || bytes > kReverseMaxBytes) return 0;
+  const index_t item = p.kind == Kind::channels_last ? p.channels : runs.piece;
+  const auto item_bytes = static_cast<std::size_t>(item) * reread_bytes;
+  return static_cast<index_t>(std::max<std::size_t>(1, kReverseChunkBytes / std::max<std::size_t>(1, item_bytes)));
+}
+
+// An elementwise pass (affine-1 or affine-2). After a sum pass that read `reread_bytes` per
+// element it goes back to front where that pays (see kReverseChunkBytes); 0: front to back.
+template <class RowsFn, class RunFn>
+void map_pass(const Plan& p, const RowsFn& rows_fn, const RunFn& run_fn, std::size_t reread_bytes = 0) {
+  const Runs runs = runs_of(p);
+  const index_t items = work_items(p);
+  const index_t chunk = reverse_chunk(p, runs, reread_bytes);
+  parallel(threads_for(p.channels * p.count), [&](int t, int n) {
+    index_t begin, end;
+    partition(items, t, n, begin, end);
+    auto range = [&](index_t lo, index_t hi) {
+      if (p.kind == Kind::channels_last)
+        for_rows(p, lo, hi, rows_fn);
+      else
+        for_run_groups(p, runs, runs.outer_major, lo, hi, run_fn);
+    };
+    if (chunk <= 0) return range(begin, end);
+    for (index_t hi = end; hi > begin;) {
+      const index_t lo = std::max(begin, hi - chunk);
+      range(lo, hi);
+      hi = lo;
+    }
+  });
+}
+
+// Outputs at least this large are written with non-temporal stores: they cannot stay in
+// cache anyway, and skipping the read-for-ownership of their cache lines saves a third of an
+// elementwise pass's memory traffic. Smaller outputs stay in cache for whoever reads them next.
+constexpr std::size_t kStreamBytes = std::size_t{16} << 20;
+
+// Channels-first runs shorter than this are written with ordinary stores whatever the size:
+// a short run shares its first and last cache lines with the runs of its neighbouring
+// channels, and lines written partly streamed and partly not cost more than streaming
+// saves (measured: docs/performance.md).
+constexpr std::size_t kMinStreamRunBytes = 640;
+
+template <class T>
+bool stream_output(const Plan& p) {
+  if (static_cast<std::size_t>(p.channels) * static_cast<std::size_t>(p.count) * sizeof(T) < kStreamBytes) return false;
+  return p.kind == Kind::channels_last || p.reduce_dims.empty() ||
+         static_cast<std::size_t>(p.reduce_dims.back().size) * sizeof(T) >= kMinStreamRunBytes;
+}
+
+template <class T>
+const KernelTable<T>& kernels() {
+  return active_tables().get<T>();
+}
+
+// Per-channel sums of x - K over the whole array (streaming), then mean and M2 in double.
+template <class T>
+void sum_moments(const Plan& p, const T* x, double* mean, double* m2) {
+  using C = compute_t<T>;
+  const index_t ch = p.channels;
+  std::vector<C> shift(static_cast<std::size_t>(ch));
+  for (index_t c = 0; c < ch; ++c) shift[static_cast<std::size_t>(c)] = channel_shift(p, x, c);
+  Coefs<C> k;
+  k.m = shift.data();
+  std::vector<double> s(static_cast<std::size_t>(ch)), ss(static_cast<std::size_t>(ch));
+  const KernelTable<T>& kt = kernels<T>();
+  reduce_pass(
+      p, s.data(), ss.data(),
+      [&](const Offsets& off, index_t rows, const Offsets& rs, double* ps, double* pss) {
+        kt.reduce1_rows({x + off[0], rs[0]}, rows, ch, k, ps, pss);
+      },
+      [&](const RunGroup& g, double* ps, double* pss) { reduce1_group(kt, g, x, at_channel<T>(k, g.c), ps, pss, 0); });
+  for (std::size_t c = 0; c < shift.size(); ++c)
+    moments_from_sums(static_cast<double>(shift[c]), s[c], ss[c], static_cast<double>(p.count), mean[c], m2[c]);
+}
+
+// Channel blocks. When a channels_first array's channel fits in cache, one thread takes each
+// channel through both passes (sums, then the elementwise pass) while its values are still
+// in its L2, so the second pass reads cache instead of memory: a training forward moves 2
+// bytes per input byte instead of 3, a backward 3 instead of 5. Channels are split among
+// threads, so each channel's sums are one thread's and do not depend on the thread count.
+// The limit is a share of the last-level cache rather than L2: a channel of a few MiB is
+// still there (or in L2) when it is read again (measured: docs/performance.md).
+constexpr std::size_t kChannelCacheBytes = std::size_t{4} << 20;
+constexpr std::size_t kMinBlockRunBytes = 1024;
+
+// Threads for the channel-block schedule, or 0 where streaming passes are the better choice.
+inline int channel_block_threads(const Plan& p, std::size_t bytes_per_value) {
+  if (p.kind == Kind::channels_last) return 0;
+  if (static_cast<std::size_t>(p.count) * bytes_per_value > kChannelCacheBytes) return 0;
+  // Short runs (ResNet's 7x7 maps) scatter a channel over many small pieces of memory: one
+  // channel's 32 runs of 196 bytes sit 400 KB apart, each a cold miss. Streaming passes
+  // read them in memory order instead (measured: docs/performance.md).
+  if (static_cast<std::size_t>(p.reduce_dims.empty() ? 1 : p.reduce_dims.back().size) * bytes_per_value <
+      kMinBlockRunBytes)
+    return 0;
+  const int nt = threads_for(p.channels * p.count);
+  return nt == 1 || p.channels >= 4 * nt ? nt : 0;  // few channels: balance by pieces instead
+}
+
+// Element distance from channel c's values to channel c + 1's in the given input arrays,
+// when it is the same in all of them (the prefetch distance of the channel-block
+// schedule), else 0 (no prefetch).
+inline index_t next_channel_distance(const Plan& p, index_t c, std::initializer_list<int> inputs) {
+  index_t distance = 0;
+  for (int op : inputs) {
+    const index_t d = p.channel_offset(c + 1, op) - p.channel_offset(c, op);
+    if (op != *inputs.begin() && d != distance) return 0;
+    distance = d;
+  }
+  return distance;
+}
+
+// Calls run(group) for units [u0, u1) of channel c (numbered 0 .. runs.per_channel - 1).
+template <class F>
+void for_channel(const Plan& p, const Runs& r, index_t c, index_t u0, index_t u1, const F& run) {
+  for_run_groups(p, r, false, c * r.per_channel + u0, c * r.per_channel + u1, run);
+}
+
+// The channel-block schedule overlaps memory traffic with arithmetic: while channel c is
+// summed and then written, channel c + 1 is prefetched, the first half of its units during
+// the sums and the rest during the elementwise pass (which also writes c), so the memory
+// never idles while a channel is processed from cache. Distances of 0 prefetch nothing.
+// Calls pass(group, ahead) for the units of channel c: the first half with ahead = the
+// distance to channel c + 1 when `first_half_ahead`, the second half with it otherwise.
+template <class F>
+void channel_halves(const Plan& p, const Runs& r, index_t c, index_t distance, bool first_half_ahead, const F& pass) {
+  const index_t half = r.per_channel / 2;
+  for_channel(p, r, c, 0, half, [&](const RunGroup& g) { pass(g, first_half_ahead ? distance : 0); });
+  for_channel(p, r, c, half, r.per_channel, [&](const RunGroup& g) { pass(g, first_half_ahead ? 0 : distance); });
+}
+
+// after_sums: x was just read front to back (see kReverseChunkBytes).
+template <class T>
+void affine1(const Plan& p, const T* x, T* y, const Coefs<compute_t<T>>& k, bool relu, bool after_sums) {
+  const KernelTable<T>& kt = kernels<T>();
+  const bool stream = stream_output<T>(p);
+  map_pass(
+      p,
+      [&](const Offsets& off, index_t rows, const Offsets& rs) {
+        kt.affine1_rows({x + off[0], rs[0]}, {y + off[1], rs[1]}, rows, p.channels, k, relu, stream);
+      },
+      [&](const RunGroup& g) { affine1_group(kt, g, x, y, at_channel<T>(k, g.c), relu, stream); },
+      after_sums ? sizeof(T) : 0);
+}
+
+// The training forward in channel blocks (see channel_block_threads).
+template <class T>
+void forward_channel_blocks(const Plan& p, int nt, const T* x, T* y, const Affine<stat_t<T>>& affine, double epsilon,
+                            bool relu, stat_t<T>* mean, stat_t<T>* variance, stat_t<T>* inv_std) {
+  using C = compute_t<T>;
+  const Runs runs = runs_of(p);
+  const KernelTable<T>& kt = kernels<T>();
+  const double M = static_cast<double>(p.count);
+  const bool stream = stream_output<T>(p);
+  parallel(nt, [&](int t, int n) {
+    index_t c0, c1;
+    partition(p.channels, t, n, c0, c1);
+    for (index_t c = c0; c < c1; ++c) {
+      C shift = channel_shift(p, x, c);
+      Coefs<C> k;
+      k.m = &shift;
+      const index_t next = c + 1 < c1 ? next_channel_distance(p, c, {0}) : 0;
+      double s = 0, ss = 0;
+      channel_halves(p, runs, c, next, true,
+                     [&](const RunGroup& g, index_t ahead) { reduce1_group(kt, g, x, k, &s, &ss, ahead); });
+      double mu, m2;
+      moments_from_sums(static_cast<double>(shift), s, ss, M, mu, m2);
+      const double inv = store_stats(c, mu, m2, M, epsilon, mean, variance, inv_std);
+      C a, m, b;
+      forward_coef<T>(affine, c, mean[c], inv, a, m, b);
+      const Coefs<C> kc{&a, &m, &b};
+      channel_halves(p, runs, c, next, false, [&](const RunGroup& g, index_t ahead) {
+        affine1_group(kt, g, x, y, kc, relu, Output(stream, ahead));
+      });
+    }
+  });
+}
+
+// What both halves of backward share: the plan (x, dy, dx) and the forward coefficients.
+template <class T>
+struct BackwardSetup {
+  Plan plan;
+  std::vector<double> inv;
+  CoefStore<compute_t<T>> k;
+  bool relu;
+
+  BackwardSetup(const Geometry& g, const Strides& xs, const Strides& dys, const Strides* dxs, const stat_t<T>* mean,
+                const stat_t<T>* inv_std, const Affine<stat_t<T>>& affine, Activation activation)
+      : plan(dxs ? make_plan(g, operand_strides({&xs, &dys, dxs})) : make_plan(g, operand_strides({&xs, &dys}))),
+        inv(static_cast<std::size_t>(plan.channels)),
+        k(plan.channels, true),
+        relu(activation == Activation::relu) {
+    if (dxs) check_output(plan, 2, "dx");
+    for (const void* ptr : {static_cast<const void*>(mean), static_cast<const void*>(inv_std)})
+      check_not_null(ptr, "mean and inv_std");
+    for (std::size_t c = 0; c < inv.size(); ++c) inv[c] = static_cast<double>(inv_std[c]);
+    set_forward_coefs<T>(k, plan.channels, mean, inv.data(), affine);
+  }
+
+  // k1, k2, k3 of channel c from its sums over `count` values.
+  void set_apply_coef(std::size_t c, const Affine<stat_t<T>>& affine, double sum_dy, double sum_dy_xc, index_t count,
+                      Statistics statistics) {
+    detail::set_apply_coef<T>(k, c, inv[c], affine, sum_dy, sum_dy_xc, count, statistics);
+  }
+};
+
+// The whole backward in channel blocks (see channel_block_threads).
+template <class T>
+void backward_channel_blocks(BackwardSetup<T>& b, int nt, const T* dy, const T* x, T* dx,
+                             const Affine<stat_t<T>>& affine, Statistics statistics, stat_t<T>* dgamma,
+                             stat_t<T>* dbeta) {
+  const Plan& p = b.plan;
+  const Runs runs = runs_of(p);
+  const KernelTable<T>& kt = kernels<T>();
+  const Coefs<compute_t<T>> kv = b.k.view();
+  const bool stream = stream_output<T>(p);
+  parallel(nt, [&](int t, int n) {
+    index_t c0, c1;
+    partition(p.channels, t, n, c0, c1);
+    for (index_t c = c0; c < c1; ++c) {
+      const Coefs<compute_t<T>> kc = at_channel<T>(kv, c);
+      const index_t next = c + 1 < c1 ? next_channel_distance(p, c, {0, 1}) : 0;
+      double sum_dy = 0, sum_dy_xc = 0;
+      channel_halves(p, runs, c, next, true, [&](const RunGroup& g, index_t ahead) {
+        reduce2_group(kt, g, dy, x, kc, b.relu, &sum_dy, &sum_dy_xc, ahead);
+      });
+      const auto i = static_cast<std::size_t>(c);
+      dbeta[c] = static_cast<stat_t<T>>(sum_dy);
+      dgamma[c] = static_cast<stat_t<T>>(sum_dy_xc * b.inv[i]);
+      b.set_apply_coef(i, affine, sum_dy, sum_dy_xc, p.count, statistics);
+      channel_halves(p, runs, c, next, false, [&](const RunGroup& g, index_t ahead) {
+        affine2_group(kt, g, dy, x, dx, kc, b.relu, Output(stream, ahead));
+      });
+    }
+  });
+}
+
+template <class T>
+void reduce2(const BackwardSetup<T>& b, const T* dy, const T* x, double* sum_dy, double* sum_dy_xc) {
+  const Plan& p = b.plan;
+  const index_t ch = p.channels;
+  const KernelTable<T>& kt = kernels<T>();
+  const Coefs<compute_t<T>> kv = b.k.view();
+  const bool relu = b.relu;
+  reduce_pass(
+      p, sum_dy, sum_dy_xc,
+      [&](const Offsets& off, index_t rows, const Offsets& rs, double* s, double* ss) {
+        kt.reduce2_rows({dy + off[1], rs[1]}, {x + off[0], rs[0]}, rows, ch, kv, relu, s, ss);
+      },
+      [&](const RunGroup& g, double* s, double* ss) {
+        reduce2_group(kt, g, dy, x, at_channel<T>(kv, g.c), relu, s, ss, 0);
+      });
+}
+
+template <class T>
+void affine2(BackwardSetup<T>& b, const T* dy, const T* x, T* dx, const Affine<stat_t<T>>& affine, const double* sum_dy,
+             const double* sum_dy_xc, index_t count, Statistics statistics) {
+  using C = compute_t<T>;
+  const Plan& p = b.plan;
+  for (std::size_t c = 0; c < b.inv.size(); ++c)
+    b.set_apply_coef(c, affine, sum_dy[c], sum_dy_xc[c], count, statistics);
+  const KernelTable<T>& kt = kernels<T>();
+  const Coefs<C> kv = b.k.view();
+  const bool relu = b.relu;
+  const bool stream = stream_output<T>(p);
+  map_pass(
+      p,
+      [&](const Offsets& off, index_t rows, const Offsets& rs) {
+        kt.affine2_rows({dy + off[1], rs[1]}, {x + off[0], rs[0]}, {dx + off[2], rs[2]}, rows, p.channels, kv, relu,
+                        stream);
+      },
+      [&](const RunGroup& g) { affine2_group(kt, g, dy, x, dx, at_channel<T>(kv, g.c), relu, stream); },
+      2 * sizeof(T));  // x and dy were just summed, or were by backward_sums
+}
+
+}  // namespace batchnorm::detail
