@@ -46,6 +46,16 @@ def close(a: Any, b: Any, what: str) -> None:
     assert err <= TOL, f"rank {RANK}: {what}: max error {err:.3g}"
 
 
+def expect_error(call: Callable[[], Any], text: str, kind: type[Exception] = Exception) -> None:
+    try:
+        call()
+    except kind as e:
+        if text not in str(e):
+            raise AssertionError(f"rank {RANK}: expected {text!r} in the error, got {e!r}") from e
+    else:
+        raise AssertionError(f"rank {RANK}: no error, expected {text!r}")
+
+
 def summed(a: Any) -> np.ndarray:
     """a added over all ranks, in float64."""
     return comm.allreduce(np.asarray(a, np.float64), op=MPI.SUM)  # type: ignore[no-any-return]

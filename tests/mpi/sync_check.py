@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 from mpi4py import MPI
-from mpi_common import RANK, SIZE, close, comm, my_rows, run, splits, summed
+from mpi_common import RANK, SIZE, close, comm, expect_error, my_rows, run, splits, summed
 
 import batchnorm as bn
 from batchnorm.distributed import _mpi
@@ -81,16 +81,6 @@ def check_against_torch() -> None:
     close(sync.backward(dy[rows]), xt.grad.numpy()[rows], "dx vs torch")
     close(summed(sync.grads["weight"]), t.weight.grad.numpy(), "weight grad vs torch")
     close(sync.running_var, t.running_var.numpy(), "running_var vs torch")
-
-
-def expect_error(call, text: str, kind: type[Exception] = Exception) -> None:
-    try:
-        call()
-    except kind as e:
-        if text not in str(e):
-            raise AssertionError(f"rank {RANK}: expected {text!r} in the error, got {e!r}") from e
-    else:
-        raise AssertionError(f"rank {RANK}: no error, expected {text!r}")
 
 
 def check_errors() -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from mpi_common import RANK, SIZE, close, comm, my_rows, run, splits, summed
+from mpi_common import RANK, SIZE, close, comm, expect_error, my_rows, run, splits, summed
 
 import batchnorm as bn
 from batchnorm.distributed import _mpi
@@ -62,16 +62,6 @@ def check_training(shape: tuple[int, ...], dtype: str, use_mask: bool = False, *
     # Every rank holds the same moving statistics, bit for bit.
     gathered = comm.allgather(sync.get_weights())
     assert all(all(np.array_equal(a, b) for a, b in zip(g, gathered[0], strict=True)) for g in gathered)
-
-
-def expect_error(call: Any, text: str, kind: type[Exception] = Exception) -> None:
-    try:
-        call()
-    except kind as e:
-        if text not in str(e):
-            raise AssertionError(f"rank {RANK}: expected {text!r} in the error, got {e!r}") from e
-    else:
-        raise AssertionError(f"rank {RANK}: no error, expected {text!r}")
 
 
 def check_errors() -> None:
