@@ -152,6 +152,20 @@ class Functional : public ::testing::Test {
   static index_t channels(const Case& c) { return bn::extent(Geometry{c.shape, c.axes}).channels; }
   static index_t count(const Case& c) { return bn::extent(Geometry{c.shape, c.axes}).count; }
 
+  // What every check of one case starts from: its geometry, channel count, x and parameters.
+  struct Setup {
+    Geometry g;
+    std::size_t C;
+    Buffer<T> x;
+    Params params;
+  };
+  Setup setup(const Case& c) {
+    const auto C = static_cast<std::size_t>(channels(c));
+    auto x = make_x(c);
+    auto params = make_params(static_cast<index_t>(C));
+    return {Geometry{c.shape, c.axes}, C, std::move(x), std::move(params)};
+  }
+
   // y (or dx) from the library against the reference's in double: the type's rounding
   // plus a few roundings of the compute type on the scale of the terms.
   ::testing::AssertionResult close_values(const std::vector<T>& got, const std::vector<double>& want,
@@ -186,10 +200,7 @@ class Functional : public ::testing::Test {
 
   void check_forward(const Case& c, Activation act, bool affine_given) {
     SCOPED_TRACE(c.name + " act=" + act_name(act) + (affine_given ? " gamma/beta" : " no gamma/beta"));
-    const Geometry g{c.shape, c.axes};
-    const auto C = static_cast<std::size_t>(channels(c));
-    auto x = make_x(c);
-    const auto params = make_params(static_cast<index_t>(C));
+    auto [g, C, x, params] = setup(c);
     const Affine<Stat> affine = params.affine(affine_given);
     Buffer<T> y(c.shape, c.out);
     std::vector<Stat> mean(C), var(C), inv(C);
@@ -211,11 +222,8 @@ class Functional : public ::testing::Test {
   void check_backward(const Case& c, Statistics st, Activation act, bool affine_given) {
     SCOPED_TRACE(c.name + (st == Statistics::batch ? " batch" : " fixed") + " act=" + act_name(act) +
                  (affine_given ? " gamma/beta" : " no gamma/beta"));
-    const Geometry g{c.shape, c.axes};
-    const auto C = static_cast<std::size_t>(channels(c));
+    auto [g, C, x, params] = setup(c);
     const index_t M = count(c);
-    auto x = make_x(c);
-    const auto params = make_params(static_cast<index_t>(C));
     const Affine<Stat> affine = params.affine(affine_given);
     // The forward's statistics, as a training step would have them.
     std::vector<Stat> mean(C), var(C), inv(C);
@@ -307,10 +315,7 @@ TYPED_TEST(Functional, ForwardAndNormalizeInPlace) {
   for (const Case& c : cases()) {
     if (has_zero_stride(c.x)) continue;
     SCOPED_TRACE(c.name);
-    const Geometry g{c.shape, c.axes};
-    const auto C = static_cast<std::size_t>(this->channels(c));
-    auto x = this->make_x(c);
-    const auto params = this->make_params(static_cast<index_t>(C));
+    auto [g, C, x, params] = this->setup(c);
     Buffer<T> y(c.shape, c.x);
     std::vector<S> mean(C), var(C), inv(C), mean2(C), var2(C), inv2(C);
     bn::forward<T>(g, {x.data(), x.strides()}, {y.data(), y.strides()}, params.affine(true), this->eps,
@@ -377,10 +382,7 @@ TYPED_TEST(Functional, BackwardInPlace) {
   for (const Case& c : cases()) {
     if (has_zero_stride(c.x)) continue;
     SCOPED_TRACE(c.name);
-    const Geometry g{c.shape, c.axes};
-    const auto C = static_cast<std::size_t>(this->channels(c));
-    auto x = this->make_x(c);
-    const auto params = this->make_params(static_cast<index_t>(C));
+    auto [g, C, x, params] = this->setup(c);
     std::vector<S> mean(C), var(C), inv(C), dgamma(C), dbeta(C), dgamma2(C), dbeta2(C);
     bn::moments<T>(g, {x.data(), x.strides()}, mean.data(), var.data());
     for (std::size_t k = 0; k < C; ++k) inv[k] = S(1) / std::sqrt(var[k] + S(this->eps));
