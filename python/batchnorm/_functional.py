@@ -12,7 +12,7 @@ binding recognises it with a few C-level checks, allocates the outputs as the ge
 would and runs the same core call, which saves several microseconds per call on small
 inputs. For anything else it returns None and the general path runs; it never raises on
 its own. What it accepts, and why that is equivalent, is spelled out where it is defined,
-in ``python/src/register_functional.cpp``; ``tests/test_fast_path.py`` checks both paths
+in ``python/src/register_fast_path.cpp``; ``tests/test_fast_path.py`` checks both paths
 agree on borderline inputs.
 """
 

@@ -24,4 +24,5 @@ PYBIND11_MODULE(_core, m) {
 
   batchnorm::python::register_runtime(m);
   batchnorm::python::register_functional(m);
+  batchnorm::python::register_fast_path(m);
 }
