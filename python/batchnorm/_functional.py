@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import operator
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -68,27 +67,6 @@ def _data(x: ArrayLike, name: str, min_ndim: int) -> np.ndarray:
     if not a.flags.aligned:  # e.g. np.frombuffer at an odd offset: the kernels need aligned elements
         a = a.copy()
     return a
-
-
-def _feature_axes(axis: AxisLike, ndim: int) -> tuple[int, ...]:
-    """The feature axes as sorted non-negative ints, validated against ndim."""
-    items: Sequence[Any] = [axis] if isinstance(axis, (numbers.Integral, np.integer)) else axis  # type: ignore[assignment]
-    try:
-        raw = [a if not isinstance(a, bool) else None for a in items]
-        axes = [operator.index(a) for a in raw]  # type: ignore[arg-type]
-    except TypeError:
-        raise TypeError(f"axis must be an int or a tuple of ints, got {axis!r}") from None
-    if not axes:
-        raise ValueError("axis must name at least one feature axis")
-    out: list[int] = []
-    for a in axes:
-        if not -ndim <= a < ndim:
-            raise ValueError(f"axis {a} is out of range for an array of ndim {ndim}")
-        k = a % ndim
-        if k in out:
-            raise ValueError(f"axis {a} is repeated in the feature axes {tuple(axes)}")
-        out.append(k)
-    return tuple(sorted(out))
 
 
 def _stat_dtype(x: np.ndarray) -> type[np.floating]:
@@ -198,7 +176,7 @@ def moments(x: ArrayLike, axis: AxisLike = -1) -> tuple[np.ndarray, np.ndarray]:
     if fast is not None:
         return fast
     x = _data(x, "x", 2)
-    axes = _feature_axes(axis, x.ndim)
+    axes = _core.feature_axes(axis, x.ndim)
     _require_batch(x, axes, "moments of")
     kept = tuple(x.shape[a] for a in axes)
     dtype = _stat_dtype(x)
@@ -231,7 +209,7 @@ def normalize(
     if fast is not None:
         return fast
     x = _data(x, "x", 1)
-    axes = _feature_axes(axis, x.ndim)
+    axes = _core.feature_axes(axis, x.ndim)
     dtype = _stat_dtype(x)
     channels = math.prod(x.shape[a] for a in axes)
     y = _output(out, x, (x,))
@@ -269,7 +247,7 @@ def forward(
         y, mean, variance, inv_std, count = fast
         return y, BatchStats(mean, variance, inv_std, count)
     x = _data(x, "x", 2)
-    axes = _feature_axes(axis, x.ndim)
+    axes = _core.feature_axes(axis, x.ndim)
     _require_batch(x, axes, "training on")
     kept = tuple(x.shape[a] for a in axes)
     dtype = _stat_dtype(x)
@@ -311,7 +289,7 @@ def backward(
             return fast
     x = _data(x, "x", 2)
     dy = _data(dy, "dy", 2)
-    axes = _feature_axes(axis, x.ndim)
+    axes = _core.feature_axes(axis, x.ndim)
     kept = tuple(x.shape[a] for a in axes)
     dtype = _stat_dtype(x)
     channels = math.prod(kept)

@@ -7,7 +7,7 @@
 // py::array arguments keep alive, and no Python object. The fast path of the public
 // functions (register_fast_path.cpp) runs the same *_into functions.
 #include <cstdint>
-#include <optional>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -116,6 +116,49 @@ S* channel_array(const py::object& o, const char* name, index_t channels, bool w
                       std::to_string(channels) + " (one per channel)");
   if (writeable && !a.writeable()) throw value_error(std::string(name) + " is read-only");
   return static_cast<S*>(const_cast<void*>(a.data()));
+}
+
+// Whether o is an int as the public functions take one: numbers.Integral or np.integer.
+bool is_integer(py::handle o) {
+  static const py::handle types =  // kept for the module's lifetime
+      py::make_tuple(py::module_::import("numbers").attr("Integral"), py::module_::import("numpy").attr("integer"))
+          .release();
+  const int r = PyObject_IsInstance(o.ptr(), types.ptr());
+  if (r < 0) throw py::error_already_set();
+  return r == 1;
+}
+
+// The public functions' `axis` (an int or a sequence of ints, not bool) as the core's
+// validated feature axes of an array of ndim dimensions, sorted and non-negative.
+py::tuple feature_axes_of(const py::object& axis, std::size_t ndim) {
+  auto wrong_type = [&] {
+    return type_error("axis must be an int or a tuple of ints, got " + py::repr(axis).cast<std::string>());
+  };
+  std::vector<py::int_> items;
+  try {
+    const py::object seq = is_integer(axis) ? py::make_tuple(axis) : axis;
+    for (py::handle item : seq) {
+      if (PyBool_Check(item.ptr())) throw wrong_type();
+      items.push_back(py::reinterpret_steal<py::int_>(PyNumber_Index(item.ptr())));
+      if (!items.back()) throw py::error_already_set();
+    }
+  } catch (py::error_already_set& e) {
+    if (!e.matches(PyExc_TypeError)) throw;
+    throw wrong_type();
+  }
+  Axes axes;
+  for (const py::int_& item : items) {
+    int overflow = 0;
+    const long long a = PyLong_AsLongLongAndOverflow(item.ptr(), &overflow);
+    if (overflow != 0 || a < std::numeric_limits<int>::min() || a > std::numeric_limits<int>::max())
+      throw value_error("axis " + py::str(item).cast<std::string>() + " is out of range for an array of ndim " +
+                        std::to_string(ndim));  // beyond int: the core's message for any array
+    axes.push_back(static_cast<int>(a));
+  }
+  const Axes sorted = feature_axes(axes, ndim);
+  py::tuple out(sorted.size());
+  for (std::size_t i = 0; i < sorted.size(); ++i) out[i] = sorted[i];
+  return out;
 }
 
 // Optional gamma and beta (None: 1 and 0).
@@ -232,6 +275,9 @@ void backward_into(const py::array& dy, const py::array& x, const py::array& dx,
 }
 
 void register_functional(py::module_& m) {
+  m.def("feature_axes", &feature_axes_of, py::arg("axis"), py::arg("ndim"),
+        "The feature axes of an array of ndim dimensions, validated, sorted and non-negative");
+
   m.def("moments", &moments_into, py::arg("x").noconvert(), py::arg("axes"), py::arg("mean"), py::arg("variance"));
 
   m.def(

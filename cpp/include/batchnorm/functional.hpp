@@ -57,6 +57,10 @@ struct Affine {
   const S* beta = nullptr;
 };
 
+/// The feature axes of an array of ndim dimensions, validated (at least one, each in
+/// [-ndim, ndim), none repeated), non-negative and sorted: the order of the channels.
+BATCHNORM_API Axes feature_axes(const Axes& axes, std::size_t ndim);
+
 /// Number of channels (product of the feature axes' sizes) and of values reduced per
 /// channel (product of the others), after validating g.
 struct Extent {
