@@ -223,8 +223,8 @@ void normalize_into(const py::array& x, const py::array& y, const std::vector<in
     const Affine<S> affine = affine_of<S>(gamma, beta, channels);
     S* inv = channel_array<S>(inv_std, "inv_std", channels, true, true);
     py::gil_scoped_release nogil;
-    normalize<T>(g, {static_cast<const T*>(xa.data), xa.strides}, {static_cast<T*>(ya.data), ya.strides}, mu, var,
-                 affine, epsilon, relu ? Activation::relu : Activation::none, inv);
+    normalize<T>(g, {static_cast<const T*>(xa.data), xa.strides}, {static_cast<T*>(ya.data), ya.strides, "out"}, mu,
+                 var, affine, epsilon, relu ? Activation::relu : Activation::none, inv);
   });
 }
 
@@ -244,8 +244,8 @@ index_t forward_into(const py::array& x, const py::array& y, const std::vector<i
     S* var = channel_array<S>(variance, "variance", channels, true);
     S* inv = channel_array<S>(inv_std, "inv_std", channels, true);
     py::gil_scoped_release nogil;
-    return forward<T>(g, {static_cast<const T*>(xa.data), xa.strides}, {static_cast<T*>(ya.data), ya.strides}, affine,
-                      epsilon, relu ? Activation::relu : Activation::none, mu, var, inv);
+    return forward<T>(g, {static_cast<const T*>(xa.data), xa.strides}, {static_cast<T*>(ya.data), ya.strides, "out"},
+                      affine, epsilon, relu ? Activation::relu : Activation::none, mu, var, inv);
   });
 }
 
@@ -269,8 +269,9 @@ void backward_into(const py::array& dy, const py::array& x, const py::array& dx,
     S* db = channel_array<S>(dbeta, "dbeta", channels, true);
     py::gil_scoped_release nogil;
     backward<T>(g, {static_cast<const T*>(dya.data), dya.strides}, {static_cast<const T*>(xa.data), xa.strides},
-                {static_cast<T*>(dxa.data), dxa.strides}, mu, inv, affine, relu ? Activation::relu : Activation::none,
-                dg, db, fixed_statistics ? Statistics::fixed : Statistics::batch);
+                {static_cast<T*>(dxa.data), dxa.strides, "out"}, mu, inv, affine,
+                relu ? Activation::relu : Activation::none, dg, db,
+                fixed_statistics ? Statistics::fixed : Statistics::batch);
   });
 }
 
@@ -378,8 +379,9 @@ void register_functional(py::module_& m) {
           const Affine<S> affine = affine_of<S>(gamma, beta, channels);
           py::gil_scoped_release nogil;
           backward_apply<T>(g, {static_cast<const T*>(dya.data), dya.strides},
-                            {static_cast<const T*>(xa.data), xa.strides}, {static_cast<T*>(dxa.data), dxa.strides}, mu,
-                            inv, affine, relu ? Activation::relu : Activation::none, s, sx, count,
+                            {static_cast<const T*>(xa.data), xa.strides},
+                            {static_cast<T*>(dxa.data), dxa.strides, "out"}, mu, inv, affine,
+                            relu ? Activation::relu : Activation::none, s, sx, count,
                             fixed_statistics ? Statistics::fixed : Statistics::batch);
         });
       },

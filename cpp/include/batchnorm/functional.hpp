@@ -44,10 +44,12 @@ struct In {
 /// Strides that give two of its elements one location (zero, too small or interleaved
 /// onto each other) are refused with value_error; interleaved strides that keep every
 /// element apart are accepted up to 2^20 elements (checked one by one) and refused beyond.
+/// Those errors call it `name`, or by its parameter's name (y, dx) when that is null.
 template <class T>
 struct Out {
   T* data = nullptr;
   Strides strides = {};
+  const char* name = nullptr;
 };
 
 /// Per-channel scale and shift. nullptr: gamma = 1, beta = 0.
