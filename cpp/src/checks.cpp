@@ -20,6 +20,10 @@ void check_not_null(const void* p, const char* what) {
   if (!p) throw value_error(std::string(what) + " must not be null");
 }
 
+void check_batch(const Plan& p, const char* what) {
+  if (p.count == 0) throw value_error(std::string(what) + " an empty batch: the reduced axes hold no values");
+}
+
 void check_inputs(std::initializer_list<const void*> ptrs) {
   for (const void* ptr : ptrs) check_not_null(ptr, "dy, x and dx");
 }

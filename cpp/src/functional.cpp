@@ -54,7 +54,7 @@ template <class T>
 index_t moments(const Geometry& g, In<T> x, stat_t<T>* mean, stat_t<T>* variance) {
   static_assert(is_element_v<T>, "unsupported element type");
   const Plan p = make_plan(g, operand_strides({&x.strides}));
-  if (p.count == 0) throw value_error("moments of an empty batch: the reduced axes hold no values");
+  check_batch(p, "moments of");
   check_not_null(mean, "mean");
   check_not_null(variance, "variance");
   if (p.channels == 0) return p.count;
@@ -100,7 +100,7 @@ index_t forward(const Geometry& g, In<T> x, Out<T> y, Affine<stat_t<T>> affine, 
   check_epsilon(epsilon);
   const Plan p = make_plan(g, operand_strides({&x.strides, &y.strides}));
   check_output(p, 1, y.name ? y.name : "y");
-  if (p.count == 0) throw value_error("training on an empty batch: the reduced axes hold no values");
+  check_batch(p, "training on");
   check_not_null(mean, "mean");
   check_not_null(variance, "variance");
   check_not_null(inv_std, "inv_std");

@@ -1,5 +1,6 @@
 # Type stubs of the compiled module batchnorm._core (private; see batchnorm/__init__.py).
 from collections.abc import Sequence
+from typing import overload
 
 import numpy as np
 
@@ -14,7 +15,14 @@ def compiler() -> str: ...
 def has_openmp() -> bool: ...
 def copy_memory(src: np.ndarray, dst: np.ndarray, nontemporal: bool) -> None: ...
 def feature_axes(axis: object, ndim: int) -> tuple[int, ...]: ...
+
+# moments and forward allocate the statistics outputs left None and then return them.
+@overload
 def moments(x: np.ndarray, axes: Sequence[int], mean: np.ndarray, variance: np.ndarray) -> int: ...
+@overload
+def moments(
+    x: np.ndarray, axes: Sequence[int], mean: None = None, variance: None = None
+) -> tuple[np.ndarray, np.ndarray]: ...
 def partial_moments(x: np.ndarray, axes: Sequence[int], mean: np.ndarray, m2: np.ndarray) -> int: ...
 def normalize(
     x: np.ndarray,
@@ -31,6 +39,7 @@ def normalize(
 def merge_moments(
     count_a: np.ndarray, mean_a: np.ndarray, m2_a: np.ndarray, count_b: np.ndarray, mean_b: np.ndarray, m2_b: np.ndarray
 ) -> None: ...
+@overload
 def forward(
     x: np.ndarray,
     out: np.ndarray,
@@ -43,6 +52,19 @@ def forward(
     variance: np.ndarray,
     inv_std: np.ndarray,
 ) -> int: ...
+@overload
+def forward(
+    x: np.ndarray,
+    out: np.ndarray,
+    axes: Sequence[int],
+    gamma: np.ndarray | None,
+    beta: np.ndarray | None,
+    epsilon: float,
+    relu: bool,
+    mean: None = None,
+    variance: None = None,
+    inv_std: None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]: ...
 def backward(
     dy: np.ndarray,
     x: np.ndarray,

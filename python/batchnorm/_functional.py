@@ -134,12 +134,6 @@ def _epsilon(epsilon: float) -> float:
         return math.inf if big > 0 else -math.inf
 
 
-def _require_batch(x: np.ndarray, axes: tuple[int, ...], what: str) -> None:
-    """The core's empty-batch error, raised before allocating C values (C may be huge)."""
-    if any(x.shape[d] == 0 for d in range(x.ndim) if d not in axes):
-        raise ValueError(f"{what} an empty batch: the reduced axes hold no values")
-
-
 def moments(x: ArrayLike, axis: AxisLike = -1) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and biased (population) variance of ``x``.
 
@@ -152,14 +146,7 @@ def moments(x: ArrayLike, axis: AxisLike = -1) -> tuple[np.ndarray, np.ndarray]:
     if fast is not None:
         return fast
     x = _data(x, "x", 2)
-    axes = _core.feature_axes(axis, x.ndim)
-    _require_batch(x, axes, "moments of")
-    kept = tuple(x.shape[a] for a in axes)
-    dtype = _stat_dtype(x)
-    mean = np.empty(kept, dtype)
-    variance = np.empty(kept, dtype)
-    _core.moments(x, axes, mean, variance)
-    return mean, variance
+    return _core.moments(x, _core.feature_axes(axis, x.ndim))
 
 
 def normalize(
@@ -224,20 +211,15 @@ def forward(
         return y, BatchStats(mean, variance, inv_std, count)
     x = _data(x, "x", 2)
     axes = _core.feature_axes(axis, x.ndim)
-    _require_batch(x, axes, "training on")
-    kept = tuple(x.shape[a] for a in axes)
     dtype = _stat_dtype(x)
-    channels = math.prod(kept)
+    channels = math.prod(x.shape[a] for a in axes)
     g = _channel_param(gamma, "gamma", dtype, channels)
     b = _channel_param(beta, "beta", dtype, channels)
     eps = _epsilon(epsilon)
     relu = _relu(activation)
     y = _output(out, x, (x,))
-    mean = np.empty(kept, dtype)
-    variance = np.empty(kept, dtype)
-    inv_std = np.empty(kept, dtype)
-    count = _core.forward(x, y, axes, g, b, eps, relu, mean, variance, inv_std)
-    return y, BatchStats(mean, variance, inv_std, int(count))
+    mean, variance, inv_std, count = _core.forward(x, y, axes, g, b, eps, relu)
+    return y, BatchStats(mean, variance, inv_std, count)
 
 
 def backward(

@@ -38,14 +38,16 @@ bool element_if_supported(const py::dtype& dt, Element& e);
 
 // The bindings of moments, normalize, forward and backward (register_functional.cpp), which
 // the fast path (register_fast_path.cpp) runs too.
-index_t moments_into(const py::array& x, const std::vector<int>& axes, const py::object& mean,
-                     const py::object& variance);
+// moments_into and forward_into allocate the statistics outputs left None and then return
+// them (with the count for forward); otherwise they return the count.
+py::object moments_into(const py::array& x, const std::vector<int>& axes, const py::object& mean,
+                        const py::object& variance);
 void normalize_into(const py::array& x, const py::array& y, const std::vector<int>& axes, const py::object& mean,
                     const py::object& variance, const py::object& gamma, const py::object& beta, double epsilon,
                     bool relu, const py::object& inv_std);
-index_t forward_into(const py::array& x, const py::array& y, const std::vector<int>& axes, const py::object& gamma,
-                     const py::object& beta, double epsilon, bool relu, const py::object& mean,
-                     const py::object& variance, const py::object& inv_std);
+py::object forward_into(const py::array& x, const py::array& y, const std::vector<int>& axes, const py::object& gamma,
+                        const py::object& beta, double epsilon, bool relu, const py::object& mean,
+                        const py::object& variance, const py::object& inv_std);
 void backward_into(const py::array& dy, const py::array& x, const py::array& dx, const std::vector<int>& axes,
                    const py::object& mean, const py::object& inv_std, const py::object& gamma, const py::object& beta,
                    bool relu, const py::object& dgamma, const py::object& dbeta, bool fixed_statistics);

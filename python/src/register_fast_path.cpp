@@ -159,7 +159,8 @@ py::object fast_forward(py::handle x, py::handle gamma, py::handle beta, py::han
             inv_std = stat_array(stat, channels);
   const index_t count =
       forward_into(xa, *y, {a}, py::reinterpret_borrow<py::object>(gamma), py::reinterpret_borrow<py::object>(beta),
-                   PyFloat_AS_DOUBLE(epsilon.ptr()), relu, mean, variance, inv_std);
+                   PyFloat_AS_DOUBLE(epsilon.ptr()), relu, mean, variance, inv_std)
+          .cast<index_t>();
   return py::make_tuple(*y, mean, variance, inv_std, count);
 }
 

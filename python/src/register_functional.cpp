@@ -193,18 +193,36 @@ ArrayArg describe(const py::array& a, const char* name, bool writeable) {
 // The bindings of moments, normalize, forward and backward, shared by the general path
 // (each argument as the Python layer prepared it) and the fast path (register_fast_path.cpp).
 
-index_t moments_into(const py::array& x, const std::vector<int>& axes, const py::object& mean,
-                     const py::object& variance) {
+// A statistics output of moments or forward: the caller's array, or for None a new one of
+// the statistics dtype shaped like the feature axes (`allocated` is then set). None stays
+// None for an empty batch, which the core refuses before it reads its outputs: C may be
+// too large to allocate for nothing.
+py::object stat_output(const py::object& given, const ArrayArg& xa, const Geometry& g, bool& allocated) {
+  if (!given.is_none()) return given;
+  allocated = true;
+  if (extent(g).count == 0) return given;
+  std::vector<py::ssize_t> kept;
+  for (int a : feature_axes(g.axes, xa.shape.size())) kept.push_back(xa.shape[static_cast<std::size_t>(a)]);
+  return py::array(xa.element == Element::f64 ? py::dtype::of<double>() : py::dtype::of<float>(), kept);
+}
+
+py::object moments_into(const py::array& x, const std::vector<int>& axes, const py::object& mean,
+                        const py::object& variance) {
   const ArrayArg xa = describe(x, "x", false);
   const Geometry g{xa.shape, to_axes(axes)};
   const index_t channels = extent(g).channels;
-  return with_element(xa.element, [&](auto tag) {
+  bool allocated = false;
+  const py::object mean_out = stat_output(mean, xa, g, allocated);
+  const py::object variance_out = stat_output(variance, xa, g, allocated);
+  const index_t count = with_element(xa.element, [&](auto tag) {
     using T = decltype(tag);
-    auto* mu = channel_array<stat_t<T>>(mean, "mean", channels, true);
-    auto* var = channel_array<stat_t<T>>(variance, "variance", channels, true);
+    auto* mu = channel_array<stat_t<T>>(mean_out, "mean", channels, true, true);
+    auto* var = channel_array<stat_t<T>>(variance_out, "variance", channels, true, true);
     py::gil_scoped_release nogil;
     return moments<T>(g, {static_cast<const T*>(xa.data), xa.strides}, mu, var);
   });
+  if (allocated) return py::make_tuple(mean_out, variance_out);
+  return py::int_(count);
 }
 
 void normalize_into(const py::array& x, const py::array& y, const std::vector<int>& axes, const py::object& mean,
@@ -228,25 +246,31 @@ void normalize_into(const py::array& x, const py::array& y, const std::vector<in
   });
 }
 
-index_t forward_into(const py::array& x, const py::array& y, const std::vector<int>& axes, const py::object& gamma,
-                     const py::object& beta, double epsilon, bool relu, const py::object& mean,
-                     const py::object& variance, const py::object& inv_std) {
+py::object forward_into(const py::array& x, const py::array& y, const std::vector<int>& axes, const py::object& gamma,
+                        const py::object& beta, double epsilon, bool relu, const py::object& mean,
+                        const py::object& variance, const py::object& inv_std) {
   const ArrayArg xa = describe(x, "x", false);
   const ArrayArg ya = describe(y, "out", true);
   check_like(xa, "x", ya, "out");
   const Geometry g{xa.shape, to_axes(axes)};
   const index_t channels = extent(g).channels;
-  return with_element(xa.element, [&](auto tag) {
+  bool allocated = false;
+  const py::object mean_out = stat_output(mean, xa, g, allocated);
+  const py::object variance_out = stat_output(variance, xa, g, allocated);
+  const py::object inv_std_out = stat_output(inv_std, xa, g, allocated);
+  const index_t count = with_element(xa.element, [&](auto tag) {
     using T = decltype(tag);
     using S = stat_t<T>;
     const Affine<S> affine = affine_of<S>(gamma, beta, channels);
-    S* mu = channel_array<S>(mean, "mean", channels, true);
-    S* var = channel_array<S>(variance, "variance", channels, true);
-    S* inv = channel_array<S>(inv_std, "inv_std", channels, true);
+    S* mu = channel_array<S>(mean_out, "mean", channels, true, true);
+    S* var = channel_array<S>(variance_out, "variance", channels, true, true);
+    S* inv = channel_array<S>(inv_std_out, "inv_std", channels, true, true);
     py::gil_scoped_release nogil;
     return forward<T>(g, {static_cast<const T*>(xa.data), xa.strides}, {static_cast<T*>(ya.data), ya.strides, "out"},
                       affine, epsilon, relu ? Activation::relu : Activation::none, mu, var, inv);
   });
+  if (allocated) return py::make_tuple(mean_out, variance_out, inv_std_out, count);
+  return py::int_(count);
 }
 
 void backward_into(const py::array& dy, const py::array& x, const py::array& dx, const std::vector<int>& axes,
@@ -279,7 +303,9 @@ void register_functional(py::module_& m) {
   m.def("feature_axes", &feature_axes_of, py::arg("axis"), py::arg("ndim"),
         "The feature axes of an array of ndim dimensions, validated, sorted and non-negative");
 
-  m.def("moments", &moments_into, py::arg("x").noconvert(), py::arg("axes"), py::arg("mean"), py::arg("variance"));
+  // moments and forward allocate the statistics outputs left None and then return them.
+  m.def("moments", &moments_into, py::arg("x").noconvert(), py::arg("axes"), py::arg("mean") = py::none(),
+        py::arg("variance") = py::none());
 
   m.def(
       "partial_moments",
@@ -323,8 +349,8 @@ void register_functional(py::module_& m) {
       py::arg("m2_b"), "Merges the per-channel partials b into a, in place (Chan et al.)");
 
   m.def("forward", &forward_into, py::arg("x").noconvert(), py::arg("out").noconvert(), py::arg("axes"),
-        py::arg("gamma"), py::arg("beta"), py::arg("epsilon"), py::arg("relu"), py::arg("mean"), py::arg("variance"),
-        py::arg("inv_std"));
+        py::arg("gamma"), py::arg("beta"), py::arg("epsilon"), py::arg("relu"), py::arg("mean") = py::none(),
+        py::arg("variance") = py::none(), py::arg("inv_std") = py::none());
 
   m.def("backward", &backward_into, py::arg("dy").noconvert(), py::arg("x").noconvert(), py::arg("out").noconvert(),
         py::arg("axes"), py::arg("mean"), py::arg("inv_std"), py::arg("gamma"), py::arg("beta"), py::arg("relu"),
