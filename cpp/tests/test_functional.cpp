@@ -768,6 +768,15 @@ TEST(Errors, Epsilon) {
         bn::value_error);
   }
   EXPECT_NO_THROW(bn::normalize<float>(g, {x.data()}, {y.data()}, mean.data(), var.data(), {}, 0.0));
+  // The value as it reads back, not std::to_string's six decimals.
+  for (const auto& [eps, text] : {std::pair{-1e-9, "-1e-09"}, {-0.1, "-0.1"}, {-1.0 / 3, "-0.3333333333333333"}}) {
+    try {
+      bn::normalize<float>(g, {x.data()}, {y.data()}, mean.data(), var.data(), {}, eps);
+      ADD_FAILURE() << "epsilon " << text << " was accepted";
+    } catch (const bn::value_error& e) {
+      EXPECT_EQ(std::string(e.what()), std::string("epsilon must be a finite number >= 0, got ") + text);
+    }
+  }
 }
 
 TEST(Errors, EmptyBatch) {
