@@ -343,3 +343,25 @@ def test_info_reports_the_cap_dispatch_applied(value, applied, tmp_path):
     info = json.loads(proc.stdout.strip().splitlines()[-1])
     assert info["max_isa"] == applied
     assert info["simd"] == (applied or info["simd_supported"][0])
+
+
+def test_a_missing_core_gives_a_friendly_import_error(tmp_path):
+    proc = _run_python(
+        """
+        import sys
+        sys.modules["batchnorm._core"] = None  # as if the compiled module could not be loaded
+        try:
+            import batchnorm
+        except ImportError as e:
+            print(isinstance(e.__cause__, ImportError))
+            print(e)
+        """,
+        {},
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    cause, message = proc.stdout.split("\n", 1)
+    assert cause == "True"  # the original error, chained
+    assert "could not load its compiled core, batchnorm._core" in message
+    assert "halted; None in sys.modules" in message  # what went wrong, from the original
+    assert "pip install" in message
