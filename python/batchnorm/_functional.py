@@ -24,13 +24,13 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from . import _core
 
 __all__ = ["BatchStats", "backward", "forward", "moments", "normalize"]
 
 AxisLike = int | Sequence[int]
-ArrayLike = Any
 _TooHardError = getattr(np, "exceptions", np).TooHardError  # numpy.exceptions is new in NumPy 1.25
 
 
