@@ -1,8 +1,9 @@
 """The stateless functional API: moments, normalize, forward, backward.
 
-Argument handling lives here (array conversion, feature axes, output allocation and
-checks); the arithmetic is all in the C++ core, which receives the NumPy buffers as they
-are, with the GIL released.
+Argument handling lives here (array conversion, output allocation, the checks that need
+Python objects); the rules the core can decide (feature axes, empty batch, epsilon, output
+strides) are decided there alone, and the arithmetic is all in the C++ core, which
+receives the NumPy buffers as they are, with the GIL released.
 
 Each function first offers its arguments, untouched, to its ``_core.fast_*`` binding. The
 common call (exact ndarrays of the right dtypes, C-contiguous; an int axis; a float
