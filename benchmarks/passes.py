@@ -27,8 +27,8 @@ import numpy as np
 
 import batchnorm as bn
 from batchnorm import _core
-from batchnorm._bench import DEFAULT_SHAPES, parse_shapes
-from batchnorm._bench_cases import MODE_BYTES, _numpy_dtype
+from batchnorm.tools.bench import DEFAULT_SHAPES, parse_shapes
+from batchnorm.tools.bench_cases import MODE_BYTES, _numpy_dtype
 
 # The large shapes of the benchmark's own table (benchmarks/shapes.txt), and its byte model.
 SHAPES = {s.name: (s.dims, s.axis) for s in parse_shapes(DEFAULT_SHAPES) if s.kind == "large"}

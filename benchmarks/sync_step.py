@@ -38,7 +38,7 @@ def worker(shape: list[int], repeats: int, split: bool) -> None:
     from mpi4py import MPI
 
     import batchnorm as bn
-    from batchnorm import _mpi
+    from batchnorm.distributed import _mpi
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
@@ -108,7 +108,7 @@ def latency_worker() -> None:
     import numpy as np
     from mpi4py import MPI
 
-    from batchnorm import _mpi
+    from batchnorm.distributed import _mpi
 
     comm = MPI.COMM_WORLD
 

@@ -1,7 +1,7 @@
 """An independent float64 NumPy reference for batch normalization, and test helpers.
 
 Nothing here calls batchnorm: every formula is written out from the definition
-(SPEC §3) in float64, from the exact values of the (possibly 16-bit) inputs.
+below in float64, from the exact values of the (possibly 16-bit) inputs.
 
     x_hat = (x - mean) * inv_std,   inv_std = 1 / sqrt(var + eps)   (var biased)
     y     = act(gamma * x_hat + beta)
@@ -204,31 +204,75 @@ def make_layout(base: np.ndarray, layout: str) -> np.ndarray:
     c: C-contiguous; f: Fortran order; transposed: a transposed view of a C array;
     channels_last: NCHW shape with NHWC strides (what NumPy sees of a torch.channels_last
     tensor) - axis 1 moved innermost; step: every other element of a larger array on
-    each axis; negative: reversed strides on every axis.
+    each axis; negative: reversed strides on every axis. With ":digits", on those axes
+    only: step:0, negative:02; window:3 (a slice of an array 3 longer on those axes);
+    order:0231 (C-contiguous with the axes in that order in memory, outermost first).
     """
     nd = base.ndim
-    if layout == "c":
+    name, _, digits = layout.partition(":")
+    axes = [int(d) for d in digits] if digits else list(range(nd))
+    on = [slice(None)] * nd
+    if name == "c":
         out = np.ascontiguousarray(base)
-    elif layout == "f":
+    elif name == "f":
         out = np.asfortranarray(base)
-    elif layout == "transposed":
+    elif name == "transposed":
         out = np.ascontiguousarray(base.T).T
-    elif layout == "channels_last":
-        perm = (0, *range(2, nd), 1)  # NCHW -> NHWC
+    elif name in ("channels_last", "order"):
+        perm = (0, *range(2, nd), 1) if name == "channels_last" else tuple(axes)  # NCHW -> NHWC
         out = np.ascontiguousarray(base.transpose(perm)).transpose(np.argsort(perm))
-    elif layout == "step":
-        big = np.zeros(tuple(2 * s for s in base.shape), base.dtype)
-        big[(slice(None, None, 2),) * nd] = base
-        out = big[(slice(None, None, 2),) * nd]
-    elif layout == "negative":
-        rev = np.ascontiguousarray(base[(slice(None, None, -1),) * nd])
-        out = rev[(slice(None, None, -1),) * nd]
+    elif name in ("step", "window"):
+        grow = (lambda s: 2 * s) if name == "step" else (lambda s: s + 3)
+        big = np.zeros(tuple(grow(s) if d in axes else s for d, s in enumerate(base.shape)), base.dtype)
+        for d in axes:
+            on[d] = slice(None, None, 2) if name == "step" else slice(base.shape[d])
+        big[tuple(on)] = base
+        out = big[tuple(on)]
+    elif name == "negative":
+        for d in axes:
+            on[d] = slice(None, None, -1)
+        out = np.ascontiguousarray(base[tuple(on)])[tuple(on)]
     else:
         raise ValueError(layout)
     assert out.shape == base.shape
     bits = f"u{base.itemsize}"
     assert np.array_equal(out.view(bits), base.view(bits))
     return out
+
+
+def plan_kind(axis: int | Sequence[int], *arrays: np.ndarray) -> str:
+    """The kind of plan the core makes for these same-shaped arrays (x first; then y, or dy
+    and dx), by the rules of cpp/src/plan.cpp: size-1 dimensions dropped, reduction
+    dimensions flipped to x's positive stride and sorted outer to inner (zero strides
+    outermost), neighbours every array steps over contiguously merged. channels_last: one
+    channel dimension, unit stride everywhere; channels_first: the innermost reduction
+    dimension has unit stride everywhere; strided: anything else."""
+    shape = arrays[0].shape
+    kept = canon_axes(axis, len(shape))
+    channel: list[tuple[int, list[int]]] = []
+    reduce: list[tuple[int, list[int]]] = []
+    for d, size in enumerate(shape):
+        if size != 1:
+            steps = [a.strides[d] // a.itemsize for a in arrays]
+            (channel if d in kept else reduce).append((size, steps))
+    reduce = [(n, [-s for s in st] if st[0] < 0 else st) for n, st in reduce]
+    reduce.sort(key=lambda dim: -dim[1][0] if dim[1][0] else -np.inf)  # stable, like std::stable_sort
+
+    def merged(dims):
+        out: list[tuple[int, list[int]]] = []
+        for n, st in dims:
+            if out and all(p == q * n for p, q in zip(out[-1][1], st, strict=True)):
+                out[-1] = (out[-1][0] * n, st)
+            else:
+                out.append((n, st))
+        return out
+
+    channel, reduce = merged(channel), merged(reduce)
+    if len(channel) == 1 and set(channel[0][1]) == {1}:
+        return "channels_last"
+    if reduce and set(reduce[-1][1]) == {1}:
+        return "channels_first"
+    return "strided"
 
 
 # ---- comparisons -------------------------------------------------------------------------

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from batchnorm import _bench, _bench_cases
+from batchnorm.tools import bench as _bench
+from batchnorm.tools import bench_cases as _bench_cases
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_TORCH = importlib.util.find_spec("torch") is not None

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from batchnorm import __main__ as cli
-from batchnorm import _demo
+from batchnorm.tools import demo as _demo
 
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")

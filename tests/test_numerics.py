@@ -1,4 +1,4 @@
-"""The numerical bars of SPEC §5 and §7: stable variance far from zero, 16-bit inputs
+"""The numerical bars: stable variance far from zero, 16-bit inputs
 without overflow, thread-count independence and bitwise reproducibility, and IEEE
 propagation of NaN/Inf confined to their channel."""
 

@@ -48,7 +48,7 @@ def test_single_process_communicator():
     from mpi4py import MPI
 
     import batchnorm as bn
-    from batchnorm import _mpi
+    from batchnorm.distributed import _mpi
 
     assert _mpi.active_comm(MPI.COMM_SELF) is None
     counts, mean, m2 = _mpi.allreduce_moments(MPI.COMM_SELF, 4, np.arange(3.0), np.ones(3))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import batchnorm as bn
-from batchnorm import _mpi
+from batchnorm.distributed import _mpi
 
 torch = pytest.importorskip("torch")
 

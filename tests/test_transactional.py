@@ -25,7 +25,15 @@ import numpy as np
 import pytest
 
 import batchnorm as bn
-from batchnorm import _core, _functional, _keras, _mpi, _precise, _sync, _sync_keras, _torch, optimizers
+from batchnorm import _core, _functional, _precise, optimizers
+from batchnorm.distributed import _mpi
+from batchnorm.keras import _build as _keras_build
+from batchnorm.keras import _layer as _keras
+from batchnorm.keras import _step as _keras_step
+from batchnorm.keras import _sync as _sync_keras
+from batchnorm.keras import _weights as _keras_weights
+from batchnorm.nn import _layers as _torch
+from batchnorm.nn import _sync
 from layer_state import LAYER_KINDS, assert_same_state, make_layer, snapshot, train_input, training_call
 
 
@@ -70,6 +78,9 @@ class FaultyModule(types.ModuleType):
 # The modules of the layer code, and the module globals through which they call out.
 _PATCHED = [
     (_keras, ("np", "_core")),
+    (_keras_build, ("np",)),
+    (_keras_step, ("np",)),
+    (_keras_weights, ("np",)),
     (_sync_keras, ("np", "_core", "_mpi")),
     (_torch, ("np", "_core")),
     (_sync, ("np", "_core", "_mpi")),

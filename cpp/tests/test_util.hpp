@@ -153,29 +153,8 @@ inline Strides make_strides(const Shape& shape, std::vector<int> order = {}, std
   return s;
 }
 
-/// Calls f(index) for every multi-index of shape, last axis fastest.
-template <class F>
-void for_each_index(const Shape& shape, F&& f) {
-  for (index_t s : shape)
-    if (s == 0) return;
-  std::vector<index_t> index(shape.size(), 0);
-  for (;;) {
-    f(index);
-    std::size_t d = shape.size();
-    for (;;) {
-      if (d == 0) return;
-      --d;
-      if (++index[d] < shape[d]) break;
-      index[d] = 0;
-    }
-  }
-}
-
-inline index_t offset_of(const std::vector<index_t>& index, const Strides& strides) {
-  index_t off = 0;
-  for (std::size_t d = 0; d < index.size(); ++d) off += index[d] * strides[d];
-  return off;
-}
+using batchnorm::reference::detail::for_each_index;
+using batchnorm::reference::detail::offset_of;
 
 /// Memory for one strided view: exactly the span the view touches (so that ASan sees any
 /// access outside it), with data() pointing at element (0, ..., 0). Elements of the span
@@ -237,21 +216,22 @@ class Buffer {
   index_t origin_ = 0;
 };
 
-/// Normal random values, rounded to T.
-template <class T>
-std::vector<T> normal(std::size_t n, double mean, double stddev, std::mt19937_64& rng) {
-  std::normal_distribution<double> dist(mean, stddev);
+/// n draws of dist, rounded to T.
+template <class T, class Dist>
+std::vector<T> draw(std::size_t n, Dist dist, std::mt19937_64& rng) {
   std::vector<T> v(n);
   for (auto& x : v) x = from_d<T>(dist(rng));
   return v;
 }
 
-template <class S>
-std::vector<S> uniform(std::size_t n, double lo, double hi, std::mt19937_64& rng) {
-  std::uniform_real_distribution<double> dist(lo, hi);
-  std::vector<S> v(n);
-  for (auto& x : v) x = static_cast<S>(dist(rng));
-  return v;
+template <class T>
+std::vector<T> normal(std::size_t n, double mean, double stddev, std::mt19937_64& rng) {
+  return draw<T>(n, std::normal_distribution<double>(mean, stddev), rng);
+}
+
+template <class T>
+std::vector<T> uniform(std::size_t n, double lo, double hi, std::mt19937_64& rng) {
+  return draw<T>(n, std::uniform_real_distribution<double>(lo, hi), rng);
 }
 
 /// |got - want| <= atol + rtol * |want| for every element, with a message naming the first few failures.

@@ -11,11 +11,11 @@ A C++ core (SIMD chosen at run time, OpenMP threads) under a small NumPy API::
 See ``bn.info()`` for the instruction set and threads in use.
 """
 
+import sys
+
 try:  # the compiled core, first: everything else needs it
     from ._core import __version__
 except ImportError as error:
-    import sys
-
     raise ImportError(
         f"batchnorm could not load its compiled core, batchnorm._core ({error}). The core is built "
         "when the package is installed: install batchnorm for this Python "
@@ -24,15 +24,19 @@ except ImportError as error:
         "tree without a build."
     ) from error
 
-from . import constraints, initializers, optimizers, regularizers
+from . import optimizers
 from ._fold import fold_conv, fold_dense
 from ._functional import BatchStats, backward, forward, moments, normalize
-from ._keras import BatchNormalization
 from ._precise import precise_statistics
 from ._runtime import get_num_threads, info, set_num_threads
-from ._sync import SyncBatchNorm
-from ._sync_keras import SyncBatchNormalization
-from ._torch import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .distributed import PeerError
+from .keras import BatchNormalization, SyncBatchNormalization, constraints, initializers, regularizers
+from .nn import BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm
+
+# `import batchnorm.initializers` (and the other two) as before they moved into batchnorm.keras
+sys.modules[__name__ + ".constraints"] = constraints
+sys.modules[__name__ + ".initializers"] = initializers
+sys.modules[__name__ + ".regularizers"] = regularizers
 
 __all__ = [
     "BatchNorm1d",
@@ -40,6 +44,7 @@ __all__ = [
     "BatchNorm3d",
     "BatchNormalization",
     "BatchStats",
+    "PeerError",
     "SyncBatchNorm",
     "SyncBatchNormalization",
     "__version__",

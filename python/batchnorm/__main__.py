@@ -6,9 +6,9 @@ import argparse
 import json
 import sys
 
-from . import _bench, _demo
 from ._cmake import PrintCMakeDir
 from ._runtime import info
+from .tools import bench, demo
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,20 +18,20 @@ def main(argv: list[str] | None = None) -> int:
     p_demo = sub.add_parser(
         "demo", help="train a small sigmoid network on digits with and without batch norm (the paper's Figure 1)"
     )
-    _demo.add_arguments(p_demo)
+    demo.add_arguments(p_demo)
     p_info = sub.add_parser("info", help="version, SIMD level in use, OpenMP threads, compiler")
     p_info.add_argument("--json", action="store_true", help="print as JSON")
     p_bench = sub.add_parser(
         "bench", help="time inference, training forward and backward against a memory copy, PyTorch and NumPy"
     )
-    _bench.add_arguments(p_bench)
+    bench.add_arguments(p_bench)
     args = parser.parse_args(argv)
 
     if args.command == "demo":
-        return _demo.main(args)
+        return demo.main(args)
 
     if args.command == "bench":
-        return _bench.main(args)
+        return bench.main(args)
 
     if args.command == "info":
         details = info()

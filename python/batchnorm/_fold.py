@@ -4,7 +4,7 @@ In inference a batch-norm layer is a per-channel affine map ``z -> s*z + t`` wit
 ``s = gamma / sqrt(var + eps)`` and ``t = beta - mean*s`` (its frozen moving statistics).
 After a layer ``z = W x + b`` whose output channel ``o`` feeds batch-norm channel ``o``,
 the pair is one layer with ``W'[o] = s[o] * W[o]`` and ``b'[o] = (b[o] - mean[o]) * s[o]
-+ beta[o]`` (SEMANTICS.md §8.5): the batch-norm layer can be dropped at inference.
++ beta[o]``: the batch-norm layer can be dropped at inference.
 
 Both layer kinds are accepted: the Keras-style ``BatchNormalization`` (gamma, beta,
 moving_mean, moving_variance, epsilon; ``scale=False``/``center=False`` mean gamma 1 and

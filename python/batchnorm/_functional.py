@@ -52,14 +52,6 @@ class BatchStats(NamedTuple):
 _ACTIVATIONS = {None: False, "relu": True}
 
 
-def inv_std_of(variance: np.ndarray, epsilon: float, dtype: Any) -> np.ndarray:
-    """``1/sqrt(variance + epsilon)`` in double, rounded to `dtype`: the inv_std the core
-    normalizes with for these statistics (and that forward returns), for the layers that
-    normalize with statistics they computed themselves."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return (1.0 / np.sqrt(np.asarray(variance, np.float64) + epsilon)).astype(dtype)
-
-
 def _data(x: ArrayLike, name: str, min_ndim: int) -> np.ndarray:
     a = x if type(x) is np.ndarray else np.asarray(x)
     if a.ndim < min_ndim:

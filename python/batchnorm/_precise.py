@@ -12,7 +12,7 @@ mean and variance become the layer's moving statistics:
 * Keras-style ``BatchNormalization``: ``moving_mean`` = the mean of all values seen,
   ``moving_variance`` = their variance with the estimator the layer's moving average
   uses: biased (M2/n), or unbiased (M2/(n - 1)) on tf-keras's fused path
-  (``layer.fused``; SPEC §7). Masked calls pool with the mask's weights. With
+  (``layer.fused``). Masked calls pool with the mask's weights. With
   ``renorm`` ``moving_stddev`` becomes ``sqrt(variance + epsilon)``; ``renorm_mean`` and
   ``renorm_stddev`` (training-time corrections) are left alone.
 * PyTorch-style ``BatchNorm1d/2d/3d``: ``running_mean`` = the mean, ``running_var`` =
@@ -38,7 +38,8 @@ from typing import Any
 
 import numpy as np
 
-from . import _core, _mpi
+from . import _core
+from .distributed import _mpi
 
 __all__ = ["PreciseStatistics", "precise_statistics"]
 
@@ -143,8 +144,8 @@ def _commit_torch(layer: Any, acc: _Accumulator) -> None:
 
 def _sync_comm(layer: Any) -> Any:
     """The communicator a SyncBatchNorm layer pools over (None: one process)."""
-    from ._sync import SyncBatchNorm
-    from ._sync_keras import SyncBatchNormalization
+    from .keras import SyncBatchNormalization
+    from .nn import SyncBatchNorm
 
     return _mpi.active_comm(layer.comm) if isinstance(layer, (SyncBatchNorm, SyncBatchNormalization)) else None
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from . import regularizers as _regularizers
+from .keras import regularizers as _regularizers
 
 __all__ = ["SGD", "Adam", "Optimizer", "RMSprop"]
 

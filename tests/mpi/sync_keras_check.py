@@ -24,7 +24,7 @@ import numpy as np
 from mpi4py import MPI
 
 import batchnorm as bn
-from batchnorm import _mpi
+from batchnorm.distributed import _mpi
 
 comm = MPI.COMM_WORLD
 RANK, SIZE = comm.Get_rank(), comm.Get_size()

@@ -100,24 +100,24 @@ struct BatchNormOptions {
   /// channels-last, biased moving variance (pass unbiased = true for its fused 4-D/5-D path).
   static BatchNormOptions keras(double momentum = 0.99, double epsilon = 1e-3, Axes axes = {-1},
                                 bool unbiased = false) {
-    BatchNormOptions o;
-    o.convention = Convention::keras;
-    o.momentum = momentum;
-    o.epsilon = epsilon;
-    o.axes = std::move(axes);
-    o.unbiased_moving_variance = unbiased;
-    return o;
+    return with(Convention::keras, momentum, epsilon, std::move(axes), unbiased);
   }
 
   /// torch.nn.BatchNorm*d: momentum 0.1 (weight of the new value; std::nullopt: cumulative
   /// average), epsilon 1e-5, channels-first (axis 1), unbiased running variance.
   static BatchNormOptions pytorch(std::optional<double> momentum = 0.1, double epsilon = 1e-5, Axes axes = {1}) {
+    return with(Convention::pytorch, momentum, epsilon, std::move(axes), true);
+  }
+
+ private:
+  static BatchNormOptions with(Convention convention, std::optional<double> momentum, double epsilon, Axes axes,
+                               bool unbiased) {
     BatchNormOptions o;
-    o.convention = Convention::pytorch;
+    o.convention = convention;
     o.momentum = momentum;
     o.epsilon = epsilon;
     o.axes = std::move(axes);
-    o.unbiased_moving_variance = true;
+    o.unbiased_moving_variance = unbiased;
     return o;
   }
 };

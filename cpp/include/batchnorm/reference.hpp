@@ -54,24 +54,17 @@
 namespace batchnorm::reference {
 namespace detail {
 
+// 16-bit values go through float, the type they convert to exactly.
 template <class T>
 double to_double(T v) {
-  if constexpr (std::is_same_v<T, double>)
-    return v;
-  else if constexpr (std::is_same_v<T, float>)
-    return static_cast<double>(v);
-  else
-    return static_cast<double>(static_cast<float>(v));
+  if constexpr (std::is_same_v<T, double>) return v;
+  return static_cast<double>(static_cast<float>(v));
 }
 
 template <class T>
 T from_double(double v) {
-  if constexpr (std::is_same_v<T, double>)
-    return v;
-  else if constexpr (std::is_same_v<T, float>)
-    return static_cast<float>(v);
-  else
-    return T(static_cast<float>(v));
+  if constexpr (std::is_same_v<T, double>) return v;
+  return T(static_cast<float>(v));
 }
 
 inline void require(const void* p, const char* what) {
@@ -125,26 +118,33 @@ inline Strides strides_of(const Layout& l, const Strides& s) {
   return s;
 }
 
-/// Calls f(channel, index) for every element, in C order of the multi-index.
+/// Calls f(index) for every multi-index of shape, in C order (last axis fastest).
 template <class F>
-void for_each_element(const Layout& l, F&& f) {
-  const std::size_t ndim = l.shape.size();
-  for (index_t n : l.shape)
+void for_each_index(const Shape& shape, F&& f) {
+  for (index_t n : shape)
     if (n == 0) return;
-  std::vector<index_t> index(ndim, 0);
+  std::vector<index_t> index(shape.size(), 0);
   for (;;) {
-    index_t channel = 0;
-    for (std::size_t d = 0; d < ndim; ++d)
-      if (l.feature[d]) channel = channel * l.shape[d] + index[d];
-    f(static_cast<std::size_t>(channel), index);
-    std::size_t d = ndim;
+    f(index);
+    std::size_t d = shape.size();
     for (;;) {
       if (d == 0) return;
       --d;
-      if (++index[d] < l.shape[d]) break;
+      if (++index[d] < shape[d]) break;
       index[d] = 0;
     }
   }
+}
+
+/// Calls f(channel, index) for every element, in C order of the multi-index.
+template <class F>
+void for_each_element(const Layout& l, F&& f) {
+  for_each_index(l.shape, [&](const std::vector<index_t>& index) {
+    index_t channel = 0;
+    for (std::size_t d = 0; d < index.size(); ++d)
+      if (l.feature[d]) channel = channel * l.shape[d] + index[d];
+    f(static_cast<std::size_t>(channel), index);
+  });
 }
 
 /// Offset in elements of a multi-index.

@@ -25,12 +25,12 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import _core
-from ._functional import _data, inv_std_of
+from .. import _core
+from .._functional import _data
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
-_AXES = (1,)  # the channel axis of every PyTorch layout (NC, NCL, NCHW, NCDHW)
+AXES = (1,)  # the channel axis of every PyTorch layout (NC, NCL, NCHW, NCDHW)
 _PARAMS = ("weight", "bias")
 _BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -82,7 +82,7 @@ def _is_floating(dt: np.dtype[Any]) -> bool:
     return dt.kind == "f" or dt.name == "bfloat16"
 
 
-def _stat_dtype(dt: np.dtype[Any]) -> type[np.floating[Any]]:
+def stat_dtype(dt: np.dtype[Any]) -> type[np.floating[Any]]:
     """The dtype of per-channel arrays the core takes for inputs of dtype dt."""
     return np.float64 if dt == np.float64 else np.float32
 
@@ -117,7 +117,7 @@ class IncompatibleKeys(NamedTuple):
 
 
 @dataclass(frozen=True)
-class _Saved:
+class Saved:
     """What backward() needs from the last call: the input and the statistics it used."""
 
     x: np.ndarray
@@ -130,7 +130,7 @@ class _Saved:
 
 
 @dataclass(frozen=True)
-class _Batch:
+class Batch:
     """The result of a training-style pass: output, statistics, and what the running
     statistics take (None when the batch is empty)."""
 
@@ -164,7 +164,7 @@ class _BatchNorm:
         self.grads: dict[str, np.ndarray] = {}
         self._precise_stats: Any = None  # an accumulator while inside bn.precise_statistics (_precise.py)
         self._lock = threading.Lock()
-        self._saved: _Saved | None = None
+        self._saved: Saved | None = None
         c, dt = self.num_features, self.dtype
         self._weight: np.ndarray | None = np.ones(c, dt) if self.affine else None
         self._bias: np.ndarray | None = np.zeros(c, dt) if self.affine else None
@@ -335,7 +335,7 @@ class _BatchNorm:
     def _run(self, x: np.ndarray, batch_stats: bool, comm: Any = None) -> np.ndarray:
         """The pass on a checked input, then the commit of the state it changes."""
         with self._lock:  # a consistent snapshot of what the pass reads
-            sdt = _stat_dtype(x.dtype)
+            sdt = stat_dtype(x.dtype)
             weight = None if self._weight is None else np.array(self._weight, sdt)
             bias = None if self._bias is None else np.array(self._bias, sdt)
             running = (
@@ -345,22 +345,22 @@ class _BatchNorm:
             )
         if running is None:
             batch = self._batch_pass(x, weight, bias, comm)
-            saved = _Saved(x, weight, batch.mean, batch.inv_std, batch.count, False, batch.comm)
+            saved = Saved(x, weight, batch.mean, batch.inv_std, batch.count, False, batch.comm)
             y = batch.y
             update = self.training and self.track_running_stats
             with self._lock:
                 if update and self._precise_stats is not None:  # bn.precise_statistics: pool the batch's
-                    self._precise_stats.add(x, _AXES)  # values instead of updating the running statistics
+                    self._precise_stats.add(x, AXES)  # values instead of updating the running statistics
                 elif update:
                     self._commit_running(batch.running)
                 self._saved = saved
             return y
         mean, var = running
         y = np.empty_like(x)
-        _core.normalize(x, y, _AXES, mean, var, weight, bias, float(self.eps), False)
-        inv_std = inv_std_of(var, float(self.eps), sdt)  # the one normalize used
+        inv_std = np.empty_like(var)
+        _core.normalize(x, y, AXES, mean, var, weight, bias, float(self.eps), False, inv_std=inv_std)
         with self._lock:
-            self._saved = _Saved(x, weight, mean, inv_std, 0, True)
+            self._saved = Saved(x, weight, mean, inv_std, 0, True)
         return y
 
     def _check_pass(self, x: np.ndarray, batch_stats: bool) -> None:
@@ -370,20 +370,20 @@ class _BatchNorm:
         self._check_eps(batch_stats)
         self._check_compatible(x)
 
-    def _batch_pass(self, x: np.ndarray, weight: np.ndarray | None, bias: np.ndarray | None, comm: Any) -> _Batch:
+    def _batch_pass(self, x: np.ndarray, weight: np.ndarray | None, bias: np.ndarray | None, comm: Any) -> Batch:
         """One training pass of the core on this process's batch (comm: see SyncBatchNorm)."""
-        sdt = _stat_dtype(x.dtype)
+        sdt = stat_dtype(x.dtype)
         c = x.shape[1]
         y = np.empty_like(x)
         count = x.shape[0] * math.prod(x.shape[2:])
         if count == 0:  # torch: an empty output, running statistics untouched
-            return _Batch(y, np.zeros(c, sdt), np.ones(c, sdt), 0, None)
+            return Batch(y, np.zeros(c, sdt), np.ones(c, sdt), 0, None)
         mean = np.empty(c, sdt)
         var = np.empty(c, sdt)
         inv_std = np.empty(c, sdt)
-        count = _core.forward(x, y, _AXES, weight, bias, float(self.eps), False, mean, var, inv_std)
+        count = _core.forward(x, y, AXES, weight, bias, float(self.eps), False, mean, var, inv_std)
         unbiased = var.astype(np.float64) * (count / (count - 1)) if count > 1 else np.full(c, np.nan)
-        return _Batch(y, mean, inv_std, count, (mean.astype(np.float64), unbiased))
+        return Batch(y, mean, inv_std, count, (mean.astype(np.float64), unbiased))
 
     def _commit_running(self, stats: tuple[np.ndarray, np.ndarray] | None) -> None:
         """num_batches_tracked += 1 and the running update; call with the lock held."""
@@ -420,14 +420,14 @@ class _BatchNorm:
             self.grads = grads
         return dx
 
-    def _last_call(self) -> _Saved:
+    def _last_call(self) -> Saved:
         with self._lock:
             saved = self._saved
         if saved is None:
             raise RuntimeError("backward() called before any forward call of this layer")
         return saved
 
-    def _backward_input(self, saved: _Saved, dy: Any) -> np.ndarray:
+    def _backward_input(self, saved: Saved, dy: Any) -> np.ndarray:
         """dy checked against the saved input (shape; dtype cast to the input's)."""
         x = saved.x
         g = _to_numpy(dy)
@@ -439,13 +439,13 @@ class _BatchNorm:
             g = g.astype(x.dtype)
         return _data(g, "dy", 0)
 
-    def _backward_pass(self, saved: _Saved, dy: np.ndarray, dx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        sdt = _stat_dtype(saved.x.dtype)
+    def _backward_pass(self, saved: Saved, dy: np.ndarray, dx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        sdt = stat_dtype(saved.x.dtype)
         c = saved.mean.shape[0]
         dgamma = np.empty(c, sdt)
         dbeta = np.empty(c, sdt)
         _core.backward(
-            dy, saved.x, dx, _AXES, saved.mean, saved.inv_std, saved.weight, None, False, dgamma, dbeta, saved.fixed
+            dy, saved.x, dx, AXES, saved.mean, saved.inv_std, saved.weight, None, False, dgamma, dbeta, saved.fixed
         )
         return dgamma, dbeta
 

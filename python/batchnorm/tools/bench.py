@@ -54,7 +54,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from ._bench_cases import (
+from .bench_cases import (
     DTYPES,
     MODE_BYTES,
     MODES,
@@ -147,7 +147,7 @@ class _Worker:
         self.name = name
         self.subjects = subjects
         self.policy = policy
-        code = "from batchnorm._bench_cases import worker_main; worker_main()"
+        code = "from batchnorm.tools.bench_cases import worker_main; worker_main()"
         self.process = subprocess.Popen(
             [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True
         )

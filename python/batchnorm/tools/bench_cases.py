@@ -1,10 +1,10 @@
 """The worker side of ``python -m batchnorm bench``: one (shape, dtype) case in this process.
 
-A worker process (see _bench.py) reads one JSON request per line on stdin and answers with
+A worker process (see bench.py) reads one JSON request per line on stdin and answers with
 one JSON line: it builds the rotating input buffers, times each requested implementation
 in each mode and thread count with a copy of the same bytes next to each repetition, and
 checks one result of each against a float64 reference. Nothing here prints or decides
-what the numbers mean; _bench.py does that.
+what the numbers mean; bench.py does that.
 """
 
 from __future__ import annotations
@@ -470,7 +470,7 @@ def check_outputs(
 
 
 def _copy_memory() -> Callable[[np.ndarray, np.ndarray, bool], None]:
-    from . import _core
+    from .. import _core
 
     return _core.copy_memory
 

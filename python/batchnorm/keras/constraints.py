@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ._serialization import deserialize_object, serialize_object
+from ._serialization import deserialize_object, get_object, serialize_object
 
 __all__ = [
     "Constraint",
@@ -161,10 +161,4 @@ def deserialize(config: dict[str, Any] | str) -> Constraint:
 
 def get(identifier: Any) -> ConstraintLike | None:
     """A constraint from a name, a serialized dict, an object or a callable (None stays None)."""
-    if identifier is None or isinstance(identifier, Constraint):
-        return identifier
-    if isinstance(identifier, (str, dict)):
-        return deserialize(identifier)
-    if callable(identifier):
-        return identifier  # type: ignore[no-any-return]
-    raise ValueError(f"Could not interpret constraint identifier: {identifier!r}")
+    return get_object(identifier, Constraint, deserialize, "constraint")  # type: ignore[no-any-return]

@@ -1,7 +1,7 @@
 """SyncBatchNorm: PyTorch-style batch norm with statistics shared across MPI processes.
 
 In training, each process reduces its own batch to per-channel partials (count, mean,
-M2), ONE all-reduce merges them exactly (:mod:`batchnorm._mpi`), and every process
+M2), ONE all-reduce merges them exactly (:mod:`batchnorm.distributed`), and every process
 normalizes its batch with the global statistics and updates its running statistics from
 them. Backward reduces the two per-channel sums locally, ONE all-reduce adds them, and
 each process writes its dx from the global sums. So on R processes the outputs, dx and
@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from . import _core, _mpi
-from ._functional import inv_std_of
-from ._torch import _AXES, _Batch, _BatchNorm, _Saved, _stat_dtype
+from .. import _core
+from ..distributed import _mpi
+from ._layers import AXES, Batch, Saved, _BatchNorm, stat_dtype
 
 __all__ = ["SyncBatchNorm"]
 
@@ -38,17 +38,8 @@ class SyncBatchNorm(_BatchNorm):
     collective operation; processes may hold different batch sizes, also zero.
     """
 
-    def __init__(  # noqa: PLR0917 - torch's positional signature
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        dtype: Any = "float32",
-        comm: Any = None,
-    ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, dtype)
+    def __init__(self, *args: Any, comm: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.comm = comm
 
     @classmethod
@@ -92,14 +83,14 @@ class SyncBatchNorm(_BatchNorm):
             raise
         return self._run(a, True, comm)
 
-    def _batch_pass(self, x: np.ndarray, weight: np.ndarray | None, bias: np.ndarray | None, comm: Any) -> _Batch:
+    def _batch_pass(self, x: np.ndarray, weight: np.ndarray | None, bias: np.ndarray | None, comm: Any) -> Batch:
         if comm is None:
             return super()._batch_pass(x, weight, bias, comm)
         c = self.num_features
         try:
             mean = np.empty(c, np.float64)
             m2 = np.empty(c, np.float64)
-            count = _core.partial_moments(x, _AXES, mean, m2)
+            count = _core.partial_moments(x, AXES, mean, m2)
         except Exception:
             _mpi.allreduce_moments_failed(comm, c)
             raise
@@ -110,18 +101,18 @@ class SyncBatchNorm(_BatchNorm):
                 "Expected more than 1 value per channel when training, got 1 value per channel "
                 f"over all {_mpi.world_size(comm)} processes"
             )
-        sdt = _stat_dtype(x.dtype)
+        sdt = stat_dtype(x.dtype)
         y = np.empty_like(x)
         if total == 0:  # every process empty: as torch on an empty batch
-            return _Batch(y, np.zeros(c, sdt), np.ones(c, sdt), 0, None, comm)
+            return Batch(y, np.zeros(c, sdt), np.ones(c, sdt), 0, None, comm)
         mean_s = mean.astype(sdt)
         var_s = (m2 / total).astype(sdt)
         eps = float(self.eps)
-        _core.normalize(x, y, _AXES, mean_s, var_s, weight, bias, eps, False)
-        inv_std = inv_std_of(var_s, eps, sdt)  # the one normalize used
-        return _Batch(y, mean_s, inv_std, total, (mean, m2 / (total - 1)), comm)
+        inv_std = np.empty_like(var_s)
+        _core.normalize(x, y, AXES, mean_s, var_s, weight, bias, eps, False, inv_std=inv_std)
+        return Batch(y, mean_s, inv_std, total, (mean, m2 / (total - 1)), comm)
 
-    def _backward_input(self, saved: _Saved, dy: Any) -> np.ndarray:
+    def _backward_input(self, saved: Saved, dy: Any) -> np.ndarray:
         try:
             return super()._backward_input(saved, dy)
         except Exception:
@@ -129,17 +120,17 @@ class SyncBatchNorm(_BatchNorm):
                 _mpi.allreduce_sum_failed(saved.comm, 2 * saved.mean.shape[0])
             raise
 
-    def _backward_pass(self, saved: _Saved, dy: np.ndarray, dx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _backward_pass(self, saved: Saved, dy: np.ndarray, dx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         comm = saved.comm
         if comm is None:
             return super()._backward_pass(saved, dy, dx)
-        sdt = _stat_dtype(saved.x.dtype)
+        sdt = stat_dtype(saved.x.dtype)
         c = saved.mean.shape[0]
         sum_dy = np.empty(c, np.float64)
         sum_dy_xc = np.empty(c, np.float64)
         try:
             _core.backward_sums(
-                dy, saved.x, _AXES, saved.mean, saved.inv_std, saved.weight, None, False, sum_dy, sum_dy_xc
+                dy, saved.x, AXES, saved.mean, saved.inv_std, saved.weight, None, False, sum_dy, sum_dy_xc
             )
         except Exception:
             _mpi.allreduce_sum_failed(comm, 2 * c)
@@ -150,7 +141,7 @@ class SyncBatchNorm(_BatchNorm):
         total_dy, total_dy_xc = _mpi.allreduce_sum(comm, sum_dy, sum_dy_xc)
         if saved.count:
             _core.backward_apply(
-                dy, saved.x, dx, _AXES, saved.mean, saved.inv_std, saved.weight, None, False,
+                dy, saved.x, dx, AXES, saved.mean, saved.inv_std, saved.weight, None, False,
                 total_dy, total_dy_xc, saved.count,
             )  # fmt: skip
         return dgamma, dbeta

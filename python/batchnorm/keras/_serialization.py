@@ -7,6 +7,7 @@ name (``"l2"``) or ``{"class_name": ..., "config": ...}`` without the other keys
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 
@@ -43,3 +44,15 @@ def deserialize_object(config: Any, classes: dict[str, type], names: dict[str, t
             raise TypeError(f"the config of a serialized {kind} must be a dict, got {params!r}")
         return cls.from_config(dict(params))  # type: ignore[attr-defined]
     raise ValueError(f"Could not interpret serialized {kind}: {config!r}")
+
+
+def get_object(identifier: Any, base: type, deserialize: Callable[[Any], Any], kind: str) -> Any:
+    """The ``get`` of each family: None and instances as they are, names and dicts
+    deserialized, other callables as they are."""
+    if identifier is None or isinstance(identifier, base):
+        return identifier
+    if isinstance(identifier, (str, dict)):
+        return deserialize(identifier)
+    if callable(identifier):
+        return identifier
+    raise ValueError(f"Could not interpret {kind} identifier: {identifier!r}")

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ._serialization import deserialize_object, serialize_object
+from ._serialization import deserialize_object, get_object, serialize_object
 
 __all__ = ["L1", "L1L2", "L2", "Regularizer", "deserialize", "get", "l1", "l1_l2", "l2", "serialize"]
 
@@ -150,13 +150,7 @@ def deserialize(config: dict[str, Any] | str) -> Regularizer:
 
 def get(identifier: Any) -> RegularizerLike | None:
     """A regularizer from a name, a serialized dict, an object or a callable (None stays None)."""
-    if identifier is None or isinstance(identifier, Regularizer):
-        return identifier
-    if isinstance(identifier, (str, dict)):
-        return deserialize(identifier)
-    if callable(identifier):
-        return identifier  # type: ignore[no-any-return]
-    raise ValueError(f"Could not interpret regularizer identifier: {identifier!r}")
+    return get_object(identifier, Regularizer, deserialize, "regularizer")  # type: ignore[no-any-return]
 
 
 def gradient(regularizer: RegularizerLike, w: np.ndarray) -> np.ndarray:

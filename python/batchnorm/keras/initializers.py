@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ._serialization import deserialize_object, serialize_object
+from ._serialization import deserialize_object, get_object, serialize_object
 
 __all__ = [
     "Constant",
@@ -327,10 +327,4 @@ def deserialize(config: dict[str, Any] | str) -> Initializer:
 
 def get(identifier: Any) -> InitializerLike | None:
     """An initializer from a name, a serialized dict, an object or a callable (None stays None)."""
-    if identifier is None or isinstance(identifier, Initializer):
-        return identifier
-    if isinstance(identifier, (str, dict)):
-        return deserialize(identifier)
-    if callable(identifier):
-        return identifier  # type: ignore[no-any-return]
-    raise ValueError(f"Could not interpret initializer identifier: {identifier!r}")
+    return get_object(identifier, Initializer, deserialize, "initializer")  # type: ignore[no-any-return]

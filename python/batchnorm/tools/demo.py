@@ -29,8 +29,8 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from . import optimizers
-from ._keras import BatchNormalization
+from .. import optimizers
+from ..keras import BatchNormalization
 
 __all__ = ["Curve", "DemoResult", "add_arguments", "main", "run"]
 

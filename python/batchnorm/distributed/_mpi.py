@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from .. import _core
+
 __all__ = [
     "PeerError",
     "active_comm",
@@ -81,30 +83,16 @@ def active_comm(comm: Comm | None) -> Comm | None:
 
 
 def merge_moments(a: Moments, b: Moments) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-channel merge of two (count, mean, M2) partials a and b (Chan et al.), in float64.
-
-    The same formula as the C++ core's merge_moments: with n = na + nb and
-    d = mean_b - mean_a, mean = mean_a + d*(nb/n), M2 = M2_a + (M2_b + d*d*(na*nb/n)). An
-    empty side (count 0) contributes nothing; a negative count marks a failed process
-    and makes the result (-1, 0, 0).
+    """Per-channel merge of two (count, mean, M2) partials a and b (1-D, float64): the core's
+    merge_moments (Chan et al.) on copies of a. An empty side (count 0) contributes nothing;
+    a negative count marks a failed process and makes the result (-1, 0, 0).
     """
-    na, ma, qa = (np.asarray(v, np.float64) for v in a)
-    nb, mb, qb = (np.asarray(v, np.float64) for v in b)
-    n = na + nb
-    if na.size and min(na.min(), nb.min()) > 0:  # the usual case: both sides have values
-        delta = mb - ma
-        return n, ma + delta * (nb / n), qa + (qb + delta * delta * (na * nb / n))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        delta = mb - ma
-        mean = ma + delta * (nb / n)
-        m2 = qa + (qb + delta * delta * (na * nb / n))
-    mean = np.where(nb == 0, ma, np.where(na == 0, mb, mean))
-    m2 = np.where(nb == 0, qa, np.where(na == 0, qb, m2))
-    failed = (na < 0) | (nb < 0)
+    n, mean, m2 = (np.array(v, np.float64) for v in a)  # copies: the core merges into them
+    nb, mb, qb = (np.ascontiguousarray(v, np.float64) for v in b)
+    failed = (n < 0) | (nb < 0)
+    _core.merge_moments(n, mean, m2, nb, mb, qb)
     if failed.any():
-        n = np.where(failed, -1.0, n)
-        mean = np.where(failed, 0.0, mean)
-        m2 = np.where(failed, 0.0, m2)
+        n[failed], mean[failed], m2[failed] = -1.0, 0.0, 0.0
     return n, mean, m2
 
 

@@ -1,0 +1,1 @@
+"""The command-line tools apart from the library: ``python -m batchnorm demo`` and ``bench``."""
