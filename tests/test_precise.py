@@ -4,15 +4,11 @@ of all the values seen (the batches concatenated), with each layer's estimator."
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 import batchnorm as bn
+from mpi_launch import run_mpi
 
 SIZES = (7, 12, 3, 9)  # uneven batches: pooling must weight them by their sizes
 
@@ -302,21 +298,4 @@ def test_errors():
 
 def test_sync_batchnorm_pools_over_processes():
     """tests/mpi/precise_check.py under mpiexec with 2 ranks (skipped without MPI)."""
-    pytest.importorskip("mpi4py")
-    beside = Path(sys.executable).parent / "mpiexec"
-    import shutil
-
-    launcher = str(beside) if beside.exists() else shutil.which("mpiexec")
-    if launcher is None:
-        pytest.skip("no mpiexec (pip install mpich)")
-    script = Path(__file__).parent / "mpi" / "precise_check.py"
-    result = subprocess.run(
-        [launcher, "-n", "2", sys.executable, str(script)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        check=False,
-    )
-    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-    assert "precise ok on 2 ranks" in result.stdout
+    assert "precise ok on 2 ranks" in run_mpi("precise_check.py", 2)

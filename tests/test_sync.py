@@ -4,41 +4,16 @@ on the concatenated batch. Skipped without mpi4py or an mpiexec."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
+from mpi_launch import run_mpi
+
 pytest.importorskip("mpi4py")
-
-SCRIPT = Path(__file__).parent / "mpi" / "sync_check.py"
-
-
-def mpiexec() -> str | None:
-    """The mpiexec next to this Python (the mpich wheel's), else the one on PATH."""
-    beside = Path(sys.executable).parent / "mpiexec"
-    return str(beside) if beside.exists() else shutil.which("mpiexec")
 
 
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_sync_batchnorm_equals_single_process(ranks):
-    launcher = mpiexec()
-    if launcher is None:
-        pytest.skip("no mpiexec (pip install mpich)")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [launcher, "-n", str(ranks), sys.executable, str(SCRIPT)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        check=False,
-    )
-    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-    assert f"ok on {ranks} ranks" in result.stdout
+    assert f"ok on {ranks} ranks" in run_mpi("sync_check.py", ranks)
 
 
 def test_single_process_communicator():

@@ -9,19 +9,13 @@ without mpi4py or an mpiexec).
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
 import batchnorm as bn
-
-SCRIPT = Path(__file__).parent / "mpi" / "sync_keras_check.py"
+from mpi_launch import run_mpi
 
 CONFIGS: list[tuple[tuple[int, ...], dict[str, Any], bool]] = [
     ((8, 5), {}, False),
@@ -187,25 +181,6 @@ def _has_mpi4py() -> bool:
     return True
 
 
-def mpiexec() -> str | None:
-    """The mpiexec next to this Python (the mpich wheel's), else the one on PATH."""
-    beside = Path(sys.executable).parent / "mpiexec"
-    return str(beside) if beside.exists() else shutil.which("mpiexec")
-
-
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_sync_batch_normalization_equals_single_process(ranks):
-    pytest.importorskip("mpi4py")
-    launcher = mpiexec()
-    if launcher is None:
-        pytest.skip("no mpiexec (pip install mpich)")
-    result = subprocess.run(
-        [launcher, "-n", str(ranks), sys.executable, str(SCRIPT)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        check=False,
-    )
-    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-    assert f"ok on {ranks} ranks" in result.stdout
+    assert f"ok on {ranks} ranks" in run_mpi("sync_keras_check.py", ranks)

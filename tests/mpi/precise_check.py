@@ -10,16 +10,10 @@ rows. Prints "precise ok on R ranks" on rank 0; any failure aborts all ranks.
 
 from __future__ import annotations
 
-import sys
-import traceback
-
 import numpy as np
-from mpi4py import MPI
+from mpi_common import RANK, SIZE, comm, run
 
 import batchnorm as bn
-
-comm = MPI.COMM_WORLD
-RANK, SIZE = comm.Get_rank(), comm.Get_size()
 
 
 def main() -> None:
@@ -41,14 +35,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except BaseException:
-        traceback.print_exc()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        comm.Abort(1)
-    comm.Barrier()
-    if RANK == 0:
-        print(f"precise ok on {SIZE} ranks")
-    sys.exit(0)
+    run(main, f"precise ok on {SIZE} ranks")

@@ -16,52 +16,13 @@ failure aborts all ranks with a non-zero exit status. Prints one "ok" line on ra
 
 from __future__ import annotations
 
-import sys
-import traceback
 from typing import Any
 
 import numpy as np
-from mpi4py import MPI
+from mpi_common import RANK, SIZE, close, comm, expect_error, my_rows, run, splits, summed
 
 import batchnorm as bn
 from batchnorm.distributed import _mpi
-
-comm = MPI.COMM_WORLD
-RANK, SIZE = comm.Get_rank(), comm.Get_size()
-TOL = 1e-6
-
-
-def splits(n: int) -> list[int]:
-    """Uneven per-rank row counts summing to n; rank 1 gets none when there are 3+ ranks."""
-    if SIZE == 1:
-        return [n]
-    weights = np.arange(1, SIZE + 1, dtype=float)
-    if SIZE >= 3:
-        weights[1] = 0
-    sizes = np.floor(n * weights / weights.sum()).astype(int)
-    sizes[0] += n - sizes.sum()
-    return [int(s) for s in sizes]
-
-
-def my_rows(n: int) -> slice:
-    s = splits(n)
-    start = sum(s[:RANK])
-    return slice(start, start + s[RANK])
-
-
-def close(a: Any, b: Any, what: str) -> None:
-    assert (a is None) == (b is None), what
-    if a is None or b is None:
-        return
-    a64 = np.asarray(a, np.float64)
-    b64 = np.asarray(b, np.float64)
-    assert a64.shape == b64.shape, f"{what}: shapes {a64.shape} vs {b64.shape}"
-    err = np.max(np.abs(a64 - b64) / (1 + np.abs(b64)), initial=0.0)
-    assert err <= TOL, f"rank {RANK}: {what}: max error {err:.3g}"
-
-
-def summed(a: np.ndarray) -> np.ndarray:
-    return comm.allreduce(np.asarray(a, np.float64), op=MPI.SUM)
 
 
 def adjust(shape: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -101,16 +62,6 @@ def check_training(shape: tuple[int, ...], dtype: str, use_mask: bool = False, *
     # Every rank holds the same moving statistics, bit for bit.
     gathered = comm.allgather(sync.get_weights())
     assert all(all(np.array_equal(a, b) for a, b in zip(g, gathered[0], strict=True)) for g in gathered)
-
-
-def expect_error(call: Any, text: str, kind: type[Exception] = Exception) -> None:
-    try:
-        call()
-    except kind as e:
-        if text not in str(e):
-            raise AssertionError(f"rank {RANK}: expected {text!r} in the error, got {e!r}") from e
-    else:
-        raise AssertionError(f"rank {RANK}: no error, expected {text!r}")
 
 
 def check_errors() -> None:
@@ -191,15 +142,7 @@ def main() -> None:
     finally:
         _mpi._allreduce_triples, _mpi._allreduce_flagged = real
     assert calls == (["forward", "backward"] if SIZE > 1 else []), calls
-    comm.Barrier()
-    if RANK == 0:
-        print(f"sync_keras_check: ok on {SIZE} ranks (row splits {splits(13)})", flush=True)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except BaseException:
-        traceback.print_exc()
-        sys.stderr.flush()
-        comm.Abort(1)
+    run(main, f"sync_keras_check: ok on {SIZE} ranks (row splits {splits(13)})")
