@@ -1,8 +1,9 @@
-"""Bindings of the compiled module that the layers call directly: normalize's inv_std output
-and merge_moments (Chan's merge of per-channel partials)."""
+"""Bindings of the compiled module that the layers call directly: normalize's inv_std output,
+merge_moments (Chan's merge of per-channel partials), and the core's epsilon message."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
@@ -90,3 +91,12 @@ def test_merge_moments_checks_its_arrays() -> None:
     read_only.flags.writeable = False
     with pytest.raises(ValueError, match="m2_a is read-only"):
         _core.merge_moments(a[0], a[1], read_only, *b)
+
+
+@pytest.mark.parametrize("epsilon", [-1e-9, -0.1, -1 / 3, -5e-324, float("nan"), float("inf"), -1e300], ids=repr)
+def test_epsilon_error_prints_the_value_as_python_does(epsilon: float) -> None:
+    x = np.ones((4, 3), np.float32)
+    with pytest.raises(ValueError, match=re.escape(f"epsilon must be a finite number >= 0, got {epsilon!r}") + "$"):
+        _core.normalize(
+            x, np.empty_like(x), [1], np.zeros(3, np.float32), np.ones(3, np.float32), None, None, epsilon, False
+        )

@@ -6,7 +6,7 @@ runs). The two calls must give the same outcome: the same exception type and mes
 results with the same dtypes, shapes, strides, flags, bytes and identity (``out`` returned
 as ``out``), and every argument array holding the same bytes afterwards. Each case also
 says whether the fast path takes it, so the borderline inputs on both sides of its
-acceptance test (python/src/register_functional.cpp) are each checked to be where they
+acceptance test (python/src/register_fast_path.cpp) are each checked to be where they
 are meant to be.
 """
 

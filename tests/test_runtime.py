@@ -322,3 +322,46 @@ def test_empty_isa_cap_means_no_cap(tmp_path):
     info = json.loads(proc.stdout.strip().splitlines()[-1])
     assert info["simd"] == info["simd_supported"][0]
     assert info["max_isa"] is None
+
+
+@pytest.mark.parametrize(("value", "applied"), [("baseline", "baseline"), ("bogus", None)])
+def test_info_reports_the_cap_dispatch_applied(value, applied, tmp_path):
+    """max_isa is the cap read with the choice, not what the environment says later."""
+    proc = _run_python(
+        """
+        import json, os
+        import numpy as np
+        import batchnorm as bn
+        bn.forward(np.ones((4, 3), np.float32))
+        os.environ["BATCHNORM_MAX_ISA"] = "avx2"
+        print(json.dumps(bn.info()))
+        """,
+        {"BATCHNORM_MAX_ISA": value},
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert info["max_isa"] == applied
+    assert info["simd"] == (applied or info["simd_supported"][0])
+
+
+def test_a_missing_core_gives_a_friendly_import_error(tmp_path):
+    proc = _run_python(
+        """
+        import sys
+        sys.modules["batchnorm._core"] = None  # as if the compiled module could not be loaded
+        try:
+            import batchnorm
+        except ImportError as e:
+            print(isinstance(e.__cause__, ImportError))
+            print(e)
+        """,
+        {},
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    cause, message = proc.stdout.split("\n", 1)
+    assert cause == "True"  # the original error, chained
+    assert "could not load its compiled core, batchnorm._core" in message
+    assert "halted; None in sys.modules" in message  # what went wrong, from the original
+    assert "pip install" in message

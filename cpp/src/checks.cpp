@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <limits>
 #include <string>
@@ -11,13 +12,31 @@
 
 namespace batchnorm::detail {
 
+namespace {
+
+// The shortest text that reads back as v: -1e-09, where std::to_string gives -0.000000.
+std::string shortest_text(double v) {
+  char text[32];
+  for (int digits = 1; digits <= 17; ++digits) {
+    std::snprintf(text, sizeof text, "%.*g", digits, v);
+    if (std::strtod(text, nullptr) == v) break;
+  }
+  return text;
+}
+
+}  // namespace
+
 void check_epsilon(double epsilon) {
   if (!std::isfinite(epsilon) || epsilon < 0)
-    throw value_error("epsilon must be a finite number >= 0, got " + std::to_string(epsilon));
+    throw value_error("epsilon must be a finite number >= 0, got " + shortest_text(epsilon));
 }
 
 void check_not_null(const void* p, const char* what) {
   if (!p) throw value_error(std::string(what) + " must not be null");
+}
+
+void check_batch(const Plan& p, const char* what) {
+  if (p.count == 0) throw value_error(std::string(what) + " an empty batch: the reduced axes hold no values");
 }
 
 void check_inputs(std::initializer_list<const void*> ptrs) {

@@ -17,6 +17,9 @@ void check_not_null(const void* p, const char* what);
 /// check_not_null for the array arguments of backward (one message for all of them).
 void check_inputs(std::initializer_list<const void*> ptrs);
 
+/// Throws value_error for an empty batch (statistics need values), e.g. "moments of an empty batch: ...".
+void check_batch(const Plan& p, const char* what);
+
 /// Whether the plan has no value to read or write (no channels or nothing to reduce).
 inline bool empty(const Plan& p) { return p.channels == 0 || p.count == 0; }
 

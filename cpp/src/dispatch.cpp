@@ -77,27 +77,38 @@ int rank_of(const std::string& name) {
   return -1;
 }
 
-const Tables& choose() {
+// The choice, made once: the table, and the BATCHNORM_MAX_ISA cap it obeyed (null: none).
+struct Choice {
+  const Tables* tables;
+  const char* cap;
+};
+
+Choice choose() {
   int cap = 0;
+  const char* cap_name = nullptr;
   if (const char* env = std::getenv("BATCHNORM_MAX_ISA"); env && *env) {
     cap = rank_of(env);
     if (cap < 0) {
       std::fprintf(stderr, "batchnorm: ignoring BATCHNORM_MAX_ISA=%s (expected baseline, avx2 or avx512)\n", env);
       cap = 0;
+    } else {
+      cap_name = candidates()[static_cast<std::size_t>(cap)].name;
     }
   }
   const auto& list = candidates();
   for (std::size_t i = static_cast<std::size_t>(cap); i < list.size(); ++i)
-    if (list[i].compiled && list[i].supported()) return *list[i].tables();
-  return *baseline::tables();
+    if (list[i].compiled && list[i].supported()) return {list[i].tables(), cap_name};
+  return {baseline::tables(), cap_name};
+}
+
+const Choice& choice() {
+  static const Choice c = choose();
+  return c;
 }
 
 }  // namespace
 
-const Tables& active_tables() {
-  static const Tables& t = choose();
-  return t;
-}
+const Tables& active_tables() { return *choice().tables; }
 
 const Tables* tables_for(const std::string& isa) {
   for (const Candidate& c : candidates())
@@ -122,5 +133,10 @@ std::vector<std::string> supported_isas() {
 }
 
 std::string active_isa() { return detail::active_tables().isa; }
+
+std::string max_isa() {
+  const char* cap = detail::choice().cap;
+  return cap ? cap : "";
+}
 
 }  // namespace batchnorm

@@ -54,7 +54,7 @@ template <class T>
 index_t moments(const Geometry& g, In<T> x, stat_t<T>* mean, stat_t<T>* variance) {
   static_assert(is_element_v<T>, "unsupported element type");
   const Plan p = make_plan(g, operand_strides({&x.strides}));
-  if (p.count == 0) throw value_error("moments of an empty batch: the reduced axes hold no values");
+  check_batch(p, "moments of");
   check_not_null(mean, "mean");
   check_not_null(variance, "variance");
   if (p.channels == 0) return p.count;
@@ -74,7 +74,7 @@ void normalize(const Geometry& g, In<T> x, Out<T> y, const stat_t<T>* mean, cons
   static_assert(is_element_v<T>, "unsupported element type");
   check_epsilon(epsilon);
   const Plan p = make_plan(g, operand_strides({&x.strides, &y.strides}));
-  check_output(p, 1, "y");
+  check_output(p, 1, y.name ? y.name : "y");
   check_not_null(mean, "mean");
   check_not_null(variance, "variance");
   if (!empty(p)) {
@@ -99,8 +99,8 @@ index_t forward(const Geometry& g, In<T> x, Out<T> y, Affine<stat_t<T>> affine, 
   static_assert(is_element_v<T>, "unsupported element type");
   check_epsilon(epsilon);
   const Plan p = make_plan(g, operand_strides({&x.strides, &y.strides}));
-  check_output(p, 1, "y");
-  if (p.count == 0) throw value_error("training on an empty batch: the reduced axes hold no values");
+  check_output(p, 1, y.name ? y.name : "y");
+  check_batch(p, "training on");
   check_not_null(mean, "mean");
   check_not_null(variance, "variance");
   check_not_null(inv_std, "inv_std");
@@ -145,7 +145,7 @@ void backward_apply(const Geometry& g, In<T> dy, In<T> x, Out<T> dx, const stat_
                     Affine<stat_t<T>> affine, Activation activation, const double* sum_dy, const double* sum_dy_xc,
                     index_t count, Statistics statistics) {
   static_assert(is_element_v<T>, "unsupported element type");
-  BackwardSetup<T> b(g, x.strides, dy.strides, &dx.strides, mean, inv_std, affine, activation);
+  BackwardSetup<T> b(g, x.strides, dy.strides, &dx, mean, inv_std, affine, activation);
   check_not_null(sum_dy, "sum_dy");
   check_not_null(sum_dy_xc, "sum_dy_xc");
   if (count < 1 && statistics == Statistics::batch) throw value_error("backward_apply needs count >= 1");
@@ -159,7 +159,7 @@ void backward(const Geometry& g, In<T> dy, In<T> x, Out<T> dx, const stat_t<T>* 
               Affine<stat_t<T>> affine, Activation activation, stat_t<T>* dgamma, stat_t<T>* dbeta,
               Statistics statistics) {
   static_assert(is_element_v<T>, "unsupported element type");
-  BackwardSetup<T> b(g, x.strides, dy.strides, &dx.strides, mean, inv_std, affine, activation);
+  BackwardSetup<T> b(g, x.strides, dy.strides, &dx, mean, inv_std, affine, activation);
   check_not_null(dgamma, "dgamma");
   check_not_null(dbeta, "dbeta");
   const index_t ch = b.plan.channels;

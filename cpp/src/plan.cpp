@@ -5,24 +5,38 @@
 #include <limits>
 #include <string>
 
-namespace batchnorm::detail {
+namespace batchnorm {
 
-std::vector<int> normalize_axes(const Axes& axes, std::size_t ndim) {
+namespace {
+
+std::string tuple_text(const Axes& axes) {  // as Python prints a tuple: (1,) or (3, -1)
+  std::string s = "(";
+  for (std::size_t i = 0; i < axes.size(); ++i) s += (i ? ", " : "") + std::to_string(axes[i]);
+  return s + (axes.size() == 1 ? ",)" : ")");
+}
+
+}  // namespace
+
+Axes feature_axes(const Axes& axes, std::size_t ndim) {
   const int n = static_cast<int>(ndim);
   if (axes.empty()) throw value_error("axis must name at least one feature axis");
-  std::vector<int> out;
+  Axes out;
   out.reserve(axes.size());
   for (int a : axes) {
     if (a < -n || a >= n)
       throw value_error("axis " + std::to_string(a) + " is out of range for an array of ndim " + std::to_string(n));
     const int k = a < 0 ? a + n : a;
     if (std::find(out.begin(), out.end(), k) != out.end())
-      throw value_error("axis " + std::to_string(a) + " is repeated in the feature axes");
+      throw value_error("axis " + std::to_string(a) + " is repeated in the feature axes " + tuple_text(axes));
     out.push_back(k);
   }
   std::sort(out.begin(), out.end());
   return out;
 }
+
+}  // namespace batchnorm
+
+namespace batchnorm::detail {
 
 Strides contiguous_strides(const Shape& shape) {
   Strides s(shape.size());
@@ -69,7 +83,7 @@ Plan make_plan(const Geometry& g, const std::vector<const Strides*>& strides) {
   if (ndim == 0) throw value_error("expected an array with at least 1 dimension, got a 0-d array");
   for (index_t s : g.shape)
     if (s < 0) throw value_error("shape entries must be non-negative");
-  const std::vector<int> axes = normalize_axes(g.axes, ndim);
+  const Axes axes = feature_axes(g.axes, ndim);
 
   Plan p;
   p.operands = static_cast<int>(strides.size());

@@ -59,9 +59,6 @@ struct Plan {
   }
 };
 
-/// Validates the feature axes against ndim (range, repeats) and returns them sorted, non-negative.
-std::vector<int> normalize_axes(const Axes& axes, std::size_t ndim);
-
 /// C-contiguous strides for shape, in elements.
 Strides contiguous_strides(const Shape& shape);
 

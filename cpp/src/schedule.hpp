@@ -404,13 +404,14 @@ struct BackwardSetup {
   CoefStore<compute_t<T>> k;
   bool relu;
 
-  BackwardSetup(const Geometry& g, const Strides& xs, const Strides& dys, const Strides* dxs, const stat_t<T>* mean,
+  BackwardSetup(const Geometry& g, const Strides& xs, const Strides& dys, const Out<T>* dx, const stat_t<T>* mean,
                 const stat_t<T>* inv_std, const Affine<stat_t<T>>& affine, Activation activation)
-      : plan(dxs ? make_plan(g, operand_strides({&xs, &dys, dxs})) : make_plan(g, operand_strides({&xs, &dys}))),
+      : plan(dx ? make_plan(g, operand_strides({&xs, &dys, &dx->strides}))
+                : make_plan(g, operand_strides({&xs, &dys}))),
         inv(static_cast<std::size_t>(plan.channels)),
         k(plan.channels, true),
         relu(activation == Activation::relu) {
-    if (dxs) check_output(plan, 2, "dx");
+    if (dx) check_output(plan, 2, dx->name ? dx->name : "dx");
     for (const void* ptr : {static_cast<const void*>(mean), static_cast<const void*>(inv_std)})
       check_not_null(ptr, "mean and inv_std");
     for (std::size_t c = 0; c < inv.size(); ++c) inv[c] = static_cast<double>(inv_std[c]);

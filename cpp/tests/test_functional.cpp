@@ -746,6 +746,19 @@ TEST(Numerics, BFloat16SumOfSquaresBeyondFloat) {
 
 // ---- errors --------------------------------------------------------------------------------
 
+TEST(Errors, FeatureAxes) {
+  EXPECT_EQ(bn::feature_axes({-1, 0}, 3), (Axes{0, 2}));
+  EXPECT_THROW(bn::feature_axes({}, 3), bn::value_error);
+  EXPECT_THROW(bn::feature_axes({3}, 3), bn::value_error);
+  EXPECT_THROW(bn::feature_axes({-4}, 3), bn::value_error);
+  try {
+    bn::feature_axes({2, -1}, 3);
+    ADD_FAILURE() << "a repeated axis was accepted";
+  } catch (const bn::value_error& e) {
+    EXPECT_EQ(std::string(e.what()), "axis -1 is repeated in the feature axes (2, -1)");
+  }
+}
+
 TEST(Errors, Epsilon) {
   std::vector<float> x(12, 1.0f), y(12), mean(3, 0.0f), var(3, 1.0f), inv(3);
   const Geometry g{{4, 3}, {1}};
@@ -757,6 +770,15 @@ TEST(Errors, Epsilon) {
         bn::value_error);
   }
   EXPECT_NO_THROW(bn::normalize<float>(g, {x.data()}, {y.data()}, mean.data(), var.data(), {}, 0.0));
+  // The value as it reads back, not std::to_string's six decimals.
+  for (const auto& [eps, text] : {std::pair{-1e-9, "-1e-09"}, {-0.1, "-0.1"}, {-1.0 / 3, "-0.3333333333333333"}}) {
+    try {
+      bn::normalize<float>(g, {x.data()}, {y.data()}, mean.data(), var.data(), {}, eps);
+      ADD_FAILURE() << "epsilon " << text << " was accepted";
+    } catch (const bn::value_error& e) {
+      EXPECT_EQ(std::string(e.what()), std::string("epsilon must be a finite number >= 0, got ") + text);
+    }
+  }
 }
 
 TEST(Errors, EmptyBatch) {

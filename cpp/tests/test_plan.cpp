@@ -214,8 +214,8 @@ TEST(Plan, Errors) {
   const Strides good, bad = {1};
   EXPECT_THROW(make_plan(Geometry{{2, 3}, {1}}, {&good, &bad}), value_error);
   EXPECT_THROW(batchnorm::extent(Geometry{{2, 3}, {5}}), value_error);
-  EXPECT_THROW(batchnorm::detail::normalize_axes({0, 0}, 2), value_error);
-  EXPECT_EQ(batchnorm::detail::normalize_axes({-1, 0}, 3), (std::vector<int>{0, 2}));
+  EXPECT_THROW(batchnorm::feature_axes({0, 0}, 2), value_error);
+  EXPECT_EQ(batchnorm::feature_axes({-1, 0}, 3), (std::vector<int>{0, 2}));
 }
 
 TEST(Plan, Extent) {

@@ -13,8 +13,18 @@ See ``bn.info()`` for the instruction set and threads in use.
 
 import sys
 
+try:  # the compiled core, first: everything else needs it
+    from ._core import __version__
+except ImportError as error:
+    raise ImportError(
+        f"batchnorm could not load its compiled core, batchnorm._core ({error}). The core is built "
+        "when the package is installed: install batchnorm for this Python "
+        f"({sys.executable}, {sys.version.split()[0]}) with pip ('pip install batchnorm', or "
+        "'pip install .' in a source checkout), and import it from there, not from a source "
+        "tree without a build."
+    ) from error
+
 from . import optimizers
-from ._core import __version__
 from ._fold import fold_conv, fold_dense
 from ._functional import BatchStats, backward, forward, moments, normalize
 from ._precise import precise_statistics

@@ -1,5 +1,6 @@
 # Type stubs of the compiled module batchnorm._core (private; see batchnorm/__init__.py).
 from collections.abc import Sequence
+from typing import overload
 
 import numpy as np
 
@@ -10,11 +11,19 @@ def set_num_threads(n: int) -> None: ...
 def compiled_isas() -> list[str]: ...
 def supported_isas() -> list[str]: ...
 def active_isa() -> str: ...
+def max_isa() -> str: ...
 def compiler() -> str: ...
 def has_openmp() -> bool: ...
 def copy_memory(src: np.ndarray, dst: np.ndarray, nontemporal: bool) -> None: ...
-def extent(shape: Sequence[int], axes: Sequence[int]) -> tuple[int, int]: ...
+def feature_axes(axis: object, ndim: int) -> tuple[int, ...]: ...
+
+# moments and forward allocate the statistics outputs left None and then return them.
+@overload
 def moments(x: np.ndarray, axes: Sequence[int], mean: np.ndarray, variance: np.ndarray) -> int: ...
+@overload
+def moments(
+    x: np.ndarray, axes: Sequence[int], mean: None = None, variance: None = None
+) -> tuple[np.ndarray, np.ndarray]: ...
 def partial_moments(x: np.ndarray, axes: Sequence[int], mean: np.ndarray, m2: np.ndarray) -> int: ...
 def normalize(
     x: np.ndarray,
@@ -31,6 +40,7 @@ def normalize(
 def merge_moments(
     count_a: np.ndarray, mean_a: np.ndarray, m2_a: np.ndarray, count_b: np.ndarray, mean_b: np.ndarray, m2_b: np.ndarray
 ) -> None: ...
+@overload
 def forward(
     x: np.ndarray,
     out: np.ndarray,
@@ -43,6 +53,19 @@ def forward(
     variance: np.ndarray,
     inv_std: np.ndarray,
 ) -> int: ...
+@overload
+def forward(
+    x: np.ndarray,
+    out: np.ndarray,
+    axes: Sequence[int],
+    gamma: np.ndarray | None,
+    beta: np.ndarray | None,
+    epsilon: float,
+    relu: bool,
+    mean: None = None,
+    variance: None = None,
+    inv_std: None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]: ...
 def backward(
     dy: np.ndarray,
     x: np.ndarray,
@@ -85,7 +108,7 @@ def backward_apply(
     fixed_statistics: bool = False,
 ) -> None: ...
 
-# The functional API's fast path (python/src/register_functional.cpp): the public function's
+# The functional API's fast path (python/src/register_fast_path.cpp): the public function's
 # arguments as given; None unless they are in the form the general path hands to the core.
 def fast_moments(x: object, axis: object) -> tuple[np.ndarray, np.ndarray] | None: ...
 def fast_normalize(

@@ -1,8 +1,9 @@
 """The stateless functional API: moments, normalize, forward, backward.
 
-Argument handling lives here (array conversion, feature axes, output allocation and
-checks); the arithmetic is all in the C++ core, which receives the NumPy buffers as they
-are, with the GIL released.
+Argument handling lives here (array conversion, output allocation, the checks that need
+Python objects); the rules the core can decide (feature axes, empty batch, epsilon, output
+strides) are decided there alone, and the arithmetic is all in the C++ core, which
+receives the NumPy buffers as they are, with the GIL released.
 
 Each function first offers its arguments, untouched, to its ``_core.fast_*`` binding. The
 common call (exact ndarrays of the right dtypes, C-contiguous; an int axis; a float
@@ -12,7 +13,7 @@ binding recognises it with a few C-level checks, allocates the outputs as the ge
 would and runs the same core call, which saves several microseconds per call on small
 inputs. For anything else it returns None and the general path runs; it never raises on
 its own. What it accepts, and why that is equivalent, is spelled out where it is defined,
-in ``python/src/register_functional.cpp``; ``tests/test_fast_path.py`` checks both paths
+in ``python/src/register_fast_path.cpp``; ``tests/test_fast_path.py`` checks both paths
 agree on borderline inputs.
 """
 
@@ -20,18 +21,17 @@ from __future__ import annotations
 
 import math
 import numbers
-import operator
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from . import _core
 
 __all__ = ["BatchStats", "backward", "forward", "moments", "normalize"]
 
 AxisLike = int | Sequence[int]
-ArrayLike = Any
 _TooHardError = getattr(np, "exceptions", np).TooHardError  # numpy.exceptions is new in NumPy 1.25
 
 
@@ -62,27 +62,6 @@ def _data(x: ArrayLike, name: str, min_ndim: int) -> np.ndarray:
     return a
 
 
-def _feature_axes(axis: AxisLike, ndim: int) -> tuple[int, ...]:
-    """The feature axes as sorted non-negative ints, validated against ndim."""
-    items: Sequence[Any] = [axis] if isinstance(axis, (numbers.Integral, np.integer)) else axis  # type: ignore[assignment]
-    try:
-        raw = [a if not isinstance(a, bool) else None for a in items]
-        axes = [operator.index(a) for a in raw]  # type: ignore[arg-type]
-    except TypeError:
-        raise TypeError(f"axis must be an int or a tuple of ints, got {axis!r}") from None
-    if not axes:
-        raise ValueError("axis must name at least one feature axis")
-    out: list[int] = []
-    for a in axes:
-        if not -ndim <= a < ndim:
-            raise ValueError(f"axis {a} is out of range for an array of ndim {ndim}")
-        k = a % ndim
-        if k in out:
-            raise ValueError(f"axis {a} is repeated in the feature axes {tuple(axes)}")
-        out.append(k)
-    return tuple(sorted(out))
-
-
 def _stat_dtype(x: np.ndarray) -> type[np.floating]:
     return np.float64 if x.dtype == np.float64 else np.float32
 
@@ -100,7 +79,9 @@ def _channel_param(p: ArrayLike | None, name: str, dtype: type[np.floating], cha
 
 
 def _output(out: np.ndarray | None, like: np.ndarray, inputs: tuple[np.ndarray, ...]) -> np.ndarray:
-    """A new array shaped like `like` (same memory order), or the caller's checked `out`."""
+    """A new array shaped like `like` (same memory order), or the caller's checked `out`.
+
+    That out's elements do not overlap each other is the core's check (it knows the strides)."""
     if out is None:
         return np.empty_like(like)
     if not isinstance(out, np.ndarray):
@@ -111,8 +92,6 @@ def _output(out: np.ndarray | None, like: np.ndarray, inputs: tuple[np.ndarray, 
         raise ValueError(f"out has shape {out.shape}; expected {like.shape}, the input's shape")
     if not out.flags.writeable:
         raise ValueError("out is read-only")
-    if _overlaps_itself(out):
-        raise ValueError("out overlaps itself: some of its elements share memory (a zero or too small stride)")
     for a in inputs:
         if np.may_share_memory(out, a) and not _same_view(out, a) and _overlap(out, a):
             raise ValueError("out overlaps an input without being that same array; pass the input itself for in place")
@@ -125,30 +104,6 @@ def _overlap(a: np.ndarray, b: np.ndarray) -> bool:
         return bool(np.shares_memory(a, b, max_work=10**6))  # type: ignore[arg-type]  # stubs allow only -1, 0
     except _TooHardError:
         return True
-
-
-def _overlaps_itself(a: np.ndarray) -> bool:
-    """Whether two elements of a share a byte (bounded effort; too hard to tell counts as yes).
-
-    Sufficient for no: each stride, in increasing order, steps over everything the smaller
-    ones span. Otherwise (zero, interleaved or too small strides) the offsets are compared.
-    """
-    if a.size <= 1:
-        return False
-    dims = sorted((abs(st), n) for n, st in zip(a.shape, a.strides, strict=True) if n > 1)
-    span = a.itemsize
-    for stride, n in dims:
-        if stride < span:
-            break
-        span += stride * (n - 1)
-    else:
-        return False
-    if a.size > 10**6:
-        return True
-    offsets = np.zeros((), np.int64)
-    for stride, n in dims:
-        offsets = np.add.outer(offsets, np.arange(n, dtype=np.int64) * stride)
-    return bool((np.diff(np.sort(offsets, axis=None)) < a.itemsize).any())
 
 
 def _same_view(a: np.ndarray, b: np.ndarray) -> bool:
@@ -172,12 +127,6 @@ def _epsilon(epsilon: float) -> float:
         return math.inf if big > 0 else -math.inf
 
 
-def _require_batch(x: np.ndarray, axes: tuple[int, ...], what: str) -> None:
-    """The core's empty-batch error, raised before allocating C values (C may be huge)."""
-    if any(x.shape[d] == 0 for d in range(x.ndim) if d not in axes):
-        raise ValueError(f"{what} an empty batch: the reduced axes hold no values")
-
-
 def moments(x: ArrayLike, axis: AxisLike = -1) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and biased (population) variance of ``x``.
 
@@ -190,14 +139,7 @@ def moments(x: ArrayLike, axis: AxisLike = -1) -> tuple[np.ndarray, np.ndarray]:
     if fast is not None:
         return fast
     x = _data(x, "x", 2)
-    axes = _feature_axes(axis, x.ndim)
-    _require_batch(x, axes, "moments of")
-    kept = tuple(x.shape[a] for a in axes)
-    dtype = _stat_dtype(x)
-    mean = np.empty(kept, dtype)
-    variance = np.empty(kept, dtype)
-    _core.moments(x, axes, mean, variance)
-    return mean, variance
+    return _core.moments(x, _core.feature_axes(axis, x.ndim))
 
 
 def normalize(
@@ -223,7 +165,7 @@ def normalize(
     if fast is not None:
         return fast
     x = _data(x, "x", 1)
-    axes = _feature_axes(axis, x.ndim)
+    axes = _core.feature_axes(axis, x.ndim)
     dtype = _stat_dtype(x)
     channels = math.prod(x.shape[a] for a in axes)
     y = _output(out, x, (x,))
@@ -261,21 +203,16 @@ def forward(
         y, mean, variance, inv_std, count = fast
         return y, BatchStats(mean, variance, inv_std, count)
     x = _data(x, "x", 2)
-    axes = _feature_axes(axis, x.ndim)
-    _require_batch(x, axes, "training on")
-    kept = tuple(x.shape[a] for a in axes)
+    axes = _core.feature_axes(axis, x.ndim)
     dtype = _stat_dtype(x)
-    channels = math.prod(kept)
+    channels = math.prod(x.shape[a] for a in axes)
     g = _channel_param(gamma, "gamma", dtype, channels)
     b = _channel_param(beta, "beta", dtype, channels)
     eps = _epsilon(epsilon)
     relu = _relu(activation)
     y = _output(out, x, (x,))
-    mean = np.empty(kept, dtype)
-    variance = np.empty(kept, dtype)
-    inv_std = np.empty(kept, dtype)
-    count = _core.forward(x, y, axes, g, b, eps, relu, mean, variance, inv_std)
-    return y, BatchStats(mean, variance, inv_std, int(count))
+    mean, variance, inv_std, count = _core.forward(x, y, axes, g, b, eps, relu)
+    return y, BatchStats(mean, variance, inv_std, count)
 
 
 def backward(
@@ -303,7 +240,7 @@ def backward(
             return fast
     x = _data(x, "x", 2)
     dy = _data(dy, "dy", 2)
-    axes = _feature_axes(axis, x.ndim)
+    axes = _core.feature_axes(axis, x.ndim)
     kept = tuple(x.shape[a] for a in axes)
     dtype = _stat_dtype(x)
     channels = math.prod(kept)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numbers
-import os
 from typing import Any
 
 from . import _core
@@ -33,7 +32,8 @@ def info() -> dict[str, Any]:
 
     Keys: ``version``; ``simd`` (the instruction set chosen at run time: ``"avx512"``,
     ``"avx2"`` or ``"baseline"``); ``simd_supported`` (those this CPU can run, best
-    first); ``simd_compiled``; ``max_isa`` (the ``BATCHNORM_MAX_ISA`` cap, or None);
+    first); ``simd_compiled``; ``max_isa`` (the ``BATCHNORM_MAX_ISA`` cap that choice
+    obeyed, read once like the choice itself, or None);
     ``openmp``; ``threads``; ``compiler``.
     """
     return {
@@ -41,7 +41,7 @@ def info() -> dict[str, Any]:
         "simd": _core.active_isa(),
         "simd_supported": list(_core.supported_isas()),
         "simd_compiled": list(_core.compiled_isas()),
-        "max_isa": os.environ.get("BATCHNORM_MAX_ISA") or None,
+        "max_isa": _core.max_isa() or None,
         "openmp": bool(_core.has_openmp()),
         "threads": get_num_threads(),
         "compiler": _core.compiler(),

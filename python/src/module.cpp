@@ -11,7 +11,7 @@ PYBIND11_MODULE(_core, m) {
   m.doc() = "batchnorm's compiled core (private: use the batchnorm package)";
   m.attr("__version__") = BATCHNORM_VERSION;
 
-  // The C++ exception types map onto Python's as SPEC §7 says.
+  // The core's errors keep their kind: type_error is a TypeError, value_error a ValueError.
   py::register_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);
@@ -24,4 +24,5 @@ PYBIND11_MODULE(_core, m) {
 
   batchnorm::python::register_runtime(m);
   batchnorm::python::register_functional(m);
+  batchnorm::python::register_fast_path(m);
 }

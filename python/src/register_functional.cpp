@@ -1,14 +1,13 @@
-// moments, partial_moments, normalize, forward, backward over NumPy buffers.
+// moments, partial_moments, normalize, forward, backward, merge_moments over NumPy buffers.
 //
 // Arrays arrive as they are (no conversion, no copy): the Python layer has already
 // chosen dtypes and allocated outputs; here their buffers are described for the C++ API
 // and checked (dtype, shape, size, writeable), then the kernel runs with the GIL
 // released. That is safe because the kernels touch only these buffers, which the
-// py::array arguments keep alive, and no Python object. The fast_* functions below
-// are the exception: they take the public functions' arguments and, for the common call,
-// allocate the outputs themselves, exactly as the Python layer would (see there).
+// py::array arguments keep alive, and no Python object. The fast path of the public
+// functions (register_fast_path.cpp) runs the same *_into functions.
 #include <cstdint>
-#include <optional>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -51,7 +50,8 @@ bool is_float(const py::dtype& dt) {
   return dt.kind() == 'f' && (size == 2 || size == 4 || size == 8);
 }
 
-// The element type of a dtype the kernels take: native-order float16/32/64 or bfloat16.
+}  // namespace
+
 bool element_if_supported(const py::dtype& dt, Element& e) {
   if (is_float(dt) && dt.byteorder() != '>') {
     const auto size = dt.itemsize();
@@ -64,6 +64,8 @@ bool element_if_supported(const py::dtype& dt, Element& e) {
   }
   return false;
 }
+
+namespace {
 
 Element element_of(const py::array& a, const char* name) {
   const py::dtype dt = a.dtype();
@@ -116,6 +118,49 @@ S* channel_array(const py::object& o, const char* name, index_t channels, bool w
   return static_cast<S*>(const_cast<void*>(a.data()));
 }
 
+// Whether o is an int as the public functions take one: numbers.Integral or np.integer.
+bool is_integer(py::handle o) {
+  static const py::handle types =  // kept for the module's lifetime
+      py::make_tuple(py::module_::import("numbers").attr("Integral"), py::module_::import("numpy").attr("integer"))
+          .release();
+  const int r = PyObject_IsInstance(o.ptr(), types.ptr());
+  if (r < 0) throw py::error_already_set();
+  return r == 1;
+}
+
+// The public functions' `axis` (an int or a sequence of ints, not bool) as the core's
+// validated feature axes of an array of ndim dimensions, sorted and non-negative.
+py::tuple feature_axes_of(const py::object& axis, std::size_t ndim) {
+  auto wrong_type = [&] {
+    return type_error("axis must be an int or a tuple of ints, got " + py::repr(axis).cast<std::string>());
+  };
+  std::vector<py::int_> items;
+  try {
+    const py::object seq = is_integer(axis) ? py::make_tuple(axis) : axis;
+    for (py::handle item : seq) {
+      if (PyBool_Check(item.ptr())) throw wrong_type();
+      items.push_back(py::reinterpret_steal<py::int_>(PyNumber_Index(item.ptr())));
+      if (!items.back()) throw py::error_already_set();
+    }
+  } catch (py::error_already_set& e) {
+    if (!e.matches(PyExc_TypeError)) throw;
+    throw wrong_type();
+  }
+  Axes axes;
+  for (const py::int_& item : items) {
+    int overflow = 0;
+    const long long a = PyLong_AsLongLongAndOverflow(item.ptr(), &overflow);
+    if (overflow != 0 || a < std::numeric_limits<int>::min() || a > std::numeric_limits<int>::max())
+      throw value_error("axis " + py::str(item).cast<std::string>() + " is out of range for an array of ndim " +
+                        std::to_string(ndim));  // beyond int: the core's message for any array
+    axes.push_back(static_cast<int>(a));
+  }
+  const Axes sorted = feature_axes(axes, ndim);
+  py::tuple out(sorted.size());
+  for (std::size_t i = 0; i < sorted.size(); ++i) out[i] = sorted[i];
+  return out;
+}
+
 // Optional gamma and beta (None: 1 and 0).
 template <class S>
 Affine<S> affine_of(const py::object& gamma, const py::object& beta, index_t channels) {
@@ -145,23 +190,39 @@ ArrayArg describe(const py::array& a, const char* name, bool writeable) {
   return arg;
 }
 
-namespace {
-
 // The bindings of moments, normalize, forward and backward, shared by the general path
-// (each argument as the Python layer prepared it) and the fast path below.
+// (each argument as the Python layer prepared it) and the fast path (register_fast_path.cpp).
 
-index_t moments_into(const py::array& x, const std::vector<int>& axes, const py::object& mean,
-                     const py::object& variance) {
+// A statistics output of moments or forward: the caller's array, or for None a new one of
+// the statistics dtype shaped like the feature axes (`allocated` is then set). None stays
+// None for an empty batch, which the core refuses before it reads its outputs: C may be
+// too large to allocate for nothing.
+py::object stat_output(const py::object& given, const ArrayArg& xa, const Geometry& g, bool& allocated) {
+  if (!given.is_none()) return given;
+  allocated = true;
+  if (extent(g).count == 0) return given;
+  std::vector<py::ssize_t> kept;
+  for (int a : feature_axes(g.axes, xa.shape.size())) kept.push_back(xa.shape[static_cast<std::size_t>(a)]);
+  return py::array(xa.element == Element::f64 ? py::dtype::of<double>() : py::dtype::of<float>(), kept);
+}
+
+py::object moments_into(const py::array& x, const std::vector<int>& axes, const py::object& mean,
+                        const py::object& variance) {
   const ArrayArg xa = describe(x, "x", false);
   const Geometry g{xa.shape, to_axes(axes)};
   const index_t channels = extent(g).channels;
-  return with_element(xa.element, [&](auto tag) {
+  bool allocated = false;
+  const py::object mean_out = stat_output(mean, xa, g, allocated);
+  const py::object variance_out = stat_output(variance, xa, g, allocated);
+  const index_t count = with_element(xa.element, [&](auto tag) {
     using T = decltype(tag);
-    auto* mu = channel_array<stat_t<T>>(mean, "mean", channels, true);
-    auto* var = channel_array<stat_t<T>>(variance, "variance", channels, true);
+    auto* mu = channel_array<stat_t<T>>(mean_out, "mean", channels, true, true);
+    auto* var = channel_array<stat_t<T>>(variance_out, "variance", channels, true, true);
     py::gil_scoped_release nogil;
     return moments<T>(g, {static_cast<const T*>(xa.data), xa.strides}, mu, var);
   });
+  if (allocated) return py::make_tuple(mean_out, variance_out);
+  return py::int_(count);
 }
 
 void normalize_into(const py::array& x, const py::array& y, const std::vector<int>& axes, const py::object& mean,
@@ -180,30 +241,36 @@ void normalize_into(const py::array& x, const py::array& y, const std::vector<in
     const Affine<S> affine = affine_of<S>(gamma, beta, channels);
     S* inv = channel_array<S>(inv_std, "inv_std", channels, true, true);
     py::gil_scoped_release nogil;
-    normalize<T>(g, {static_cast<const T*>(xa.data), xa.strides}, {static_cast<T*>(ya.data), ya.strides}, mu, var,
-                 affine, epsilon, relu ? Activation::relu : Activation::none, inv);
+    normalize<T>(g, {static_cast<const T*>(xa.data), xa.strides}, {static_cast<T*>(ya.data), ya.strides, "out"}, mu,
+                 var, affine, epsilon, relu ? Activation::relu : Activation::none, inv);
   });
 }
 
-index_t forward_into(const py::array& x, const py::array& y, const std::vector<int>& axes, const py::object& gamma,
-                     const py::object& beta, double epsilon, bool relu, const py::object& mean,
-                     const py::object& variance, const py::object& inv_std) {
+py::object forward_into(const py::array& x, const py::array& y, const std::vector<int>& axes, const py::object& gamma,
+                        const py::object& beta, double epsilon, bool relu, const py::object& mean,
+                        const py::object& variance, const py::object& inv_std) {
   const ArrayArg xa = describe(x, "x", false);
   const ArrayArg ya = describe(y, "out", true);
   check_like(xa, "x", ya, "out");
   const Geometry g{xa.shape, to_axes(axes)};
   const index_t channels = extent(g).channels;
-  return with_element(xa.element, [&](auto tag) {
+  bool allocated = false;
+  const py::object mean_out = stat_output(mean, xa, g, allocated);
+  const py::object variance_out = stat_output(variance, xa, g, allocated);
+  const py::object inv_std_out = stat_output(inv_std, xa, g, allocated);
+  const index_t count = with_element(xa.element, [&](auto tag) {
     using T = decltype(tag);
     using S = stat_t<T>;
     const Affine<S> affine = affine_of<S>(gamma, beta, channels);
-    S* mu = channel_array<S>(mean, "mean", channels, true);
-    S* var = channel_array<S>(variance, "variance", channels, true);
-    S* inv = channel_array<S>(inv_std, "inv_std", channels, true);
+    S* mu = channel_array<S>(mean_out, "mean", channels, true, true);
+    S* var = channel_array<S>(variance_out, "variance", channels, true, true);
+    S* inv = channel_array<S>(inv_std_out, "inv_std", channels, true, true);
     py::gil_scoped_release nogil;
-    return forward<T>(g, {static_cast<const T*>(xa.data), xa.strides}, {static_cast<T*>(ya.data), ya.strides}, affine,
-                      epsilon, relu ? Activation::relu : Activation::none, mu, var, inv);
+    return forward<T>(g, {static_cast<const T*>(xa.data), xa.strides}, {static_cast<T*>(ya.data), ya.strides, "out"},
+                      affine, epsilon, relu ? Activation::relu : Activation::none, mu, var, inv);
   });
+  if (allocated) return py::make_tuple(mean_out, variance_out, inv_std_out, count);
+  return py::int_(count);
 }
 
 void backward_into(const py::array& dy, const py::array& x, const py::array& dx, const std::vector<int>& axes,
@@ -226,200 +293,19 @@ void backward_into(const py::array& dy, const py::array& x, const py::array& dx,
     S* db = channel_array<S>(dbeta, "dbeta", channels, true);
     py::gil_scoped_release nogil;
     backward<T>(g, {static_cast<const T*>(dya.data), dya.strides}, {static_cast<const T*>(xa.data), xa.strides},
-                {static_cast<T*>(dxa.data), dxa.strides}, mu, inv, affine, relu ? Activation::relu : Activation::none,
-                dg, db, fixed_statistics ? Statistics::fixed : Statistics::batch);
+                {static_cast<T*>(dxa.data), dxa.strides, "out"}, mu, inv, affine,
+                relu ? Activation::relu : Activation::none, dg, db,
+                fixed_statistics ? Statistics::fixed : Statistics::batch);
   });
 }
 
-// The fast path of python/batchnorm/_functional.py: fast_moments, fast_normalize,
-// fast_forward and fast_backward take the public function's arguments untouched (for
-// backward, stats.mean and stats.inv_std of a BatchStats). When every argument is already
-// in the form the general path (the rest of the Python function) would hand to the
-// bindings above, that path has nothing to convert or copy and no check of its own can
-// fail; then these allocate the outputs as it would, run the same binding and return its
-// results. Otherwise they return None and the general path runs. They never raise on
-// their own: an error comes from the binding, given what the general path would give it.
-// They read only exact built-in types (no subclass, no user code runs twice). Accepted:
-//   x, dy   exact np.ndarray (np.asarray has nothing to do), aligned (_data copies
-//           unaligned ones), of a dtype the kernels take, C-contiguous and not empty (a
-//           new output is then C-ordered like np.empty_like's; empty arrays would differ in
-//           strides), ndim >= 1 for normalize, 2 otherwise; dy of x's shape. Not empty
-//           also means the batch is not, so forward's and moments' empty-batch error cannot apply.
-//   axis    exact int in range (not bool, not np.integer): the single feature axis.
-//   per-channel arrays (mean, variance, gamma, beta, stats.mean, stats.inv_std)
-//           None where optional, else an exact np.ndarray whose dtype is the statistics
-//           dtype's own descriptor object (float32, or float64 for float64 x), aligned,
-//           C-contiguous, one element per channel: np.ascontiguousarray returns it as is
-//           (a 0-d one as a 1-d view of it), so the core reads the same memory either way.
-//   epsilon exact float.  activation: None or the str "relu".
-//   out     None, or an exact np.ndarray with x's dtype object and shape, writeable,
-//           C-contiguous (no two elements share memory) and each input either out itself
-//           or in other bytes, so the exact overlap checks of _output have nothing to find.
-
-constexpr int kAligned = 0x0100;  // NPY_ARRAY_ALIGNED
-
-struct FastTypes {
-  PyTypeObject* ndarray;
-  PyObject* float32;  // the descriptor objects of the statistics dtypes
-  PyObject* float64;
-};
-FastTypes fast_types{};  // set by register_functional, kept alive for the module's lifetime
-
-bool exact_array(py::handle o) { return Py_TYPE(o.ptr()) == fast_types.ndarray; }
-
-bool aligned_c_contiguous(const py::array& a) {
-  const int want = py::array::c_style | kAligned;
-  return (a.flags() & want) == want;
-}
-
-std::vector<py::ssize_t> shape_of(const py::array& a) { return {a.shape(), a.shape() + a.ndim()}; }
-
-// x or dy; `stat` receives the descriptor of its statistics dtype.
-bool fast_data(py::handle o, py::ssize_t min_ndim, PyObject*& stat) {
-  if (!exact_array(o)) return false;
-  const auto a = py::reinterpret_borrow<py::array>(o);
-  Element e{};
-  if (a.ndim() < min_ndim || a.size() == 0 || !aligned_c_contiguous(a) || !element_if_supported(a.dtype(), e))
-    return false;
-  stat = e == Element::f64 ? fast_types.float64 : fast_types.float32;
-  return true;
-}
-
-bool fast_axis(py::handle axis, py::ssize_t ndim, int& feature) {
-  if (!PyLong_CheckExact(axis.ptr())) return false;
-  int overflow = 0;
-  const long a = PyLong_AsLongAndOverflow(axis.ptr(), &overflow);  // an exact int cannot fail
-  if (overflow != 0 || a < -ndim || a >= ndim) return false;
-  feature = static_cast<int>(a < 0 ? a + ndim : a);
-  return true;
-}
-
-bool fast_channel(py::handle p, PyObject* stat, py::ssize_t channels, bool optional) {
-  if (p.is_none()) return optional;
-  if (!exact_array(p)) return false;
-  const auto a = py::reinterpret_borrow<py::array>(p);
-  return a.dtype().ptr() == stat && a.size() == channels && aligned_c_contiguous(a);
-}
-
-bool fast_relu(py::handle activation, bool& relu) {
-  relu = !activation.is_none();
-  return !relu ||
-         (PyUnicode_CheckExact(activation.ptr()) && PyUnicode_CompareWithASCIIString(activation.ptr(), "relu") == 0);
-}
-
-bool apart(const py::array& a, const py::array& b) {  // bytes of C-contiguous arrays
-  const auto* pa = static_cast<const char*>(a.data());
-  const auto* pb = static_cast<const char*>(b.data());
-  return pa + a.nbytes() <= pb || pb + b.nbytes() <= pa;
-}
-
-// out, or a new array like x; nothing if out is not in the accepted form.
-std::optional<py::array> fast_output(py::handle out, const py::array& x, const py::array* dy = nullptr) {
-  if (out.is_none()) return py::array(x.dtype(), shape_of(x));
-  if (!exact_array(out)) return std::nullopt;
-  auto y = py::reinterpret_borrow<py::array>(out);
-  if (y.dtype().ptr() != x.dtype().ptr() || shape_of(y) != shape_of(x) || !y.writeable() ||
-      !(y.flags() & py::array::c_style))
-    return std::nullopt;
-  for (const py::array* a : {&x, dy})
-    if (a && a->ptr() != y.ptr() && !apart(*a, y)) return std::nullopt;
-  return y;
-}
-
-py::array stat_array(PyObject* stat, py::ssize_t channels) {
-  return py::array(py::reinterpret_borrow<py::dtype>(stat), std::vector<py::ssize_t>{channels});
-}
-
-py::object fast_moments(py::handle x, py::handle axis) {
-  PyObject* stat = nullptr;
-  int a = 0;
-  if (!fast_data(x, 2, stat)) return py::none();
-  const auto xa = py::reinterpret_borrow<py::array>(x);
-  if (!fast_axis(axis, xa.ndim(), a)) return py::none();
-  py::array mean = stat_array(stat, xa.shape(a)), variance = stat_array(stat, xa.shape(a));
-  moments_into(xa, {a}, mean, variance);
-  return py::make_tuple(mean, variance);
-}
-
-py::object fast_normalize(py::handle x, py::handle mean, py::handle variance, py::handle gamma, py::handle beta,
-                          py::handle axis, py::handle epsilon, py::handle activation, py::handle out) {
-  PyObject* stat = nullptr;
-  int a = 0;
-  bool relu = false;
-  if (!fast_data(x, 1, stat)) return py::none();
-  const auto xa = py::reinterpret_borrow<py::array>(x);
-  if (!fast_axis(axis, xa.ndim(), a)) return py::none();
-  const py::ssize_t channels = xa.shape(a);
-  if (!fast_channel(mean, stat, channels, false) || !fast_channel(variance, stat, channels, false) ||
-      !fast_channel(gamma, stat, channels, true) || !fast_channel(beta, stat, channels, true) ||
-      !PyFloat_CheckExact(epsilon.ptr()) || !fast_relu(activation, relu))
-    return py::none();
-  const std::optional<py::array> y = fast_output(out, xa);
-  if (!y) return py::none();
-  normalize_into(xa, *y, {a}, py::reinterpret_borrow<py::object>(mean), py::reinterpret_borrow<py::object>(variance),
-                 py::reinterpret_borrow<py::object>(gamma), py::reinterpret_borrow<py::object>(beta),
-                 PyFloat_AS_DOUBLE(epsilon.ptr()), relu, py::none());
-  return *y;
-}
-
-py::object fast_forward(py::handle x, py::handle gamma, py::handle beta, py::handle axis, py::handle epsilon,
-                        py::handle activation, py::handle out) {
-  PyObject* stat = nullptr;
-  int a = 0;
-  bool relu = false;
-  if (!fast_data(x, 2, stat)) return py::none();
-  const auto xa = py::reinterpret_borrow<py::array>(x);
-  if (!fast_axis(axis, xa.ndim(), a)) return py::none();
-  const py::ssize_t channels = xa.shape(a);
-  if (!fast_channel(gamma, stat, channels, true) || !fast_channel(beta, stat, channels, true) ||
-      !PyFloat_CheckExact(epsilon.ptr()) || !fast_relu(activation, relu))
-    return py::none();
-  const std::optional<py::array> y = fast_output(out, xa);
-  if (!y) return py::none();
-  py::array mean = stat_array(stat, channels), variance = stat_array(stat, channels),
-            inv_std = stat_array(stat, channels);
-  const index_t count =
-      forward_into(xa, *y, {a}, py::reinterpret_borrow<py::object>(gamma), py::reinterpret_borrow<py::object>(beta),
-                   PyFloat_AS_DOUBLE(epsilon.ptr()), relu, mean, variance, inv_std);
-  return py::make_tuple(*y, mean, variance, inv_std, count);
-}
-
-py::object fast_backward(py::handle dy, py::handle x, py::handle mean, py::handle inv_std, py::handle gamma,
-                         py::handle beta, py::handle axis, py::handle activation, py::handle out) {
-  PyObject* stat = nullptr;
-  PyObject* unused = nullptr;
-  int a = 0;
-  bool relu = false;
-  if (!fast_data(x, 2, stat) || !fast_data(dy, 2, unused)) return py::none();
-  const auto xa = py::reinterpret_borrow<py::array>(x);
-  const auto dya = py::reinterpret_borrow<py::array>(dy);
-  if (shape_of(dya) != shape_of(xa) || !fast_axis(axis, xa.ndim(), a)) return py::none();
-  const py::ssize_t channels = xa.shape(a);
-  if (!fast_channel(mean, stat, channels, false) || !fast_channel(inv_std, stat, channels, false) ||
-      !fast_channel(gamma, stat, channels, true) || !fast_channel(beta, stat, channels, true) ||
-      !fast_relu(activation, relu))
-    return py::none();
-  const std::optional<py::array> dx = fast_output(out, xa, &dya);
-  if (!dx) return py::none();
-  py::array dgamma = stat_array(stat, channels), dbeta = stat_array(stat, channels);
-  backward_into(dya, xa, *dx, {a}, py::reinterpret_borrow<py::object>(mean),
-                py::reinterpret_borrow<py::object>(inv_std), py::reinterpret_borrow<py::object>(gamma),
-                py::reinterpret_borrow<py::object>(beta), relu, dgamma, dbeta, false);
-  return py::make_tuple(*dx, dgamma, dbeta);
-}
-
-}  // namespace
-
 void register_functional(py::module_& m) {
-  m.def(
-      "extent",
-      [](const std::vector<index_t>& shape, const std::vector<int>& axes) {
-        const Extent e = extent({shape, to_axes(axes)});
-        return py::make_tuple(e.channels, e.count);
-      },
-      py::arg("shape"), py::arg("axes"), "(channels, count) of an array shape and feature axes");
+  m.def("feature_axes", &feature_axes_of, py::arg("axis"), py::arg("ndim"),
+        "The feature axes of an array of ndim dimensions, validated, sorted and non-negative");
 
-  m.def("moments", &moments_into, py::arg("x").noconvert(), py::arg("axes"), py::arg("mean"), py::arg("variance"));
+  // moments and forward allocate the statistics outputs left None and then return them.
+  m.def("moments", &moments_into, py::arg("x").noconvert(), py::arg("axes"), py::arg("mean") = py::none(),
+        py::arg("variance") = py::none());
 
   m.def(
       "partial_moments",
@@ -463,8 +349,8 @@ void register_functional(py::module_& m) {
       py::arg("m2_b"), "Merges the per-channel partials b into a, in place (Chan et al.)");
 
   m.def("forward", &forward_into, py::arg("x").noconvert(), py::arg("out").noconvert(), py::arg("axes"),
-        py::arg("gamma"), py::arg("beta"), py::arg("epsilon"), py::arg("relu"), py::arg("mean"), py::arg("variance"),
-        py::arg("inv_std"));
+        py::arg("gamma"), py::arg("beta"), py::arg("epsilon"), py::arg("relu"), py::arg("mean") = py::none(),
+        py::arg("variance") = py::none(), py::arg("inv_std") = py::none());
 
   m.def("backward", &backward_into, py::arg("dy").noconvert(), py::arg("x").noconvert(), py::arg("out").noconvert(),
         py::arg("axes"), py::arg("mean"), py::arg("inv_std"), py::arg("gamma"), py::arg("beta"), py::arg("relu"),
@@ -519,23 +405,15 @@ void register_functional(py::module_& m) {
           const Affine<S> affine = affine_of<S>(gamma, beta, channels);
           py::gil_scoped_release nogil;
           backward_apply<T>(g, {static_cast<const T*>(dya.data), dya.strides},
-                            {static_cast<const T*>(xa.data), xa.strides}, {static_cast<T*>(dxa.data), dxa.strides}, mu,
-                            inv, affine, relu ? Activation::relu : Activation::none, s, sx, count,
+                            {static_cast<const T*>(xa.data), xa.strides},
+                            {static_cast<T*>(dxa.data), dxa.strides, "out"}, mu, inv, affine,
+                            relu ? Activation::relu : Activation::none, s, sx, count,
                             fixed_statistics ? Statistics::fixed : Statistics::batch);
         });
       },
       py::arg("dy").noconvert(), py::arg("x").noconvert(), py::arg("out").noconvert(), py::arg("axes"), py::arg("mean"),
       py::arg("inv_std"), py::arg("gamma"), py::arg("beta"), py::arg("relu"), py::arg("sum_dy"), py::arg("sum_dy_xc"),
       py::arg("count"), py::arg("fixed_statistics") = false);
-
-  py::object ndarray = py::module_::import("numpy").attr("ndarray");
-  fast_types.ndarray = reinterpret_cast<PyTypeObject*>(ndarray.release().ptr());
-  fast_types.float32 = py::dtype::of<float>().release().ptr();
-  fast_types.float64 = py::dtype::of<double>().release().ptr();
-  m.def("fast_moments", &fast_moments);
-  m.def("fast_normalize", &fast_normalize);
-  m.def("fast_forward", &fast_forward);
-  m.def("fast_backward", &fast_backward);
 }
 
 }  // namespace batchnorm::python

@@ -11,6 +11,7 @@ void register_runtime(py::module_& m) {
   m.def("compiled_isas", &compiled_isas);
   m.def("supported_isas", &supported_isas);
   m.def("active_isa", &active_isa);
+  m.def("max_isa", &max_isa);
   m.def("compiler", &compiler);
   m.def("has_openmp", &has_openmp);
   m.def(

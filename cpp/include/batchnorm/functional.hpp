@@ -44,10 +44,12 @@ struct In {
 /// Strides that give two of its elements one location (zero, too small or interleaved
 /// onto each other) are refused with value_error; interleaved strides that keep every
 /// element apart are accepted up to 2^20 elements (checked one by one) and refused beyond.
+/// Those errors call it `name`, or by its parameter's name (y, dx) when that is null.
 template <class T>
 struct Out {
   T* data = nullptr;
   Strides strides = {};
+  const char* name = nullptr;
 };
 
 /// Per-channel scale and shift. nullptr: gamma = 1, beta = 0.
@@ -56,6 +58,10 @@ struct Affine {
   const S* gamma = nullptr;
   const S* beta = nullptr;
 };
+
+/// The feature axes of an array of ndim dimensions, validated (at least one, each in
+/// [-ndim, ndim), none repeated), non-negative and sorted: the order of the channels.
+BATCHNORM_API Axes feature_axes(const Axes& axes, std::size_t ndim);
 
 /// Number of channels (product of the feature axes' sizes) and of values reduced per
 /// channel (product of the others), after validating g.

@@ -24,6 +24,9 @@ BATCHNORM_API std::vector<std::string> supported_isas();
 /// The one in use: the best supported one, capped by the environment variable
 /// BATCHNORM_MAX_ISA (baseline|avx2|avx512) read once at first use.
 BATCHNORM_API std::string active_isa();
+/// The BATCHNORM_MAX_ISA cap that choice obeyed, or "" for none (unset, empty or not one of
+/// the names): later changes of the environment variable change neither.
+BATCHNORM_API std::string max_isa();
 
 /// Copies `bytes` bytes with the library's threads, with ordinary or non-temporal stores:
 /// the yardstick the benchmarks measure the kernels against. The ranges must not overlap.
