@@ -66,32 +66,25 @@ def _stat_dtype(x: np.ndarray) -> type[np.floating]:
     return np.float64 if x.dtype == np.float64 else np.float32
 
 
-def _channel_param(p: ArrayLike | None, name: str, dtype: type[np.floating], channels: int) -> np.ndarray | None:
+def _channel_param(p: ArrayLike | None, name: str, dtype: type[np.floating]) -> np.ndarray | None:
     if p is None:
         return None
     a = p if isinstance(p, np.ndarray) else np.asarray(p)
     if a.dtype.kind not in "biuf" and a.dtype.name != "bfloat16":  # complex, object, str: no silent conversion
         raise TypeError(f"{name} must be a real numeric array, got dtype {a.dtype}")
     a = np.ascontiguousarray(a, dtype=dtype)
-    if a.size != channels:
-        raise ValueError(f"{name} has {a.size} elements; expected {channels} (one per channel)")
-    return a
+    return a  # its size is the core's check
 
 
 def _output(out: np.ndarray | None, like: np.ndarray, inputs: tuple[np.ndarray, ...]) -> np.ndarray:
-    """A new array shaped like `like` (same memory order), or the caller's checked `out`.
+    """A new array shaped like `like` (same memory order), or the caller's `out`.
 
-    That out's elements do not overlap each other is the core's check (it knows the strides)."""
+    Its dtype, shape, writeability and whether its elements overlap each other are the
+    core's checks; whether it overlaps an input other than as that same view is this one."""
     if out is None:
         return np.empty_like(like)
     if not isinstance(out, np.ndarray):
         raise TypeError(f"out must be a NumPy array, got {type(out).__name__}")
-    if out.dtype != like.dtype:
-        raise TypeError(f"out has dtype {out.dtype}; expected {like.dtype}, the input's dtype")
-    if out.shape != like.shape:
-        raise ValueError(f"out has shape {out.shape}; expected {like.shape}, the input's shape")
-    if not out.flags.writeable:
-        raise ValueError("out is read-only")
     for a in inputs:
         if np.may_share_memory(out, a) and not _same_view(out, a) and _overlap(out, a):
             raise ValueError("out overlaps an input without being that same array; pass the input itself for in place")
@@ -167,16 +160,15 @@ def normalize(
     x = _data(x, "x", 1)
     axes = _core.feature_axes(axis, x.ndim)
     dtype = _stat_dtype(x)
-    channels = math.prod(x.shape[a] for a in axes)
     y = _output(out, x, (x,))
     _core.normalize(
         x,
         y,
         axes,
-        _channel_param(mean, "mean", dtype, channels),
-        _channel_param(variance, "variance", dtype, channels),
-        _channel_param(gamma, "gamma", dtype, channels),
-        _channel_param(beta, "beta", dtype, channels),
+        _channel_param(mean, "mean", dtype),
+        _channel_param(variance, "variance", dtype),
+        _channel_param(gamma, "gamma", dtype),
+        _channel_param(beta, "beta", dtype),
         _epsilon(epsilon),
         _relu(activation),
     )
@@ -205,9 +197,8 @@ def forward(
     x = _data(x, "x", 2)
     axes = _core.feature_axes(axis, x.ndim)
     dtype = _stat_dtype(x)
-    channels = math.prod(x.shape[a] for a in axes)
-    g = _channel_param(gamma, "gamma", dtype, channels)
-    b = _channel_param(beta, "beta", dtype, channels)
+    g = _channel_param(gamma, "gamma", dtype)
+    b = _channel_param(beta, "beta", dtype)
     eps = _epsilon(epsilon)
     relu = _relu(activation)
     y = _output(out, x, (x,))
@@ -243,18 +234,15 @@ def backward(
     axes = _core.feature_axes(axis, x.ndim)
     kept = tuple(x.shape[a] for a in axes)
     dtype = _stat_dtype(x)
-    channels = math.prod(kept)
     try:
         stat_mean, stat_inv_std = stats.mean, stats.inv_std
     except AttributeError:
         raise TypeError("stats must be the BatchStats that forward() returned") from None
-    mean = _channel_param(stat_mean, "stats.mean", dtype, channels)
-    inv_std = _channel_param(stat_inv_std, "stats.inv_std", dtype, channels)
-    g = _channel_param(gamma, "gamma", dtype, channels)
-    b = _channel_param(beta, "beta", dtype, channels)
+    mean = _channel_param(stat_mean, "stats.mean", dtype)
+    inv_std = _channel_param(stat_inv_std, "stats.inv_std", dtype)
+    g = _channel_param(gamma, "gamma", dtype)
+    b = _channel_param(beta, "beta", dtype)
     relu = _relu(activation)
-    if dy.shape != x.shape:
-        raise ValueError(f"dy has shape {dy.shape}; expected {x.shape}, the shape of x")
     dx = _output(out, x, (x, dy))
     dgamma = np.empty(kept, dtype)
     dbeta = np.empty(kept, dtype)

@@ -92,11 +92,20 @@ decltype(auto) with_element(Element e, F&& f) {
 
 Axes to_axes(const std::vector<int>& axes) { return Axes(axes.begin(), axes.end()); }
 
+std::string shape_str(const Shape& shape) {  // as Python prints a tuple
+  std::string out = "(";
+  for (std::size_t d = 0; d < shape.size(); ++d) out += (d ? ", " : "") + std::to_string(shape[d]);
+  return out + (shape.size() == 1 ? ",)" : ")");
+}
+
+// a must have b's dtype and shape (out and dy against x).
 void check_like(const ArrayArg& a, const char* a_name, const ArrayArg& b, const char* b_name) {
   if (a.element != b.element)
-    throw type_error(std::string(a_name) + " has dtype " + element_name(a.element) + " but " + b_name + " has " +
-                     element_name(b.element) + "; they must match");
-  if (a.shape != b.shape) throw value_error(std::string(a_name) + " and " + b_name + " must have the same shape");
+    throw type_error(std::string(a_name) + " has dtype " + element_name(a.element) + "; expected " +
+                     element_name(b.element) + ", the dtype of " + b_name);
+  if (a.shape != b.shape)
+    throw value_error(std::string(a_name) + " has shape " + shape_str(a.shape) + "; expected " + shape_str(b.shape) +
+                      ", the shape of " + b_name);
 }
 
 // A per-channel array of S: contiguous, `channels` elements. None gives nullptr if allowed.
@@ -230,7 +239,7 @@ void normalize_into(const py::array& x, const py::array& y, const std::vector<in
                     bool relu, const py::object& inv_std) {
   const ArrayArg xa = describe(x, "x", false);
   const ArrayArg ya = describe(y, "out", true);
-  check_like(xa, "x", ya, "out");
+  check_like(ya, "out", xa, "x");
   const Geometry g{xa.shape, to_axes(axes)};
   const index_t channels = extent(g).channels;
   with_element(xa.element, [&](auto tag) {
@@ -251,7 +260,7 @@ py::object forward_into(const py::array& x, const py::array& y, const std::vecto
                         const py::object& variance, const py::object& inv_std) {
   const ArrayArg xa = describe(x, "x", false);
   const ArrayArg ya = describe(y, "out", true);
-  check_like(xa, "x", ya, "out");
+  check_like(ya, "out", xa, "x");
   const Geometry g{xa.shape, to_axes(axes)};
   const index_t channels = extent(g).channels;
   bool allocated = false;
@@ -280,14 +289,14 @@ void backward_into(const py::array& dy, const py::array& x, const py::array& dx,
   const ArrayArg dya = describe(dy, "dy", false);
   const ArrayArg dxa = describe(dx, "out", true);
   check_like(dya, "dy", xa, "x");
-  check_like(xa, "x", dxa, "out");
+  check_like(dxa, "out", xa, "x");
   const Geometry g{xa.shape, to_axes(axes)};
   const index_t channels = extent(g).channels;
   with_element(xa.element, [&](auto tag) {
     using T = decltype(tag);
     using S = stat_t<T>;
-    const S* mu = channel_array<S>(mean, "mean", channels, false);
-    const S* inv = channel_array<S>(inv_std, "inv_std", channels, false);
+    const S* mu = channel_array<S>(mean, "stats.mean", channels, false);  // named as bn.backward takes them
+    const S* inv = channel_array<S>(inv_std, "stats.inv_std", channels, false);
     const Affine<S> affine = affine_of<S>(gamma, beta, channels);
     S* dg = channel_array<S>(dgamma, "dgamma", channels, true);
     S* db = channel_array<S>(dbeta, "dbeta", channels, true);
@@ -392,7 +401,7 @@ void register_functional(py::module_& m) {
         const ArrayArg dya = describe(dy, "dy", false);
         const ArrayArg dxa = describe(dx, "out", true);
         check_like(dya, "dy", xa, "x");
-        check_like(xa, "x", dxa, "out");
+        check_like(dxa, "out", xa, "x");
         const Geometry g{xa.shape, to_axes(axes)};
         const index_t channels = extent(g).channels;
         const double* s = channel_array<double>(sum_dy, "sum_dy", channels, false);
