@@ -1,4 +1,5 @@
-"""bn.BatchNormalization against tf-keras 2 (golden files), SEMANTICS.md's fixtures, errors, state."""
+"""bn.BatchNormalization against tf-keras 2 (golden files), small fixtures worked out by hand from tf-keras's
+algorithms, errors, state."""
 
 from __future__ import annotations
 
@@ -77,8 +78,8 @@ def _check_config(layer: bn.BatchNormalization, meta: dict) -> None:
     assert ours == theirs
 
 
-# --------------------------------------------------------------------------- SEMANTICS.md fixtures
-def test_renorm_fixture_semantics_2_6():
+# --------------------------------------------------------------------------- hand-worked fixtures
+def test_renorm_fixture():
     layer = bn.BatchNormalization(
         momentum=0.8, renorm=True, renorm_momentum=0.9, renorm_clipping={"rmax": 1.5, "rmin": 0.5, "dmax": 0.5}
     )
@@ -102,7 +103,7 @@ def test_renorm_fixture_semantics_2_6():
     np.testing.assert_allclose(y_inf, 2.0 * (x - 1.4) / np.sqrt(3.8965416 + 1e-3) + 0.5, rtol=1e-5)
 
 
-def test_ghost_batch_fixture_semantics_2_7():
+def test_ghost_batch_fixture():
     layer = bn.BatchNormalization(momentum=0.0, virtual_batch_size=3)
     x = np.array([[0], [1], [2], [10], [11], [12]], np.float32)
     y = layer(x, training=True)
@@ -124,7 +125,7 @@ def test_ghost_batch_equal_to_batch_is_plain_bn(rng):
     np.testing.assert_allclose(a.moving_variance.ravel(), b.moving_variance, rtol=1e-6)
 
 
-def test_fused_variance_fixture_semantics_2_3():
+def test_fused_variance_fixture():
     x = np.array([[[[1]]], [[[3]]]], np.float32)
     for fused, expected in ((None, 2.0), (True, 2.0), (False, 1.0)):
         layer = bn.BatchNormalization(momentum=0.0, fused=fused)
@@ -191,7 +192,7 @@ def test_weights_and_losses():
     assert layer.trainable_weights[0] is layer.gamma
     assert layer.trainable_weights[1] is layer.beta
     assert layer.non_trainable_weights[0] is layer.moving_mean
-    assert layer.losses == [pytest.approx(1.5), 0.0]  # L2(0.5) on ones(3): 1.5 (SEMANTICS §11 #14)
+    assert layer.losses == [pytest.approx(1.5), 0.0]  # L2(0.5) on ones(3): 0.5 * 3 = 1.5
     assert layer.losses[0].dtype == np.float32
     r = bn.BatchNormalization(renorm=True, center=False, scale=False)
     r.build((2, 5, 4))

@@ -141,7 +141,7 @@ def test_bfloat16_input(rng):
 
 
 def test_momentum_none_is_a_cumulative_average():
-    # SEMANTICS §4.2: after batches x and 2x the first batch's factor is 1.
+    # torch: momentum None averages over num_batches_tracked, so the first batch's factor is 1.
     m = bn.BatchNorm1d(1, momentum=None)
     m(np.array([[1.0], [3.0]], np.float32))
     m(np.array([[2.0], [6.0]], np.float32))

@@ -99,7 +99,7 @@ TEST(LayerConventions, KerasUnbiasedOption) {
 }
 
 TEST(LayerConventions, KerasOneValuePerChannelGivesZeroVariance) {
-  // tf-keras (fused or not, SEMANTICS §2.4): M = 1 trains, batch variance 0, never NaN.
+  // tf-keras (fused or not): M = 1 trains, batch variance 0, never NaN.
   for (bool unbiased : {false, true}) {
     BatchNorm<float> l(3, BatchNormOptions::keras(0.99, 1e-3, {-1}, unbiased));
     const std::vector<float> x{5, -1, 2};
