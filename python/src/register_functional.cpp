@@ -170,6 +170,9 @@ py::tuple feature_axes_of(const py::object& axis, std::size_t ndim) {
   return out;
 }
 
+Activation activation_of(bool relu) { return relu ? Activation::relu : Activation::none; }
+Statistics statistics_of(bool fixed) { return fixed ? Statistics::fixed : Statistics::batch; }
+
 // Optional gamma and beta (None: 1 and 0).
 template <class S>
 Affine<S> affine_of(const py::object& gamma, const py::object& beta, index_t channels) {
@@ -251,7 +254,7 @@ void normalize_into(const py::array& x, const py::array& y, const std::vector<in
     S* inv = channel_array<S>(inv_std, "inv_std", channels, true, true);
     py::gil_scoped_release nogil;
     normalize<T>(g, {static_cast<const T*>(xa.data), xa.strides}, {static_cast<T*>(ya.data), ya.strides, "out"}, mu,
-                 var, affine, epsilon, relu ? Activation::relu : Activation::none, inv);
+                 var, affine, epsilon, activation_of(relu), inv);
   });
 }
 
@@ -276,35 +279,73 @@ py::object forward_into(const py::array& x, const py::array& y, const std::vecto
     S* inv = channel_array<S>(inv_std_out, "inv_std", channels, true, true);
     py::gil_scoped_release nogil;
     return forward<T>(g, {static_cast<const T*>(xa.data), xa.strides}, {static_cast<T*>(ya.data), ya.strides, "out"},
-                      affine, epsilon, relu ? Activation::relu : Activation::none, mu, var, inv);
+                      affine, epsilon, activation_of(relu), mu, var, inv);
   });
   if (allocated) return py::make_tuple(mean_out, variance_out, inv_std_out, count);
   return py::int_(count);
 }
 
+namespace {
+
+// What the three backward bindings take alike: x, dy (matched against x), the optional
+// dx, the geometry, and per element type the statistics and gamma/beta.
+struct BackwardArgs {
+  ArrayArg x, dy, dx;
+  Geometry g;
+  index_t channels;
+  BackwardArgs(const py::array& dy_arr, const py::array& x_arr, const py::array* dx_arr, const std::vector<int>& axes)
+      : x(describe(x_arr, "x", false)),
+        dy(describe(dy_arr, "dy", false)),
+        dx(dx_arr ? describe(*dx_arr, "out", true) : ArrayArg{}),
+        g{x.shape, to_axes(axes)},
+        channels(extent(g).channels) {
+    check_like(dy, "dy", x, "x");
+    if (dx_arr) check_like(dx, "out", x, "x");
+  }
+  template <class T>
+  In<T> dy_in() const {
+    return {static_cast<const T*>(dy.data), dy.strides};
+  }
+  template <class T>
+  In<T> x_in() const {
+    return {static_cast<const T*>(x.data), x.strides};
+  }
+  template <class T>
+  Out<T> dx_out() const {
+    return {static_cast<T*>(dx.data), dx.strides, "out"};
+  }
+};
+
+template <class S>
+struct StatsArgs {
+  const S* mean;
+  const S* inv_std;
+  Affine<S> affine;
+};
+
+template <class S>
+StatsArgs<S> stats_args(const py::object& mean, const py::object& inv_std, const py::object& gamma,
+                        const py::object& beta, index_t channels, const char* mean_name, const char* inv_std_name) {
+  return {channel_array<S>(mean, mean_name, channels, false), channel_array<S>(inv_std, inv_std_name, channels, false),
+          affine_of<S>(gamma, beta, channels)};
+}
+
+}  // namespace
+
 void backward_into(const py::array& dy, const py::array& x, const py::array& dx, const std::vector<int>& axes,
                    const py::object& mean, const py::object& inv_std, const py::object& gamma, const py::object& beta,
                    bool relu, const py::object& dgamma, const py::object& dbeta, bool fixed_statistics) {
-  const ArrayArg xa = describe(x, "x", false);
-  const ArrayArg dya = describe(dy, "dy", false);
-  const ArrayArg dxa = describe(dx, "out", true);
-  check_like(dya, "dy", xa, "x");
-  check_like(dxa, "out", xa, "x");
-  const Geometry g{xa.shape, to_axes(axes)};
-  const index_t channels = extent(g).channels;
-  with_element(xa.element, [&](auto tag) {
+  const BackwardArgs a(dy, x, &dx, axes);
+  with_element(a.x.element, [&](auto tag) {
     using T = decltype(tag);
     using S = stat_t<T>;
-    const S* mu = channel_array<S>(mean, "stats.mean", channels, false);  // named as bn.backward takes them
-    const S* inv = channel_array<S>(inv_std, "stats.inv_std", channels, false);
-    const Affine<S> affine = affine_of<S>(gamma, beta, channels);
-    S* dg = channel_array<S>(dgamma, "dgamma", channels, true);
-    S* db = channel_array<S>(dbeta, "dbeta", channels, true);
+    // named as bn.backward takes them
+    const auto st = stats_args<S>(mean, inv_std, gamma, beta, a.channels, "stats.mean", "stats.inv_std");
+    S* dg = channel_array<S>(dgamma, "dgamma", a.channels, true);
+    S* db = channel_array<S>(dbeta, "dbeta", a.channels, true);
     py::gil_scoped_release nogil;
-    backward<T>(g, {static_cast<const T*>(dya.data), dya.strides}, {static_cast<const T*>(xa.data), xa.strides},
-                {static_cast<T*>(dxa.data), dxa.strides, "out"}, mu, inv, affine,
-                relu ? Activation::relu : Activation::none, dg, db,
-                fixed_statistics ? Statistics::fixed : Statistics::batch);
+    backward<T>(a.g, a.dy_in<T>(), a.x_in<T>(), a.dx_out<T>(), st.mean, st.inv_std, st.affine, activation_of(relu), dg,
+                db, statistics_of(fixed_statistics));
   });
 }
 
@@ -370,23 +411,14 @@ void register_functional(py::module_& m) {
       [](const py::array& dy, const py::array& x, const std::vector<int>& axes, const py::object& mean,
          const py::object& inv_std, const py::object& gamma, const py::object& beta, bool relu,
          const py::object& sum_dy, const py::object& sum_dy_xc) {
-        const ArrayArg xa = describe(x, "x", false);
-        const ArrayArg dya = describe(dy, "dy", false);
-        check_like(dya, "dy", xa, "x");
-        const Geometry g{xa.shape, to_axes(axes)};
-        const index_t channels = extent(g).channels;
-        double* s = channel_array<double>(sum_dy, "sum_dy", channels, true);
-        double* sx = channel_array<double>(sum_dy_xc, "sum_dy_xc", channels, true);
-        with_element(xa.element, [&](auto tag) {
+        const BackwardArgs a(dy, x, nullptr, axes);
+        double* s = channel_array<double>(sum_dy, "sum_dy", a.channels, true);
+        double* sx = channel_array<double>(sum_dy_xc, "sum_dy_xc", a.channels, true);
+        with_element(a.x.element, [&](auto tag) {
           using T = decltype(tag);
-          using S = stat_t<T>;
-          const S* mu = channel_array<S>(mean, "mean", channels, false);
-          const S* inv = channel_array<S>(inv_std, "inv_std", channels, false);
-          const Affine<S> affine = affine_of<S>(gamma, beta, channels);
+          const auto st = stats_args<stat_t<T>>(mean, inv_std, gamma, beta, a.channels, "mean", "inv_std");
           py::gil_scoped_release nogil;
-          backward_sums<T>(g, {static_cast<const T*>(dya.data), dya.strides},
-                           {static_cast<const T*>(xa.data), xa.strides}, mu, inv, affine,
-                           relu ? Activation::relu : Activation::none, s, sx);
+          backward_sums<T>(a.g, a.dy_in<T>(), a.x_in<T>(), st.mean, st.inv_std, st.affine, activation_of(relu), s, sx);
         });
       },
       py::arg("dy").noconvert(), py::arg("x").noconvert(), py::arg("axes"), py::arg("mean"), py::arg("inv_std"),
@@ -397,27 +429,15 @@ void register_functional(py::module_& m) {
       [](const py::array& dy, const py::array& x, const py::array& dx, const std::vector<int>& axes,
          const py::object& mean, const py::object& inv_std, const py::object& gamma, const py::object& beta, bool relu,
          const py::object& sum_dy, const py::object& sum_dy_xc, index_t count, bool fixed_statistics) {
-        const ArrayArg xa = describe(x, "x", false);
-        const ArrayArg dya = describe(dy, "dy", false);
-        const ArrayArg dxa = describe(dx, "out", true);
-        check_like(dya, "dy", xa, "x");
-        check_like(dxa, "out", xa, "x");
-        const Geometry g{xa.shape, to_axes(axes)};
-        const index_t channels = extent(g).channels;
-        const double* s = channel_array<double>(sum_dy, "sum_dy", channels, false);
-        const double* sx = channel_array<double>(sum_dy_xc, "sum_dy_xc", channels, false);
-        with_element(xa.element, [&](auto tag) {
+        const BackwardArgs a(dy, x, &dx, axes);
+        const double* s = channel_array<double>(sum_dy, "sum_dy", a.channels, false);
+        const double* sx = channel_array<double>(sum_dy_xc, "sum_dy_xc", a.channels, false);
+        with_element(a.x.element, [&](auto tag) {
           using T = decltype(tag);
-          using S = stat_t<T>;
-          const S* mu = channel_array<S>(mean, "mean", channels, false);
-          const S* inv = channel_array<S>(inv_std, "inv_std", channels, false);
-          const Affine<S> affine = affine_of<S>(gamma, beta, channels);
+          const auto st = stats_args<stat_t<T>>(mean, inv_std, gamma, beta, a.channels, "mean", "inv_std");
           py::gil_scoped_release nogil;
-          backward_apply<T>(g, {static_cast<const T*>(dya.data), dya.strides},
-                            {static_cast<const T*>(xa.data), xa.strides},
-                            {static_cast<T*>(dxa.data), dxa.strides, "out"}, mu, inv, affine,
-                            relu ? Activation::relu : Activation::none, s, sx, count,
-                            fixed_statistics ? Statistics::fixed : Statistics::batch);
+          backward_apply<T>(a.g, a.dy_in<T>(), a.x_in<T>(), a.dx_out<T>(), st.mean, st.inv_std, st.affine,
+                            activation_of(relu), s, sx, count, statistics_of(fixed_statistics));
         });
       },
       py::arg("dy").noconvert(), py::arg("x").noconvert(), py::arg("out").noconvert(), py::arg("axes"), py::arg("mean"),
