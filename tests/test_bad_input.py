@@ -342,24 +342,9 @@ for kind in ("keras", "keras-renorm", "keras-vbs", "keras-float16", "keras-sync"
     L = Layer(kind)
     row(f"{kind}/call-ndim-1", ValueError, r"expected ndim=2, found ndim=1", "__call__", L, X[0], training=True)
     row(f"{kind}/call-ndim-3", ValueError, r"expected ndim=2, found ndim=3", "__call__", L, X[None], training=True)
-    row(
-        f"{kind}/call-channels",
-        ValueError,
-        r"expected axis 1 of input shape to have value 3",
-        "__call__",
-        L,
-        np.ones((8, 4), np.float32),
-        training=True,
-    )
-    row(
-        f"{kind}/infer-channels",
-        ValueError,
-        r"expected axis 1 of input shape to have value 3",
-        "__call__",
-        L,
-        np.ones((8, 4), np.float32),
-        training=False,
-    )
+    for label, training in (("call", True), ("infer", False)):
+        row(f"{kind}/{label}-channels", ValueError, r"expected axis 1 of input shape to have value 3", "__call__", L,
+            np.ones((8, 4), np.float32), training=training)  # fmt: skip
     row(
         f"{kind}/call-complex",
         TypeError,

@@ -68,13 +68,25 @@ index_t moments(const Geometry& g, In<T> x, stat_t<T>* mean, stat_t<T>* variance
   return p.count;
 }
 
+namespace {
+
+// The plan of a pass from x to y, after the checks of epsilon and of y that normalize and
+// forward share.
+template <class T>
+Plan forward_plan(const Geometry& g, const In<T>& x, const Out<T>& y, double epsilon) {
+  check_epsilon(epsilon);
+  Plan p = make_plan(g, operand_strides({&x.strides, &y.strides}));
+  check_output(p, 1, y.name ? y.name : "y");
+  return p;
+}
+
+}  // namespace
+
 template <class T>
 void normalize(const Geometry& g, In<T> x, Out<T> y, const stat_t<T>* mean, const stat_t<T>* variance,
                Affine<stat_t<T>> affine, double epsilon, Activation activation, stat_t<T>* inv_std) {
   static_assert(is_element_v<T>, "unsupported element type");
-  check_epsilon(epsilon);
-  const Plan p = make_plan(g, operand_strides({&x.strides, &y.strides}));
-  check_output(p, 1, y.name ? y.name : "y");
+  const Plan p = forward_plan(g, x, y, epsilon);
   check_not_null(mean, "mean");
   check_not_null(variance, "variance");
   if (!empty(p)) {
@@ -97,9 +109,7 @@ template <class T>
 index_t forward(const Geometry& g, In<T> x, Out<T> y, Affine<stat_t<T>> affine, double epsilon, Activation activation,
                 stat_t<T>* mean, stat_t<T>* variance, stat_t<T>* inv_std) {
   static_assert(is_element_v<T>, "unsupported element type");
-  check_epsilon(epsilon);
-  const Plan p = make_plan(g, operand_strides({&x.strides, &y.strides}));
-  check_output(p, 1, y.name ? y.name : "y");
+  const Plan p = forward_plan(g, x, y, epsilon);
   check_batch(p, "training on");
   check_not_null(mean, "mean");
   check_not_null(variance, "variance");
