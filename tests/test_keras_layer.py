@@ -17,6 +17,7 @@ LAYER_CASES = case_names("layer")
 
 def test_golden_files_present():
     assert len(LAYER_CASES) >= 40
+    assert len(case_names("optimizer")) >= 9  # the optimizers' cases (tests/test_optimizers.py)
 
 
 # --------------------------------------------------------------------------- golden

@@ -29,16 +29,16 @@ INIT_NAMES = {
 }
 
 
+def keras_form(family: str, class_name: str, config: dict) -> dict:
+    """How tf-keras serializes an initializer, regularizer or constraint."""
+    return {"module": f"keras.{family}", "class_name": class_name, "config": config, "registered_name": None}
+
+
 @pytest.mark.parametrize("name", sorted(INIT_NAMES))
 def test_initializer_names_serialize_like_tf_keras(name):
     class_name, config = INIT_NAMES[name]
     init = bn.initializers.get(name)
-    assert bn.initializers.serialize(init) == {
-        "module": "keras.initializers",
-        "class_name": class_name,
-        "config": config,
-        "registered_name": None,
-    }
+    assert bn.initializers.serialize(init) == keras_form("initializers", class_name, config)
     again = bn.initializers.get(bn.initializers.serialize(init))
     assert type(again) is type(init)
     assert again.get_config() == init.get_config()
@@ -99,12 +99,9 @@ def test_regularizers():
     assert both(w) == pytest.approx(np.float32(0.01) * 3 + np.float32(0.01) * 5)
     np.testing.assert_allclose(both.gradient(w), np.float32(0.01) * np.sign(w) + 2 * np.float32(0.01) * w)
     assert bn.regularizers.L1L2()(w) == 0.0
-    assert bn.regularizers.serialize(both) == {
-        "module": "keras.regularizers",
-        "class_name": "L1L2",
-        "config": {"l1": 0.009999999776482582, "l2": 0.009999999776482582},
-        "registered_name": None,
-    }
+    assert bn.regularizers.serialize(both) == keras_form(
+        "regularizers", "L1L2", {"l1": 0.009999999776482582, "l2": 0.009999999776482582}
+    )
     assert bn.regularizers.get({"class_name": "L1", "config": {"l1": 0.25}}).l1 == 0.25
     with pytest.raises(ValueError, match="l1"):
         bn.regularizers.L1(-1.0)
@@ -126,12 +123,7 @@ def test_constraints():
         ("non_neg", "NonNeg", {}),
     ]:
         c = bn.constraints.get(name)
-        assert bn.constraints.serialize(c) == {
-            "module": "keras.constraints",
-            "class_name": class_name,
-            "config": config,
-            "registered_name": None,
-        }
+        assert bn.constraints.serialize(c) == keras_form("constraints", class_name, config)
     assert bn.constraints.get(None) is None
     f = np.abs
     assert bn.constraints.get(f) is f

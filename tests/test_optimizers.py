@@ -11,10 +11,6 @@ from keras_golden import assert_close, case_names, load, weight_list
 OPTIMIZER_CASES = case_names("optimizer")
 
 
-def test_golden_files_present():
-    assert len(OPTIMIZER_CASES) >= 9
-
-
 @pytest.mark.parametrize("name", OPTIMIZER_CASES)
 def test_matches_tf_keras(name):
     meta, arrays = load(name)
