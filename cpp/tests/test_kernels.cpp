@@ -99,8 +99,8 @@ TEST(KernelTables, EverySupportedIsaHasTables) {
     ASSERT_NE(t, nullptr) << isa;
     EXPECT_EQ(std::string(t->isa), isa);
     for (const auto* f :
-         {reinterpret_cast<const void*>(t->f32.reduce1_run), reinterpret_cast<const void*>(t->f16.affine2_rows),
-          reinterpret_cast<const void*>(t->bf16.reduce2_rows), reinterpret_cast<const void*>(t->f64.affine1_run)})
+         {reinterpret_cast<const void*>(t->f32.reduce1_runs), reinterpret_cast<const void*>(t->f16.affine2_rows),
+          reinterpret_cast<const void*>(t->bf16.reduce2_rows), reinterpret_cast<const void*>(t->f64.affine1_runs)})
       EXPECT_NE(f, nullptr) << isa;
   }
   EXPECT_EQ(tables_for("no-such-isa"), nullptr);
@@ -145,7 +145,7 @@ TYPED_TEST(Kernels, Reduce1Run) {
         }
         Coefs<C> k;
         k.m = &m;
-        kt.reduce1_run({x.data(), stride}, n, k, &s, &ss, 0);
+        kt.reduce1_runs({x.data(), stride}, {n}, k, &s, &ss, 0);
         EXPECT_NEAR(s, want_s, 1e-13 * scale);
         EXPECT_NEAR(ss, want_ss, 1e-13 * scale);
       }
@@ -169,7 +169,7 @@ TYPED_TEST(Kernels, Affine1Run) {
             Buffer<T> y({n}, {ystride});
             Coefs<C> k;
             k.a = &a, k.m = &m, k.b = &b;
-            kt.affine1_run({x.data(), stride}, {y.data(), ystride}, n, k, relu, false);
+            kt.affine1_runs({x.data(), stride}, {y.data(), ystride}, {n}, k, relu, false);
             std::vector<double> want;
             double scale = 0;
             for (const T& xi : v) {
@@ -197,7 +197,7 @@ TYPED_TEST(Kernels, Affine1RunInPlace) {
         auto x = this->run_buffer(n, stride, v);
         Coefs<C> k;
         k.a = &a, k.m = &m, k.b = &b;
-        table<T>(isa).affine1_run({x.data(), stride}, {x.data(), stride}, n, k, true, false);
+        table<T>(isa).affine1_runs({x.data(), stride}, {x.data(), stride}, {n}, k, true, false);
         std::vector<double> want;
         for (const T& xi : v) want.push_back(std::max(1.5 * (to_d(xi) - 0.5) - 0.25, 0.0));
         EXPECT_TRUE(bntest::all_close_rounded(x.values(), want, 64 * this->uC));
@@ -230,7 +230,7 @@ TYPED_TEST(Kernels, Reduce2Run) {
           }
           Coefs<C> k;
           k.a = &a, k.m = &m, k.b = &b;
-          kt.reduce2_run({dy.data(), dstride}, {x.data(), stride}, n, k, relu, &s, &ss, 0);
+          kt.reduce2_runs({x.data(), stride}, {dy.data(), dstride}, {n}, k, relu, &s, &ss, 0);
           EXPECT_NEAR(s, want_s, 1e-13 * scale);
           EXPECT_NEAR(ss, want_ss, 1e-13 * scale);
         }
@@ -257,7 +257,7 @@ TYPED_TEST(Kernels, Affine2Run) {
           Buffer<T> dx({n}, {ostride});
           Coefs<C> k;
           k.a = &a, k.m = &m, k.b = &b, k.k1 = &k1, k.k2 = &k2, k.k3 = &k3;
-          kt.affine2_run({dy.data(), dstride}, {x.data(), stride}, {dx.data(), ostride}, n, k, relu, false);
+          kt.affine2_runs({x.data(), stride}, {dy.data(), dstride}, {dx.data(), ostride}, {n}, k, relu, false);
           std::vector<double> want;
           double scale = 0;
           for (std::size_t i = 0; i < xv.size(); ++i) {
@@ -289,7 +289,7 @@ TYPED_TEST(Kernels, Affine2RunInPlaceOverDy) {
       auto dy = this->run_buffer(n, stride, dv);
       Coefs<C> k;
       k.a = &a, k.m = &m, k.b = &b, k.k1 = &k1, k.k2 = &k2, k.k3 = &k3;
-      table<T>(isa).affine2_run({dy.data(), stride}, {x.data(), stride}, {dy.data(), stride}, n, k, true, false);
+      table<T>(isa).affine2_runs({x.data(), stride}, {dy.data(), stride}, {dy.data(), stride}, {n}, k, true, false);
       std::vector<double> want;
       for (std::size_t i = 0; i < xv.size(); ++i) {
         const double g = to_d(xv[i]) > 0 ? to_d(dv[i]) : 0.0;
@@ -363,7 +363,7 @@ TYPED_TEST(Kernels, RowsKernels) {
             }
 
             kt.reduce1_rows({x.data(), rs}, rows, channels, k.coefs(), s1.data(), ss1.data());
-            kt.reduce2_rows({dy.data(), ds}, {x.data(), rs}, rows, channels, k.coefs(), relu, s2.data(), ss2.data());
+            kt.reduce2_rows({x.data(), rs}, {dy.data(), ds}, rows, channels, k.coefs(), relu, s2.data(), ss2.data());
             for (std::size_t c = 0; c < nc; ++c) {
               ASSERT_NEAR(s1[c], want_s1[c], 1e-13 * sc1[c]) << "reduce1 s, channel " << c;
               ASSERT_NEAR(ss1[c], want_ss1[c], 1e-13 * sc1[c]) << "reduce1 ss, channel " << c;
@@ -377,7 +377,7 @@ TYPED_TEST(Kernels, RowsKernels) {
             EXPECT_TRUE(y.gaps_intact()) << "affine1_rows wrote outside y";
 
             Buffer<T> dx({rows, channels}, {rs, 1});
-            kt.affine2_rows({dy.data(), ds}, {x.data(), rs}, {dx.data(), rs}, rows, channels, k.coefs(), relu, false);
+            kt.affine2_rows({x.data(), rs}, {dy.data(), ds}, {dx.data(), rs}, rows, channels, k.coefs(), relu, false);
             EXPECT_TRUE(bntest::all_close_rounded(dx.values(), want_dx, 6 * this->uC * dxscale)) << "affine2_rows";
             EXPECT_TRUE(dx.gaps_intact()) << "affine2_rows wrote outside dx";
             EXPECT_TRUE(bntest::bitwise_equal(x.values(), xv)) << "x changed";
@@ -432,10 +432,10 @@ TYPED_TEST(Kernels, WideRowGroupsEqualRowByRow) {
                   kt.affine1_rows({x.data() + r * stride, stride}, {single + r * stride, stride}, 1, channels,
                                   k.coefs(), relu, stream);
                 EXPECT_EQ(bits(grouped, span), bits(single, span)) << "affine1_rows";
-                kt.affine2_rows({dy.data(), stride}, {x.data(), stride}, {grouped, stride}, rows, channels, k.coefs(),
+                kt.affine2_rows({x.data(), stride}, {dy.data(), stride}, {grouped, stride}, rows, channels, k.coefs(),
                                 relu, stream);
                 for (index_t r = 0; r < rows; ++r)
-                  kt.affine2_rows({dy.data() + r * stride, stride}, {x.data() + r * stride, stride},
+                  kt.affine2_rows({x.data() + r * stride, stride}, {dy.data() + r * stride, stride},
                                   {single + r * stride, stride}, 1, channels, k.coefs(), relu, stream);
                 EXPECT_EQ(bits(grouped, span), bits(single, span)) << "affine2_rows";
                 // Nothing written before the first value or in the padding after a row.
@@ -480,10 +480,10 @@ TYPED_TEST(Kernels, ZeroLengthIsANoOp) {
     const Coefs<C> k{&one, &one, &one, &one, &one, &one};
     T sentinel = from_d<T>(7.0);
     double s = 3, ss = 4;
-    kt.reduce1_run({&sentinel, 1}, 0, k, &s, &ss, 0);
-    kt.reduce2_run({&sentinel, 1}, {&sentinel, 1}, 0, k, true, &s, &ss, 0);
-    kt.affine1_run({&sentinel, 1}, {&sentinel, 1}, 0, k, true, false);
-    kt.affine2_run({&sentinel, 1}, {&sentinel, 1}, {&sentinel, 1}, 0, k, false, false);
+    kt.reduce1_runs({&sentinel, 1}, {0}, k, &s, &ss, 0);
+    kt.reduce2_runs({&sentinel, 1}, {&sentinel, 1}, {0}, k, true, &s, &ss, 0);
+    kt.affine1_runs({&sentinel, 1}, {&sentinel, 1}, {0}, k, true, false);
+    kt.affine2_runs({&sentinel, 1}, {&sentinel, 1}, {&sentinel, 1}, {0}, k, false, false);
     kt.reduce1_rows({&sentinel, 1}, 0, 1, k, &s, &ss);
     kt.affine1_rows({&sentinel, 1}, {&sentinel, 1}, 0, 1, k, false, false);
     kt.reduce1_rows({&sentinel, 1}, 5, 0, k, &s, &ss);
@@ -538,9 +538,9 @@ void check_output_rounding() {
           Buffer<T> x({n}, {stride});
           x.set(xv);
           Buffer<T> y({n}, {stride}), dx({n}, {stride});
-          kt.affine1_run({x.data(), stride}, {y.data(), stride}, n, k, false, false);
+          kt.affine1_runs({x.data(), stride}, {y.data(), stride}, {n}, k, false, false);
           EXPECT_EQ(bits(y.values()), want) << "affine1_run";
-          kt.affine2_run({x.data(), stride}, {x.data(), stride}, {dx.data(), stride}, n, k, false, false);
+          kt.affine2_runs({x.data(), stride}, {x.data(), stride}, {dx.data(), stride}, {n}, k, false, false);
           EXPECT_EQ(bits(dx.values()), want) << "affine2_run";
           if (stride != 1) continue;
           Buffer<T> yr({1, n}, {n, 1}), dxr({1, n}, {n, 1});
@@ -568,11 +568,11 @@ TYPED_TEST(Kernels, Reduce2WithoutReluNeedsNoActivationCoefs) {
     Coefs<C> k;
     k.m = m.data();  // a, b: null
     double s = 0, ss = 0;
-    kt.reduce2_run({dy.data(), 1}, {x.data(), 1}, 6, k, false, &s, &ss, 0);
+    kt.reduce2_runs({x.data(), 1}, {dy.data(), 1}, {6}, k, false, &s, &ss, 0);
     EXPECT_EQ(s, 3.0);
     EXPECT_EQ(ss, 3.0);
     std::vector<double> sr(3, 0.0), ssr(3, 0.0);
-    kt.reduce2_rows({dy.data(), 3}, {x.data(), 3}, 2, 3, k, false, sr.data(), ssr.data());
+    kt.reduce2_rows({x.data(), 3}, {dy.data(), 3}, 2, 3, k, false, sr.data(), ssr.data());
     EXPECT_EQ(sr, std::vector<double>(3, 1.0));
     EXPECT_EQ(ssr, std::vector<double>(3, 1.0));
   }
@@ -608,19 +608,20 @@ TYPED_TEST(Kernels, StreamedOutputEqualsOrdinaryOutput) {
           SCOPED_TRACE(::testing::Message() << isa << " n " << len << " offset " << shift << " relu " << relu);
           const KernelTable<T>& kt = table<T>(isa);
           std::vector<T> plain(x.size()), streamed(x.size());
-          kt.affine1_run({x.data() + shift, 1}, {plain.data() + shift, 1}, len, k, relu, false);
-          kt.affine1_run({x.data() + shift, 1}, {streamed.data() + shift, 1}, len, k, relu, true);
+          kt.affine1_runs({x.data() + shift, 1}, {plain.data() + shift, 1}, {len}, k, relu, false);
+          kt.affine1_runs({x.data() + shift, 1}, {streamed.data() + shift, 1}, {len}, k, relu, true);
           EXPECT_EQ(bits(plain), bits(streamed)) << "affine1_run";
-          kt.affine2_run({dy.data() + shift, 1}, {x.data() + shift, 1}, {plain.data() + shift, 1}, len, k, relu, false);
-          kt.affine2_run({dy.data() + shift, 1}, {x.data() + shift, 1}, {streamed.data() + shift, 1}, len, k, relu,
-                         true);
+          kt.affine2_runs({x.data() + shift, 1}, {dy.data() + shift, 1}, {plain.data() + shift, 1}, {len}, k, relu,
+                          false);
+          kt.affine2_runs({x.data() + shift, 1}, {dy.data() + shift, 1}, {streamed.data() + shift, 1}, {len}, k, relu,
+                          true);
           EXPECT_EQ(bits(plain), bits(streamed)) << "affine2_run";
           kt.affine1_rows({x.data() + shift, len}, {plain.data() + shift, len}, 1, len, k, relu, false);
           kt.affine1_rows({x.data() + shift, len}, {streamed.data() + shift, len}, 1, len, k, relu, true);
           EXPECT_EQ(bits(plain), bits(streamed)) << "affine1_rows";
-          kt.affine2_rows({dy.data() + shift, len}, {x.data() + shift, len}, {plain.data() + shift, len}, 1, len, k,
+          kt.affine2_rows({x.data() + shift, len}, {dy.data() + shift, len}, {plain.data() + shift, len}, 1, len, k,
                           relu, false);
-          kt.affine2_rows({dy.data() + shift, len}, {x.data() + shift, len}, {streamed.data() + shift, len}, 1, len, k,
+          kt.affine2_rows({x.data() + shift, len}, {dy.data() + shift, len}, {streamed.data() + shift, len}, 1, len, k,
                           relu, true);
           EXPECT_EQ(bits(plain), bits(streamed)) << "affine2_rows";
           // Four rows in one stretch, of a quarter of len's whole vectors each: the channel of
@@ -630,9 +631,9 @@ TYPED_TEST(Kernels, StreamedOutputEqualsOrdinaryOutput) {
           kt.affine1_rows({x.data() + shift, ch}, {plain.data() + shift, ch}, rows, ch, k, relu, false);
           kt.affine1_rows({x.data() + shift, ch}, {streamed.data() + shift, ch}, rows, ch, k, relu, true);
           EXPECT_EQ(bits(plain), bits(streamed)) << "affine1_rows, " << rows << " rows of " << ch;
-          kt.affine2_rows({dy.data() + shift, ch}, {x.data() + shift, ch}, {plain.data() + shift, ch}, rows, ch, k,
+          kt.affine2_rows({x.data() + shift, ch}, {dy.data() + shift, ch}, {plain.data() + shift, ch}, rows, ch, k,
                           relu, false);
-          kt.affine2_rows({dy.data() + shift, ch}, {x.data() + shift, ch}, {streamed.data() + shift, ch}, rows, ch, k,
+          kt.affine2_rows({x.data() + shift, ch}, {dy.data() + shift, ch}, {streamed.data() + shift, ch}, rows, ch, k,
                           relu, true);
           EXPECT_EQ(bits(plain), bits(streamed)) << "affine2_rows, " << rows << " rows of " << ch;
         }
