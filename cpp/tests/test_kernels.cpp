@@ -24,6 +24,7 @@ using batchnorm::index_t;
 using batchnorm::detail::Coefs;
 using batchnorm::detail::compute_t;
 using batchnorm::detail::KernelTable;
+using batchnorm::detail::RunShape;
 using batchnorm::detail::Strided;
 using batchnorm::detail::Tables;
 using batchnorm::detail::tables_for;
@@ -297,6 +298,97 @@ TYPED_TEST(Kernels, Affine2RunInPlaceOverDy) {
       }
       EXPECT_TRUE(bntest::all_close_rounded(dy.values(), want, 64 * this->uC));
     }
+}
+
+// ---- many runs per call: run j of channel j*step, any element and run strides -----------
+
+// All four runs kernels over `count` runs at once, for step 0 (one channel: the sums carried
+// across its runs) and step 1 (a channel per run), contiguous runs (the direct bodies) and
+// strided ones (the general loops), against plain loops in double; the elementwise outputs
+// of contiguous and strided runs must be the same bits.
+TYPED_TEST(Kernels, ManyRunsPerCall) {
+  using T = TypeParam;
+  using C = compute_t<T>;
+  struct Layout {
+    index_t stride, gap;  // element stride; run stride = sign(gap) * (n * |stride| + |gap|)
+  };
+  const Layout layouts[] = {{1, 0}, {1, 7}, {1, -5}, {3, 2}, {-2, -1}};
+  for (const auto& isa : isas()) {
+    const KernelTable<T>& kt = table<T>(isa);
+    for (index_t n : {index_t{1}, index_t{15}, index_t{17}, index_t{49}, index_t{513}})
+      for (index_t count : {index_t{1}, index_t{3}, index_t{5}})
+        for (index_t step : {index_t{0}, index_t{1}})
+          for (bool relu : {false, true}) {
+            const auto nc = static_cast<std::size_t>(step ? count : 1);
+            std::vector<C> a(nc), m(nc), b(nc), k1(nc), k2(nc), k3(nc);
+            for (std::size_t c = 0; c < nc; ++c) {
+              a[c] = static_cast<C>(c % 2 ? -0.75 : 1.25), m[c] = static_cast<C>(1.5 + 0.25 * static_cast<double>(c));
+              b[c] = static_cast<C>(0.125), k1[c] = static_cast<C>(0.8), k2[c] = static_cast<C>(-0.3);
+              k3[c] = static_cast<C>(0.05 * static_cast<double>(c));
+            }
+            const Coefs<C> k{a.data(), m.data(), b.data(), k1.data(), k2.data(), k3.data()};
+            // Values in C order (run j, element i), each run around its channel's m, off the ReLU kink.
+            std::vector<T> xv, dv = bntest::normal<T>(static_cast<std::size_t>(count * n), 0.2, 1.0, this->rng);
+            for (index_t j = 0; j < count; ++j) {
+              const auto c = static_cast<std::size_t>(j * step);
+              const auto run = this->channel_values(n, static_cast<double>(m[c]), static_cast<double>(a[c]),
+                                                    static_cast<double>(m[c]), static_cast<double>(b[c]));
+              xv.insert(xv.end(), run.begin(), run.end());
+            }
+            // Expected sums and outputs in double.
+            std::vector<double> want_s1(nc, 0.5), want_ss1(nc, -0.25), want_s2(nc, 1.0), want_ss2(nc, 2.0),
+                scale1(nc, 1), scale2(nc, 1), want_y, want_dx;
+            double yscale = 0, dxscale = 0;
+            for (std::size_t e = 0; e < xv.size(); ++e) {
+              const std::size_t c = e / static_cast<std::size_t>(n) * static_cast<std::size_t>(step);
+              const double d = to_d(xv[e]) - static_cast<double>(m[c]);
+              const double t = static_cast<double>(a[c]) * d, z = t + static_cast<double>(b[c]);
+              const double g = relu && !(z > 0) ? 0.0 : to_d(dv[e]);
+              want_s1[c] += d, want_ss1[c] += d * d, scale1[c] += std::fabs(d) + d * d;
+              want_s2[c] += g, want_ss2[c] += g * d, scale2[c] += std::fabs(g) * (1 + std::fabs(d));
+              want_y.push_back(relu ? std::max(z, 0.0) : z);
+              yscale = std::max(yscale, std::fabs(t) + std::fabs(static_cast<double>(b[c])));
+              const double u1 = static_cast<double>(k1[c]) * g, u2 = static_cast<double>(k2[c]) * d;
+              want_dx.push_back(u1 + u2 + static_cast<double>(k3[c]));
+              dxscale = std::max(dxscale, std::fabs(u1) + std::fabs(u2) + std::fabs(static_cast<double>(k3[c])));
+            }
+            std::vector<T> first_y, first_dx;  // of the first layout, for the bitwise comparison
+            for (const Layout& l : layouts) {
+              const index_t run_stride = (l.gap < 0 ? -1 : 1) * (n * std::abs(l.stride) + std::abs(l.gap));
+              SCOPED_TRACE(::testing::Message()
+                           << isa << " n=" << n << " count=" << count << " step=" << step << " relu=" << relu
+                           << " stride=" << l.stride << " run stride=" << run_stride);
+              Buffer<T> x({count, n}, {run_stride, l.stride}), dy({count, n}, {run_stride, l.stride});
+              Buffer<T> y({count, n}, {run_stride, l.stride}), dx({count, n}, {run_stride, l.stride});
+              x.set(xv), dy.set(dv);
+              const RunShape shape{n, count, step};
+              std::vector<double> s1(nc, 0.5), ss1(nc, -0.25), s2(nc, 1.0), ss2(nc, 2.0);
+              kt.reduce1_runs({x.data(), l.stride, run_stride}, shape, k, s1.data(), ss1.data(), 0);
+              kt.reduce2_runs({x.data(), l.stride, run_stride}, {dy.data(), l.stride, run_stride}, shape, k, relu,
+                              s2.data(), ss2.data(), 0);
+              for (std::size_t c = 0; c < nc; ++c) {
+                EXPECT_NEAR(s1[c], want_s1[c], 1e-13 * scale1[c]) << "reduce1 s, channel " << c;
+                EXPECT_NEAR(ss1[c], want_ss1[c], 1e-13 * scale1[c]) << "reduce1 ss, channel " << c;
+                EXPECT_NEAR(s2[c], want_s2[c], 1e-13 * scale2[c]) << "reduce2 s, channel " << c;
+                EXPECT_NEAR(ss2[c], want_ss2[c], 1e-13 * scale2[c]) << "reduce2 ss, channel " << c;
+              }
+              kt.affine1_runs({x.data(), l.stride, run_stride}, {y.data(), l.stride, run_stride}, shape, k, relu,
+                              false);
+              kt.affine2_runs({x.data(), l.stride, run_stride}, {dy.data(), l.stride, run_stride},
+                              {dx.data(), l.stride, run_stride}, shape, k, relu, false);
+              EXPECT_TRUE(bntest::all_close_rounded(y.values(), want_y, 4 * this->uC * yscale)) << "affine1_runs";
+              EXPECT_TRUE(bntest::all_close_rounded(dx.values(), want_dx, 6 * this->uC * dxscale)) << "affine2_runs";
+              EXPECT_TRUE(y.gaps_intact()) << "affine1_runs wrote outside y";
+              EXPECT_TRUE(dx.gaps_intact()) << "affine2_runs wrote outside dx";
+              if (first_y.empty()) {
+                first_y = y.values(), first_dx = dx.values();
+              } else {
+                EXPECT_TRUE(bntest::bitwise_equal(y.values(), first_y)) << "affine1_runs: another layout, other bits";
+                EXPECT_TRUE(bntest::bitwise_equal(dx.values(), first_dx)) << "affine2_runs: another layout, other bits";
+              }
+            }
+          }
+  }
 }
 
 // ---- rows kernels (channels_last): rows of `channels` contiguous values -------------------
