@@ -17,9 +17,11 @@
 //   this file        the table
 //
 // A new kernel, e.g. a reduction weighted by a mask read beside x: its run body and its
-// rows and runs forms in reduce-inl.hpp (the runs form is the body handed to reduce_runs
-// with the inputs x and mask), a KernelTable entry in kernels.hpp and its address below;
-// then the schedule calls it.
+// rows and runs forms go in reduce-inl.hpp (the runs form hands the body and the inputs x
+// and mask to reduce_runs, which walks the runs and picks direct or general loops), its
+// KernelTable entry in kernels.hpp and its address in make_table below; the schedule
+// then calls it. (A mask of another element type than x's also needs its loads in
+// simd-inl.hpp, as any new element type does.)
 
 #include "simd-inl.hpp"
 

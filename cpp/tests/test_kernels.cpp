@@ -126,7 +126,7 @@ TEST(KernelTables, EverySupportedIsaHasTables) {
   }
 }
 
-// ---- run kernels (channels_first / strided): one channel, n values, any stride ------------
+// ---- runs kernels, one run (channels_first / strided): n values of one channel, any stride --
 
 TYPED_TEST(Kernels, Reduce1Run) {
   using T = TypeParam;
