@@ -1,19 +1,21 @@
-// The four per-channel kernels (SPEC §2), as a table of function pointers per element
-// type. kernels-inl.hpp is compiled once per instruction set (kernels_<isa>.cpp), each
-// time in its own namespace inside a target region; dispatch.cpp picks one table at run
-// time. The kernels are single-threaded; functional.cpp partitions the work.
+// The four per-channel kernels, as a table of function pointers per element type.
+// kernels-inl.hpp is compiled once per instruction set (kernels_<isa>.cpp), each time in
+// its own namespace inside a target region; dispatch.cpp picks one table at run time. The
+// kernels are single-threaded; the schedule partitions the work.
 //
-// Two shapes of work item:
+// Each kernel has two forms:
 //   rows: `rows` rows of `channels` contiguous values (channels_last), row strides given;
 //         per-channel coefficients and accumulators are arrays indexed by channel.
-//   run:  `n` values of one channel, with a stride (channels_first / strided);
-//         coefficients point at that channel's entry, accumulators at a local pair.
+//   runs: `count` runs of `n` values (channels_first / strided), each operand with its own
+//         element stride and distance between runs; run j uses the coefficients and
+//         accumulators of channel j*step. A single run is count 1.
+// Operands come in the plan's order: x, y for the forward passes, x, dy, dx for backward.
 //
 // Coefficients are in the compute type (float for float and the 16-bit types, double for
 // double). `stream` asks the elementwise passes to write contiguous output with
 // non-temporal stores (no read-for-ownership of the output's cache lines, and no eviction
-// of useful data), for outputs too large to stay in cache. Every affine pass computes z = a*(x - m) + b: m is the mean
-// in the compute type, so x - m loses nothing for data far from zero. Accumulators are double.
+// of useful data), for outputs too large to stay in cache. Every affine pass computes
+// z = a*(x - m) + b with m the mean in the compute type. Accumulators are double.
 #pragma once
 
 #include <string>
@@ -41,19 +43,36 @@ struct Coefs {
   const C* k3 = nullptr;
 };
 
-/// Pointers with a stride (rows: the row stride; run: the element stride).
+/// A rows operand: row r at p + r*stride, its channels contiguous.
 template <class T>
 struct Strided {
   T* p;
   index_t stride;
 };
 
+/// A runs operand: value i of run j at p[j*run_stride + i*stride].
+template <class T>
+struct RunArray {
+  T* p;
+  index_t stride;
+  index_t run_stride = 0;
+};
+
+/// `count` runs of `n` values; run j uses the coefficients and accumulators of channel
+/// j*step: step 0 for the runs of one channel (sums carried across them), step 1 for
+/// consecutive channels.
+struct RunShape {
+  index_t n;
+  index_t count = 1;
+  index_t step = 0;
+};
+
 /// How an elementwise pass writes its output, and what it prefetches meanwhile.
 ///   stream: non-temporal stores for contiguous output (see above).
-///   ahead:  run kernels only: while computing element i, prefetch element i + ahead of
-///           each input (x, and dy in affine-2) into cache, for the pass that reads there
-///           next (the channel-block schedule's next channel); 0 prefetches nothing.
-///           The reduce run kernels take the same distance as their last argument.
+///   ahead:  runs only: while computing element i, prefetch element i + ahead of each
+///           input (x, and dy in affine-2) into cache, for the pass that reads there next
+///           (the channel-block schedule's next channel); 0 prefetches nothing. The reduce
+///           runs kernels take the same distance as their last argument.
 struct Output {
   bool stream = false;
   index_t ahead = 0;
@@ -64,29 +83,20 @@ template <class T>
 struct KernelTable {
   using C = compute_t<T>;
   void (*reduce1_rows)(Strided<const T> x, index_t rows, index_t channels, Coefs<C> k, double* s, double* ss);
-  void (*reduce1_run)(Strided<const T> x, index_t n, Coefs<C> k, double* s, double* ss, index_t ahead);
+  void (*reduce1_runs)(const RunArray<const T>& x, const RunShape& shape, Coefs<C> k, double* s, double* ss,
+                       index_t ahead);
   void (*affine1_rows)(Strided<const T> x, Strided<T> y, index_t rows, index_t channels, Coefs<C> k, bool relu,
                        bool stream);
-  void (*affine1_run)(Strided<const T> x, Strided<T> y, index_t n, Coefs<C> k, bool relu, Output out);
-  void (*reduce2_rows)(Strided<const T> dy, Strided<const T> x, index_t rows, index_t channels, Coefs<C> k, bool relu,
-                       double* s, double* ss);
-  void (*reduce2_run)(Strided<const T> dy, Strided<const T> x, index_t n, Coefs<C> k, bool relu, double* s, double* ss,
-                      index_t ahead);
-  void (*affine2_rows)(Strided<const T> dy, Strided<const T> x, Strided<T> dx, index_t rows, index_t channels,
-                       Coefs<C> k, bool relu, bool stream);
-  void (*affine2_run)(Strided<const T> dy, Strided<const T> x, Strided<T> dx, index_t n, Coefs<C> k, bool relu,
-                      Output out);
-  // Many runs per call (each a contiguous stretch of n values; `stride` of a Strided is the
-  // distance between runs): run j uses channel j*step's coefficients and accumulators, so
-  // step 0 sums all runs into one channel and step 1 walks consecutive channels.
-  void (*reduce1_runs)(Strided<const T> x, index_t n, index_t count, index_t step, Coefs<C> k, double* s, double* ss,
-                       index_t ahead);
-  void (*affine1_runs)(Strided<const T> x, Strided<T> y, index_t n, index_t count, index_t step, Coefs<C> k, bool relu,
+  void (*affine1_runs)(const RunArray<const T>& x, const RunArray<T>& y, const RunShape& shape, Coefs<C> k, bool relu,
                        Output out);
-  void (*reduce2_runs)(Strided<const T> dy, Strided<const T> x, index_t n, index_t count, index_t step, Coefs<C> k,
+  void (*reduce2_rows)(Strided<const T> x, Strided<const T> dy, index_t rows, index_t channels, Coefs<C> k, bool relu,
+                       double* s, double* ss);
+  void (*reduce2_runs)(const RunArray<const T>& x, const RunArray<const T>& dy, const RunShape& shape, Coefs<C> k,
                        bool relu, double* s, double* ss, index_t ahead);
-  void (*affine2_runs)(Strided<const T> dy, Strided<const T> x, Strided<T> dx, index_t n, index_t count, index_t step,
-                       Coefs<C> k, bool relu, Output out);
+  void (*affine2_rows)(Strided<const T> x, Strided<const T> dy, Strided<T> dx, index_t rows, index_t channels,
+                       Coefs<C> k, bool relu, bool stream);
+  void (*affine2_runs)(const RunArray<const T>& x, const RunArray<const T>& dy, const RunArray<T>& dx,
+                       const RunShape& shape, Coefs<C> k, bool relu, Output out);
 };
 
 struct Tables {

@@ -13,9 +13,9 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <array>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #define BATCHNORM_KERNEL_ISA "avx512"

@@ -1,9 +1,9 @@
 // The kernels compiled for the baseline of the target architecture (x86-64: SSE2),
 // always present and last in the dispatch order.
 #include <algorithm>
-#include <array>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "kernels.hpp"

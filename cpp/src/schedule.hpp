@@ -19,6 +19,8 @@
 namespace batchnorm::detail {
 
 using Offsets = std::array<index_t, kMaxOperands>;
+// Operand numbers, in the plan's order: x, y for the forward passes, x, dy, dx for backward.
+constexpr int kX = 0, kY = 1, kDy = 1, kDx = 2;
 
 // Calls rows(offsets, nrows, row_strides) for rows [begin, end) of a channels_last plan.
 template <class F>
@@ -130,44 +132,18 @@ void for_run_groups(const Plan& p, const Runs& r, bool outer_major, index_t begi
   }
 }
 
-// One group through the kernels: the runs kernels take contiguous runs, the run kernels
-// one run of any stride.
-template <class T>
-void reduce1_group(const KernelTable<T>& kt, const RunGroup& g, const T* x, const Coefs<compute_t<T>>& k, double* s,
-                   double* ss, index_t ahead) {
-  if (g.elem[0] == 1)
-    kt.reduce1_runs({x + g.offsets[0], g.stride[0]}, g.length, g.count, g.step, k, s, ss, ahead);
-  else
-    kt.reduce1_run({x + g.offsets[0], g.elem[0]}, g.length, k, s, ss, ahead);
+// The kernels' arguments for operand op of a group of rows or runs (the plan's order).
+template <class P>
+Strided<P> rows_array(P* base, const Offsets& offsets, const Offsets& row_strides, int op) {
+  const auto o = static_cast<std::size_t>(op);
+  return {base + offsets[o], row_strides[o]};
 }
-template <class T>
-void affine1_group(const KernelTable<T>& kt, const RunGroup& g, const T* x, T* y, const Coefs<compute_t<T>>& k,
-                   bool relu, Output out) {
-  if (g.elem[0] == 1 && g.elem[1] == 1)
-    kt.affine1_runs({x + g.offsets[0], g.stride[0]}, {y + g.offsets[1], g.stride[1]}, g.length, g.count, g.step, k,
-                    relu, out);
-  else
-    kt.affine1_run({x + g.offsets[0], g.elem[0]}, {y + g.offsets[1], g.elem[1]}, g.length, k, relu, out);
+template <class P>
+RunArray<P> run_array(P* base, const RunGroup& g, int op) {
+  const auto o = static_cast<std::size_t>(op);
+  return {base + g.offsets[o], g.elem[o], g.stride[o]};
 }
-template <class T>
-void reduce2_group(const KernelTable<T>& kt, const RunGroup& g, const T* dy, const T* x, const Coefs<compute_t<T>>& k,
-                   bool relu, double* s, double* ss, index_t ahead) {
-  if (g.elem[0] == 1 && g.elem[1] == 1)
-    kt.reduce2_runs({dy + g.offsets[1], g.stride[1]}, {x + g.offsets[0], g.stride[0]}, g.length, g.count, g.step, k,
-                    relu, s, ss, ahead);
-  else
-    kt.reduce2_run({dy + g.offsets[1], g.elem[1]}, {x + g.offsets[0], g.elem[0]}, g.length, k, relu, s, ss, ahead);
-}
-template <class T>
-void affine2_group(const KernelTable<T>& kt, const RunGroup& g, const T* dy, const T* x, T* dx,
-                   const Coefs<compute_t<T>>& k, bool relu, Output out) {
-  if (g.elem[0] == 1 && g.elem[1] == 1 && g.elem[2] == 1)
-    kt.affine2_runs({dy + g.offsets[1], g.stride[1]}, {x + g.offsets[0], g.stride[0]}, {dx + g.offsets[2], g.stride[2]},
-                    g.length, g.count, g.step, k, relu, out);
-  else
-    kt.affine2_run({dy + g.offsets[1], g.elem[1]}, {x + g.offsets[0], g.elem[0]}, {dx + g.offsets[2], g.elem[2]},
-                   g.length, k, relu, out);
-}
+inline RunShape run_shape(const RunGroup& g) { return {g.length, g.count, g.step}; }
 
 // Work items of a plan (rows or runs), for splitting among threads.
 inline index_t work_items(const Plan& p) { return p.kind == Kind::channels_last ? p.count : runs_of(p).total; }
@@ -286,9 +262,11 @@ void sum_moments(const Plan& p, const T* x, double* mean, double* m2) {
   reduce_pass(
       p, s.data(), ss.data(),
       [&](const Offsets& off, index_t rows, const Offsets& rs, double* ps, double* pss) {
-        kt.reduce1_rows({x + off[0], rs[0]}, rows, ch, k, ps, pss);
+        kt.reduce1_rows(rows_array(x, off, rs, kX), rows, ch, k, ps, pss);
       },
-      [&](const RunGroup& g, double* ps, double* pss) { reduce1_group(kt, g, x, at_channel<T>(k, g.c), ps, pss, 0); });
+      [&](const RunGroup& g, double* ps, double* pss) {
+        kt.reduce1_runs(run_array(x, g, kX), run_shape(g), at_channel<T>(k, g.c), ps, pss, 0);
+      });
   for (std::size_t c = 0; c < shift.size(); ++c)
     moments_from_sums(static_cast<double>(shift[c]), s[c], ss[c], static_cast<double>(p.count), mean[c], m2[c]);
 }
@@ -357,9 +335,11 @@ void affine1(const Plan& p, const T* x, T* y, const Coefs<compute_t<T>>& k, bool
   map_pass(
       p,
       [&](const Offsets& off, index_t rows, const Offsets& rs) {
-        kt.affine1_rows({x + off[0], rs[0]}, {y + off[1], rs[1]}, rows, p.channels, k, relu, stream);
+        kt.affine1_rows(rows_array(x, off, rs, kX), rows_array(y, off, rs, kY), rows, p.channels, k, relu, stream);
       },
-      [&](const RunGroup& g) { affine1_group(kt, g, x, y, at_channel<T>(k, g.c), relu, stream); },
+      [&](const RunGroup& g) {
+        kt.affine1_runs(run_array(x, g, kX), run_array(y, g, kY), run_shape(g), at_channel<T>(k, g.c), relu, stream);
+      },
       after_sums ? sizeof(T) : 0);
 }
 
@@ -381,8 +361,9 @@ void forward_channel_blocks(const Plan& p, int nt, const T* x, T* y, const Affin
       k.m = &shift;
       const index_t next = c + 1 < c1 ? next_channel_distance(p, c, {0}) : 0;
       double s = 0, ss = 0;
-      channel_halves(p, runs, c, next, true,
-                     [&](const RunGroup& g, index_t ahead) { reduce1_group(kt, g, x, k, &s, &ss, ahead); });
+      channel_halves(p, runs, c, next, true, [&](const RunGroup& g, index_t ahead) {
+        kt.reduce1_runs(run_array(x, g, kX), run_shape(g), k, &s, &ss, ahead);
+      });
       double mu, m2;
       moments_from_sums(static_cast<double>(shift), s, ss, M, mu, m2);
       const double inv = store_stats(c, mu, m2, M, epsilon, mean, variance, inv_std);
@@ -390,7 +371,7 @@ void forward_channel_blocks(const Plan& p, int nt, const T* x, T* y, const Affin
       forward_coef<T>(affine, c, mean[c], inv, a, m, b);
       const Coefs<C> kc{&a, &m, &b};
       channel_halves(p, runs, c, next, false, [&](const RunGroup& g, index_t ahead) {
-        affine1_group(kt, g, x, y, kc, relu, Output(stream, ahead));
+        kt.affine1_runs(run_array(x, g, kX), run_array(y, g, kY), run_shape(g), kc, relu, Output(stream, ahead));
       });
     }
   });
@@ -443,14 +424,16 @@ void backward_channel_blocks(BackwardSetup<T>& b, int nt, const T* dy, const T* 
       const index_t next = c + 1 < c1 ? next_channel_distance(p, c, {0, 1}) : 0;
       double sum_dy = 0, sum_dy_xc = 0;
       channel_halves(p, runs, c, next, true, [&](const RunGroup& g, index_t ahead) {
-        reduce2_group(kt, g, dy, x, kc, b.relu, &sum_dy, &sum_dy_xc, ahead);
+        kt.reduce2_runs(run_array(x, g, kX), run_array(dy, g, kDy), run_shape(g), kc, b.relu, &sum_dy, &sum_dy_xc,
+                        ahead);
       });
       const auto i = static_cast<std::size_t>(c);
       dbeta[c] = static_cast<stat_t<T>>(sum_dy);
       dgamma[c] = static_cast<stat_t<T>>(sum_dy_xc * b.inv[i]);
       b.set_apply_coef(i, affine, sum_dy, sum_dy_xc, p.count, statistics);
       channel_halves(p, runs, c, next, false, [&](const RunGroup& g, index_t ahead) {
-        affine2_group(kt, g, dy, x, dx, kc, b.relu, Output(stream, ahead));
+        kt.affine2_runs(run_array(x, g, kX), run_array(dy, g, kDy), run_array(dx, g, kDx), run_shape(g), kc, b.relu,
+                        Output(stream, ahead));
       });
     }
   });
@@ -466,10 +449,11 @@ void reduce2(const BackwardSetup<T>& b, const T* dy, const T* x, double* sum_dy,
   reduce_pass(
       p, sum_dy, sum_dy_xc,
       [&](const Offsets& off, index_t rows, const Offsets& rs, double* s, double* ss) {
-        kt.reduce2_rows({dy + off[1], rs[1]}, {x + off[0], rs[0]}, rows, ch, kv, relu, s, ss);
+        kt.reduce2_rows(rows_array(x, off, rs, kX), rows_array(dy, off, rs, kDy), rows, ch, kv, relu, s, ss);
       },
       [&](const RunGroup& g, double* s, double* ss) {
-        reduce2_group(kt, g, dy, x, at_channel<T>(kv, g.c), relu, s, ss, 0);
+        kt.reduce2_runs(run_array(x, g, kX), run_array(dy, g, kDy), run_shape(g), at_channel<T>(kv, g.c), relu, s, ss,
+                        0);
       });
 }
 
@@ -487,10 +471,13 @@ void affine2(BackwardSetup<T>& b, const T* dy, const T* x, T* dx, const Affine<s
   map_pass(
       p,
       [&](const Offsets& off, index_t rows, const Offsets& rs) {
-        kt.affine2_rows({dy + off[1], rs[1]}, {x + off[0], rs[0]}, {dx + off[2], rs[2]}, rows, p.channels, kv, relu,
-                        stream);
+        kt.affine2_rows(rows_array(x, off, rs, kX), rows_array(dy, off, rs, kDy), rows_array(dx, off, rs, kDx), rows,
+                        p.channels, kv, relu, stream);
       },
-      [&](const RunGroup& g) { affine2_group(kt, g, dy, x, dx, at_channel<T>(kv, g.c), relu, stream); },
+      [&](const RunGroup& g) {
+        kt.affine2_runs(run_array(x, g, kX), run_array(dy, g, kDy), run_array(dx, g, kDx), run_shape(g),
+                        at_channel<T>(kv, g.c), relu, stream);
+      },
       2 * sizeof(T));  // x and dy were just summed, or were by backward_sums
 }
 

@@ -24,6 +24,7 @@ using batchnorm::index_t;
 using batchnorm::detail::Coefs;
 using batchnorm::detail::compute_t;
 using batchnorm::detail::KernelTable;
+using batchnorm::detail::RunShape;
 using batchnorm::detail::Strided;
 using batchnorm::detail::Tables;
 using batchnorm::detail::tables_for;
@@ -99,8 +100,8 @@ TEST(KernelTables, EverySupportedIsaHasTables) {
     ASSERT_NE(t, nullptr) << isa;
     EXPECT_EQ(std::string(t->isa), isa);
     for (const auto* f :
-         {reinterpret_cast<const void*>(t->f32.reduce1_run), reinterpret_cast<const void*>(t->f16.affine2_rows),
-          reinterpret_cast<const void*>(t->bf16.reduce2_rows), reinterpret_cast<const void*>(t->f64.affine1_run)})
+         {reinterpret_cast<const void*>(t->f32.reduce1_runs), reinterpret_cast<const void*>(t->f16.affine2_rows),
+          reinterpret_cast<const void*>(t->bf16.reduce2_rows), reinterpret_cast<const void*>(t->f64.affine1_runs)})
       EXPECT_NE(f, nullptr) << isa;
   }
   EXPECT_EQ(tables_for("no-such-isa"), nullptr);
@@ -125,7 +126,7 @@ TEST(KernelTables, EverySupportedIsaHasTables) {
   }
 }
 
-// ---- run kernels (channels_first / strided): one channel, n values, any stride ------------
+// ---- runs kernels, one run (channels_first / strided): n values of one channel, any stride --
 
 TYPED_TEST(Kernels, Reduce1Run) {
   using T = TypeParam;
@@ -145,7 +146,7 @@ TYPED_TEST(Kernels, Reduce1Run) {
         }
         Coefs<C> k;
         k.m = &m;
-        kt.reduce1_run({x.data(), stride}, n, k, &s, &ss, 0);
+        kt.reduce1_runs({x.data(), stride}, {n}, k, &s, &ss, 0);
         EXPECT_NEAR(s, want_s, 1e-13 * scale);
         EXPECT_NEAR(ss, want_ss, 1e-13 * scale);
       }
@@ -169,7 +170,7 @@ TYPED_TEST(Kernels, Affine1Run) {
             Buffer<T> y({n}, {ystride});
             Coefs<C> k;
             k.a = &a, k.m = &m, k.b = &b;
-            kt.affine1_run({x.data(), stride}, {y.data(), ystride}, n, k, relu, false);
+            kt.affine1_runs({x.data(), stride}, {y.data(), ystride}, {n}, k, relu, false);
             std::vector<double> want;
             double scale = 0;
             for (const T& xi : v) {
@@ -197,7 +198,7 @@ TYPED_TEST(Kernels, Affine1RunInPlace) {
         auto x = this->run_buffer(n, stride, v);
         Coefs<C> k;
         k.a = &a, k.m = &m, k.b = &b;
-        table<T>(isa).affine1_run({x.data(), stride}, {x.data(), stride}, n, k, true, false);
+        table<T>(isa).affine1_runs({x.data(), stride}, {x.data(), stride}, {n}, k, true, false);
         std::vector<double> want;
         for (const T& xi : v) want.push_back(std::max(1.5 * (to_d(xi) - 0.5) - 0.25, 0.0));
         EXPECT_TRUE(bntest::all_close_rounded(x.values(), want, 64 * this->uC));
@@ -230,7 +231,7 @@ TYPED_TEST(Kernels, Reduce2Run) {
           }
           Coefs<C> k;
           k.a = &a, k.m = &m, k.b = &b;
-          kt.reduce2_run({dy.data(), dstride}, {x.data(), stride}, n, k, relu, &s, &ss, 0);
+          kt.reduce2_runs({x.data(), stride}, {dy.data(), dstride}, {n}, k, relu, &s, &ss, 0);
           EXPECT_NEAR(s, want_s, 1e-13 * scale);
           EXPECT_NEAR(ss, want_ss, 1e-13 * scale);
         }
@@ -257,7 +258,7 @@ TYPED_TEST(Kernels, Affine2Run) {
           Buffer<T> dx({n}, {ostride});
           Coefs<C> k;
           k.a = &a, k.m = &m, k.b = &b, k.k1 = &k1, k.k2 = &k2, k.k3 = &k3;
-          kt.affine2_run({dy.data(), dstride}, {x.data(), stride}, {dx.data(), ostride}, n, k, relu, false);
+          kt.affine2_runs({x.data(), stride}, {dy.data(), dstride}, {dx.data(), ostride}, {n}, k, relu, false);
           std::vector<double> want;
           double scale = 0;
           for (std::size_t i = 0; i < xv.size(); ++i) {
@@ -289,7 +290,7 @@ TYPED_TEST(Kernels, Affine2RunInPlaceOverDy) {
       auto dy = this->run_buffer(n, stride, dv);
       Coefs<C> k;
       k.a = &a, k.m = &m, k.b = &b, k.k1 = &k1, k.k2 = &k2, k.k3 = &k3;
-      table<T>(isa).affine2_run({dy.data(), stride}, {x.data(), stride}, {dy.data(), stride}, n, k, true, false);
+      table<T>(isa).affine2_runs({x.data(), stride}, {dy.data(), stride}, {dy.data(), stride}, {n}, k, true, false);
       std::vector<double> want;
       for (std::size_t i = 0; i < xv.size(); ++i) {
         const double g = to_d(xv[i]) > 0 ? to_d(dv[i]) : 0.0;
@@ -297,6 +298,97 @@ TYPED_TEST(Kernels, Affine2RunInPlaceOverDy) {
       }
       EXPECT_TRUE(bntest::all_close_rounded(dy.values(), want, 64 * this->uC));
     }
+}
+
+// ---- many runs per call: run j of channel j*step, any element and run strides -----------
+
+// All four runs kernels over `count` runs at once, for step 0 (one channel: the sums carried
+// across its runs) and step 1 (a channel per run), contiguous runs (the direct bodies) and
+// strided ones (the general loops), against plain loops in double; the elementwise outputs
+// of contiguous and strided runs must be the same bits.
+TYPED_TEST(Kernels, ManyRunsPerCall) {
+  using T = TypeParam;
+  using C = compute_t<T>;
+  struct Layout {
+    index_t stride, gap;  // element stride; run stride = sign(gap) * (n * |stride| + |gap|)
+  };
+  const Layout layouts[] = {{1, 0}, {1, 7}, {1, -5}, {3, 2}, {-2, -1}};
+  for (const auto& isa : isas()) {
+    const KernelTable<T>& kt = table<T>(isa);
+    for (index_t n : {index_t{1}, index_t{15}, index_t{17}, index_t{49}, index_t{513}})
+      for (index_t count : {index_t{1}, index_t{3}, index_t{5}})
+        for (index_t step : {index_t{0}, index_t{1}})
+          for (bool relu : {false, true}) {
+            const auto nc = static_cast<std::size_t>(step ? count : 1);
+            std::vector<C> a(nc), m(nc), b(nc), k1(nc), k2(nc), k3(nc);
+            for (std::size_t c = 0; c < nc; ++c) {
+              a[c] = static_cast<C>(c % 2 ? -0.75 : 1.25), m[c] = static_cast<C>(1.5 + 0.25 * static_cast<double>(c));
+              b[c] = static_cast<C>(0.125), k1[c] = static_cast<C>(0.8), k2[c] = static_cast<C>(-0.3);
+              k3[c] = static_cast<C>(0.05 * static_cast<double>(c));
+            }
+            const Coefs<C> k{a.data(), m.data(), b.data(), k1.data(), k2.data(), k3.data()};
+            // Values in C order (run j, element i), each run around its channel's m, off the ReLU kink.
+            std::vector<T> xv, dv = bntest::normal<T>(static_cast<std::size_t>(count * n), 0.2, 1.0, this->rng);
+            for (index_t j = 0; j < count; ++j) {
+              const auto c = static_cast<std::size_t>(j * step);
+              const auto run = this->channel_values(n, static_cast<double>(m[c]), static_cast<double>(a[c]),
+                                                    static_cast<double>(m[c]), static_cast<double>(b[c]));
+              xv.insert(xv.end(), run.begin(), run.end());
+            }
+            // Expected sums and outputs in double.
+            std::vector<double> want_s1(nc, 0.5), want_ss1(nc, -0.25), want_s2(nc, 1.0), want_ss2(nc, 2.0),
+                scale1(nc, 1), scale2(nc, 1), want_y, want_dx;
+            double yscale = 0, dxscale = 0;
+            for (std::size_t e = 0; e < xv.size(); ++e) {
+              const std::size_t c = e / static_cast<std::size_t>(n) * static_cast<std::size_t>(step);
+              const double d = to_d(xv[e]) - static_cast<double>(m[c]);
+              const double t = static_cast<double>(a[c]) * d, z = t + static_cast<double>(b[c]);
+              const double g = relu && !(z > 0) ? 0.0 : to_d(dv[e]);
+              want_s1[c] += d, want_ss1[c] += d * d, scale1[c] += std::fabs(d) + d * d;
+              want_s2[c] += g, want_ss2[c] += g * d, scale2[c] += std::fabs(g) * (1 + std::fabs(d));
+              want_y.push_back(relu ? std::max(z, 0.0) : z);
+              yscale = std::max(yscale, std::fabs(t) + std::fabs(static_cast<double>(b[c])));
+              const double u1 = static_cast<double>(k1[c]) * g, u2 = static_cast<double>(k2[c]) * d;
+              want_dx.push_back(u1 + u2 + static_cast<double>(k3[c]));
+              dxscale = std::max(dxscale, std::fabs(u1) + std::fabs(u2) + std::fabs(static_cast<double>(k3[c])));
+            }
+            std::vector<T> first_y, first_dx;  // of the first layout, for the bitwise comparison
+            for (const Layout& l : layouts) {
+              const index_t run_stride = (l.gap < 0 ? -1 : 1) * (n * std::abs(l.stride) + std::abs(l.gap));
+              SCOPED_TRACE(::testing::Message()
+                           << isa << " n=" << n << " count=" << count << " step=" << step << " relu=" << relu
+                           << " stride=" << l.stride << " run stride=" << run_stride);
+              Buffer<T> x({count, n}, {run_stride, l.stride}), dy({count, n}, {run_stride, l.stride});
+              Buffer<T> y({count, n}, {run_stride, l.stride}), dx({count, n}, {run_stride, l.stride});
+              x.set(xv), dy.set(dv);
+              const RunShape shape{n, count, step};
+              std::vector<double> s1(nc, 0.5), ss1(nc, -0.25), s2(nc, 1.0), ss2(nc, 2.0);
+              kt.reduce1_runs({x.data(), l.stride, run_stride}, shape, k, s1.data(), ss1.data(), 0);
+              kt.reduce2_runs({x.data(), l.stride, run_stride}, {dy.data(), l.stride, run_stride}, shape, k, relu,
+                              s2.data(), ss2.data(), 0);
+              for (std::size_t c = 0; c < nc; ++c) {
+                EXPECT_NEAR(s1[c], want_s1[c], 1e-13 * scale1[c]) << "reduce1 s, channel " << c;
+                EXPECT_NEAR(ss1[c], want_ss1[c], 1e-13 * scale1[c]) << "reduce1 ss, channel " << c;
+                EXPECT_NEAR(s2[c], want_s2[c], 1e-13 * scale2[c]) << "reduce2 s, channel " << c;
+                EXPECT_NEAR(ss2[c], want_ss2[c], 1e-13 * scale2[c]) << "reduce2 ss, channel " << c;
+              }
+              kt.affine1_runs({x.data(), l.stride, run_stride}, {y.data(), l.stride, run_stride}, shape, k, relu,
+                              false);
+              kt.affine2_runs({x.data(), l.stride, run_stride}, {dy.data(), l.stride, run_stride},
+                              {dx.data(), l.stride, run_stride}, shape, k, relu, false);
+              EXPECT_TRUE(bntest::all_close_rounded(y.values(), want_y, 4 * this->uC * yscale)) << "affine1_runs";
+              EXPECT_TRUE(bntest::all_close_rounded(dx.values(), want_dx, 6 * this->uC * dxscale)) << "affine2_runs";
+              EXPECT_TRUE(y.gaps_intact()) << "affine1_runs wrote outside y";
+              EXPECT_TRUE(dx.gaps_intact()) << "affine2_runs wrote outside dx";
+              if (first_y.empty()) {
+                first_y = y.values(), first_dx = dx.values();
+              } else {
+                EXPECT_TRUE(bntest::bitwise_equal(y.values(), first_y)) << "affine1_runs: another layout, other bits";
+                EXPECT_TRUE(bntest::bitwise_equal(dx.values(), first_dx)) << "affine2_runs: another layout, other bits";
+              }
+            }
+          }
+  }
 }
 
 // ---- rows kernels (channels_last): rows of `channels` contiguous values -------------------
@@ -363,7 +455,7 @@ TYPED_TEST(Kernels, RowsKernels) {
             }
 
             kt.reduce1_rows({x.data(), rs}, rows, channels, k.coefs(), s1.data(), ss1.data());
-            kt.reduce2_rows({dy.data(), ds}, {x.data(), rs}, rows, channels, k.coefs(), relu, s2.data(), ss2.data());
+            kt.reduce2_rows({x.data(), rs}, {dy.data(), ds}, rows, channels, k.coefs(), relu, s2.data(), ss2.data());
             for (std::size_t c = 0; c < nc; ++c) {
               ASSERT_NEAR(s1[c], want_s1[c], 1e-13 * sc1[c]) << "reduce1 s, channel " << c;
               ASSERT_NEAR(ss1[c], want_ss1[c], 1e-13 * sc1[c]) << "reduce1 ss, channel " << c;
@@ -377,7 +469,7 @@ TYPED_TEST(Kernels, RowsKernels) {
             EXPECT_TRUE(y.gaps_intact()) << "affine1_rows wrote outside y";
 
             Buffer<T> dx({rows, channels}, {rs, 1});
-            kt.affine2_rows({dy.data(), ds}, {x.data(), rs}, {dx.data(), rs}, rows, channels, k.coefs(), relu, false);
+            kt.affine2_rows({x.data(), rs}, {dy.data(), ds}, {dx.data(), rs}, rows, channels, k.coefs(), relu, false);
             EXPECT_TRUE(bntest::all_close_rounded(dx.values(), want_dx, 6 * this->uC * dxscale)) << "affine2_rows";
             EXPECT_TRUE(dx.gaps_intact()) << "affine2_rows wrote outside dx";
             EXPECT_TRUE(bntest::bitwise_equal(x.values(), xv)) << "x changed";
@@ -432,10 +524,10 @@ TYPED_TEST(Kernels, WideRowGroupsEqualRowByRow) {
                   kt.affine1_rows({x.data() + r * stride, stride}, {single + r * stride, stride}, 1, channels,
                                   k.coefs(), relu, stream);
                 EXPECT_EQ(bits(grouped, span), bits(single, span)) << "affine1_rows";
-                kt.affine2_rows({dy.data(), stride}, {x.data(), stride}, {grouped, stride}, rows, channels, k.coefs(),
+                kt.affine2_rows({x.data(), stride}, {dy.data(), stride}, {grouped, stride}, rows, channels, k.coefs(),
                                 relu, stream);
                 for (index_t r = 0; r < rows; ++r)
-                  kt.affine2_rows({dy.data() + r * stride, stride}, {x.data() + r * stride, stride},
+                  kt.affine2_rows({x.data() + r * stride, stride}, {dy.data() + r * stride, stride},
                                   {single + r * stride, stride}, 1, channels, k.coefs(), relu, stream);
                 EXPECT_EQ(bits(grouped, span), bits(single, span)) << "affine2_rows";
                 // Nothing written before the first value or in the padding after a row.
@@ -480,10 +572,10 @@ TYPED_TEST(Kernels, ZeroLengthIsANoOp) {
     const Coefs<C> k{&one, &one, &one, &one, &one, &one};
     T sentinel = from_d<T>(7.0);
     double s = 3, ss = 4;
-    kt.reduce1_run({&sentinel, 1}, 0, k, &s, &ss, 0);
-    kt.reduce2_run({&sentinel, 1}, {&sentinel, 1}, 0, k, true, &s, &ss, 0);
-    kt.affine1_run({&sentinel, 1}, {&sentinel, 1}, 0, k, true, false);
-    kt.affine2_run({&sentinel, 1}, {&sentinel, 1}, {&sentinel, 1}, 0, k, false, false);
+    kt.reduce1_runs({&sentinel, 1}, {0}, k, &s, &ss, 0);
+    kt.reduce2_runs({&sentinel, 1}, {&sentinel, 1}, {0}, k, true, &s, &ss, 0);
+    kt.affine1_runs({&sentinel, 1}, {&sentinel, 1}, {0}, k, true, false);
+    kt.affine2_runs({&sentinel, 1}, {&sentinel, 1}, {&sentinel, 1}, {0}, k, false, false);
     kt.reduce1_rows({&sentinel, 1}, 0, 1, k, &s, &ss);
     kt.affine1_rows({&sentinel, 1}, {&sentinel, 1}, 0, 1, k, false, false);
     kt.reduce1_rows({&sentinel, 1}, 5, 0, k, &s, &ss);
@@ -538,9 +630,9 @@ void check_output_rounding() {
           Buffer<T> x({n}, {stride});
           x.set(xv);
           Buffer<T> y({n}, {stride}), dx({n}, {stride});
-          kt.affine1_run({x.data(), stride}, {y.data(), stride}, n, k, false, false);
+          kt.affine1_runs({x.data(), stride}, {y.data(), stride}, {n}, k, false, false);
           EXPECT_EQ(bits(y.values()), want) << "affine1_run";
-          kt.affine2_run({x.data(), stride}, {x.data(), stride}, {dx.data(), stride}, n, k, false, false);
+          kt.affine2_runs({x.data(), stride}, {x.data(), stride}, {dx.data(), stride}, {n}, k, false, false);
           EXPECT_EQ(bits(dx.values()), want) << "affine2_run";
           if (stride != 1) continue;
           Buffer<T> yr({1, n}, {n, 1}), dxr({1, n}, {n, 1});
@@ -568,11 +660,11 @@ TYPED_TEST(Kernels, Reduce2WithoutReluNeedsNoActivationCoefs) {
     Coefs<C> k;
     k.m = m.data();  // a, b: null
     double s = 0, ss = 0;
-    kt.reduce2_run({dy.data(), 1}, {x.data(), 1}, 6, k, false, &s, &ss, 0);
+    kt.reduce2_runs({x.data(), 1}, {dy.data(), 1}, {6}, k, false, &s, &ss, 0);
     EXPECT_EQ(s, 3.0);
     EXPECT_EQ(ss, 3.0);
     std::vector<double> sr(3, 0.0), ssr(3, 0.0);
-    kt.reduce2_rows({dy.data(), 3}, {x.data(), 3}, 2, 3, k, false, sr.data(), ssr.data());
+    kt.reduce2_rows({x.data(), 3}, {dy.data(), 3}, 2, 3, k, false, sr.data(), ssr.data());
     EXPECT_EQ(sr, std::vector<double>(3, 1.0));
     EXPECT_EQ(ssr, std::vector<double>(3, 1.0));
   }
@@ -608,19 +700,20 @@ TYPED_TEST(Kernels, StreamedOutputEqualsOrdinaryOutput) {
           SCOPED_TRACE(::testing::Message() << isa << " n " << len << " offset " << shift << " relu " << relu);
           const KernelTable<T>& kt = table<T>(isa);
           std::vector<T> plain(x.size()), streamed(x.size());
-          kt.affine1_run({x.data() + shift, 1}, {plain.data() + shift, 1}, len, k, relu, false);
-          kt.affine1_run({x.data() + shift, 1}, {streamed.data() + shift, 1}, len, k, relu, true);
+          kt.affine1_runs({x.data() + shift, 1}, {plain.data() + shift, 1}, {len}, k, relu, false);
+          kt.affine1_runs({x.data() + shift, 1}, {streamed.data() + shift, 1}, {len}, k, relu, true);
           EXPECT_EQ(bits(plain), bits(streamed)) << "affine1_run";
-          kt.affine2_run({dy.data() + shift, 1}, {x.data() + shift, 1}, {plain.data() + shift, 1}, len, k, relu, false);
-          kt.affine2_run({dy.data() + shift, 1}, {x.data() + shift, 1}, {streamed.data() + shift, 1}, len, k, relu,
-                         true);
+          kt.affine2_runs({x.data() + shift, 1}, {dy.data() + shift, 1}, {plain.data() + shift, 1}, {len}, k, relu,
+                          false);
+          kt.affine2_runs({x.data() + shift, 1}, {dy.data() + shift, 1}, {streamed.data() + shift, 1}, {len}, k, relu,
+                          true);
           EXPECT_EQ(bits(plain), bits(streamed)) << "affine2_run";
           kt.affine1_rows({x.data() + shift, len}, {plain.data() + shift, len}, 1, len, k, relu, false);
           kt.affine1_rows({x.data() + shift, len}, {streamed.data() + shift, len}, 1, len, k, relu, true);
           EXPECT_EQ(bits(plain), bits(streamed)) << "affine1_rows";
-          kt.affine2_rows({dy.data() + shift, len}, {x.data() + shift, len}, {plain.data() + shift, len}, 1, len, k,
+          kt.affine2_rows({x.data() + shift, len}, {dy.data() + shift, len}, {plain.data() + shift, len}, 1, len, k,
                           relu, false);
-          kt.affine2_rows({dy.data() + shift, len}, {x.data() + shift, len}, {streamed.data() + shift, len}, 1, len, k,
+          kt.affine2_rows({x.data() + shift, len}, {dy.data() + shift, len}, {streamed.data() + shift, len}, 1, len, k,
                           relu, true);
           EXPECT_EQ(bits(plain), bits(streamed)) << "affine2_rows";
           // Four rows in one stretch, of a quarter of len's whole vectors each: the channel of
@@ -630,9 +723,9 @@ TYPED_TEST(Kernels, StreamedOutputEqualsOrdinaryOutput) {
           kt.affine1_rows({x.data() + shift, ch}, {plain.data() + shift, ch}, rows, ch, k, relu, false);
           kt.affine1_rows({x.data() + shift, ch}, {streamed.data() + shift, ch}, rows, ch, k, relu, true);
           EXPECT_EQ(bits(plain), bits(streamed)) << "affine1_rows, " << rows << " rows of " << ch;
-          kt.affine2_rows({dy.data() + shift, ch}, {x.data() + shift, ch}, {plain.data() + shift, ch}, rows, ch, k,
+          kt.affine2_rows({x.data() + shift, ch}, {dy.data() + shift, ch}, {plain.data() + shift, ch}, rows, ch, k,
                           relu, false);
-          kt.affine2_rows({dy.data() + shift, ch}, {x.data() + shift, ch}, {streamed.data() + shift, ch}, rows, ch, k,
+          kt.affine2_rows({x.data() + shift, ch}, {dy.data() + shift, ch}, {streamed.data() + shift, ch}, rows, ch, k,
                           relu, true);
           EXPECT_EQ(bits(plain), bits(streamed)) << "affine2_rows, " << rows << " rows of " << ch;
         }

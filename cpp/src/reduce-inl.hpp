@@ -1,0 +1,223 @@
+// The two reductions, each in a rows form (channels last) and a runs form, on the
+// operations of simd-inl.hpp and the drivers of general-inl.hpp. No include guard and no
+// instruction-set conditionals (see kernels-inl.hpp).
+//   reduce-1:  s += x - m,  ss += (x - m)^2                  (m: the channel's shift)
+//   reduce-2:  s += g,      ss += g * (x - m),  g = dy masked by relu(a*(x - m) + b)
+// Sums are double: float values are converted lane by lane (GCC does not vectorize that
+// on its own), kUnroll accumulators per sum.
+
+// ---- runs ----------------------------------------------------------------------------
+
+// Reduce-1 over n contiguous values (T, or the compute type in the general loops).
+template <class T>
+inline void reduce1_run(const T* x, index_t n, double m, Sums& sums, index_t ahead) {
+  constexpr index_t W = kLanesD;
+  const VD vm = set<VD>(m);
+  auto step = [&](VD d, int u) {
+    sums.s.acc[u] = add(sums.s.acc[u], d);
+    sums.ss.acc[u] = mul_add(d, d, sums.ss.acc[u]);
+  };
+  index_t i = 0;
+  for (; i + kUnroll * W <= n; i += kUnroll * W) {
+    if (ahead) prefetch(x + i + ahead), prefetch(x + i + ahead + kUnroll * W - 1);
+    for (int u = 0; u < kUnroll; ++u) step(sub(promote(load<Narrow<T>>(x + i + u * W)), vm), u);
+  }
+  for (; i + W <= n; i += W) step(sub(promote(load<Narrow<T>>(x + i)), vm), 0);
+  if (i < n) step(keep_first(sub(promote(load_n<Narrow<T>>(x + i, n - i)), vm), n - i), 1);
+}
+
+// Reduce-2 over n contiguous values; a and b matter only with the ReLU.
+template <bool Relu, class T, class C>
+inline void reduce2_run(const T* x, const T* dy, index_t n, C a, C m, C b, Sums& sums, index_t ahead) {
+  using V = Narrow<T>;
+  constexpr index_t W = kLanesD;
+  const V va = set<V>(a), vm = set<V>(m), vb = set<V>(b);
+  const VD md = set<VD>(m);
+  auto step = [&](V xv, V dyv, int u) {
+    const VD g = promote(grad<Relu>(dyv, xv, va, vm, vb));
+    sums.s.acc[u] = add(sums.s.acc[u], g);
+    sums.ss.acc[u] = mul_add(g, sub(promote(xv), md), sums.ss.acc[u]);
+  };
+  index_t i = 0;
+  for (; i + kUnroll * W <= n; i += kUnroll * W) {
+    if (ahead) {
+      prefetch(x + i + ahead), prefetch(x + i + ahead + kUnroll * W - 1);
+      prefetch(dy + i + ahead), prefetch(dy + i + ahead + kUnroll * W - 1);
+    }
+    for (int u = 0; u < kUnroll; ++u) step(load<V>(x + i + u * W), load<V>(dy + i + u * W), u);
+  }
+  for (; i + W <= n; i += W) step(load<V>(x + i), load<V>(dy + i), 0);
+  if (i < n) step(load_n<V>(x + i, n - i), load_n<V>(dy + i, n - i), 1);  // dy = 0 past n: adds nothing
+}
+
+template <class T>
+void reduce1_runs(const RunArray<const T>& x, const RunShape& shape, Coefs<compute_t<T>> k, double* s, double* ss,
+                  index_t ahead) {
+  reduce_runs<T>(
+      shape, s, ss, ahead,
+      [&](index_t c, index_t n, index_t prefetch_ahead, Sums& sums, const auto* xp) {
+        reduce1_run(xp, n, static_cast<double>(k.m[c]), sums, prefetch_ahead);
+      },
+      x);
+}
+
+template <class T>
+void reduce2_runs(const RunArray<const T>& x, const RunArray<const T>& dy, const RunShape& shape, Coefs<compute_t<T>> k,
+                  bool relu_on, double* s, double* ss, index_t ahead) {
+  using C = compute_t<T>;
+  auto pass = [&](auto relu) {
+    reduce_runs<T>(
+        shape, s, ss, ahead,
+        [&](index_t c, index_t n, index_t prefetch_ahead, Sums& sums, const auto* xp, const auto* dyp) {
+          const C a = relu.value ? k.a[c] : C(1), b = relu.value ? k.b[c] : C(0);  // a, b exist only with the ReLU
+          reduce2_run<relu.value>(xp, dyp, n, a, k.m[c], b, sums, prefetch_ahead);
+        },
+        x, dy);
+  };
+  relu_on ? pass(std::true_type{}) : pass(std::false_type{});
+}
+
+// ---- rows ----------------------------------------------------------------------------
+
+// Row tiles (the direct body): for each vector of kLanesF channels, the sums of a tile of
+// rows are kept in registers and added to the per-channel accumulators once per tile,
+// instead of loading and storing the accumulators for every row. Channels past the last
+// whole vector go through a scalar loop per row.
+constexpr index_t kTileRows = 4;
+// Elements the row reductions prefetch ahead of their loads: the accumulator stores between
+// the loads keep the hardware prefetcher behind.
+constexpr index_t kAheadRows = 2048;
+// Rows per tile for `channels`: with many channels a tile's rows are far apart and their
+// accumulators are few per row, so one row at a time (accumulators in L1) reads faster.
+inline index_t tile_rows(index_t channels) { return channels <= 128 ? kTileRows : 1; }
+
+// s[0..kLanesF) += sum, ss[0..kLanesF) += sq, every load before any store: s and ss are
+// often a multiple of 4 KiB apart (per-thread partials of C channels), and a load behind a
+// store to an address with the same low 12 bits waits for it (4K aliasing).
+inline void add_sums(double* s, double* ss, const VD (&sum)[kHalves], const VD (&sq)[kHalves]) {
+  VD a[kHalves], b[kHalves];
+  for (int h = 0; h < kHalves; ++h) a[h] = load<VD>(s + h * kLanesD);
+  for (int h = 0; h < kHalves; ++h) b[h] = load<VD>(ss + h * kLanesD);
+  for (int h = 0; h < kHalves; ++h) store(s + h * kLanesD, add(a[h], sum[h]));
+  for (int h = 0; h < kHalves; ++h) store(ss + h * kLanesD, add(b[h], sq[h]));
+}
+
+template <class T>
+void reduce1_tiles(Strided<const T> x, index_t rows, index_t channels, const float* m, double* s, double* ss) {
+  const index_t vec_channels = channels / kLanesF * kLanesF, tile = tile_rows(channels);
+  for (index_t r0 = 0; r0 < rows; r0 += tile) {
+    const index_t r1 = std::min(rows, r0 + tile);
+    for (index_t c = 0; c < vec_channels; c += kLanesF) {
+      VD md[kHalves], sum[kHalves], sq[kHalves];
+      halves(load<VF>(m + c), md);
+      for (int h = 0; h < kHalves; ++h) sum[h] = zero<VD>(), sq[h] = zero<VD>();
+      for (index_t r = r0; r < r1; ++r) {
+        VD v[kHalves];
+        prefetch(x.p + r * x.stride + c + kAheadRows);
+        halves(load<VF>(x.p + r * x.stride + c), v);
+        for (int h = 0; h < kHalves; ++h) {
+          const VD d = sub(v[h], md[h]);
+          sum[h] = add(sum[h], d);
+          sq[h] = mul_add(d, d, sq[h]);
+        }
+      }
+      add_sums(s + c, ss + c, sum, sq);
+    }
+    for (index_t r = r0; r < r1 && vec_channels < channels; ++r)
+      for (index_t c = vec_channels; c < channels; ++c) {
+        const double d = promote(to_compute(x.p + r * x.stride + c)) - promote(m[c]);
+        s[c] += d;
+        ss[c] += d * d;
+      }
+  }
+}
+
+template <bool Relu, class T>
+void reduce2_tiles(Strided<const T> x, Strided<const T> dy, index_t rows, index_t channels, const Coefs<float>& k,
+                   double* s, double* ss) {
+  const index_t vec_channels = channels / kLanesF * kLanesF, tile = tile_rows(channels);
+  for (index_t r0 = 0; r0 < rows; r0 += tile) {
+    const index_t r1 = std::min(rows, r0 + tile);
+    for (index_t c = 0; c < vec_channels; c += kLanesF) {
+      const VF mf = load<VF>(k.m + c);
+      const VF a = Relu ? load<VF>(k.a + c) : mf, b = Relu ? load<VF>(k.b + c) : mf;  // a, b only with the ReLU
+      VD md[kHalves], sum[kHalves], sq[kHalves];
+      halves(mf, md);
+      for (int h = 0; h < kHalves; ++h) sum[h] = zero<VD>(), sq[h] = zero<VD>();
+      for (index_t r = r0; r < r1; ++r) {
+        prefetch(x.p + r * x.stride + c + kAheadRows), prefetch(dy.p + r * dy.stride + c + kAheadRows);
+        const VF xv = load<VF>(x.p + r * x.stride + c);
+        VD g[kHalves], xd[kHalves];
+        halves(grad<Relu>(load<VF>(dy.p + r * dy.stride + c), xv, a, mf, b), g), halves(xv, xd);
+        for (int h = 0; h < kHalves; ++h) {
+          sum[h] = add(sum[h], g[h]);
+          sq[h] = mul_add(g[h], sub(xd[h], md[h]), sq[h]);
+        }
+      }
+      add_sums(s + c, ss + c, sum, sq);
+    }
+    for (index_t r = r0; r < r1 && vec_channels < channels; ++r)
+      for (index_t c = vec_channels; c < channels; ++c) {
+        const float xv = to_compute(x.p + r * x.stride + c);
+        const float a = Relu ? k.a[c] : 1.0f, b = Relu ? k.b[c] : 0.0f;
+        const double g = promote(grad<Relu>(to_compute(dy.p + r * dy.stride + c), xv, a, k.m[c], b));
+        s[c] += g;
+        ss[c] += g * (promote(xv) - promote(k.m[c]));
+      }
+  }
+}
+
+// The general loops' rows: channel c uses coefficient [c] and accumulator [c].
+template <class C>
+inline void reduce1_channels(const C* x, index_t n, const C* m, double* s, double* ss) {
+  for (index_t c = 0; c < n; ++c) {
+    const double d = static_cast<double>(x[c]) - static_cast<double>(m[c]);
+    s[c] += d;
+    ss[c] += d * d;
+  }
+}
+
+template <bool Relu, class C>
+inline void reduce2_channels(const C* x, const C* dy, index_t n, const Coefs<C>& k, double* s, double* ss) {
+  for (index_t c = 0; c < n; ++c) {
+    const C a = Relu ? k.a[c] : C(1), b = Relu ? k.b[c] : C(0);  // a and b exist only with the ReLU
+    const double g = promote(grad<Relu>(dy[c], x[c], a, k.m[c], b));
+    s[c] += g;
+    ss[c] += g * (static_cast<double>(x[c]) - static_cast<double>(k.m[c]));
+  }
+}
+
+template <class T>
+void reduce1_rows(Strided<const T> x, index_t rows, index_t channels, Coefs<compute_t<T>> k, double* s, double* ss) {
+  using C = compute_t<T>;
+  if constexpr (kDirect<T>) {
+    reduce1_tiles(x, rows, channels, k.m, s, ss);
+  } else {
+    C buf[kBlock];
+    for_row_blocks(rows, channels, x.stride == channels, [&](index_t r, index_t nr, index_t c0, index_t n) {
+      const C* xs = view(x.p + r * x.stride + c0, 1, nr * n, buf);
+      for (index_t i = 0; i < nr; ++i) reduce1_channels(xs + i * n, n, k.m + c0, s + c0, ss + c0);
+    });
+  }
+}
+
+template <class T>
+void reduce2_rows(Strided<const T> x, Strided<const T> dy, index_t rows, index_t channels, Coefs<compute_t<T>> k,
+                  bool relu_on, double* s, double* ss) {
+  using C = compute_t<T>;
+  if constexpr (kDirect<T>) {
+    relu_on ? reduce2_tiles<true>(x, dy, rows, channels, k, s, ss)
+            : reduce2_tiles<false>(x, dy, rows, channels, k, s, ss);
+  } else {
+    C xbuf[kBlock], dbuf[kBlock];
+    const bool contiguous = x.stride == channels && dy.stride == channels;
+    for_row_blocks(rows, channels, contiguous, [&](index_t r, index_t nr, index_t c0, index_t n) {
+      const C* xs = view(x.p + r * x.stride + c0, 1, nr * n, xbuf);
+      const C* ds = view(dy.p + r * dy.stride + c0, 1, nr * n, dbuf);
+      const Coefs<C> kc = shifted(k, c0);
+      for (index_t i = 0; i < nr; ++i)
+        relu_on ? reduce2_channels<true>(xs + i * n, ds + i * n, n, kc, s + c0, ss + c0)
+                : reduce2_channels<false>(xs + i * n, ds + i * n, n, kc, s + c0, ss + c0);
+    });
+  }
+}
