@@ -456,26 +456,11 @@ row(
     Layer("keras-axes"),
     [np.ones((3, 5))] * 4,
 )
-row(
-    "keras/mask-shape",
-    ValueError,
-    r"mask of shape \(5,\) does not match",
-    "__call__",
-    Layer("keras"),
-    X,
-    training=True,
-    mask=np.ones(5, bool),
-)
-row(
-    "keras/mask-complex",
-    TypeError,
-    r"mask must be a boolean or numeric array",
-    "__call__",
-    Layer("keras"),
-    X,
-    training=True,
-    mask=np.ones(8, complex),
-)
+for label, error, pattern, mask in [
+    ("shape", ValueError, r"mask of shape \(5,\) does not match", np.ones(5, bool)),
+    ("complex", TypeError, r"mask must be a boolean or numeric array", np.ones(8, complex)),
+]:
+    row(f"keras/mask-{label}", error, pattern, "__call__", Layer("keras"), X, training=True, mask=mask)
 row(
     "keras-vbs/call-batch-not-divisible",
     ValueError,
