@@ -145,3 +145,13 @@ def training_call(layer: Any, x: np.ndarray) -> np.ndarray:
         return layer(x, training=True)
     layer.train()
     return layer(x)  # type: ignore[no-any-return]
+
+
+def same_weights(rng: np.random.Generator, shape: tuple[int, ...], *layers: Any) -> None:
+    """Builds Keras-style layers for `shape` and gives them all the same non-trivial
+    weights, drawn for the first one."""
+    for layer in layers:
+        layer.build(shape)
+    weights = [rng.uniform(0.5, 2.0, w.shape) for w in layers[0].get_weights()]
+    for layer in layers:
+        layer.set_weights(weights)

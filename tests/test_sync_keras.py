@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import batchnorm as bn
+from layer_state import same_weights
 from mpi_launch import run_mpi
 
 CONFIGS: list[tuple[tuple[int, ...], dict[str, Any], bool]] = [
@@ -56,11 +57,7 @@ def run_pair(sync: bn.BatchNormalization, ref: bn.BatchNormalization, shape, use
         dy = rng.normal(size=shape)
         mask = rng.uniform(size=shape[:-1]) > 0.3 if use_mask else None
         if step == 0:
-            ref.build(shape)
-            sync.build(shape)
-            ws = [rng.uniform(0.5, 2.0, w.shape) for w in ref.get_weights()]
-            ref.set_weights(ws)
-            sync.set_weights(ws)
+            same_weights(rng, shape, ref, sync)
         train = step != 2
         check(sync(x, training=train, mask=mask), ref(x, training=train, mask=mask))
         check(sync.backward(dy), ref.backward(dy))

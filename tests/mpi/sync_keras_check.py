@@ -23,6 +23,7 @@ from mpi_common import RANK, SIZE, close, comm, expect_error, my_rows, run, spli
 
 import batchnorm as bn
 from batchnorm.distributed import _mpi
+from layer_state import same_weights
 
 
 def adjust(shape: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -41,12 +42,8 @@ def check_training(shape: tuple[int, ...], dtype: str, use_mask: bool = False, *
         x = (rng.normal(size=shape) * scale + 5.0).astype(dtype)
         dy = rng.normal(size=shape).astype(dtype)
         mask = (rng.uniform(size=shape[:-1]) > 0.3) if use_mask else None
-        if step == 0:  # build both, then give them the same non-trivial weights
-            sync.build(shape)
-            ref.build(shape)
-            ws = [rng.uniform(0.5, 2.0, w.shape) for w in ref.get_weights()]
-            ref.set_weights(ws)
-            sync.set_weights(ws)
+        if step == 0:
+            same_weights(rng, shape, ref, sync)
         train = step != 2
         y = sync(x[rows], training=train, mask=None if mask is None else mask[rows])
         y_ref = ref(x, training=train, mask=mask)
