@@ -287,7 +287,7 @@ void affine1_rows(Strided<const T> x, Strided<T> y, index_t rows, index_t channe
       const bool contiguous = x.stride == channels && y.stride == channels;
       const index_t h = group_shift(rows, channels, 3, stream, y.p, y.stride, contiguous);
       const index_t g = std::max<index_t>(h, 0);  // the channel group rows start at
-      const Coefs<float> kg = shifted(kk, g);
+      const Coefs<float> kg = kk.from(g);
       drive_rows(
           rows, channels, h, contiguous,
           [&](index_t i) {
@@ -308,7 +308,7 @@ void affine1_rows(Strided<const T> x, Strided<T> y, index_t rows, index_t channe
       const C* xs = view(x.p + r * x.stride + c0, 1, nr * n, xbuf);
       T* yp = y.p + r * y.stride + c0;
       C* ys = output_target(yp, 1, ybuf, stream);
-      const Coefs<C> kc = shifted(k, c0);
+      const Coefs<C> kc = k.from(c0);
       for (index_t i = 0; i < nr; ++i)
         relu_on ? affine1_channels<true>(xs + i * n, ys + i * n, n, kc)
                 : affine1_channels<false>(xs + i * n, ys + i * n, n, kc);
@@ -330,7 +330,7 @@ void affine2_rows(Strided<const T> x, Strided<const T> dy, Strided<T> dx, index_
     with_flags(relu_on, stream, [&](auto r, auto st) {
       const index_t h = group_shift(rows, channels, r.value ? 6 : 4, stream, dx.p, dx.stride, contiguous);
       const index_t g = std::max<index_t>(h, 0);
-      const Coefs<float> kg = shifted(kk, g);
+      const Coefs<float> kg = kk.from(g);
       drive_rows(
           rows, channels, h, contiguous,
           [&](index_t i) {
@@ -352,7 +352,7 @@ void affine2_rows(Strided<const T> x, Strided<const T> dy, Strided<T> dx, index_
       const C* ds = view(dy.p + r * dy.stride + c0, 1, nr * n, dbuf);
       T* op = dx.p + r * dx.stride + c0;
       C* os = output_target(op, 1, obuf, stream);
-      const Coefs<C> kc = shifted(k, c0);
+      const Coefs<C> kc = k.from(c0);
       for (index_t i = 0; i < nr; ++i)
         relu_on ? affine2_channels<true>(xs + i * n, ds + i * n, os + i * n, n, kc)
                 : affine2_channels<false>(xs + i * n, ds + i * n, os + i * n, n, kc);
@@ -372,7 +372,7 @@ void affine1_runs(const RunArray<const T>& x, const RunArray<T>& y, const RunSha
         shape, out.ahead,
         [&](index_t c, index_t n, index_t ahead, auto streamed, const auto* xp, auto* yp) {
           using E = std::remove_pointer_t<decltype(yp)>;  // T, or the compute type in the general loops
-          affine1_direct<E, relu.value, streamed.value, false>(xp, yp, n, shifted(k, c), 0, ahead);
+          affine1_direct<E, relu.value, streamed.value, false>(xp, yp, n, k.from(c), 0, ahead);
         },
         y, x);
   });
@@ -387,7 +387,7 @@ void affine2_runs(const RunArray<const T>& x, const RunArray<const T>& dy, const
         shape, out.ahead,
         [&](index_t c, index_t n, index_t ahead, auto streamed, const auto* xp, const auto* dyp, auto* dxp) {
           using E = std::remove_pointer_t<decltype(dxp)>;
-          affine2_direct<E, relu.value, streamed.value, false>(xp, dyp, dxp, n, shifted(k, c), 0, ahead);
+          affine2_direct<E, relu.value, streamed.value, false>(xp, dyp, dxp, n, k.from(c), 0, ahead);
         },
         dx, x, dy);
   });

@@ -31,13 +31,6 @@
 
 namespace batchnorm::detail {
 
-// The coefficients of channels c, c + 1, ... (for a kernel call that starts at channel c).
-template <class T>
-Coefs<compute_t<T>> at_channel(const Coefs<compute_t<T>>& k, index_t c) {
-  auto at = [c](const compute_t<T>* v) { return v ? v + c : v; };
-  return {at(k.a), at(k.m), at(k.b), at(k.k1), at(k.k2), at(k.k3)};
-}
-
 // The shift K of channel c: its first value, unless that is infinite or NaN, which would
 // turn every x - K into NaN; K = 0 lets the sums follow IEEE arithmetic (mean([inf, 1]) = inf).
 template <class T>

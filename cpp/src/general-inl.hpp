@@ -111,16 +111,6 @@ inline void output_finish(const C* computed, T* p, index_t stride, index_t n, bo
 
 // ---- coefficients and flags --------------------------------------------------------
 
-template <class C>
-inline const C* at(const C* p, index_t c) {
-  return p ? p + c : p;
-}
-// The coefficients from channel c on.
-template <class C>
-inline Coefs<C> shifted(const Coefs<C>& k, index_t c) {
-  return {at(k.a, c), at(k.m, c), at(k.b, c), at(k.k1, c), at(k.k2, c), at(k.k3, c)};
-}
-
 // f(relu, stream) with both flags as std::bool_constant, for the bodies that take them as
 // template arguments.
 template <class F>

@@ -41,6 +41,12 @@ struct Coefs {
   const C* k1 = nullptr;
   const C* k2 = nullptr;
   const C* k3 = nullptr;
+
+  /// The coefficients from channel c on (for a kernel call that starts at channel c).
+  Coefs from(index_t c) const {
+    auto at = [c](const C* v) { return v ? v + c : v; };
+    return {at(a), at(m), at(b), at(k1), at(k2), at(k3)};
+  }
 };
 
 /// A rows operand: row r at p + r*stride, its channels contiguous.

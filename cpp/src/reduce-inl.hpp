@@ -214,7 +214,7 @@ void reduce2_rows(Strided<const T> x, Strided<const T> dy, index_t rows, index_t
     for_row_blocks(rows, channels, contiguous, [&](index_t r, index_t nr, index_t c0, index_t n) {
       const C* xs = view(x.p + r * x.stride + c0, 1, nr * n, xbuf);
       const C* ds = view(dy.p + r * dy.stride + c0, 1, nr * n, dbuf);
-      const Coefs<C> kc = shifted(k, c0);
+      const Coefs<C> kc = k.from(c0);
       for (index_t i = 0; i < nr; ++i)
         relu_on ? reduce2_channels<true>(xs + i * n, ds + i * n, n, kc, s + c0, ss + c0)
                 : reduce2_channels<false>(xs + i * n, ds + i * n, n, kc, s + c0, ss + c0);

@@ -265,7 +265,7 @@ void sum_moments(const Plan& p, const T* x, double* mean, double* m2) {
         kt.reduce1_rows(rows_array(x, off, rs, kX), rows, ch, k, ps, pss);
       },
       [&](const RunGroup& g, double* ps, double* pss) {
-        kt.reduce1_runs(run_array(x, g, kX), run_shape(g), at_channel<T>(k, g.c), ps, pss, 0);
+        kt.reduce1_runs(run_array(x, g, kX), run_shape(g), k.from(g.c), ps, pss, 0);
       });
   for (std::size_t c = 0; c < shift.size(); ++c)
     moments_from_sums(static_cast<double>(shift[c]), s[c], ss[c], static_cast<double>(p.count), mean[c], m2[c]);
@@ -338,7 +338,7 @@ void affine1(const Plan& p, const T* x, T* y, const Coefs<compute_t<T>>& k, bool
         kt.affine1_rows(rows_array(x, off, rs, kX), rows_array(y, off, rs, kY), rows, p.channels, k, relu, stream);
       },
       [&](const RunGroup& g) {
-        kt.affine1_runs(run_array(x, g, kX), run_array(y, g, kY), run_shape(g), at_channel<T>(k, g.c), relu, stream);
+        kt.affine1_runs(run_array(x, g, kX), run_array(y, g, kY), run_shape(g), k.from(g.c), relu, stream);
       },
       after_sums ? sizeof(T) : 0);
 }
@@ -359,7 +359,7 @@ void forward_channel_blocks(const Plan& p, int nt, const T* x, T* y, const Affin
       C shift = channel_shift(p, x, c);
       Coefs<C> k;
       k.m = &shift;
-      const index_t next = c + 1 < c1 ? next_channel_distance(p, c, {0}) : 0;
+      const index_t next = c + 1 < c1 ? next_channel_distance(p, c, {kX}) : 0;
       double s = 0, ss = 0;
       channel_halves(p, runs, c, next, true, [&](const RunGroup& g, index_t ahead) {
         kt.reduce1_runs(run_array(x, g, kX), run_shape(g), k, &s, &ss, ahead);
@@ -420,8 +420,8 @@ void backward_channel_blocks(BackwardSetup<T>& b, int nt, const T* dy, const T* 
     index_t c0, c1;
     partition(p.channels, t, n, c0, c1);
     for (index_t c = c0; c < c1; ++c) {
-      const Coefs<compute_t<T>> kc = at_channel<T>(kv, c);
-      const index_t next = c + 1 < c1 ? next_channel_distance(p, c, {0, 1}) : 0;
+      const Coefs<compute_t<T>> kc = kv.from(c);
+      const index_t next = c + 1 < c1 ? next_channel_distance(p, c, {kX, kDy}) : 0;
       double sum_dy = 0, sum_dy_xc = 0;
       channel_halves(p, runs, c, next, true, [&](const RunGroup& g, index_t ahead) {
         kt.reduce2_runs(run_array(x, g, kX), run_array(dy, g, kDy), run_shape(g), kc, b.relu, &sum_dy, &sum_dy_xc,
@@ -452,8 +452,7 @@ void reduce2(const BackwardSetup<T>& b, const T* dy, const T* x, double* sum_dy,
         kt.reduce2_rows(rows_array(x, off, rs, kX), rows_array(dy, off, rs, kDy), rows, ch, kv, relu, s, ss);
       },
       [&](const RunGroup& g, double* s, double* ss) {
-        kt.reduce2_runs(run_array(x, g, kX), run_array(dy, g, kDy), run_shape(g), at_channel<T>(kv, g.c), relu, s, ss,
-                        0);
+        kt.reduce2_runs(run_array(x, g, kX), run_array(dy, g, kDy), run_shape(g), kv.from(g.c), relu, s, ss, 0);
       });
 }
 
@@ -475,8 +474,8 @@ void affine2(BackwardSetup<T>& b, const T* dy, const T* x, T* dx, const Affine<s
                         p.channels, kv, relu, stream);
       },
       [&](const RunGroup& g) {
-        kt.affine2_runs(run_array(x, g, kX), run_array(dy, g, kDy), run_array(dx, g, kDx), run_shape(g),
-                        at_channel<T>(kv, g.c), relu, stream);
+        kt.affine2_runs(run_array(x, g, kX), run_array(dy, g, kDy), run_array(dx, g, kDx), run_shape(g), kv.from(g.c),
+                        relu, stream);
       },
       2 * sizeof(T));  // x and dy were just summed, or were by backward_sums
 }
