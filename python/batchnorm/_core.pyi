@@ -1,11 +1,19 @@
 # Type stubs of the compiled module batchnorm._core (private; see batchnorm/__init__.py).
 from collections.abc import Sequence
-from typing import overload
+from typing import Any, TypeAlias, overload
 
 import numpy as np
 
 __version__: str
 
+# The data and per-channel arguments below take NumPy arrays, or CPU torch tensors once
+# use_torch has been called (batchnorm.torch); outputs allocated here are NumPy arrays.
+_Buffer: TypeAlias = np.ndarray | Any
+
+def use_torch(tensor: type, float16: object, bfloat16: object, float32: object, float64: object) -> None: ...
+def update_running(
+    running_mean: _Buffer, running_var: _Buffer, mean: _Buffer, variance: _Buffer, factor: float, count: int
+) -> None: ...
 def get_num_threads() -> int: ...
 def set_num_threads(n: int) -> None: ...
 def compiled_isas() -> list[str]: ...
@@ -19,47 +27,47 @@ def feature_axes(axis: object, ndim: int) -> tuple[int, ...]: ...
 
 # moments and forward allocate the statistics outputs left None and then return them.
 @overload
-def moments(x: np.ndarray, axes: Sequence[int], mean: np.ndarray, variance: np.ndarray) -> int: ...
+def moments(x: _Buffer, axes: Sequence[int], mean: _Buffer, variance: _Buffer) -> int: ...
 @overload
 def moments(
-    x: np.ndarray, axes: Sequence[int], mean: None = None, variance: None = None
+    x: _Buffer, axes: Sequence[int], mean: None = None, variance: None = None
 ) -> tuple[np.ndarray, np.ndarray]: ...
-def partial_moments(x: np.ndarray, axes: Sequence[int], mean: np.ndarray, m2: np.ndarray) -> int: ...
+def partial_moments(x: _Buffer, axes: Sequence[int], mean: _Buffer, m2: _Buffer) -> int: ...
 def normalize(
-    x: np.ndarray,
-    out: np.ndarray,
+    x: _Buffer,
+    out: _Buffer,
     axes: Sequence[int],
-    mean: np.ndarray | None,
-    variance: np.ndarray | None,
-    gamma: np.ndarray | None,
-    beta: np.ndarray | None,
+    mean: _Buffer | None,
+    variance: _Buffer | None,
+    gamma: _Buffer | None,
+    beta: _Buffer | None,
     epsilon: float,
     relu: bool,
-    inv_std: np.ndarray | None = None,
+    inv_std: _Buffer | None = None,
 ) -> None: ...
 def merge_moments(
-    count_a: np.ndarray, mean_a: np.ndarray, m2_a: np.ndarray, count_b: np.ndarray, mean_b: np.ndarray, m2_b: np.ndarray
+    count_a: _Buffer, mean_a: _Buffer, m2_a: _Buffer, count_b: _Buffer, mean_b: _Buffer, m2_b: _Buffer
 ) -> None: ...
 @overload
 def forward(
-    x: np.ndarray,
-    out: np.ndarray,
+    x: _Buffer,
+    out: _Buffer,
     axes: Sequence[int],
-    gamma: np.ndarray | None,
-    beta: np.ndarray | None,
+    gamma: _Buffer | None,
+    beta: _Buffer | None,
     epsilon: float,
     relu: bool,
-    mean: np.ndarray,
-    variance: np.ndarray,
-    inv_std: np.ndarray,
+    mean: _Buffer,
+    variance: _Buffer,
+    inv_std: _Buffer,
 ) -> int: ...
 @overload
 def forward(
-    x: np.ndarray,
-    out: np.ndarray,
+    x: _Buffer,
+    out: _Buffer,
     axes: Sequence[int],
-    gamma: np.ndarray | None,
-    beta: np.ndarray | None,
+    gamma: _Buffer | None,
+    beta: _Buffer | None,
     epsilon: float,
     relu: bool,
     mean: None = None,
@@ -67,43 +75,43 @@ def forward(
     inv_std: None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]: ...
 def backward(
-    dy: np.ndarray,
-    x: np.ndarray,
-    out: np.ndarray,
+    dy: _Buffer,
+    x: _Buffer,
+    out: _Buffer,
     axes: Sequence[int],
-    mean: np.ndarray | None,
-    inv_std: np.ndarray | None,
-    gamma: np.ndarray | None,
-    beta: np.ndarray | None,
+    mean: _Buffer | None,
+    inv_std: _Buffer | None,
+    gamma: _Buffer | None,
+    beta: _Buffer | None,
     relu: bool,
-    dgamma: np.ndarray,
-    dbeta: np.ndarray,
+    dgamma: _Buffer,
+    dbeta: _Buffer,
     fixed_statistics: bool = False,
 ) -> None: ...
 def backward_sums(
-    dy: np.ndarray,
-    x: np.ndarray,
+    dy: _Buffer,
+    x: _Buffer,
     axes: Sequence[int],
-    mean: np.ndarray | None,
-    inv_std: np.ndarray | None,
-    gamma: np.ndarray | None,
-    beta: np.ndarray | None,
+    mean: _Buffer | None,
+    inv_std: _Buffer | None,
+    gamma: _Buffer | None,
+    beta: _Buffer | None,
     relu: bool,
-    sum_dy: np.ndarray,
-    sum_dy_xc: np.ndarray,
+    sum_dy: _Buffer,
+    sum_dy_xc: _Buffer,
 ) -> None: ...
 def backward_apply(
-    dy: np.ndarray,
-    x: np.ndarray,
-    out: np.ndarray,
+    dy: _Buffer,
+    x: _Buffer,
+    out: _Buffer,
     axes: Sequence[int],
-    mean: np.ndarray | None,
-    inv_std: np.ndarray | None,
-    gamma: np.ndarray | None,
-    beta: np.ndarray | None,
+    mean: _Buffer | None,
+    inv_std: _Buffer | None,
+    gamma: _Buffer | None,
+    beta: _Buffer | None,
     relu: bool,
-    sum_dy: np.ndarray,
-    sum_dy_xc: np.ndarray,
+    sum_dy: _Buffer,
+    sum_dy_xc: _Buffer,
     count: int,
     fixed_statistics: bool = False,
 ) -> None: ...

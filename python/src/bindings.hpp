@@ -29,9 +29,10 @@ struct ArrayArg {
   Element element = Element::f32;
 };
 
-/// Describes a data array (x, y, dy, dx); TypeError for unsupported dtypes, ValueError
-/// for strides that are not whole elements or unaligned data; `writeable` demands it.
-ArrayArg describe(const py::array& a, const char* name, bool writeable);
+/// Describes a data array (x, y, dy, dx), a NumPy array or (after use_torch) a CPU torch
+/// tensor; TypeError for unsupported dtypes, ValueError for strides that are not whole
+/// elements or unaligned data; `writeable` demands it.
+ArrayArg describe(py::handle a, const char* name, bool writeable);
 
 /// The element type of a dtype the kernels take (native-order float16/32/64 or bfloat16); false for others.
 bool element_if_supported(const py::dtype& dt, Element& e);
@@ -40,15 +41,15 @@ bool element_if_supported(const py::dtype& dt, Element& e);
 // the fast path (register_fast_path.cpp) runs too.
 // moments_into and forward_into allocate the statistics outputs left None and then return
 // them (with the count for forward); otherwise they return the count.
-py::object moments_into(const py::array& x, const std::vector<int>& axes, const py::object& mean,
+py::object moments_into(const py::object& x, const std::vector<int>& axes, const py::object& mean,
                         const py::object& variance);
-void normalize_into(const py::array& x, const py::array& y, const std::vector<int>& axes, const py::object& mean,
+void normalize_into(const py::object& x, const py::object& y, const std::vector<int>& axes, const py::object& mean,
                     const py::object& variance, const py::object& gamma, const py::object& beta, double epsilon,
                     bool relu, const py::object& inv_std);
-py::object forward_into(const py::array& x, const py::array& y, const std::vector<int>& axes, const py::object& gamma,
+py::object forward_into(const py::object& x, const py::object& y, const std::vector<int>& axes, const py::object& gamma,
                         const py::object& beta, double epsilon, bool relu, const py::object& mean,
                         const py::object& variance, const py::object& inv_std);
-void backward_into(const py::array& dy, const py::array& x, const py::array& dx, const std::vector<int>& axes,
+void backward_into(const py::object& dy, const py::object& x, const py::object& dx, const std::vector<int>& axes,
                    const py::object& mean, const py::object& inv_std, const py::object& gamma, const py::object& beta,
                    bool relu, const py::object& dgamma, const py::object& dbeta, bool fixed_statistics);
 

@@ -1,10 +1,11 @@
-// moments, partial_moments, normalize, forward, backward, merge_moments over NumPy buffers.
+// moments, partial_moments, normalize, forward, backward, merge_moments over NumPy arrays
+// or CPU torch tensors (once batchnorm.torch has called use_torch).
 //
 // Arrays arrive as they are (no conversion, no copy): the Python layer has already
 // chosen dtypes and allocated outputs; here their buffers are described for the C++ API
 // and checked (dtype, shape, size, writeable), then the kernel runs with the GIL
 // released. That is safe because the kernels touch only these buffers, which the
-// py::array arguments keep alive, and no Python object. The fast path of the public
+// arguments keep alive, and no Python object. The fast path of the public
 // functions (register_fast_path.cpp) runs the same *_into functions.
 #include <cstdint>
 #include <limits>
@@ -67,6 +68,61 @@ bool element_if_supported(const py::dtype& dt, Element& e) {
 
 namespace {
 
+// torch.Tensor and torch's float16, bfloat16, float32 and float64 dtype objects (in Element
+// order), handed over by batchnorm.torch through use_torch and kept for the process's
+// lifetime. Read by reference to torch's objects, so _core itself never imports torch.
+struct TorchTypes {
+  PyTypeObject* tensor = nullptr;
+  PyObject* dtypes[4] = {};
+};
+TorchTypes torch_types;
+
+bool is_tensor(py::handle o) { return torch_types.tensor && PyObject_TypeCheck(o.ptr(), torch_types.tensor); }
+
+// A tensor's element type, if the kernels take it.
+bool tensor_element(py::handle t, Element& e) {
+  const py::object dtype = t.attr("dtype");
+  for (int i = 0; i < 4; ++i)
+    if (dtype.ptr() == torch_types.dtypes[i]) {
+      e = static_cast<Element>(i);
+      return true;
+    }
+  return false;
+}
+
+// Kernels read tensor memory directly, so anything but a strided CPU tensor is refused
+// before its pointer is taken.
+void check_cpu_strided(py::handle t, const char* name) {
+  if (!t.attr("is_cpu").cast<bool>())
+    throw value_error(std::string(name) + " is on device '" + py::str(t.attr("device")).cast<std::string>() +
+                      "'; batchnorm runs on CPU tensors only (move it with .cpu())");
+  if (t.attr("is_sparse").cast<bool>() || t.attr("is_mkldnn").cast<bool>() || t.attr("is_quantized").cast<bool>())
+    throw type_error(std::string(name) + " must be a dense (strided) tensor, not " +
+                     py::str(t.attr("layout")).cast<std::string>());
+}
+
+ArrayArg describe_tensor(py::handle t, const char* name) {
+  check_cpu_strided(t, name);
+  ArrayArg arg;
+  if (!tensor_element(t, arg.element))
+    throw type_error(std::string(name) + " must be a float16, bfloat16, float32 or float64 tensor; got " +
+                     py::str(t.attr("dtype")).cast<std::string>());
+  arg.data = reinterpret_cast<void*>(t.attr("data_ptr")().cast<std::uintptr_t>());
+  const auto shape = py::reinterpret_borrow<py::tuple>(t.attr("shape"));
+  const auto strides = t.attr("stride")().cast<py::tuple>();
+  for (std::size_t d = 0; d < shape.size(); ++d) {
+    arg.shape.push_back(shape[d].cast<index_t>());
+    arg.strides.push_back(strides[d].cast<index_t>());  // torch counts strides in elements
+  }
+  return arg;
+}
+
+// Whether a per-channel array or tensor holds float64 (else it must hold float32).
+bool holds_float64(py::handle o) {
+  if (is_tensor(o)) return o.attr("dtype").ptr() == torch_types.dtypes[3];
+  return py::isinstance<py::array>(o) && py::reinterpret_borrow<py::array>(o).itemsize() == 8;
+}
+
 Element element_of(const py::array& a, const char* name) {
   const py::dtype dt = a.dtype();
   Element e{};
@@ -108,6 +164,21 @@ void check_like(const ArrayArg& a, const char* a_name, const ArrayArg& b, const 
                       ", the shape of " + b_name);
 }
 
+// A per-channel tensor of S: CPU, contiguous, `channels` elements (always writeable).
+template <class S>
+S* tensor_channels(py::handle t, const char* name, index_t channels) {
+  check_cpu_strided(t, name);
+  Element e{};
+  const Element want = sizeof(S) == 4 ? Element::f32 : Element::f64;
+  if (!tensor_element(t, e) || e != want || !t.attr("is_contiguous")().cast<bool>())
+    throw type_error(std::string(name) + " must be a contiguous " + (sizeof(S) == 4 ? "float32" : "float64") +
+                     " tensor");
+  if (t.attr("numel")().cast<index_t>() != channels)
+    throw value_error(std::string(name) + " has " + py::str(t.attr("numel")()).cast<std::string>() +
+                      " elements; expected " + std::to_string(channels) + " (one per channel)");
+  return reinterpret_cast<S*>(t.attr("data_ptr")().cast<std::uintptr_t>());
+}
+
 // A per-channel array of S: contiguous, `channels` elements. None gives nullptr if allowed.
 template <class S>
 S* channel_array(const py::object& o, const char* name, index_t channels, bool writeable, bool optional = false) {
@@ -115,6 +186,7 @@ S* channel_array(const py::object& o, const char* name, index_t channels, bool w
     if (optional) return nullptr;
     throw type_error(std::string(name) + " must be an array, not None");
   }
+  if (is_tensor(o)) return tensor_channels<S>(o, name, channels);
   if (!py::isinstance<py::array>(o)) throw type_error(std::string(name) + " must be a NumPy array");
   auto a = py::reinterpret_borrow<py::array>(o);
   if (!py::isinstance<py::array_t<S>>(a) || !(a.flags() & py::array::c_style))
@@ -182,7 +254,17 @@ Affine<S> affine_of(const py::object& gamma, const py::object& beta, index_t cha
 
 }  // namespace
 
-ArrayArg describe(const py::array& a, const char* name, bool writeable) {
+ArrayArg describe(py::handle o, const char* name, bool writeable) {
+  if (is_tensor(o)) {
+    ArrayArg arg = describe_tensor(o, name);
+    const std::uintptr_t itemsize = arg.element == Element::f64 ? 8 : arg.element == Element::f32 ? 4 : 2;
+    if (reinterpret_cast<std::uintptr_t>(arg.data) % itemsize != 0)
+      throw value_error(std::string(name) + " is not aligned to its element size");
+    return arg;
+  }
+  if (!py::isinstance<py::array>(o))
+    throw type_error(std::string(name) + " must be a NumPy array" + (torch_types.tensor ? " or a torch tensor" : ""));
+  const auto a = py::reinterpret_borrow<py::array>(o);
   ArrayArg arg;
   arg.element = element_of(a, name);
   const auto itemsize = static_cast<index_t>(a.itemsize());
@@ -218,7 +300,7 @@ py::object stat_output(const py::object& given, const ArrayArg& xa, const Geomet
   return py::array(xa.element == Element::f64 ? py::dtype::of<double>() : py::dtype::of<float>(), kept);
 }
 
-py::object moments_into(const py::array& x, const std::vector<int>& axes, const py::object& mean,
+py::object moments_into(const py::object& x, const std::vector<int>& axes, const py::object& mean,
                         const py::object& variance) {
   const ArrayArg xa = describe(x, "x", false);
   const Geometry g{xa.shape, to_axes(axes)};
@@ -237,7 +319,7 @@ py::object moments_into(const py::array& x, const std::vector<int>& axes, const 
   return py::int_(count);
 }
 
-void normalize_into(const py::array& x, const py::array& y, const std::vector<int>& axes, const py::object& mean,
+void normalize_into(const py::object& x, const py::object& y, const std::vector<int>& axes, const py::object& mean,
                     const py::object& variance, const py::object& gamma, const py::object& beta, double epsilon,
                     bool relu, const py::object& inv_std) {
   const ArrayArg xa = describe(x, "x", false);
@@ -258,7 +340,7 @@ void normalize_into(const py::array& x, const py::array& y, const std::vector<in
   });
 }
 
-py::object forward_into(const py::array& x, const py::array& y, const std::vector<int>& axes, const py::object& gamma,
+py::object forward_into(const py::object& x, const py::object& y, const std::vector<int>& axes, const py::object& gamma,
                         const py::object& beta, double epsilon, bool relu, const py::object& mean,
                         const py::object& variance, const py::object& inv_std) {
   const ArrayArg xa = describe(x, "x", false);
@@ -293,10 +375,10 @@ struct BackwardArgs {
   ArrayArg x, dy, dx;
   Geometry g;
   index_t channels;
-  BackwardArgs(const py::array& dy_arr, const py::array& x_arr, const py::array* dx_arr, const std::vector<int>& axes)
+  BackwardArgs(py::handle dy_arr, py::handle x_arr, py::handle dx_arr, const std::vector<int>& axes)
       : x(describe(x_arr, "x", false)),
         dy(describe(dy_arr, "dy", false)),
-        dx(dx_arr ? describe(*dx_arr, "out", true) : ArrayArg{}),
+        dx(dx_arr ? describe(dx_arr, "out", true) : ArrayArg{}),
         g{x.shape, to_axes(axes)},
         channels(extent(g).channels) {
     check_like(dy, "dy", x, "x");
@@ -332,10 +414,10 @@ StatsArgs<S> stats_args(const py::object& mean, const py::object& inv_std, const
 
 }  // namespace
 
-void backward_into(const py::array& dy, const py::array& x, const py::array& dx, const std::vector<int>& axes,
+void backward_into(const py::object& dy, const py::object& x, const py::object& dx, const std::vector<int>& axes,
                    const py::object& mean, const py::object& inv_std, const py::object& gamma, const py::object& beta,
                    bool relu, const py::object& dgamma, const py::object& dbeta, bool fixed_statistics) {
-  const BackwardArgs a(dy, x, &dx, axes);
+  const BackwardArgs a(dy, x, dx, axes);
   with_element(a.x.element, [&](auto tag) {
     using T = decltype(tag);
     using S = stat_t<T>;
@@ -350,6 +432,19 @@ void backward_into(const py::array& dy, const py::array& x, const py::array& dx,
 }
 
 void register_functional(py::module_& m) {
+  m.def(
+      "use_torch",
+      [](const py::object& tensor, const py::object& f16, const py::object& bf16, const py::object& f32,
+         const py::object& f64) {
+        if (!PyType_Check(tensor.ptr())) throw type_error("use_torch takes the torch.Tensor type");
+        // references kept for the process's lifetime: the pointers are compared by identity
+        torch_types.tensor = reinterpret_cast<PyTypeObject*>(tensor.inc_ref().ptr());
+        const py::object* dtypes[4] = {&f16, &bf16, &f32, &f64};
+        for (int i = 0; i < 4; ++i) torch_types.dtypes[i] = dtypes[i]->inc_ref().ptr();
+      },
+      py::arg("tensor"), py::arg("float16"), py::arg("bfloat16"), py::arg("float32"), py::arg("float64"),
+      "Takes CPU torch tensors wherever the bindings take arrays from now on");
+
   m.def("feature_axes", &feature_axes_of, py::arg("axis"), py::arg("ndim"),
         "The feature axes of an array of ndim dimensions, validated, sorted and non-negative");
 
@@ -359,7 +454,7 @@ void register_functional(py::module_& m) {
 
   m.def(
       "partial_moments",
-      [](const py::array& x, const std::vector<int>& axes, const py::object& mean, const py::object& m2) {
+      [](const py::object& x, const std::vector<int>& axes, const py::object& mean, const py::object& m2) {
         const ArrayArg xa = describe(x, "x", false);
         const Geometry g{xa.shape, to_axes(axes)};
         const index_t channels = extent(g).channels;
@@ -379,12 +474,18 @@ void register_functional(py::module_& m) {
 
   m.def(
       "merge_moments",
-      [](const py::array& count_a, const py::object& mean_a, const py::object& m2_a, const py::object& count_b,
+      [](const py::object& count_a, const py::object& mean_a, const py::object& m2_a, const py::object& count_b,
          const py::object& mean_b, const py::object& m2_b) {
-        const auto channels = static_cast<index_t>(count_a.size());
+        if (!is_tensor(count_a) && !py::isinstance<py::array>(count_a))
+          throw type_error("count_a must be a NumPy array");
+        const auto channels =
+            static_cast<index_t>(is_tensor(count_a) ? count_a.attr("numel")().cast<py::ssize_t>()
+                                                    : py::reinterpret_borrow<py::array>(count_a).size());
         auto vector = [channels](const py::object& o, const char* name, bool writeable) {
           double* p = channel_array<double>(o, name, channels, writeable);
-          if (py::reinterpret_borrow<py::array>(o).ndim() != 1) throw value_error(std::string(name) + " must be 1-D");
+          const auto ndim =
+              is_tensor(o) ? o.attr("dim")().cast<py::ssize_t>() : py::reinterpret_borrow<py::array>(o).ndim();
+          if (ndim != 1) throw value_error(std::string(name) + " must be 1-D");
           return p;
         };
         double* na = vector(count_a, "count_a", true);
@@ -398,6 +499,35 @@ void register_functional(py::module_& m) {
       py::arg("count_a").noconvert(), py::arg("mean_a"), py::arg("m2_a"), py::arg("count_b"), py::arg("mean_b"),
       py::arg("m2_b"), "Merges the per-channel partials b into a, in place (Chan et al.)");
 
+  m.def(
+      "update_running",
+      [](const py::object& running_mean, const py::object& running_var, const py::object& mean,
+         const py::object& variance, double factor, index_t count) {
+        // torch's rule, in double and rounded once: running = (1 - f) * running + f * batch,
+        // the batch variance unbiased by count / (count - 1) (NaN for a count of 1, as torch).
+        auto update = [&](auto tag) {
+          using S = decltype(tag);
+          const auto channels = static_cast<index_t>(py::len(mean));
+          S* rm = channel_array<S>(running_mean, "running_mean", channels, true);
+          S* rv = channel_array<S>(running_var, "running_var", channels, true);
+          const S* mu = channel_array<S>(mean, "mean", channels, false);
+          const S* var = channel_array<S>(variance, "variance", channels, false);
+          const double unbias = count > 1 ? static_cast<double>(count) / static_cast<double>(count - 1)
+                                          : std::numeric_limits<double>::quiet_NaN();
+          for (index_t c = 0; c < channels; ++c) {
+            rm[c] = static_cast<S>((1.0 - factor) * static_cast<double>(rm[c]) + factor * static_cast<double>(mu[c]));
+            rv[c] = static_cast<S>((1.0 - factor) * static_cast<double>(rv[c]) +
+                                   factor * static_cast<double>(var[c]) * unbias);
+          }
+        };
+        if (holds_float64(running_mean))
+          update(double{});
+        else
+          update(float{});
+      },
+      py::arg("running_mean"), py::arg("running_var"), py::arg("mean"), py::arg("variance"), py::arg("factor"),
+      py::arg("count"), "Moves the running statistics toward a batch's, in place, as torch.nn.BatchNorm does");
+
   m.def("forward", &forward_into, py::arg("x").noconvert(), py::arg("out").noconvert(), py::arg("axes"),
         py::arg("gamma"), py::arg("beta"), py::arg("epsilon"), py::arg("relu"), py::arg("mean") = py::none(),
         py::arg("variance") = py::none(), py::arg("inv_std") = py::none());
@@ -408,10 +538,10 @@ void register_functional(py::module_& m) {
 
   m.def(
       "backward_sums",
-      [](const py::array& dy, const py::array& x, const std::vector<int>& axes, const py::object& mean,
+      [](const py::object& dy, const py::object& x, const std::vector<int>& axes, const py::object& mean,
          const py::object& inv_std, const py::object& gamma, const py::object& beta, bool relu,
          const py::object& sum_dy, const py::object& sum_dy_xc) {
-        const BackwardArgs a(dy, x, nullptr, axes);
+        const BackwardArgs a(dy, x, py::handle(), axes);
         double* s = channel_array<double>(sum_dy, "sum_dy", a.channels, true);
         double* sx = channel_array<double>(sum_dy_xc, "sum_dy_xc", a.channels, true);
         with_element(a.x.element, [&](auto tag) {
@@ -426,10 +556,10 @@ void register_functional(py::module_& m) {
 
   m.def(
       "backward_apply",
-      [](const py::array& dy, const py::array& x, const py::array& dx, const std::vector<int>& axes,
+      [](const py::object& dy, const py::object& x, const py::object& dx, const std::vector<int>& axes,
          const py::object& mean, const py::object& inv_std, const py::object& gamma, const py::object& beta, bool relu,
          const py::object& sum_dy, const py::object& sum_dy_xc, index_t count, bool fixed_statistics) {
-        const BackwardArgs a(dy, x, &dx, axes);
+        const BackwardArgs a(dy, x, dx, axes);
         const double* s = channel_array<double>(sum_dy, "sum_dy", a.channels, false);
         const double* sx = channel_array<double>(sum_dy_xc, "sum_dy_xc", a.channels, false);
         with_element(a.x.element, [&](auto tag) {

@@ -1,0 +1,88 @@
+"""``batch_norm``: torch.nn.functional.batch_norm on the core, differentiable."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from . import _kernels
+
+
+def _verify(x: torch.Tensor, weight: torch.Tensor | None, running_mean: torch.Tensor | None, training: bool) -> None:
+    """torch's checks, in torch's order and words (a failed call then changes nothing)."""
+    if x.device.type != "cpu":
+        raise ValueError(f"batchnorm.torch runs on CPU tensors; input is on {x.device}")
+    if x.dim() < 2:
+        raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
+    if training and _kernels.values_per_channel(x) == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
+    c = x.shape[1]
+    for name, t in (("running_mean", running_mean), ("weight", weight)):
+        if t is not None and t.numel() != c:
+            raise RuntimeError(f"{name} should contain {c} elements not {t.numel()}")
+
+
+class _BatchNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(  # noqa: PLR0917 - autograd passes them positionally
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        running_mean: torch.Tensor | None,
+        running_var: torch.Tensor | None,
+        training: bool,
+        momentum: float,
+        eps: float,
+    ) -> torch.Tensor:
+        if training or running_mean is None or running_var is None:
+            y, mean, inv_std = _kernels.train_forward(
+                x, weight, bias, running_mean if training else None, running_var, momentum, eps
+            )
+        else:
+            y, mean, inv_std = _kernels.infer_forward(x, weight, bias, running_mean, running_var, eps)
+        ctx.fixed = not (training or running_mean is None or running_var is None)
+        ctx.save_for_backward(x, weight, mean, inv_std)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight, mean, inv_std = ctx.saved_tensors
+        dx, dweight, dbias = _kernels.backward(dy, x, mean, inv_std, weight, ctx.fixed)
+        need = ctx.needs_input_grad
+        to = weight.dtype if weight is not None else dweight.dtype
+        return (
+            dx if need[0] else None,
+            dweight.to(to) if need[1] else None,
+            dbias.to(to) if need[2] else None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def batch_norm(  # noqa: PLR0917 - torch.nn.functional.batch_norm's positional signature
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """torch.nn.functional.batch_norm, on batchnorm's kernels (CPU tensors).
+
+    Differentiable in input, weight and bias; in training the running statistics (if
+    given) are updated in place, as torch does. Results equal torch's to rounding.
+    """
+    _verify(input, weight, running_mean, training)
+    y: torch.Tensor = _BatchNorm.apply(  # type: ignore[no-untyped-call]
+        input, weight, bias, running_mean, running_var, training, momentum, eps
+    )
+    return y

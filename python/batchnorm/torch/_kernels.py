@@ -1,0 +1,139 @@
+"""The core's passes on CPU torch tensors: read and written in place, whatever the strides.
+
+The bindings take tensors directly (their data pointer, shape and strides) once
+``_core.use_torch`` has been told torch's types, so no tensor goes through NumPy
+(which has no bfloat16). Per-channel tensors are passed as contiguous float32 (float64
+for float64 input), the core's statistics type.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import _core
+
+_core.use_torch(torch.Tensor, torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+AXES = (1,)  # the channel axis of every layout torch's batch norm takes (NC, NCL, NCHW, NCDHW)
+
+
+def follow_torch_threads() -> None:
+    """Run with torch's thread count (torch.set_num_threads), which both share one OpenMP pool."""
+    n = torch.get_num_threads()
+    if _core.get_num_threads() != n:
+        _core.set_num_threads(n)
+
+
+def stat_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def channels(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A per-channel tensor as the core reads it (the same tensor when it already is one)."""
+    if t is None or (t.dtype == dtype and t.is_contiguous()):
+        return t
+    return t.detach().to(dtype).contiguous()
+
+
+def empty_output(x: torch.Tensor) -> torch.Tensor:
+    """An output shaped and laid out as torch's batch norm lays out its own."""
+    fmt = torch.contiguous_format
+    last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    if last is not None and x.is_contiguous(memory_format=last) and not x.is_contiguous():
+        fmt = last
+    return torch.empty_like(x, memory_format=fmt)
+
+
+def values_per_channel(x: torch.Tensor) -> int:
+    return int(x.shape[0] * math.prod(x.shape[2:]))
+
+
+def train_forward(  # noqa: PLR0917 - the order of torch's batch_norm arguments
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    momentum: float,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y, batch mean, batch inv_std; the running statistics (if given) move toward the batch's."""
+    follow_torch_threads()
+    sdt = stat_dtype(x)
+    c = x.shape[1]
+    y = empty_output(x)
+    mean = torch.zeros(c, dtype=sdt)
+    inv_std = torch.ones(c, dtype=sdt)
+    if values_per_channel(x) == 0:  # torch: an empty output, running statistics untouched
+        return y, mean, inv_std
+    var = torch.empty(c, dtype=sdt)
+    count = _core.forward(x, y, AXES, channels(weight, sdt), channels(bias, sdt), eps, False, mean, var, inv_std)
+    if running_mean is not None and running_var is not None:
+        update_running(running_mean, running_var, mean, var, momentum, count)
+    return y, mean, inv_std
+
+
+def update_running(  # noqa: PLR0917 - the order of torch's batch_norm arguments
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    factor: float,
+    count: int,
+) -> None:
+    """running = (1 - factor) * running + factor * batch (variance unbiased), in place."""
+    sdt = mean.dtype
+    if all(t.dtype == sdt and t.is_contiguous() for t in (running_mean, running_var)):
+        _core.update_running(running_mean, running_var, mean, var, float(factor), count)
+        return
+    # 16-bit or strided buffers: the same rule through a float32/64 copy, written back once
+    rm, rv = running_mean.detach().to(sdt).contiguous(), running_var.detach().to(sdt).contiguous()
+    _core.update_running(rm, rv, mean, var, float(factor), count)
+    with torch.no_grad():
+        running_mean.copy_(rm)
+        running_var.copy_(rv)
+
+
+def infer_forward(  # noqa: PLR0917 - the order of torch's batch_norm arguments
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y normalized with the running statistics; also the mean and inv_std it used."""
+    follow_torch_threads()
+    sdt = stat_dtype(x)
+    mean, var = channels(running_mean, sdt), channels(running_var, sdt)
+    assert mean is not None
+    assert var is not None
+    y = empty_output(x)
+    inv_std = torch.empty(x.shape[1], dtype=sdt)
+    _core.normalize(x, y, AXES, mean, var, channels(weight, sdt), channels(bias, sdt), eps, False, inv_std)
+    return y, mean, inv_std
+
+
+def backward(  # noqa: PLR0917 - the order of torch's batch_norm arguments
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    inv_std: torch.Tensor,
+    weight: torch.Tensor | None,
+    fixed_statistics: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dx, dweight, dbias (statistics dtype) of a pass that used mean and inv_std."""
+    follow_torch_threads()
+    sdt = stat_dtype(x)
+    c = x.shape[1]
+    dx = empty_output(x)
+    dweight = torch.zeros(c, dtype=sdt)
+    dbias = torch.zeros(c, dtype=sdt)
+    if x.numel() == 0:
+        return dx, dweight, dbias
+    if dy.dtype != x.dtype:
+        dy = dy.to(x.dtype)
+    _core.backward(dy, x, dx, AXES, mean, inv_std, channels(weight, sdt), None, False, dweight, dbias, fixed_statistics)
+    return dx, dweight, dbias

@@ -1,0 +1,143 @@
+"""BatchNorm1d/2d/3d: torch.nn.BatchNorm*d whose forward runs on batchnorm's kernels."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ._functional import batch_norm
+
+
+class _Forward:
+    """torch.nn.modules.batchnorm._BatchNorm.forward, except that num_batches_tracked moves
+    only after a pass that succeeded (torch advances it first), so a failed call changes no buffer."""
+
+    training: bool
+    track_running_stats: bool
+    momentum: float | None
+    eps: float
+    num_batches_tracked: torch.Tensor | None
+    running_mean: torch.Tensor | None
+    running_var: torch.Tensor | None
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)  # type: ignore[attr-defined]  # torch's, per dimension
+        tracking = self.training and self.track_running_stats and self.num_batches_tracked is not None
+        factor = 0.0 if self.momentum is None else self.momentum
+        if tracking and self.momentum is None:  # cumulative average over the batches so far
+            assert self.num_batches_tracked is not None
+            factor = 1.0 / float(self.num_batches_tracked + 1)
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        use_running = not self.training or self.track_running_stats
+        y = batch_norm(
+            input,
+            self.running_mean if use_running else None,
+            self.running_var if use_running else None,
+            self.weight,
+            self.bias,
+            bn_training,
+            factor,
+            self.eps,
+        )
+        if tracking:
+            assert self.num_batches_tracked is not None
+            self.num_batches_tracked.add_(1)
+        return y
+
+
+class BatchNorm1d(_Forward, torch.nn.BatchNorm1d):  # type: ignore[misc]
+    """torch.nn.BatchNorm1d on batchnorm's kernels: same parameters, buffers and state_dict."""
+
+
+class BatchNorm2d(_Forward, torch.nn.BatchNorm2d):  # type: ignore[misc]
+    """torch.nn.BatchNorm2d on batchnorm's kernels: same parameters, buffers and state_dict."""
+
+
+class BatchNorm3d(_Forward, torch.nn.BatchNorm3d):  # type: ignore[misc]
+    """torch.nn.BatchNorm3d on batchnorm's kernels: same parameters, buffers and state_dict."""
+
+
+_OURS: dict[type[torch.nn.Module], type[torch.nn.Module]] = {
+    torch.nn.BatchNorm1d: BatchNorm1d,
+    torch.nn.BatchNorm2d: BatchNorm2d,
+    torch.nn.BatchNorm3d: BatchNorm3d,
+}
+_TORCH = {ours: theirs for theirs, ours in _OURS.items()}
+
+
+def _sync_class() -> type[torch.nn.Module]:
+    from ._sync import SyncBatchNorm  # torch.distributed only when asked for
+
+    cls: type[torch.nn.Module] = SyncBatchNorm
+    return cls
+
+
+def _replace(
+    module: torch.nn.modules.batchnorm._BatchNorm, cls: type[torch.nn.Module], **extra: object
+) -> torch.nn.Module:
+    """A cls holding module's own Parameter and buffer tensors, flags and training mode."""
+    new = cls(
+        module.num_features,
+        module.eps,
+        module.momentum,
+        module.affine,
+        module.track_running_stats,
+        device="meta",  # nothing worth allocating: every tensor is replaced by module's below
+        **extra,
+    )
+    for name, param in module._parameters.items():
+        new._parameters[name] = param
+    for name, buf in module._buffers.items():
+        new._buffers[name] = buf
+    new.training = module.training
+    if hasattr(module, "qconfig"):
+        new.qconfig = module.qconfig
+    return new
+
+
+def _swap(module: torch.nn.Module, pick: Callable[[torch.nn.Module], torch.nn.Module]) -> torch.nn.Module:
+    out = pick(module)
+    for name, child in module.named_children():
+        out.add_module(name, _swap(child, pick))
+    return out
+
+
+def convert(module: torch.nn.Module, *, sync: bool = False, process_group: object = None) -> torch.nn.Module:
+    """Every torch.nn.BatchNorm1d/2d/3d in module (and module itself) swapped for batchnorm's.
+
+    Like ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``: the replacements hold the same
+    Parameter and buffer tensors (an optimizer made before keeps working), requires_grad
+    and the training flag; submodules are replaced in place and the (possibly new) root
+    is returned. ``sync=True`` gives :class:`SyncBatchNorm` over ``process_group``
+    instead, for every batch norm including torch's own SyncBatchNorm.
+    """
+
+    def pick(m: torch.nn.Module) -> torch.nn.Module:
+        if not isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            return m
+        if sync or isinstance(m, torch.nn.SyncBatchNorm):  # a SyncBatchNorm stays synchronized
+            cls = _sync_class()
+            group = process_group if sync else getattr(m, "process_group", None)
+            if type(m) is cls and m.process_group is group:
+                return m
+            return _replace(m, cls, process_group=group)
+        ours = _OURS.get(type(m))
+        return m if ours is None else _replace(m, ours)
+
+    return _swap(module, pick)
+
+
+def revert(module: torch.nn.Module) -> torch.nn.Module:
+    """The inverse of :func:`convert`: batchnorm's modules back to torch's, same tensors."""
+
+    def pick(m: torch.nn.Module) -> torch.nn.Module:
+        if type(m) in _TORCH:
+            return _replace(m, _TORCH[type(m)])  # type: ignore[arg-type]
+        if isinstance(m, torch.nn.SyncBatchNorm) and type(m) is not torch.nn.SyncBatchNorm:
+            return _replace(m, torch.nn.SyncBatchNorm, process_group=m.process_group)
+        return m
+
+    return _swap(module, pick)
