@@ -13,8 +13,12 @@
 
 namespace batchnorm::detail {
 
-/// Threads the calling thread may use (see runtime.hpp).
+/// Threads the calling thread may use (see runtime.hpp); 1 in a child forked after a team ran.
 int threads();
+
+/// Records that an OpenMP team has run: a process forked after that runs single-threaded
+/// (libgomp's pool does not survive fork(), and the child's first team would wait for it).
+void note_team();
 
 /// Elements below which one thread does the work: a parallel region costs a few
 /// microseconds, about what one core needs to stream this many values.
@@ -50,6 +54,7 @@ template <class F>
 void parallel([[maybe_unused]] int n, const F& f) {
 #if BATCHNORM_OPENMP
   if (n > 1) {
+    note_team();
 #pragma omp parallel num_threads(n)
     f(omp_get_thread_num(), omp_get_num_threads());
     return;

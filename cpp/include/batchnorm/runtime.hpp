@@ -13,6 +13,8 @@ namespace batchnorm {
 /// OpenMP's default (OMP_NUM_THREADS); set_num_threads applies to every thread that
 /// calls into the library afterwards; a later omp_set_num_threads on the calling
 /// thread (what threadpoolctl does) is honoured until the next set_num_threads.
+/// A process forked after the library ran threads uses one thread for good (OpenMP's
+/// thread pool does not survive fork()); get_num_threads then returns 1.
 BATCHNORM_API int get_num_threads();
 /// n >= 1; throws value_error otherwise. Without OpenMP the count is stored but one thread runs.
 BATCHNORM_API void set_num_threads(int n);
