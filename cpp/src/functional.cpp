@@ -37,7 +37,8 @@ index_t partial_moments(const Geometry& g, In<T> x, double* mean, double* m2) {
   }
   if (p.channels == 0) return p.count;
   check_not_null(x.data, "x");
-  sum_moments(p, x.data, mean, m2);
+  std::vector<double> var(static_cast<std::size_t>(p.channels));
+  sum_moments(p, x.data, mean, m2, var.data());
   return p.count;
 }
 
@@ -64,11 +65,11 @@ index_t moments(const Geometry& g, In<T> x, stat_t<T>* mean, stat_t<T>* variance
               {span_of(p, 0, x.data, sizeof(T), "x")});
   if (p.channels == 0) return p.count;
   check_not_null(x.data, "x");
-  std::vector<double> mu(static_cast<std::size_t>(p.channels)), m2(mu.size());
-  sum_moments(p, x.data, mu.data(), m2.data());
+  std::vector<double> mu(static_cast<std::size_t>(p.channels)), m2(mu.size()), var(mu.size());
+  sum_moments(p, x.data, mu.data(), m2.data(), var.data());
   for (index_t c = 0; c < p.channels; ++c) {
     mean[c] = static_cast<stat_t<T>>(mu[static_cast<std::size_t>(c)]);
-    variance[c] = static_cast<stat_t<T>>(m2[static_cast<std::size_t>(c)] / static_cast<double>(p.count));
+    variance[c] = static_cast<stat_t<T>>(var[static_cast<std::size_t>(c)]);
   }
   return p.count;
 }
@@ -147,11 +148,10 @@ index_t forward(const Geometry& g, In<T> x, Out<T> y, Affine<stat_t<T>> affine, 
     return p.count;
   }
   const auto n = static_cast<std::size_t>(p.channels);
-  std::vector<double> mu(n), m2(n), inv(n);
-  sum_moments(p, x.data, mu.data(), m2.data());
+  std::vector<double> mu(n), m2(n), var(n), inv(n);
+  sum_moments(p, x.data, mu.data(), m2.data(), var.data());
   for (std::size_t c = 0; c < n; ++c)
-    inv[c] = store_stats(static_cast<index_t>(c), mu[c], m2[c], static_cast<double>(p.count), epsilon, mean, variance,
-                         inv_std);
+    inv[c] = store_stats(static_cast<index_t>(c), mu[c], var[c], epsilon, mean, variance, inv_std);
   CoefStore<compute_t<T>> k(p.channels, false);
   set_forward_coefs<T>(k, p.channels, mean, inv.data(), affine);
   affine1(p, x.data, y.data, k.view(), relu, true);

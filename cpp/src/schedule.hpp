@@ -248,9 +248,9 @@ const KernelTable<T>& kernels() {
   return active_tables().get<T>();
 }
 
-// Per-channel sums of x - K over the whole array (streaming), then mean and M2 in double.
+// Per-channel sums of x - K over the whole array (streaming), then mean, M2 and M2 / M in double.
 template <class T>
-void sum_moments(const Plan& p, const T* x, double* mean, double* m2) {
+void sum_moments(const Plan& p, const T* x, double* mean, double* m2, double* var) {
   using C = compute_t<T>;
   const index_t ch = p.channels;
   std::vector<C> shift(static_cast<std::size_t>(ch));
@@ -267,8 +267,11 @@ void sum_moments(const Plan& p, const T* x, double* mean, double* m2) {
       [&](const RunGroup& g, double* ps, double* pss) {
         kt.reduce1_runs(run_array(x, g, kX), run_shape(g), k.from(g.c), ps, pss, 0);
       });
-  for (std::size_t c = 0; c < shift.size(); ++c)
+  for (std::size_t c = 0; c < shift.size(); ++c) {
     moments_from_sums(static_cast<double>(shift[c]), s[c], ss[c], static_cast<double>(p.count), mean[c], m2[c]);
+    var[c] = m2[c] / static_cast<double>(p.count);
+    rescue_moments(p, x, static_cast<index_t>(c), mean[c], m2[c], var[c]);
+  }
 }
 
 // Channel blocks. When a channels_first array's channel fits in cache, one thread takes each
@@ -366,7 +369,9 @@ void forward_channel_blocks(const Plan& p, int nt, const T* x, T* y, const Affin
       });
       double mu, m2;
       moments_from_sums(static_cast<double>(shift), s, ss, M, mu, m2);
-      const double inv = store_stats(c, mu, m2, M, epsilon, mean, variance, inv_std);
+      double var = m2 / M;
+      rescue_moments(p, x, c, mu, m2, var);
+      const double inv = store_stats(c, mu, var, epsilon, mean, variance, inv_std);
       C a, m, b;
       forward_coef<T>(affine, c, mean[c], inv, a, m, b);
       const Coefs<C> kc{&a, &m, &b};
