@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
 TIMEOUT = 120  # seconds: far above what each script needs (a few seconds), far below a hang
@@ -137,3 +138,66 @@ def test_fork_torch_dataloader_workers():
     print("ok")
     """
     )
+
+
+def peak_growth_script(call: str, threads: int) -> str:
+    """Prints the growth of the peak resident memory over one `call` (on inputs already in
+    memory; `out` not yet touched), in bytes, and the input's size."""
+    return f"""
+    import resource
+    import numpy as np
+    import batchnorm as bn
+
+    bn.set_num_threads({threads})
+    x = np.ones((2, 20_000_000), np.float32)
+    dy = np.ones_like(x)
+    out = np.empty_like(x)
+    bn.backward(dy[:, :8], x[:, :8], bn.forward(x[:, :8], axis=1)[1], axis=1)  # first allocations made
+    stats = bn.BatchStats(*(np.ones(x.shape[1], np.float32) for _ in range(3)), 2)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    {call}
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(after - before, x.nbytes)
+    """
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        "bn.moments(x, axis=1)",
+        "bn.forward(x, axis=1, out=out)",
+        "bn.backward(dy, x, stats, axis=1, out=out)",
+    ],
+)
+def test_scratch_memory_does_not_grow_with_threads(call):
+    """Wide channels-last data with two rows: eight threads once kept partial sums for every
+    thread and channel (3 GiB for this 76 MiB input). Now the scratch is a few values per
+    channel (statistics, coefficients), the same for any thread count."""
+    one, nbytes = map(int, run(peak_growth_script(call, 1)).split())
+    eight, _ = map(int, run(peak_growth_script(call, 8)).split())
+    assert eight <= one + (32 << 20), (one / 2**20, eight / 2**20)
+    channels = nbytes // 8
+    assert one <= nbytes + channels * 100, one / 2**20  # out, then under 100 bytes per channel
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_wide_rows_split_by_channels_match_one_thread(dtype, rng, restore_threads):
+    """Few rows of many channels: threads take channel ranges (the memory-bounded split);
+    results agree with the single-threaded ones and the float64 reference."""
+    import batchnorm as bn
+
+    x = (rng.standard_normal((3, 50_001)) * 3 + 1).astype(dtype)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    results = []
+    for threads in (1, 2):
+        bn.set_num_threads(threads)
+        y, st = bn.forward(x, axis=1, activation="relu")
+        dx, dgamma, dbeta = bn.backward(dy, x, st, axis=1, activation="relu")
+        results.append([*bn.moments(x, axis=1), y, st.mean, st.variance, dx, dgamma, dbeta])
+    rtol = {np.float16: 2e-3, np.float32: 1e-5, np.float64: 1e-12}[dtype]  # the thread count changes rounding only
+    for one, two in zip(*results, strict=True):
+        np.testing.assert_allclose(two, one, rtol=rtol, atol=rtol)
+    x64 = x.astype(np.float64)
+    mean, var = bn.moments(x, axis=1)
+    np.testing.assert_allclose(mean, x64.mean(axis=0), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(var, x64.var(axis=0), rtol=1e-6, atol=1e-6)

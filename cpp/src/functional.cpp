@@ -37,8 +37,7 @@ index_t partial_moments(const Geometry& g, In<T> x, double* mean, double* m2) {
   }
   if (p.channels == 0) return p.count;
   check_not_null(x.data, "x");
-  std::vector<double> var(static_cast<std::size_t>(p.channels));
-  sum_moments(p, x.data, mean, m2, var.data());
+  sum_moments(p, x.data, mean, m2, false);
   return p.count;
 }
 
@@ -65,8 +64,8 @@ index_t moments(const Geometry& g, In<T> x, stat_t<T>* mean, stat_t<T>* variance
               {span_of(p, 0, x.data, sizeof(T), "x")});
   if (p.channels == 0) return p.count;
   check_not_null(x.data, "x");
-  std::vector<double> mu(static_cast<std::size_t>(p.channels)), m2(mu.size()), var(mu.size());
-  sum_moments(p, x.data, mu.data(), m2.data(), var.data());
+  std::vector<double> mu(static_cast<std::size_t>(p.channels)), var(mu.size());
+  sum_moments(p, x.data, mu.data(), var.data(), true);
   for (index_t c = 0; c < p.channels; ++c) {
     mean[c] = static_cast<stat_t<T>>(mu[static_cast<std::size_t>(c)]);
     variance[c] = static_cast<stat_t<T>>(var[static_cast<std::size_t>(c)]);
@@ -148,8 +147,8 @@ index_t forward(const Geometry& g, In<T> x, Out<T> y, Affine<stat_t<T>> affine, 
     return p.count;
   }
   const auto n = static_cast<std::size_t>(p.channels);
-  std::vector<double> mu(n), m2(n), var(n), inv(n);
-  sum_moments(p, x.data, mu.data(), m2.data(), var.data());
+  std::vector<double> mu(n), var(n), inv(n);
+  sum_moments(p, x.data, mu.data(), var.data(), true);
   for (std::size_t c = 0; c < n; ++c)
     inv[c] = store_stats(static_cast<index_t>(c), mu[c], var[c], epsilon, mean, variance, inv_std);
   CoefStore<compute_t<T>> k(p.channels, false);
