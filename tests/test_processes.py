@@ -201,3 +201,109 @@ def test_wide_rows_split_by_channels_match_one_thread(dtype, rng, restore_thread
     mean, var = bn.moments(x, axis=1)
     np.testing.assert_allclose(mean, x64.mean(axis=0), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(var, x64.var(axis=0), rtol=1e-6, atol=1e-6)
+
+
+# A multi-second call on a broadcast input (2^34 values, no memory): channels last (rows) or
+# first (runs). The child reports how long the call ran after the parent's SIGINT.
+INTERRUPTED_CALL = """
+    import signal
+    import sys
+    import time
+    import numpy as np
+    import batchnorm as bn
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in an interactive session
+    bn.set_num_threads({threads})
+    x = {x}
+    t = time.perf_counter()
+    expected = bn.moments(x[: x.shape[0] // 64], axis=1)  # 1/64 of the work
+    full = (time.perf_counter() - t) * 64
+    print(full, flush=True)
+    try:
+        bn.moments(x, axis=1)
+    except KeyboardInterrupt:
+        print(time.perf_counter(), flush=True)
+    else:
+        sys.exit("not interrupted")
+    for got, want in zip(bn.moments(x[: x.shape[0] // 64], axis=1), expected):  # still works
+        np.testing.assert_array_equal(got, want)
+"""
+BROADCASTS = {
+    "rows": "np.broadcast_to(np.linspace(0, 1, 2**16, dtype=np.float32), (2**18, 2**16))",
+    "runs": "np.broadcast_to(np.linspace(0, 1, 2**22, dtype=np.float32).reshape(4, 2**20), (2**12, 4, 2**20))",
+}
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("layout", BROADCASTS)
+def test_ctrl_c_stops_a_long_call(layout, threads):
+    import time
+
+    script = textwrap.dedent(INTERRUPTED_CALL.format(threads=threads, x=BROADCASTS[layout]))
+    with subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            full = float(proc.stdout.readline())  # the long call starts now
+            time.sleep(0.3)
+            sent = time.perf_counter()
+            proc.send_signal(signal.SIGINT)
+            stopped = float(proc.stdout.readline() or "inf")
+            _, err = proc.communicate(timeout=TIMEOUT)
+        finally:
+            proc.kill()
+    assert proc.returncode == 0, err
+    # perf_counter is CLOCK_MONOTONIC on Linux: one clock for both processes
+    assert stopped - sent < 1.0, (stopped - sent, full)
+    assert full > 2.0, full  # the call would have gone on for seconds
+
+
+def test_interrupted_layer_and_functional_calls_change_nothing_else():
+    """A signal handler's exception (here from a timer, 20 ms into each call) stops forward,
+    backward and a layer's training call; the layer's state and the inputs are unchanged,
+    and the next calls give the results of an uninterrupted library."""
+    run(
+        """
+    import signal
+    import numpy as np
+    import batchnorm as bn
+
+    class Stop(Exception):
+        pass
+
+    def stop(*_):
+        raise Stop
+
+    signal.signal(signal.SIGALRM, stop)
+    bn.set_num_threads(2)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2**9, 64, 2**11)).astype(np.float32)  # 256 MiB
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    copies = x.copy(), dy.copy()
+    layer = bn.BatchNorm1d(64)
+    state = {k: np.array(v, copy=True) for k, v in layer.state_dict().items()}
+    _, stats = bn.forward(x[:8], axis=1)
+    calls = {
+        "forward": lambda: bn.forward(x, axis=1, out=np.empty_like(x)),
+        "backward": lambda: bn.backward(dy, x, stats, axis=1),
+        "layer": lambda: layer(x),
+    }
+    for name, call in calls.items():
+        signal.setitimer(signal.ITIMER_REAL, 0.02)
+        try:
+            call()
+        except Stop:
+            pass
+        else:
+            raise AssertionError(f"{name} was not interrupted")
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    np.testing.assert_array_equal(x, copies[0])
+    np.testing.assert_array_equal(dy, copies[1])
+    for k, v in layer.state_dict().items():
+        np.testing.assert_array_equal(v, state[k])
+    fresh = bn.BatchNorm1d(64)
+    np.testing.assert_array_equal(layer(x[:64]), fresh(x[:64]))
+    np.testing.assert_array_equal(layer.running_mean, fresh.running_mean)
+    """
+    )

@@ -49,6 +49,15 @@ void in_child() {
 }  // namespace
 #endif
 
+thread_local PassStop* t_pass = nullptr;
+thread_local bool t_pass_caller = false;
+std::atomic<bool (*)()> g_interrupt_check{nullptr};
+
+bool interrupt_requested() {
+  bool (*check)() = g_interrupt_check.load(std::memory_order_acquire);
+  return check && check();
+}
+
 int threads() {
   if (g_single.load(std::memory_order_relaxed)) return 1;
   const unsigned gen = g_generation.load(std::memory_order_acquire);
@@ -79,6 +88,8 @@ void set_num_threads(int n) {
   omp_set_num_threads(n);
 #endif
 }
+
+void set_interrupt_check(bool (*check)()) { detail::g_interrupt_check.store(check, std::memory_order_release); }
 
 std::string version() { return BATCHNORM_VERSION; }
 

@@ -22,6 +22,14 @@ using Offsets = std::array<index_t, kMaxOperands>;
 // Operand numbers, in the plan's order: x, y for the forward passes, x, dy, dx for backward.
 constexpr int kX = 0, kY = 1, kDy = 1, kDx = 2;
 
+// Rows per kernel call in an interruptible pass (threads.hpp): about kInterruptibleValues
+// values, so the pass can stop every few milliseconds; at least 64 rows, so the per-call
+// setup of the rows kernels (a copy of the coefficients) stays negligible; a multiple of 4,
+// the reduction tiles' height, so the sums are those of one call bit for bit.
+inline index_t interruptible_rows(const Plan& p) {
+  return std::max<index_t>(64, kInterruptibleValues / std::max<index_t>(1, p.channels)) / 4 * 4;
+}
+
 // Calls rows(offsets, nrows, row_strides) for rows [begin, end) of a channels_last plan.
 template <class F>
 void for_rows(const Plan& p, index_t begin, index_t end, const F& rows) {
@@ -31,9 +39,11 @@ void for_rows(const Plan& p, index_t begin, index_t end, const F& rows) {
   }
   const Dim& inner = p.reduce_dims.back();
   const std::size_t outer_dims = p.reduce_dims.size() - 1;
+  const index_t most = t_pass ? interruptible_rows(p) : end - begin;
   for (index_t r = begin; r < end;) {
+    if (stop_requested()) return;
     const index_t i = r % inner.size;
-    const index_t len = std::min(inner.size - i, end - r);
+    const index_t len = std::min({inner.size - i, end - r, most});
     Offsets off{};
     for (int op = 0; op < p.operands; ++op) {
       const auto o = static_cast<std::size_t>(op);
@@ -114,6 +124,7 @@ void for_run_groups(const Plan& p, const Runs& r, bool outer_major, index_t begi
   const bool by_channel = outer_major && contiguous_runs && p.channel_dims.size() == 1;
   const bool by_outer = !outer_major && contiguous_runs && p.reduce_dims.size() == 2;
   for (index_t u = begin; u < end;) {
+    if (stop_requested()) return;
     const index_t whole = u / r.pieces;  // the run's number
     const index_t c = outer_major ? whole % p.channels : whole / outers;
     const index_t outer = outer_major ? whole / p.channels : whole % outers;
@@ -182,7 +193,7 @@ void reduce_pass(const Plan& p, std::size_t value_bytes, double* out_s, double* 
   const int nt = threads_for(p.channels * p.count);
   const Runs runs = runs_of(p);
   if (split_channels(p, nt, value_bytes)) {
-    parallel(nt, [&](int t, int n) {
+    parallel(nt, p.channels * p.count, [&](int t, int n) {
       index_t c0, c1;
       partition(C, t, n, c0, c1);
       if (p.kind == Kind::channels_last)
@@ -197,7 +208,7 @@ void reduce_pass(const Plan& p, std::size_t value_bytes, double* out_s, double* 
   }
   std::vector<double> partial(nt > 1 ? static_cast<std::size_t>(2 * nt * C) : 0, 0.0);
   const index_t items = work_items(p);
-  parallel(nt, [&](int t, int n) {
+  parallel(nt, p.channels * p.count, [&](int t, int n) {
     double* s = nt > 1 ? partial.data() + 2 * t * C : out_s;
     double* ss = nt > 1 ? s + C : out_ss;
     index_t begin, end;
@@ -248,14 +259,14 @@ void map_pass(const Plan& p, std::size_t value_bytes, const RowsFn& rows_fn, con
   const index_t chunk = reverse_chunk(p, runs, reread_bytes);
   const int nt = threads_for(p.channels * p.count);
   if (p.kind == Kind::channels_last && split_channels(p, nt, value_bytes)) {
-    parallel(nt, [&](int t, int n) {
+    parallel(nt, p.channels * p.count, [&](int t, int n) {
       index_t c0, c1;
       partition(p.channels, t, n, c0, c1);
       for_channel_rows(p, c0, c1, rows_fn);
     });
     return;
   }
-  parallel(nt, [&](int t, int n) {
+  parallel(nt, p.channels * p.count, [&](int t, int n) {
     index_t begin, end;
     partition(items, t, n, begin, end);
     auto range = [&](index_t lo, index_t hi) {
@@ -408,7 +419,7 @@ void forward_channel_blocks(const Plan& p, int nt, const T* x, T* y, const Affin
   const KernelTable<T>& kt = kernels<T>();
   const double M = static_cast<double>(p.count);
   const bool stream = stream_output<T>(p);
-  parallel(nt, [&](int t, int n) {
+  parallel(nt, p.channels * p.count, [&](int t, int n) {
     index_t c0, c1;
     partition(p.channels, t, n, c0, c1);
     for (index_t c = c0; c < c1; ++c) {
@@ -474,7 +485,7 @@ void backward_channel_blocks(BackwardSetup<T>& b, int nt, const T* dy, const T* 
   const KernelTable<T>& kt = kernels<T>();
   const Coefs<compute_t<T>> kv = b.k.view();
   const bool stream = stream_output<T>(p);
-  parallel(nt, [&](int t, int n) {
+  parallel(nt, p.channels * p.count, [&](int t, int n) {
     index_t c0, c1;
     partition(p.channels, t, n, c0, c1);
     for (index_t c = c0; c < c1; ++c) {

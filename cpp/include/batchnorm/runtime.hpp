@@ -34,6 +34,13 @@ BATCHNORM_API std::string max_isa();
 /// the yardstick the benchmarks measure the kernels against. The ranges must not overlap.
 BATCHNORM_API void copy_memory(const void* src, void* dst, std::size_t bytes, bool nontemporal);
 
+/// A function that tells whether a long call should stop (e.g. a signal is pending), or
+/// nullptr for none (the default). A call over kernels of more than 4 Mi values asks it
+/// from the calling thread, between chunks, at most every 50 ms; when it returns true,
+/// every thread stops after its current chunk and the call throws `interrupted`. Outputs
+/// the call had begun to write are then partly written; nothing else is.
+BATCHNORM_API void set_interrupt_check(bool (*check)());
+
 /// Library version ("major.minor.patch").
 BATCHNORM_API std::string version();
 /// Compiler that built the library, e.g. "GCC 12.2.0".
