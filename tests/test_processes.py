@@ -180,13 +180,15 @@ def test_scratch_memory_does_not_grow_with_threads(call):
     assert one <= nbytes + channels * 100, one / 2**20  # out, then under 100 bytes per channel
 
 
+@pytest.mark.parametrize("shape", [(3, 50_001), (2, 2**22 + 3)], ids=["cached", "streamed"])
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
-def test_wide_rows_split_by_channels_match_one_thread(dtype, rng, restore_threads):
-    """Few rows of many channels: threads take channel ranges (the memory-bounded split);
-    results agree with the single-threaded ones and the float64 reference."""
+def test_wide_rows_split_by_channels_match_one_thread(dtype, shape, rng, restore_threads):
+    """Few rows of many channels (also outputs large enough to be streamed): threads take
+    channel ranges (the memory-bounded split); results agree with the single-threaded ones
+    and the float64 reference."""
     import batchnorm as bn
 
-    x = (rng.standard_normal((3, 50_001)) * 3 + 1).astype(dtype)
+    x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
     dy = rng.standard_normal(x.shape).astype(dtype)
     results = []
     for threads in (1, 2):
