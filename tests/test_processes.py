@@ -309,3 +309,40 @@ def test_interrupted_layer_and_functional_calls_change_nothing_else():
     np.testing.assert_array_equal(layer.running_mean, fresh.running_mean)
     """
     )
+
+
+def test_ctrl_c_in_a_child_forked_from_another_thread():
+    """After a fork from a thread other than the main one, that thread is the child's main
+    thread, where Python runs signal handlers: a long call there stops too."""
+    run(
+        """
+    import os
+    import signal
+    import threading
+    import time
+    import numpy as np
+    import batchnorm as bn
+
+    x = np.broadcast_to(np.ones(2**16, np.float32), (2**18, 2**16))  # seconds of work
+    status = []
+
+    def fork_and_wait():
+        pid = os.fork()
+        if pid == 0:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.setitimer(signal.ITIMER_REAL, 0.3)
+            signal.signal(signal.SIGALRM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+            t = time.perf_counter()
+            try:
+                bn.moments(x, axis=1)
+            except KeyboardInterrupt:
+                os._exit(0 if time.perf_counter() - t < 1.5 else 2)
+            os._exit(1)
+        status.append(os.waitpid(pid, 0)[1])
+
+    thread = threading.Thread(target=fork_and_wait)
+    thread.start()
+    thread.join()
+    assert status == [0], status
+    """
+    )

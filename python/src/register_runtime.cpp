@@ -1,7 +1,11 @@
-// Threads, instruction sets, build information.
+// Threads, instruction sets, build information, interrupts.
 #include "batchnorm/runtime.hpp"
 #include "batchnorm/types.hpp"
 #include "bindings.hpp"
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#endif
 
 namespace batchnorm::python {
 
@@ -35,6 +39,10 @@ void raise_interrupt() {
 
 void register_runtime(py::module_& m) {
   g_main_thread = py::module_::import("threading").attr("main_thread")().attr("ident").cast<unsigned long>();
+#if defined(__unix__) || defined(__APPLE__)
+  // In a forked child the forking thread is the main thread, the one Python runs handlers in.
+  pthread_atfork(nullptr, nullptr, [] { g_main_thread = PyThread_get_thread_ident(); });
+#endif
   set_interrupt_check(&python_signal_pending);
   m.def("get_num_threads", &get_num_threads);
   m.def("set_num_threads", &set_num_threads, py::arg("n"));
