@@ -559,12 +559,14 @@ row("SyncBatchNormalization/init-momentum", ValueError, MOMENTUM, bn.SyncBatchNo
 _LOAD_MESSAGES = {
     "weights-missing": r"holds weights \[\]; the layer has",
     "weight-shape": r"weight 'gamma' has shape \(4,\)",
+    "input-shape-huge": r"weight 'gamma' has shape \(3,\)",
+    "compressed": r"entry 'config.npy' is compressed",
 }
 for name in [
     "empty", "truncated-head", "truncated-half", "truncated-tail", "corrupt", "text", "foreign", "config-only",
     "bad-json", "meta-not-a-dict", "config-not-a-dict", "config-numbers", "other-class", "other-format",
     "config-bad-value", "config-unknown-key", "input-shape-str", "weights-missing", "weight-shape", "weight-str",
-    "weight-complex", "npy",
+    "weight-complex", "npy", "input-shape-huge", "compressed",
 ]:  # fmt: skip
     row(
         f"BatchNormalization.load/{name}",

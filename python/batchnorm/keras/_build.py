@@ -63,6 +63,13 @@ def resolve_axes(axis: int | list[int], rank: int) -> list[int]:
 
 
 def make_build(layer: BatchNormalization, input_shape: Sequence[int | None]) -> Build:
+    b = plan_build(layer, input_shape)
+    b.weights = initial_weights(layer, b.param_shape)
+    return b
+
+
+def plan_build(layer: BatchNormalization, input_shape: Sequence[int | None]) -> Build:
+    """What building for this shape decides, without the weights (nothing is allocated)."""
     shape = tuple(input_shape)
     rank = len(shape)
     if rank < 2:
@@ -108,8 +115,13 @@ def make_build(layer: BatchNormalization, input_shape: Sequence[int | None]) -> 
         if vbs is not None:
             ps.insert(1, 1)
         param_shape = tuple(ps)
-    weights = initial_weights(layer, param_shape)
-    return Build(rank, tuple(axes), dims, bool(fused), param_shape, weights)
+    return Build(rank, tuple(axes), dims, bool(fused), param_shape, {})
+
+
+def weight_keys(layer: BatchNormalization) -> list[str]:
+    """The weights a build of this layer creates, in tf-keras's order (as initial_weights)."""
+    keys = ["gamma"] * layer.scale + ["beta"] * layer.center + ["moving_mean", "moving_variance"]
+    return keys + ["moving_stddev", "renorm_mean", "renorm_stddev"] * layer.renorm
 
 
 def initial_weights(layer: BatchNormalization, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
