@@ -133,6 +133,14 @@ for name, fn in FUNCTIONS.items():
     row(f"{name}/ndim-0", ValueError, r"at least (1 dimension|2 dimensions).*ndim 0", fn, np.float32(1.0))
     if name != "normalize":
         row(f"{name}/ndim-1", ValueError, r"at least 2 dimensions \(a batch axis and a feature axis\)", fn, X[0])
+    for label, value in [("None", None), ("str", "ab"), ("dict", {})]:  # not arrays: a wrong type, not a wrong ndim
+        row(
+            f"{name}/x-not-an-array-{label}",
+            TypeError,
+            r"x must be a float16, bfloat16, float32 or float64 array",
+            fn,
+            value,
+        )
     # axes
     for label, axis, bad in [("out-of-range", 2, 2), ("negative-out-of-range", -3, -3), ("huge", 2**64, 2**64),
                              ("100", 100, 100), ("out-of-range-in-tuple", (0, 2), 2),
@@ -554,6 +562,11 @@ row("SyncBatchNormalization/init-vbs", ValueError, r"does not support `virtual_b
     virtual_batch_size=2)  # fmt: skip
 row("SyncBatchNormalization/init-momentum", ValueError, MOMENTUM, bn.SyncBatchNormalization,
     momentum=2.0)  # fmt: skip
+COMM = r"comm must be an mpi4py communicator or None"
+row("SyncBatchNormalization/init-comm-int", TypeError, COMM, bn.SyncBatchNormalization, comm=42)
+row("SyncBatchNorm/init-comm-str", TypeError, COMM, bn.SyncBatchNorm, 3, comm="bogus")
+row("SyncBatchNorm/convert-comm-str", TypeError, COMM, bn.SyncBatchNorm.convert_sync_batchnorm, Layer("torch2d"),
+    comm="bogus")  # fmt: skip
 
 
 _LOAD_MESSAGES = {
@@ -613,6 +626,8 @@ for cname, cls in TORCH.items():
         ("num-features-float", {"num_features": 2.5}, TypeError, r"num_features must be an int"),
         ("eps-str", {"num_features": 3, "eps": "1e-5"}, TypeError, r"eps must be a real number"),
         ("momentum-str", {"num_features": 3, "momentum": "0.1"}, TypeError, r"momentum must be a real number or None"),
+        ("eps-huge-int", {"num_features": 3, "eps": 10**400}, ValueError, r"eps must be representable as a float"),
+        ("momentum-huge-int", {"num_features": 3, "momentum": 10**400}, ValueError, r"momentum must be represent"),
         ("dtype-int32", {"num_features": 3, "dtype": "int32"}, TypeError, r"dtype must be float16, bfloat16, float32"),
         ("dtype-complex", {"num_features": 3, "dtype": np.complex64}, TypeError, r"dtype must be float16, bfloat16"),
         ("dtype-big-endian", {"num_features": 3, "dtype": ">f4"}, TypeError, r"big-endian"),

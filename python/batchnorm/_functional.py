@@ -54,6 +54,8 @@ _ACTIVATIONS = {None: False, "relu": True}
 
 def _data(x: ArrayLike, name: str, min_ndim: int) -> np.ndarray:
     a = x if type(x) is np.ndarray else np.asarray(x)
+    if a.dtype.kind in "OSU":  # None, a str, a dict...: a wrong type, whatever its ndim
+        raise TypeError(f"{name} must be a float16, bfloat16, float32 or float64 array; got dtype {a.dtype}")
     if a.ndim < min_ndim:
         need = "1 dimension" if min_ndim == 1 else "2 dimensions (a batch axis and a feature axis)"
         raise ValueError(f"{name} must have at least {need}; got an array of ndim {a.ndim}")

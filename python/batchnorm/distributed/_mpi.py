@@ -41,6 +41,7 @@ __all__ = [
     "allreduce_moments_failed",
     "allreduce_sum",
     "allreduce_sum_failed",
+    "check_comm",
     "default_comm",
     "merge_moments",
     "world_size",
@@ -73,6 +74,16 @@ def default_comm() -> Comm | None:
 def world_size(comm: Comm | None) -> int:
     """The number of processes of comm (1 for None)."""
     return 1 if comm is None else int(comm.Get_size())
+
+
+def check_comm(comm: Any) -> Comm | None:
+    """comm itself if it can be one (None, or an object with mpi4py's Get_size and Allreduce):
+    a wrong one is a TypeError when the layer is made, not an AttributeError at its first call."""
+    if comm is not None and not (
+        callable(getattr(comm, "Get_size", None)) and callable(getattr(comm, "Allreduce", None))
+    ):
+        raise TypeError(f"comm must be an mpi4py communicator or None, got {comm!r}")
+    return comm
 
 
 def active_comm(comm: Comm | None) -> Comm | None:

@@ -62,6 +62,7 @@ class SyncBatchNormalization(BatchNormalization):
     _SYNCHRONIZED = True
 
     def __init__(self, *args: Any, comm: Any = None, **kwargs: Any) -> None:
+        _mpi.check_comm(comm)
         given = inspect.signature(BatchNormalization).bind(*args, **kwargs).arguments
         if _args.fused(given.get("fused")):
             raise ValueError("`fused` argument cannot be True for SyncBatchNormalization.")

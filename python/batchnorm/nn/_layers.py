@@ -75,6 +75,10 @@ def _real(value: Any, name: str) -> Any:
     """value itself (kept as given, so messages print it as torch does), if a real number."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number{' or None' if name == 'momentum' else ''}, got {value!r}")
+    try:
+        float(value)
+    except OverflowError:  # an int beyond float range: as the functional API's epsilon, a bad value
+        raise ValueError(f"{name} must be representable as a float, got {value}") from None
     return value
 
 
