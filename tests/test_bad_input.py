@@ -758,6 +758,9 @@ for cname, cls in TORCH.items():
             np.ones((1, 3)),
         )
         row(f"{cname}/set-{attr}-none", ValueError, rf"{attr} cannot be set to None", setattr, L, attr, None)
+        for label, value in [("nones", [None] * 3), ("numeric-str", np.array(["1", "2", "3"])), ("complex", [1j] * 3)]:
+            row(f"{cname}/set-{attr}-{label}", TypeError, rf"{attr} must be a real numeric array", setattr, L, attr,
+                value)  # fmt: skip
     row(
         f"{cname}/set-num_batches_tracked-shape",
         ValueError,
@@ -767,6 +770,14 @@ for cname, cls in TORCH.items():
         "num_batches_tracked",
         [1, 2],
     )
+    for label, value, exc, msg in [
+        ("nan", float("nan"), ValueError, r"num_batches_tracked must be a non-negative whole number"),
+        ("negative", -1, ValueError, r"num_batches_tracked must be a non-negative whole number"),
+        ("fraction", 2.5, ValueError, r"num_batches_tracked must be a non-negative whole number"),
+        ("none", None, TypeError, r"num_batches_tracked must be a real numeric array"),
+        ("str", "3", TypeError, r"num_batches_tracked must be a real numeric array"),
+    ]:
+        row(f"{cname}/set-num_batches_tracked-{label}", exc, msg, setattr, L, "num_batches_tracked", value)
     # load_state_dict
     sd = make_layer(kind).state_dict()
     for label, bad_sd, strict, msg in [
@@ -787,6 +798,11 @@ for cname, cls in TORCH.items():
         ("shape-not-strict", {**sd, "weight": np.ones((3, 1))}, False, r"size mismatch for weight"),
         ("counter-shape", {**sd, "num_batches_tracked": np.ones(2)}, True, r"size mismatch for num_batches_tracked"),
         ("value-str", {**sd, "bias": np.array(["a", "b", "c"])}, True, r'While copying the parameter named "bias"'),
+        ("value-numeric-str", {**sd, "bias": np.array(["1", "2", "3"])}, True, r"bias must be a real numeric"),
+        ("value-complex", {**sd, "weight": np.ones(3, complex)}, True, r"weight must be a real numeric array"),
+        ("value-nones", {**sd, "running_mean": np.array([None] * 3)}, True, r"running_mean must be a real numeric"),
+        ("counter-nan", {**sd, "num_batches_tracked": np.array(np.nan)}, True, r"non-negative whole number"),
+        ("counter-negative", {**sd, "num_batches_tracked": np.array(-4)}, True, r"non-negative whole number"),
         ("all-wrong", {"weight": np.ones(5)}, True, r"Missing key.*\n.*size mismatch for weight"),
     ]:
         row(f"{cname}/load_state_dict-{label}", RuntimeError, msg, "load_state_dict", L, bad_sd, strict=strict)
@@ -918,6 +934,11 @@ def _bad_grads(layer: Any) -> None:
     layer.grads = {**layer.grads, key: np.ones(5, np.float32)}
 
 
+def _object_grads(layer: Any) -> None:
+    key = "gamma" if isinstance(layer, bn.BatchNormalization) else "weight"
+    layer.grads = {**layer.grads, key: np.array([None] * 3)}
+
+
 for kind in ("keras", "keras-renorm", "torch2d", "sync"):
     for opt in (optimizers.SGD(momentum=0.9), optimizers.Adam()):
         row(
@@ -927,6 +948,22 @@ for kind in ("keras", "keras-renorm", "torch2d", "sync"):
             opt.step,
             Layer(kind, setup=_bad_grads),
         )
+        row(
+            f"{kind}/{type(opt).__name__}-step-grad-objects",
+            TypeError,
+            r"gradient of '(gamma|weight)' must be a real numeric array, got dtype object",
+            opt.step,
+            Layer(kind, setup=_object_grads),
+        )
+
+
+def _object_initializer(shape: Any, dtype: Any = None) -> np.ndarray:
+    return np.array([None] * shape[0])
+
+
+for label, init in [("object", _object_initializer), ("str", lambda shape, dtype=None: np.full(shape, "1"))]:
+    row(f"keras/build-initializer-{label}", TypeError, r"an initializer's result must be a real numeric array",
+        "build", Layer("keras", init={"gamma_initializer": init}), (None, 3))  # fmt: skip
 
 
 if os.environ.get("BATCHNORM_TEST_CRASH_ROW"):  # for test_a_crashing_row_fails_alone only

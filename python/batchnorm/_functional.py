@@ -68,13 +68,19 @@ def _stat_dtype(x: np.ndarray) -> type[np.floating]:
     return np.float64 if x.dtype == np.float64 else np.float32
 
 
+def real_array(value: ArrayLike, name: str) -> np.ndarray:
+    """value as an array, if it holds real numbers: complex, object (None) and string values
+    are a TypeError, never silently converted (to their real part, NaN, or parsed)."""
+    a = value if isinstance(value, np.ndarray) else np.asarray(value)
+    if a.dtype.kind not in "biuf" and a.dtype.name != "bfloat16":
+        raise TypeError(f"{name} must be a real numeric array, got dtype {a.dtype}")
+    return a
+
+
 def _channel_param(p: ArrayLike | None, name: str, dtype: type[np.floating]) -> np.ndarray | None:
     if p is None:
         return None
-    a = p if isinstance(p, np.ndarray) else np.asarray(p)
-    if a.dtype.kind not in "biuf" and a.dtype.name != "bfloat16":  # complex, object, str: no silent conversion
-        raise TypeError(f"{name} must be a real numeric array, got dtype {a.dtype}")
-    a = np.ascontiguousarray(a, dtype=dtype)
+    a = np.ascontiguousarray(real_array(p, name), dtype=dtype)
     return a  # its size is the core's check
 
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from ._functional import real_array
 from .keras import regularizers as _regularizers
 
 __all__ = ["SGD", "Adam", "Optimizer", "RMSprop"]
@@ -105,7 +106,7 @@ class Optimizer:
                 continue
             if not isinstance(param, np.ndarray) or not param.flags.writeable:
                 raise TypeError(f"parameter {name!r} must be a writeable NumPy array to be updated in place")
-            g = np.asarray(grads[name])
+            g = real_array(grads[name], f"gradient of {name!r}")
             if g.shape != param.shape:
                 if g.size != param.size:
                     raise ValueError(f"gradient of {name!r} has shape {g.shape}; the parameter has {param.shape}")
@@ -129,7 +130,7 @@ class Optimizer:
                 slot.step += 1
                 self._update(new, g, slot)
                 if name in cons:
-                    new[...] = np.asarray(cons[name](new)).astype(param.dtype)
+                    new[...] = real_array(cons[name](new), f"constraint of {name!r}'s result").astype(param.dtype)
                 staged.append((name, param, new, slot))
             # Under the layer's own lock (if it has one), so that a concurrent call of the
             # layer sees all of this step's parameters or none of them.

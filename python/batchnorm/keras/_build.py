@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .._functional import real_array
+
 if TYPE_CHECKING:
     from ._layer import BatchNormalization
 
@@ -128,7 +130,7 @@ def initial_weights(layer: BatchNormalization, shape: tuple[int, ...]) -> dict[s
     pdt = layer.param_dtype
 
     def init(initializer: Any) -> np.ndarray:
-        a = np.array(initializer(shape, pdt), dtype=pdt, copy=True)
+        a = np.array(real_array(initializer(shape, pdt), "an initializer's result"), dtype=pdt, copy=True)
         if a.shape != shape:
             a = np.array(np.broadcast_to(a, shape), dtype=pdt)
         return np.ascontiguousarray(a)

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .. import _core
-from .._functional import _data
+from .._functional import _data, real_array
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
@@ -80,6 +80,16 @@ def _real(value: Any, name: str) -> Any:
     except OverflowError:  # an int beyond float range: as the functional API's epsilon, a bad value
         raise ValueError(f"{name} must be representable as a float, got {value}") from None
     return value
+
+
+def _batch_count(value: np.ndarray) -> np.ndarray:
+    """A copy of value as int64, if it holds non-negative whole numbers (a NaN would become
+    INT64_MIN, a negative count a division by zero in the cumulative average)."""
+    a = real_array(value, "num_batches_tracked")
+    f = a.astype(np.float64)
+    if not np.all(np.isfinite(f) & (f >= 0) & (np.floor(f) == f)):
+        raise ValueError(f"num_batches_tracked must be a non-negative whole number, got {a}")
+    return np.array(a, dtype=np.int64, copy=True)
 
 
 def _is_floating(dt: np.dtype[Any]) -> bool:
@@ -188,7 +198,7 @@ class _BatchNorm:
             return
         if current is None:
             raise ValueError(f"this layer has no {name} (affine={self.affine}, track={self.track_running_stats})")
-        a = np.array(_to_numpy(value), dtype=self.dtype, copy=True)
+        a = np.array(real_array(_to_numpy(value), name), dtype=self.dtype, copy=True)
         if a.shape != (self.num_features,):
             raise ValueError(f"{name} must have shape ({self.num_features},), got {a.shape}")
         with self._lock:
@@ -239,7 +249,7 @@ class _BatchNorm:
     def num_batches_tracked(self, value: Any) -> None:
         if self._num_batches_tracked is None:
             raise ValueError("this layer has no num_batches_tracked (track_running_stats=False)")
-        a = np.array(_to_numpy(value), dtype=np.int64, copy=True)
+        a = _batch_count(_to_numpy(value))
         if a.shape != ():
             raise ValueError(f"num_batches_tracked must be a scalar, got shape {a.shape}")
         with self._lock:
@@ -502,7 +512,10 @@ class _BatchNorm:
                 )
                 continue
             try:
-                new[k] = np.array(value, dtype=np.int64 if k == "num_batches_tracked" else self.dtype, copy=True)
+                if k == "num_batches_tracked":
+                    new[k] = _batch_count(value)
+                else:
+                    new[k] = np.array(real_array(value, k), dtype=self.dtype, copy=True)
             except (TypeError, ValueError) as e:
                 errors.append(f'While copying the parameter named "{k}", an exception occurred: {e!r}.')
         if strict:
