@@ -140,6 +140,25 @@ class Optimizer:
                     param[...] = new
                     slots[name] = slot
 
+    def __getstate__(self) -> dict[str, Any]:
+        """copy.deepcopy and pickle: the hyperparameters and each layer's slots, held strongly
+        (a weak mapping cannot be pickled); a layer copied or pickled together with the
+        optimizer keeps its state in the copy, the others' state is dropped with them."""
+        with self._lock:
+            state = self.__dict__.copy()
+            state["_state"] = list(self._state.items())
+            state["_strong"] = list(state.get("_strong", {}).values())
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        pairs, strong = state.pop("_state"), state.pop("_strong")
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+        self._state = weakref.WeakKeyDictionary(pairs)
+        if strong:  # keyed by the id of the layer, which is a new object
+            self._strong = {id(layer): (layer, slots) for layer, slots in strong}
+
     def _strong_state(self, layer: Any) -> dict[str, _Slot]:
         store: dict[int, tuple[Any, dict[str, _Slot]]] = self.__dict__.setdefault("_strong", {})
         entry = store.setdefault(id(layer), (layer, {}))

@@ -27,7 +27,9 @@ Typical use in a training forward and backward::
 
 from __future__ import annotations
 
+import copy
 import functools
+import pickle
 from typing import Any
 
 import numpy as np
@@ -42,6 +44,8 @@ __all__ = [
     "allreduce_sum",
     "allreduce_sum_failed",
     "check_comm",
+    "check_picklable",
+    "deepcopy_sharing_comm",
     "default_comm",
     "merge_moments",
     "world_size",
@@ -84,6 +88,32 @@ def check_comm(comm: Any) -> Comm | None:
     ):
         raise TypeError(f"comm must be an mpi4py communicator or None, got {comm!r}")
     return comm
+
+
+def check_picklable(owner: Any) -> None:
+    """Before pickling a synchronized layer: mpi4py pickles only its predefined communicators
+    (COMM_WORLD, COMM_SELF: the loading process's own); any other comm is a TypeError saying so."""
+    comm = owner.comm
+    if comm is None:
+        return
+    try:
+        pickle.dumps(comm)
+    except Exception as e:
+        raise TypeError(
+            f"cannot pickle a {type(owner).__name__} whose comm is {comm!r} ({e}): mpi4py pickles only "
+            "MPI.COMM_WORLD and MPI.COMM_SELF. Set layer.comm = None (COMM_WORLD) before pickling and "
+            "the communicator to use after loading"
+        ) from None
+
+
+def deepcopy_sharing_comm(owner: Any, memo: dict[int, Any]) -> Any:
+    """copy.deepcopy of a synchronized layer: all its state is copied, but the copy shares the
+    communicator (a process resource, not state; mpi4py cannot copy one it did not predefine)."""
+    memo[id(owner.comm)] = owner.comm
+    new = object.__new__(type(owner))
+    memo[id(owner)] = new
+    new.__setstate__(copy.deepcopy(owner.__getstate__(), memo))
+    return new
 
 
 def active_comm(comm: Comm | None) -> Comm | None:

@@ -426,6 +426,20 @@ class BatchNormalization(LayerWeights):
         """The layer :meth:`save` wrote: same config, dtype, build state and bit-identical weights."""
         return _saving.load(cls, path)
 
+    # ----------------------------------------------------------------- copying
+    def __getstate__(self) -> dict[str, Any]:
+        """copy.deepcopy and pickle: everything (weights, config, last call) but the lock;
+        a copy made inside bn.precise_statistics is not part of the block."""
+        with self._lock:
+            state = self.__dict__.copy()
+        del state["_lock"]
+        state["_precise_stats"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+
     def __repr__(self) -> str:
         state = "built" if self.built else "not built"
         return (

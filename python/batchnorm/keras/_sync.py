@@ -78,6 +78,13 @@ class SyncBatchNormalization(BatchNormalization):
         self._call_comm: Any = None  # the communicator of the training call in progress
         self._in_collective = False  # whether that call has reached its all-reduce
 
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        _mpi.check_picklable(self)
+        return super().__reduce_ex__(protocol)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        return _mpi.deepcopy_sharing_comm(self, memo)
+
     # ----------------------------------------------------------------- forward
     def __call__(self, inputs: Any, training: bool | None = None, mask: Any = None) -> np.ndarray:
         """Normalizes ``inputs``; in training with the statistics of all processes' batches."""

@@ -544,6 +544,19 @@ class _BatchNorm:
         )
         return s if self.dtype == np.float32 else f"{s}, dtype={self.dtype.name}"
 
+    def __getstate__(self) -> dict[str, Any]:
+        """copy.deepcopy and pickle: everything (parameters, buffers, grads, last call) but the
+        lock; a copy made inside bn.precise_statistics is not part of the block."""
+        with self._lock:
+            state = self.__dict__.copy()
+        del state["_lock"]
+        state["_precise_stats"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.extra_repr()})"
 

@@ -42,6 +42,13 @@ class SyncBatchNorm(_BatchNorm):
         super().__init__(*args, **kwargs)
         self.comm = _mpi.check_comm(comm)
 
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        _mpi.check_picklable(self)
+        return super().__reduce_ex__(protocol)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        return _mpi.deepcopy_sharing_comm(self, memo)
+
     @classmethod
     def convert_sync_batchnorm(cls, layer: _BatchNorm, comm: Any = None) -> SyncBatchNorm:
         """A SyncBatchNorm with the configuration, parameters and running statistics of a
