@@ -15,7 +15,11 @@ the parameter's constraint. It works with any object that follows this small pro
 
 State (momenta, velocities, step counts) is kept per parameter, i.e. per (layer, name);
 a parameter's step count advances once per update of that parameter. The arithmetic is
-done in the parameter's dtype, as TensorFlow does with float32 variables.
+done in the parameter's dtype, as TensorFlow does, with tf-keras's rounding of the
+hyperparameters: each is rounded once from the Python (double) value to that dtype -
+``1 - beta_2`` is the double difference, rounded once - except the learning rate, which
+tf-keras keeps in a float32 variable: it is rounded to float32 first, even for float64
+parameters (so float64 results match tf-keras's bit for bit, not the exact rate's).
 """
 
 from __future__ import annotations
@@ -185,6 +189,12 @@ def _f(x: float, like: np.ndarray) -> Any:
     return like.dtype.type(x)
 
 
+def _lr(x: float, like: np.ndarray) -> Any:
+    """The learning rate as tf-keras uses it: a float32 variable cast to the parameter's dtype,
+    so rounded to float32 first, even for float64 parameters."""
+    return like.dtype.type(np.float32(x))
+
+
 class SGD(Optimizer):
     """Gradient descent with optional (Nesterov) momentum, tf-keras's form:
 
@@ -197,7 +207,7 @@ class SGD(Optimizer):
         self.nesterov = bool(nesterov)
 
     def _update(self, param: np.ndarray, grad: np.ndarray, slot: _Slot) -> None:
-        lr = _f(self.learning_rate, param)
+        lr = _lr(self.learning_rate, param)
         if self.momentum == 0.0 and not self.nesterov:
             param += -grad * lr
             return
@@ -236,7 +246,7 @@ class RMSprop(Optimizer):
         self.centered = bool(centered)
 
     def _update(self, param: np.ndarray, grad: np.ndarray, slot: _Slot) -> None:
-        lr = _f(self.learning_rate, param)
+        lr = _lr(self.learning_rate, param)
         rho = _f(self.rho, param)
         one_minus_rho = _f(1.0 - self.rho, param)
         eps = _f(self.epsilon, param)
@@ -290,15 +300,16 @@ class Adam(Optimizer):
 
     def _update(self, param: np.ndarray, grad: np.ndarray, slot: _Slot) -> None:
         one = _f(1.0, param)
-        lr = _f(self.learning_rate, param)
+        lr = _lr(self.learning_rate, param)
         t = _f(slot.step, param)
         beta_1_power = np.power(_f(self.beta_1, param), t)
         beta_2_power = np.power(_f(self.beta_2, param), t)
         alpha = lr * np.sqrt(one - beta_2_power) / (one - beta_1_power)
         m = slot.get("m", param)
         v = slot.get("v", param)
-        m += (grad - m) * (one - _f(self.beta_1, param))
-        v += (np.square(grad) - v) * (one - _f(self.beta_2, param))
+        # tf-keras's (1 - self.beta_2) is a Python (double) difference, rounded once to the dtype
+        m += (grad - m) * _f(1.0 - self.beta_1, param)
+        v += (np.square(grad) - v) * _f(1.0 - self.beta_2, param)
         if self.amsgrad:
             v_hat = slot.get("vhat", param)
             np.maximum(v_hat, v, out=v_hat)

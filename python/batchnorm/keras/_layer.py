@@ -6,7 +6,9 @@ ghost-batch parameter tiling) is NumPy on arrays of C values (``_step``).
 
 Conventions (tf-keras 2's):
 
-* ``momentum`` weights the old value: ``moving = moving - (moving - batch) * (1 - momentum)``.
+* ``momentum`` weights the old value: ``moving = moving - (moving - batch) * (1 - momentum)``,
+  with ``1 - momentum`` taken in double and rounded to float32 (tf-keras's float32 tensor),
+  then to the weights' dtype - for float64 weights too, so they match tf-keras bit for bit.
 * The output is always normalized with the biased batch variance. ``moving_variance``
   receives the biased one too, except on tf-keras's *fused* path (4-D/5-D input, channel
   axis first or last, no renorm / virtual batch / adjustment, ``fused`` None or True),
