@@ -90,7 +90,7 @@ def load(cls: type[L], path: str | os.PathLike[str] | Any) -> L:
             raise ValueError(f"{path!r} holds weights {sorted(arrays)}; the layer has {sorted(keys)}")
         for k in keys:  # before building: the build allocates weights of the shape the config says
             if arrays[k].shape != param_shape:
-                raise ValueError(f"{path!r}: weight {k!r} has shape {arrays[k].shape}")
+                raise ValueError(f"{path!r}: weight {k!r} has shape {arrays[k].shape}; its config makes {param_shape}")
             if arrays[k].dtype.kind not in "biuf":
                 raise ValueError(f"{not_ours}: weight {k!r} has dtype {arrays[k].dtype}")
         layer.build(shape)
