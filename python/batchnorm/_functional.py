@@ -77,6 +77,26 @@ def real_array(value: ArrayLike, name: str) -> np.ndarray:
     return a
 
 
+class CopyableLayer:
+    """copy.deepcopy and pickle for a layer that holds a lock (``_lock``, made by
+    ``_new_lock``): everything but the lock is copied, under it, and the copy gets a fresh
+    one; a copy made inside bn.precise_statistics is not part of the block."""
+
+    _lock: Any
+    _new_lock: Any = None  # threading.Lock or threading.RLock, set by the layer class
+
+    def __getstate__(self) -> dict[str, Any]:
+        with self._lock:
+            state = self.__dict__.copy()
+        del state["_lock"]
+        state["_precise_stats"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = type(self)._new_lock()
+
+
 def _channel_param(p: ArrayLike | None, name: str, dtype: type[np.floating]) -> np.ndarray | None:
     if p is None:
         return None

@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from .. import _core
+from .._functional import CopyableLayer
 from . import _args, _build, _saving, _step, constraints, initializers, regularizers
 from ._build import Build
 from ._step import Last, Stats
@@ -46,7 +47,7 @@ _log = logging.getLogger("batchnorm")
 L = TypeVar("L", bound="BatchNormalization")
 
 
-class BatchNormalization(LayerWeights):
+class BatchNormalization(LayerWeights, CopyableLayer):
     """Batch normalization layer with tf-keras 2's arguments, numbers and quirks.
 
     ``layer(x, training=True)`` normalizes with the batch statistics and updates the
@@ -54,6 +55,8 @@ class BatchNormalization(LayerWeights):
     ``layer.backward(dy)`` returns dx for the last call and fills ``layer.grads``.
     See the module docstring and the README for the conventions.
     """
+
+    _new_lock = staticmethod(threading.RLock)  # re-entrant: the weight methods call each other
 
     _SYNCHRONIZED = False  # whether a config with tf-keras's `synchronized=True` makes this class
 
@@ -119,7 +122,7 @@ class BatchNormalization(LayerWeights):
             raise TypeError(f"name must be a string or None, got {name!r}")
         self.name = name if name else _args.unique_name("batch_normalization")
         self._trainable = bool(trainable)
-        self._lock = threading.RLock()
+        self._lock = self._new_lock()
         self._build: Build | None = None
         self._last: Last | None = None
         self.grads: dict[str, np.ndarray] = {}
@@ -427,20 +430,6 @@ class BatchNormalization(LayerWeights):
     def load(cls: type[L], path: str | os.PathLike[str] | Any) -> L:
         """The layer :meth:`save` wrote: same config, dtype, build state and bit-identical weights."""
         return _saving.load(cls, path)
-
-    # ----------------------------------------------------------------- copying
-    def __getstate__(self) -> dict[str, Any]:
-        """copy.deepcopy and pickle: everything (weights, config, last call) but the lock;
-        a copy made inside bn.precise_statistics is not part of the block."""
-        with self._lock:
-            state = self.__dict__.copy()
-        del state["_lock"]
-        state["_precise_stats"] = None
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.RLock()
 
     def __repr__(self) -> str:
         state = "built" if self.built else "not built"

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .. import _core
-from .._functional import _data, real_array
+from .._functional import CopyableLayer, _data, real_array
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
@@ -156,8 +156,10 @@ class Batch:
     comm: Any = None  # set when the statistics are global (SyncBatchNorm)
 
 
-class _BatchNorm:
+class _BatchNorm(CopyableLayer):
     """The common base of BatchNorm1d/2d/3d (and SyncBatchNorm); see the module docstring."""
+
+    _new_lock = staticmethod(threading.Lock)
 
     def __init__(  # noqa: PLR0917 - torch's positional signature
         self,
@@ -177,7 +179,7 @@ class _BatchNorm:
         self.training = True
         self.grads: dict[str, np.ndarray] = {}
         self._precise_stats: Any = None  # an accumulator while inside bn.precise_statistics (_precise.py)
-        self._lock = threading.Lock()
+        self._lock = self._new_lock()
         self._saved: Saved | None = None
         c, dt = self.num_features, self.dtype
         self._weight: np.ndarray | None = np.ones(c, dt) if self.affine else None
@@ -543,19 +545,6 @@ class _BatchNorm:
             f"track_running_stats={self.track_running_stats}"
         )
         return s if self.dtype == np.float32 else f"{s}, dtype={self.dtype.name}"
-
-    def __getstate__(self) -> dict[str, Any]:
-        """copy.deepcopy and pickle: everything (parameters, buffers, grads, last call) but the
-        lock; a copy made inside bn.precise_statistics is not part of the block."""
-        with self._lock:
-            state = self.__dict__.copy()
-        del state["_lock"]
-        state["_precise_stats"] = None
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.extra_repr()})"
