@@ -86,6 +86,46 @@ def _make_deflated(path: Path, entries: dict[str, bytes], name: str, header: byt
     path.write_bytes(bytes(raw))
 
 
+def _nested_entries(prefix: dict[str, bytes], names: list[str], inner: int) -> bytes:
+    """A zip whose stored entries nest: each one's data (a uint8 .npy) holds the local
+    header and data of the next, so reading them all reads the innermost bytes
+    len(names) times. CRCs are right: a reader that reads everything succeeds."""
+    out = bytearray()
+    records = []
+
+    def local(name: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(data)
+        return struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, 0, 0, 0, crc, len(data), len(data), len(name), 0) + name
+
+    for name, data in prefix.items():  # ordinary entries first
+        records.append((name.encode() + b".npy", len(out), data))
+        out += local(records[-1][0], data) + data
+    # Built from the inside out: the innermost entry, then each wrapper around it.
+    chain = b""
+    entries = []
+    for i, name in enumerate(reversed(names)):
+        payload = chain if i else bytes(inner)
+        data = _npy_header((len(payload),), "|u1") + payload
+        fname = name.encode() + b".npy"
+        entries.append((fname, data))
+        chain = local(fname, data) + data
+    start = len(out)
+    offset = start
+    for fname, data in reversed(entries):  # outermost first, each inside the one before
+        records.append((fname, offset, data))
+        offset += 30 + len(fname) + len(_npy_header((1,), "|u1"))
+    out += chain
+    central = bytearray()
+    for fname, off, data in records:
+        crc = zlib.crc32(data)
+        central += struct.pack(
+            "<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, 0, 0, 0, crc, len(data), len(data), len(fname), 0, 0, 0, 0, 0,
+            off,
+        ) + fname  # fmt: skip
+    end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(records), len(records), len(central), len(out), 0)
+    return bytes(out + central + end)
+
+
 def hostile_files(directory: Path) -> dict[str, Path]:
     layer = bn.BatchNormalization()
     layer.build((None, 3))
@@ -109,6 +149,9 @@ def hostile_files(directory: Path) -> dict[str, Path]:
     put("input-shape-2^40", with_meta(input_shape=[None, 2**40]))
     put("npy-header-2^40", {**with_meta(), "weight:gamma": _npy_header((2**40,)) + bytes(12)})
     put("deep-json", {**base, "config": _npy(np.array("[" * 200_000)), **weights})
+    # Ten weight entries nested in each other: 4 MB read ten times over.
+    files["nested-entries"] = directory / "nested-entries.npz"
+    files["nested-entries"].write_bytes(_nested_entries(with_meta(), [f"weight:extra{i}" for i in range(10)], 2**22))
     # A consistent-looking 1 G-channel layer whose gamma entry is 4 MB deflated, 4 GB inflated.
     n = 2**30 - 2**14
     files["deflated-4GB"] = directory / "deflated-4GB.npz"

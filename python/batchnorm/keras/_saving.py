@@ -61,10 +61,11 @@ def load(cls: type[L], path: str | os.PathLike[str] | Any) -> L:
     not_ours = f"{path!r} is not a BatchNormalization file written by save()"
     # A truncated, corrupt or foreign file fails in the zip reader, the .npy reader, json or the
     # layer's own checks with many exception types; all of them mean the same: ValueError.
-    try:  # the file is opened here: the zip reader leaks no handle when the zip is corrupt
+    try:  # the file is opened here, so that it is closed whatever fails
         with contextlib.ExitStack() as stack:
             fh = stack.enter_context(open(path, "rb")) if isinstance(path, (str, os.PathLike)) else path
-            members = _read_members(stack.enter_context(zipfile.ZipFile(fh)))
+            size = fh.seek(0, os.SEEK_END) - fh.seek(0)
+            members = _read_members(stack.enter_context(zipfile.ZipFile(fh)), size)
             config = json.loads(str(members["config"][()]))
             meta = json.loads(str(members["meta"][()]))
     # RuntimeError: an encrypted entry, or (RecursionError) JSON nested too deep
@@ -106,15 +107,20 @@ def _is_dim(d: Any) -> bool:
     return d is None or (type(d) is int and d >= 0)
 
 
-def _read_members(zf: zipfile.ZipFile) -> dict[str, np.ndarray]:
-    """Every array in the archive, each checked against its .npy header and its zip entry before
-    anything is allocated: an entry must be stored (as save() writes it, so it takes no more room
-    than the file) and exactly as long as its header says, and must hold plain data."""
-    out = {}
-    for info in zf.infolist():
-        name = info.filename.removesuffix(".npy")
+def _read_members(zf: zipfile.ZipFile, size: int) -> dict[str, np.ndarray]:
+    """The arrays save() writes (config, meta, weight:*), each checked against its .npy header
+    and its zip entry before anything is allocated: an entry must be stored (as save() writes
+    it), exactly as long as its header says, and hold plain data; and the entries together
+    no longer than the file (entries that overlap could repeat its bytes many times)."""
+    infos = [i for i in zf.infolist() if i.filename in ("config.npy", "meta.npy") or i.filename.startswith("weight:")]
+    for info in infos:
         if info.compress_type != zipfile.ZIP_STORED or info.file_size != info.compress_size:
             raise ValueError(f"entry {info.filename!r} is compressed; save() stores its arrays")
+    if sum(i.file_size for i in infos) > size:
+        raise ValueError(f"its entries claim {sum(i.file_size for i in infos)} bytes in a file of {size}")
+    out = {}
+    for info in infos:
+        name = info.filename.removesuffix(".npy")
         with zf.open(info) as m:
             version = np.lib.format.read_magic(m)
             read_header = (
@@ -122,7 +128,9 @@ def _read_members(zf: zipfile.ZipFile) -> dict[str, np.ndarray]:
             )
             shape, _, dtype = read_header(m)
             nbytes = math.prod(shape) * dtype.itemsize
-            if dtype.hasobject or m.tell() + nbytes != info.file_size:
+            if dtype.hasobject:
+                raise ValueError(f"entry {info.filename!r} holds Python objects")
+            if m.tell() + nbytes != info.file_size:
                 raise ValueError(
                     f"entry {info.filename!r} holds {info.file_size} bytes; its header says {shape} {dtype}"
                 )
