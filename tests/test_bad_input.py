@@ -134,13 +134,8 @@ for name, fn in FUNCTIONS.items():
     if name != "normalize":
         row(f"{name}/ndim-1", ValueError, r"at least 2 dimensions \(a batch axis and a feature axis\)", fn, X[0])
     for label, value in [("None", None), ("str", "ab"), ("dict", {})]:  # not arrays: a wrong type, not a wrong ndim
-        row(
-            f"{name}/x-not-an-array-{label}",
-            TypeError,
-            r"x must be a float16, bfloat16, float32 or float64 array",
-            fn,
-            value,
-        )
+        row(f"{name}/x-not-an-array-{label}", TypeError, r"x must be a float16, bfloat16, float32 or float64 array",
+            fn, value)  # fmt: skip
     # axes
     for label, axis, bad in [("out-of-range", 2, 2), ("negative-out-of-range", -3, -3), ("huge", 2**64, 2**64),
                              ("100", 100, 100), ("out-of-range-in-tuple", (0, 2), 2),
@@ -770,14 +765,13 @@ for cname, cls in TORCH.items():
         "num_batches_tracked",
         [1, 2],
     )
-    for label, value, exc, msg in [
-        ("nan", float("nan"), ValueError, r"num_batches_tracked must be a non-negative whole number"),
-        ("negative", -1, ValueError, r"num_batches_tracked must be a non-negative whole number"),
-        ("fraction", 2.5, ValueError, r"num_batches_tracked must be a non-negative whole number"),
-        ("none", None, TypeError, r"num_batches_tracked must be a real numeric array"),
-        ("str", "3", TypeError, r"num_batches_tracked must be a real numeric array"),
-    ]:
-        row(f"{cname}/set-num_batches_tracked-{label}", exc, msg, setattr, L, "num_batches_tracked", value)
+    for label, value, exc, msg in [("nan", float("nan"), ValueError, "a non-negative whole number"),
+                                   ("negative", -1, ValueError, "a non-negative whole number"),
+                                   ("fraction", 2.5, ValueError, "a non-negative whole number"),
+                                   ("none", None, TypeError, "a real numeric array"),
+                                   ("str", "3", TypeError, "a real numeric array")]:  # fmt: skip
+        row(f"{cname}/set-num_batches_tracked-{label}", exc, f"num_batches_tracked must be {msg}", setattr, L,
+            "num_batches_tracked", value)  # fmt: skip
     # load_state_dict
     sd = make_layer(kind).state_dict()
     for label, bad_sd, strict, msg in [
@@ -948,13 +942,9 @@ for kind in ("keras", "keras-renorm", "torch2d", "sync"):
             opt.step,
             Layer(kind, setup=_bad_grads),
         )
-        row(
-            f"{kind}/{type(opt).__name__}-step-grad-objects",
-            TypeError,
-            r"gradient of '(gamma|weight)' must be a real numeric array, got dtype object",
-            opt.step,
-            Layer(kind, setup=_object_grads),
-        )
+        row(f"{kind}/{type(opt).__name__}-step-grad-objects", TypeError,
+            r"gradient of '(gamma|weight)' must be a real numeric array, got dtype object", opt.step,
+            Layer(kind, setup=_object_grads))  # fmt: skip
 
 
 def _object_initializer(shape: Any, dtype: Any = None) -> np.ndarray:
