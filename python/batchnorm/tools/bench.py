@@ -44,6 +44,7 @@ import fnmatch
 import importlib
 import importlib.util
 import json
+import math
 import os
 import platform
 import subprocess
@@ -54,6 +55,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from . import _args
 from .bench_cases import (
     DTYPES,
     MODE_BYTES,
@@ -308,14 +310,18 @@ def _workers(options: Options, dtypes: Sequence[str]) -> Iterator[list[_Worker]]
                 w.process.kill()
 
 
-def run(options: Options) -> dict[str, Any]:
-    """Runs the benchmark; returns the report (meta + one entry per shape/dtype/mode/threads)."""
-    unknown = set(options.dtypes) - set(DTYPES)
+def _check_dtypes(dtypes: tuple[str, ...]) -> None:
+    unknown = set(dtypes) - set(DTYPES)
     if unknown:
         raise BenchError(f"unknown dtypes {sorted(unknown)}; choose from {', '.join(DTYPES)}")
-    missing = set(options.dtypes) - set(available_dtypes())
+    missing = set(dtypes) - set(available_dtypes())
     if missing:
         raise BenchError(f"dtypes {sorted(missing)} need ml_dtypes: pip install ml_dtypes")
+
+
+def run(options: Options) -> dict[str, Any]:
+    """Runs the benchmark; returns the report (meta + one entry per shape/dtype/mode/threads)."""
+    _check_dtypes(options.dtypes)
     if options.torch and importlib.util.find_spec("torch") is None:
         options = dataclasses.replace(options, torch=False)
     if options.onnxruntime and not all(importlib.util.find_spec(m) for m in ("onnxruntime", "onnx")):
@@ -696,11 +702,15 @@ def save_png(report: dict[str, Any], path: str) -> None:
     info = report["meta"]["batchnorm"]
     fig.suptitle(f"batchnorm {info['version']} ({info['simd']}) vs a copy of the same bytes, {report['meta']['cpu']}")
     fig.tight_layout(rect=(0, 0.05 + 0.02 * ((len(labels) - 1) // 6), 1, 1))
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")  # saved under `path` exactly, as checked before the run
     plt.close(fig)
 
 
 # ---- command line ---------------------------------------------------------------------------
+
+
+MAX_THREADS = 1024  # more is a typo: OpenMP would try to start them all
+MAX_SHAPES_FILE = 1 << 20  # bytes of a shapes table (the built-in one is a few KB)
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -708,9 +718,41 @@ def _int_list(text: str) -> tuple[int, ...]:
         values = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    if not values or min(values) < 1 or max(values) > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"expected integers from 1 to {MAX_THREADS}, got {text!r}")
     return values
+
+
+def _read_shapes_file(path: str) -> list[Shape]:
+    """The shapes table in `path`; an unreadable, binary or oversized file is a BenchError."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_SHAPES_FILE + 1)
+    except OSError as e:
+        raise BenchError(f"--shapes-file {path!r}: {e.strerror or e}") from None
+    if len(data) > MAX_SHAPES_FILE:
+        raise BenchError(f"--shapes-file {path!r} is larger than {MAX_SHAPES_FILE} bytes: not a shapes table")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BenchError(f"--shapes-file {path!r} is not a text file") from None
+    return parse_shapes(text)
+
+
+def _check_memory(shapes: list[Shape]) -> None:
+    """Refuses a shape whose float32 x alone would take more than a quarter of the memory:
+    a run holds several buffers of it (x, dy, outputs)."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: no bound known
+        return
+    for s in shapes:
+        need = math.prod(s.dims) * 4
+        if need > total // 4:
+            raise BenchError(
+                f"shape {s.name} ({s.label}) needs {need / 2**30:.1f} GiB per float32 buffer; "
+                f"this machine has {total / 2**30:.1f} GiB"
+            )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -732,10 +774,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=1,
         help="run the whole list N times; each row is the round with the median speed-up over PyTorch (default 1)",
     )
-    parser.add_argument("--footprint", type=float, help="MiB of x the rotating input buffers span (default 512)")
+    parser.add_argument(
+        "--footprint", type=_args.number(0.0), help="MiB of x the rotating input buffers span (default 512)"
+    )
     parser.add_argument(
         "--gap",
-        type=float,
+        type=_args.number(0.0),
         default=12.0,
         metavar="MS",
         help="sleep before each copy and each timed call at 2+ threads, so that no spinning OpenMP "
@@ -744,16 +788,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-torch", action="store_true", help="do not time PyTorch")
     parser.add_argument("--no-onnxruntime", action="store_true", help="do not time ONNX Runtime")
     parser.add_argument("--no-numpy", action="store_true", help="do not time the NumPy implementation")
-    parser.add_argument("--json", metavar="PATH", help="save the full report (every timing) as JSON")
-    parser.add_argument("--png", metavar="PATH", help="save a bar chart of the fractions of the limit (matplotlib)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the input data")
+    parser.add_argument(
+        "--json", metavar="PATH", type=_args.writable, help="save the full report (every timing) as JSON"
+    )
+    parser.add_argument(
+        "--png", metavar="PATH", type=_args.writable, help="save a bar chart of the fractions of the limit (matplotlib)"
+    )
+    parser.add_argument("--seed", type=_args.integer("--seed", 0, 2**63 - 1), default=0, help="seed of the input data")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
 
 def options_from_args(args: argparse.Namespace) -> Options:
     if args.shapes_file:
-        with open(args.shapes_file, encoding="utf-8") as f:
-            table = parse_shapes(f.read())
+        table = _read_shapes_file(args.shapes_file)
     else:
         table = parse_shapes(QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
@@ -765,8 +812,13 @@ def options_from_args(args: argparse.Namespace) -> Options:
     footprint = args.footprint if args.footprint is not None else 8.0 if args.quick else 512.0
     if repeats < 1 or args.rounds < 1 or warmup < 0 or footprint < 0 or args.gap < 0:
         raise BenchError("--repeats and --rounds must be >= 1, --warmup, --footprint and --gap >= 0")
+    _check_dtypes(dtypes)
+    if args.png:
+        _matplotlib()  # before the run, not after it
+    shapes = select_shapes(table, args.shapes)
+    _check_memory(shapes)
     return Options(
-        shapes=select_shapes(table, args.shapes),
+        shapes=shapes,
         modes=modes,
         dtypes=dtypes,
         threads=args.threads,
@@ -783,13 +835,12 @@ def options_from_args(args: argparse.Namespace) -> Options:
     )
 
 
-def main(args: argparse.Namespace, stream: IO[str] | None = None) -> int:
-    """``python -m batchnorm bench``: runs, prints the table, saves JSON/PNG if asked."""
+def main(args: argparse.Namespace, stream: IO[str] | None = None, options: Options | None = None) -> int:
+    """``python -m batchnorm bench``: runs, prints the table, saves JSON/PNG if asked
+    (``options``: ``options_from_args(args)``, if already made)."""
     stream = stream or sys.stdout
     try:
-        options = options_from_args(args)
-        if args.png:
-            _matplotlib()  # before the run, not after it
+        options = options or options_from_args(args)
         report = run(options)
     except CheckError as e:
         print(f"bench: CHECK FAILED: {e}", file=sys.stderr)
