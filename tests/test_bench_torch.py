@@ -155,15 +155,26 @@ def test_a_wrong_result_stops_the_run(monkeypatch, restore_torch_threads):
         _bench_torch.run_module_case(_request((4, 8, 6, 6), 1))
 
 
-def test_calls_are_interleaved_after_shared_copies():
-    data = _bench_cases.case_data(_request((4, 8, 6, 6), 1))
-    order = []
+def test_calls_are_interleaved_after_shared_copies(monkeypatch):
+    """Ours, torch's, ours, ...: each call on a buffer of its own, so neither reads what the
+    other left in cache."""
+    data = _bench_cases.case_data(_request((4, 8, 6, 6), 1, min_buffers=6))
+    assert data.count == 6
+    order, copied = [], []
+    source = {id(a): j for j, a in enumerate(data.x)}
+    monkeypatch.setattr(_bench_cases, "_copy_memory", lambda: lambda src, dst, nt: copied.append(source[id(src)]))
     calls = [lambda i, k=k: order.append((k, i)) for k in "ab"]
-    timings, _, last = _bench_cases.time_subjects(calls, data, repeats=3, warmup=2, with_copy=True)
+    timings, _, lasts = _bench_cases.time_subjects(calls, data, repeats=3, warmup=2, with_copy=True)
     warm = timings[0]["warmup_calls"]
     assert warm >= 2
-    assert order == [(k, r % data.count) for r in range(warm + 3) for k in "ab"]
-    assert last == (warm + 2) % data.count
+    assert order == [(k, (2 * r + j) % 6) for r in range(warm + 3) for j, k in enumerate("ab")]
+    assert lasts == [(2 * (warm + 2) + j) % 6 for j in range(2)]
+    used = [{i for _, i in order[2 * r : 2 * r + 4]} for r in range(warm + 3)]  # this repetition's and the next's
+    assert all(not set(copied[2 * r : 2 * r + 2]) & used[r] for r in range(warm + 3))
+    with pytest.raises(_bench.BenchError, match="at least 6 rotating buffers"):
+        _bench_cases.time_subjects(
+            calls, _bench_cases.case_data(_request((4, 8, 6, 6), 1)), repeats=1, warmup=0, with_copy=True
+        )
     for timing in timings:
         assert len(timing["times_s"]) == 3
         assert timing["copy_ordinary_s"] is timings[0]["copy_ordinary_s"]
@@ -205,3 +216,9 @@ def test_resnet_run(tmp_path):
         assert len(ours["times_s"]) == len(theirs["times_s"]) == 2
         assert ours["first_call_s"] > 0
         assert e["speedup_torch"] == pytest.approx(theirs["median_ms"] / ours["median_ms"])
+
+
+def test_rounds_of_a_row_neither_could_run():
+    """Training on one value per channel is n/a for both modules; --rounds still picks a round."""
+    rows = [{"speedup_torch": None, "subjects": {"batchnorm": {"unsupported": "ValueError"}}} for _ in range(3)]
+    assert _bench._median_round(rows)["round"] in {0, 1, 2}

@@ -496,7 +496,9 @@ def _round_key(entry: dict[str, Any]) -> float:
     if entry.get("speedup_torch") is not None:
         return float(entry["speedup_torch"])
     ours = entry["subjects"]["batchnorm"]
-    return float(ours["fraction"] if "fraction" in ours else 1.0 / ours["median_ms"])
+    if "fraction" in ours:
+        return float(ours["fraction"])
+    return 1.0 / ours["median_ms"] if "median_ms" in ours else 0.0  # 0: it could not run
 
 
 def _median_round(entries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -717,7 +719,7 @@ def save_png(report: dict[str, Any], path: str) -> None:
     if not results:
         raise BenchError("no bandwidth-bound shape in the results: nothing to chart")
     threads_list = sorted({e["threads"] for e in results}, reverse=True)
-    modes = [m for m in MODES if any(e["mode"] == m for e in results)]
+    modes = list(dict.fromkeys(e["mode"] for e in results))
     names = list(dict.fromkeys(e["shape"]["name"] for e in results))
     series = [
         (subject, dtype)

@@ -490,12 +490,13 @@ def time_subjects(
     with_copy: bool,
     gap: float = 0.0,
     min_rep_seconds: float = 2e-3,
-) -> tuple[list[dict[str, Any]], list[Any], int]:
+) -> tuple[list[dict[str, Any]], list[Any], list[int]]:
     """Median-ready timings of each of `calls` over the rotating buffers, interleaved:
     every repetition runs each call in turn (a, b, a, b, ...), so that two subjects
     compared in one process see the same minutes of the machine.
 
-    With `with_copy`, each repetition is one call of each, preceded by an ordinary and a
+    With `with_copy`, each repetition is one call of each, each on a buffer of its own
+    (none reads data the one before left in cache), preceded by an ordinary and a
     non-temporal copy of x's bytes between two buffers the calls do not touch in this
     repetition or the next (every call's timing lists the same copies). `gap` seconds of
     sleep come before the copies and before each call: after a parallel region, libgomp's
@@ -503,8 +504,8 @@ def time_subjects(
     in a process that holds two OpenMP runtimes (PyTorch's and ours, whose copy is the
     yardstick) the spinning threads of one would steal the cores from the other. Without
     `with_copy`, a repetition is as many calls on buffer 0 as take about
-    `min_rep_seconds` (per-call overhead of tiny inputs). Returns each call's timings and
-    last result, and the buffer the last results used.
+    `min_rep_seconds` (per-call overhead of tiny inputs). Returns each call's timings,
+    last result and the buffer that result came from.
     """
     count = data.count
     clock = time.perf_counter
@@ -532,15 +533,21 @@ def time_subjects(
                 for _ in range(per_rep[k]):
                     results[k] = call(0)
                 times[k].append((clock() - t0) / per_rep[k])
-        return [{"times_s": t, "calls_per_rep": n} for t, n in zip(times, per_rep, strict=True)], results, 0
+        timings = [{"times_s": t, "calls_per_rep": n} for t, n in zip(times, per_rep, strict=True)]
+        return timings, results, [0] * len(calls)
 
-    if count < 4:
-        raise BenchError("the copy next to each repetition needs at least 4 rotating buffers")
+    n = len(calls)
+    if count < 2 * n + 2:
+        raise BenchError(f"the copy next to each repetition of {n} calls needs at least {2 * n + 2} rotating buffers")
     copy = _copy_memory()
     x, out = data.x, data.out
 
+    def buffer(r: int, k: int) -> int:
+        return (r * n + k) % count
+
     def repetition(r: int) -> tuple[float, float, list[float]]:
-        i, a, b = r % count, (r + count // 2) % count, (r + count // 2 + 1) % count
+        a = buffer(r, max(2 * n, count // 2))  # past this repetition's buffers and the next one's
+        b = (a + 1) % count
         time.sleep(gap)
         t0 = clock()
         copy(x[a], out[a], False)
@@ -551,7 +558,7 @@ def time_subjects(
         for k, call in enumerate(calls):
             time.sleep(gap)
             t3 = clock()
-            results[k] = call(i)
+            results[k] = call(buffer(r, k))
             elapsed.append(clock() - t3)
         return t1 - t0, t2 - t1, elapsed
 
@@ -573,7 +580,7 @@ def time_subjects(
         nontemporal.append(t_nontemporal)
         for t, e in zip(times, elapsed, strict=True):
             t.append(e)
-    last = (start + repeats - 1) % count
+    last = [buffer(start + repeats - 1, k) for k in range(n)]
     timings = [
         {
             "times_s": t,
@@ -599,8 +606,9 @@ def case_data(request: dict[str, Any]) -> CaseData:
     """The rotating buffers of a request's (shape, dtype): enough to span its footprint."""
     shape = Shape(**{**request["shape"], "dims": tuple(request["shape"]["dims"])})
     nbytes = math.prod(shape.dims) * _numpy_dtype(request["dtype"]).itemsize
-    count = 1 if shape.kind == "tiny" else max(4, math.ceil(request["footprint_bytes"] / nbytes))
-    count = min(count, max(4, request.get("max_buffers", 4096)))
+    least = request.get("min_buffers", 4)  # for the copy to stay off the timed buffers
+    count = 1 if shape.kind == "tiny" else max(least, math.ceil(request["footprint_bytes"] / nbytes))
+    count = min(count, max(least, request.get("max_buffers", 4096)))
     return CaseData(shape, request["dtype"], count, request["seed"])
 
 
@@ -625,7 +633,7 @@ def run_case(request: dict[str, Any]) -> dict[str, Any]:
                         raise
                     row["subjects"][subject] = {"unsupported": f"{type(e).__name__}: {e}".splitlines()[0][:200]}
                     continue
-                (timing,), (result,), last = time_subjects(
+                (timing,), (result,), (last,) = time_subjects(
                     [call],
                     data,
                     repeats=request["repeats"],

@@ -98,7 +98,7 @@ def _module_subject(subject: str, mode: str, data: CaseData) -> tuple[Call, Outp
 
 def run_module_case(request: dict[str, Any]) -> dict[str, Any]:
     """Times ours and torch's modules on one (shape, dtype), interleaved; checks both."""
-    data = case_data(request)
+    data = case_data({**request, "min_buffers": 2 * len(SUBJECTS) + 2})  # each call its own buffer
     dtype = data.dtype_name
     rows = []
     for mode in request["modes"]:
@@ -115,7 +115,7 @@ def run_module_case(request: dict[str, Any]) -> dict[str, Any]:
                     continue
                 timed[subject] = (call, outputs)
             if timed:
-                timings, results, last = time_subjects(
+                timings, results, lasts = time_subjects(
                     [call for call, _ in timed.values()],
                     data,
                     repeats=request["repeats"],
@@ -123,10 +123,12 @@ def run_module_case(request: dict[str, Any]) -> dict[str, Any]:
                     with_copy=data.shape.kind != "tiny",
                     gap=request.get("gap_s", 0.0) if threads > 1 else 0.0,
                 )
-                want = data.reference("forward" if mode == "train-step" else "inference", last)
-                if mode == "train-step":
-                    want = {**want, **data.reference("backward", last)}
-                for (subject, (_, outputs)), timing, result in zip(timed.items(), timings, results, strict=True):
+                for (subject, (_, outputs)), timing, result, last in zip(
+                    timed.items(), timings, results, lasts, strict=True
+                ):
+                    want = data.reference("forward" if mode == "train-step" else "inference", last)
+                    if mode == "train-step":
+                        want = {**want, **data.reference("backward", last)}
                     timing["checks"] = check_outputs(subject, mode, dtype, outputs(result, last), want)
                     subjects[subject] = timing
             rows.append({"mode": mode, "threads": threads, "subjects": {s: subjects[s] for s in SUBJECTS}})
