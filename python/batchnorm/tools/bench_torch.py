@@ -6,8 +6,8 @@ Per (shape, dtype, mode, thread count), each subject is a module made by torch
 ours, the same module after ``batchnorm.torch.convert`` of a deep copy: equal weights, the
 public way in. The modes:
 
-- **train-step**: ``y = m(x); y.backward(g)`` with a fixed ``g`` and the gradients set to
-  None before each call (model bytes 3B + 5B: a training forward and a backward);
+- **train-step**: ``y = m(x); y.backward(g)`` with a fixed ``g``, the gradients set to
+  None around each call (model bytes 3B + 5B: a training forward and a backward);
 - **eval**: ``m(x)`` in eval mode under ``torch.no_grad()`` (2B).
 
 x and g are tensors over the case's rotating NumPy buffers (NHWC data as a channels_last
@@ -79,10 +79,11 @@ def _module_subject(subject: str, mode: str, data: CaseData) -> tuple[Call, Outp
 
     def step(i: int) -> Any:
         x = xs[i]
-        x.grad = weight.grad = bias.grad = None
+        weight.grad = bias.grad = None
         y = module(x)
         y.backward(gs[i])
-        return y, x.grad, weight.grad, bias.grad
+        dx, x.grad = x.grad, None  # no buffer keeps a gradient: memory stays one step's
+        return y, dx, weight.grad, bias.grad
 
     def step_outputs(r: Any, i: int) -> dict[str, np.ndarray]:
         y, dx, dweight, dbias = r
