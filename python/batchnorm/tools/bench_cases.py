@@ -481,6 +481,11 @@ def _copy_memory() -> Callable[[np.ndarray, np.ndarray, bool], None]:
     return _core.copy_memory
 
 
+def turns(r: int, n: int) -> list[int]:
+    """The order of n interleaved subjects in repetition r: forwards, then backwards."""
+    return list(range(n)) if r % 2 == 0 else list(reversed(range(n)))
+
+
 def time_subjects(
     calls: Sequence[Call],
     data: CaseData,
@@ -492,8 +497,10 @@ def time_subjects(
     min_rep_seconds: float = 2e-3,
 ) -> tuple[list[dict[str, Any]], list[Any], list[int]]:
     """Median-ready timings of each of `calls` over the rotating buffers, interleaved:
-    every repetition runs each call in turn (a, b, a, b, ...), so that two subjects
-    compared in one process see the same minutes of the machine.
+    every repetition runs each call in turn, so that two subjects compared in one process
+    see the same minutes of the machine, first in the given order and then in reverse
+    (a, b, b, a, a, b, ...), so that each is as often the first after the copies, which
+    leave the caches full of lines still to be written back.
 
     With `with_copy`, each repetition is one call of each, each on a buffer of its own
     (none reads data the one before left in cache), preceded by an ordinary and a
@@ -527,11 +534,11 @@ def time_subjects(
             per_call = max((clock() - t0) / done, 1e-8)
             per_rep.append(max(1, min(100_000, int(min_rep_seconds / per_call))))
         times: list[list[float]] = [[] for _ in calls]
-        for _ in range(repeats):
-            for k, call in enumerate(calls):
+        for r in range(repeats):
+            for k in turns(r, len(calls)):
                 t0 = clock()
                 for _ in range(per_rep[k]):
-                    results[k] = call(0)
+                    results[k] = calls[k](0)
                 times[k].append((clock() - t0) / per_rep[k])
         timings = [{"times_s": t, "calls_per_rep": n} for t, n in zip(times, per_rep, strict=True)]
         return timings, results, [0] * len(calls)
@@ -554,12 +561,12 @@ def time_subjects(
         t1 = clock()
         copy(x[b], out[b], True)
         t2 = clock()
-        elapsed = []
-        for k, call in enumerate(calls):
+        elapsed = [0.0] * n
+        for k in turns(r, n):
             time.sleep(gap)
             t3 = clock()
-            results[k] = call(buffer(r, k))
-            elapsed.append(clock() - t3)
+            results[k] = calls[k](buffer(r, k))
+            elapsed[k] = clock() - t3
         return t1 - t0, t2 - t1, elapsed
 
     def settling(seen: list[float]) -> bool:

@@ -5,7 +5,7 @@ The network is defined here (torchvision is not needed): bottleneck blocks [3, 4
 conv -> BN -> ReLU, 1000 classes. The converted model is a deep copy of the first, so both
 start from the same weights. For each variant (eager, then ``torch.compile`` of each model)
 and mode, both models are warmed up (compiling on the first call), then called in turn
-(ours, torch's, ours, ...) with ``--gap`` of sleep before each call at 2+ threads:
+(ours, torch's, torch's, ours, ...) with ``--gap`` of sleep before each call at 2+ threads:
 
 - **train-step**: SGD with momentum, ``zero_grad``, forward, cross-entropy, backward, step;
 - **eval**: the forward in eval mode under ``torch.no_grad()``.
@@ -37,9 +37,9 @@ from .bench import (
     machine_info,
     text_table,
 )
-from .bench_cases import set_threads, worker_main
+from .bench_cases import set_threads, turns, worker_main
 
-SUBJECTS = ("batchnorm", "torch")  # ours first: the order of the calls in a repetition
+SUBJECTS = ("batchnorm", "torch")  # the order of the calls in the first repetition
 # Eval outputs of the two models may differ by float32 rounding through 53 batch norms.
 TOLERANCE = 1e-3
 
@@ -130,8 +130,8 @@ def run_resnet(request: dict[str, Any]) -> dict[str, Any]:
                 subjects[name]["first_call_s"] = time.perf_counter() - t0
                 for _ in range(request["warmup"]):
                     calls[name][mode]()
-            for _ in range(request["repeats"]):
-                for name in SUBJECTS:
+            for r in range(request["repeats"]):
+                for name in (SUBJECTS[k] for k in turns(r, len(SUBJECTS))):
                     time.sleep(gap)
                     t0 = time.perf_counter()
                     calls[name][mode]()

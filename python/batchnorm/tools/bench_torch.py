@@ -36,7 +36,7 @@ from .bench_cases import (
     worker_main,
 )
 
-SUBJECTS = ("batchnorm", "torch")  # ours first: the order of the calls in a repetition
+SUBJECTS = ("batchnorm", "torch")  # the order of the calls in the first repetition
 _MODULES = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}
 
 
