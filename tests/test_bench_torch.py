@@ -192,6 +192,8 @@ def test_bad_options_exit_with_a_message(capsys):
     assert "--resnet-size" in capsys.readouterr().err
     assert main(["bench", "--resnet", "--modes", "backward"]) == 2
     assert "train-step,eval" in capsys.readouterr().err
+    assert main(["bench", "--resnet", "--png", "chart.png"]) == 2
+    assert "--png" in capsys.readouterr().err
 
 
 def test_resnet50_is_resnet50():

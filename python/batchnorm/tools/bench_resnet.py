@@ -20,10 +20,9 @@ import argparse
 import copy
 import importlib
 import importlib.util
-import json
 import sys
 import time
-from typing import IO, Any
+from typing import Any
 
 from .bench import (
     BenchError,
@@ -222,20 +221,3 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         _close(process)
     meta["seconds"] = time.perf_counter() - started
     return {"meta": meta, "check": answer["check"], "results": summarize(answer)}
-
-
-def main(args: argparse.Namespace, stream: IO[str]) -> int:
-    """``python -m batchnorm bench --resnet``: runs, prints the table, saves JSON if asked."""
-    try:
-        report = run(args)
-    except CheckError as e:
-        print(f"bench: CHECK FAILED: {e}", file=sys.stderr)
-        return 1
-    except BenchError as e:
-        print(f"bench: {e}", file=sys.stderr)
-        return 2
-    print(format_table(report), file=stream)
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=1)
-    return 0
