@@ -22,7 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     p_info = sub.add_parser("info", help="version, SIMD level in use, OpenMP threads, compiler")
     p_info.add_argument("--json", action="store_true", help="print as JSON")
     p_bench = sub.add_parser(
-        "bench", help="time inference, training forward and backward against a memory copy, PyTorch and NumPy"
+        "bench",
+        help="time inference, training forward and backward against a memory copy, PyTorch and NumPy; "
+        "--torch: batchnorm.torch's modules against torch's; --resnet: a ResNet-50 end to end",
     )
     bench.add_arguments(p_bench)
     args = parser.parse_args(argv)

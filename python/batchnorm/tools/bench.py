@@ -33,6 +33,10 @@ machine reports), so every call starts with its data in memory, not in cache.
 
 Each implementation's result is checked once per case against a float64 NumPy
 reference, outside the timed region; a mismatch stops the run with an error.
+
+``--torch`` compares batchnorm.torch's modules with torch's in one worker (bench_torch.py)
+through the same run loop, copies, summaries and table; ``--resnet`` times a ResNet-50 end
+to end (bench_resnet.py).
 """
 
 from __future__ import annotations
@@ -605,7 +609,8 @@ def header(report: dict[str, Any]) -> str:
         f"{_fmt(end[0] if end else None, '.2f')} at end",
         (
             "batchnorm.torch's module (convert of a deep copy) against torch.nn.BatchNorm*d, in one process, "
-            "called in turn after the same copies; train-step: y = m(x); y.backward(g); eval: m(x) under no_grad"
+            "called in turn (reversed every other repetition) after the same copies; "
+            "train-step: y = m(x); y.backward(g); eval: m(x) under no_grad"
             if opts.get("modules")
             else ""
         ),
