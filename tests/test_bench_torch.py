@@ -188,7 +188,7 @@ def test_bad_options_exit_with_a_message(capsys):
 
     assert main(["bench", "--torch", "--quick", "--modes", "inference"]) == 2
     assert "train-step,eval" in capsys.readouterr().err
-    assert main(["bench", "--resnet", "--resnet-size", "16"]) == 2
+    assert main(["bench", "--resnet", "--resnet-batch", "1", "--resnet-size", "64"]) == 2
     assert "--resnet-size" in capsys.readouterr().err
     assert main(["bench", "--resnet", "--modes", "backward"]) == 2
     assert "train-step,eval" in capsys.readouterr().err
@@ -206,9 +206,9 @@ def test_resnet50_is_resnet50():
 
 
 def test_resnet_run(tmp_path):
-    args = ["--resnet", "--resnet-batch", "2", "--resnet-size", "32", "--repeats", "2", "--warmup", "0"]
+    args = ["--resnet", "--resnet-batch", "2", "--resnet-size", "64", "--repeats", "2", "--warmup", "0"]
     table, report = _run([*args, "--threads", "1", "--no-compile"], tmp_path)
-    assert "ResNet-50, batch 2 at 32x32, 1 threads" in table
+    assert "ResNet-50, batch 2 at 64x64, 1 threads" in table
     assert report["meta"]["options"]["compile"] is False
     assert 0 <= report["check"]["error"] <= report["check"]["tolerance"]
     assert [(e["compiled"], e["mode"]) for e in report["results"]] == [(False, "train-step"), (False, "eval")]
@@ -225,3 +225,22 @@ def test_rounds_of_a_row_neither_could_run():
     """Training on one value per channel is n/a for both modules; --rounds still picks a round."""
     rows = [{"speedup_torch": None, "subjects": {"batchnorm": {"unsupported": "ValueError"}}} for _ in range(3)]
     assert _bench._median_round(rows)["round"] in {0, 1, 2}
+
+
+def test_resnet_models_are_checked(monkeypatch, restore_torch_threads):
+    """A converted model whose first batch norm's bias is off by 0.1 (before a ReLU, so the next
+    batch norm does not normalize it away): the run stops."""
+    right = _bench_resnet.converted
+
+    def off(model):
+        ours = right(model)
+        with torch.no_grad():
+            ours[1].bias.add_(0.1)
+        return ours
+
+    request = {"batch": 2, "size": 64, "threads": 1, "modes": [], "compile": False, "seed": 0}
+    request = {**request, "repeats": 1, "warmup": 0, "gap_s": 0.0}
+    assert _bench_resnet.run_resnet(request)["check"]["error"] <= _bench_resnet.TOLERANCE
+    monkeypatch.setattr(_bench_resnet, "converted", off)
+    with pytest.raises(_bench.CheckError, match="logits are off"):
+        _bench_resnet.run_resnet(request)

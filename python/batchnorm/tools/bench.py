@@ -564,9 +564,12 @@ _RAW_KEYS = (
 # ---- output ---------------------------------------------------------------------------------
 
 
-def _fmt_time(ms: float | None) -> str:
+def _fmt_time(ms: float | None, per_call: bool = False) -> str:
+    """A time in us, ms: us below 0.1 ms, and below 10 ms for `per_call` (tiny shapes' cost per call)."""
     if ms is None:
         return "-"
+    if per_call and ms < 10:
+        return f"{ms * 1e3:.1f} us"
     if ms < 0.1:
         return f"{ms * 1e3:.2f} us"
     return f"{ms:.3f} ms" if ms < 10 else f"{ms:.1f} ms"
@@ -665,6 +668,7 @@ def format_table(report: dict[str, Any]) -> str:
         rows: list[tuple[str, ...]] = []
         for e in (e for e in results if e["threads"] == threads):
             ours, torch, ort, numpy = (e["subjects"].get(k, {}) for k in ("batchnorm", "torch", "onnxruntime", "numpy"))
+            tiny = e["shape"]["kind"] == "tiny"
             copy = (
                 f"{ours['copy_ordinary_gbs']:.0f}/{ours['copy_nontemporal_gbs']:.0f}"
                 if "copy_ordinary_gbs" in ours
@@ -676,17 +680,17 @@ def format_table(report: dict[str, Any]) -> str:
                     e["layout"],
                     e["dtype"],
                     MODE_LABEL[e["mode"]],
-                    "n/a" if "unsupported" in ours else _fmt_time(ours.get("median_ms")),
+                    "n/a" if "unsupported" in ours else _fmt_time(ours.get("median_ms"), tiny),
                     _fmt(ours.get("fraction"), ".2f") + ("*" if "limit_disturbed_gbs" in ours else ""),
                     ours.get("policy", "-")[:1],
-                    "n/a" if "unsupported" in torch else _fmt_time(torch.get("median_ms")),
+                    "n/a" if "unsupported" in torch else _fmt_time(torch.get("median_ms"), tiny),
                     _fmt(torch.get("fraction"), ".2f") + ("*" if "limit_disturbed_gbs" in torch else ""),
                     torch.get("policy", "-")[:1],
                     _fmt(e["speedup_torch"], ".2f"),
                     _span(e.get("speedup_torch_rounds")),
-                    "n/a" if "unsupported" in ort else _fmt_time(ort.get("median_ms")),
+                    "n/a" if "unsupported" in ort else _fmt_time(ort.get("median_ms"), tiny),
                     _fmt(e.get("speedup_onnxruntime"), ".2f"),
-                    _fmt_time(numpy.get("median_ms")),
+                    _fmt_time(numpy.get("median_ms"), tiny),
                     _fmt(e["speedup_numpy"], ".1f"),
                     copy,
                 )
