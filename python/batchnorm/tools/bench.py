@@ -830,7 +830,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--resnet",
         action="store_true",
         help="instead: a ResNet-50 training step (SGD) and inference, torch's batch norm against "
-        "batchnorm.torch.convert(model), eager and torch.compile, at the largest --threads (implies --torch)",
+        "batchnorm.torch.convert(model), eager and torch.compile, at the largest --threads "
+        "(--modes train-step,eval, --repeats, --warmup, --gap, --seed, --json apply)",
     )
     parser.add_argument("--resnet-batch", type=int, default=16, metavar="N", help="ResNet-50 batch size (default 16)")
     parser.add_argument("--resnet-size", type=int, default=112, metavar="PX", help="ResNet-50 image side (default 112)")
