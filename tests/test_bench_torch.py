@@ -244,3 +244,25 @@ def test_resnet_models_are_checked(monkeypatch, restore_torch_threads):
     monkeypatch.setattr(_bench_resnet, "converted", off)
     with pytest.raises(_bench.CheckError, match="logits are off"):
         _bench_resnet.run_resnet(request)
+
+
+# Dynamo and inductor warn about their own imports and about graph breaks: not the bench's to fix.
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_resnet_compiled_variant(monkeypatch, restore_torch_threads):
+    """The compiled half of the run, on a conv -> BN -> ReLU model small enough to compile in seconds."""
+
+    def small(num_classes=1000):
+        nn = torch.nn
+        layers = [nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU()]
+        return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))
+
+    monkeypatch.setattr(_bench_resnet, "resnet50", small)
+    request = {"batch": 2, "size": 64, "threads": 1, "modes": ["train-step", "eval"], "compile": True, "seed": 0}
+    answer = _bench_resnet.run_resnet({**request, "repeats": 2, "warmup": 1, "gap_s": 0.0})
+    assert [(r["compiled"], r["mode"]) for r in answer["rows"]] == [
+        (compiled, mode) for compiled in (False, True) for mode in ("train-step", "eval")
+    ]
+    for row in answer["rows"]:
+        assert set(row["subjects"]) == {"batchnorm", "torch"}
+        assert all(len(t["times_s"]) == 2 for t in row["subjects"].values())
