@@ -42,7 +42,9 @@ def _main(argv: list[str] | None) -> int:
     p_info = sub.add_parser("info", help="version, SIMD level in use, OpenMP threads, compiler")
     p_info.add_argument("--json", action="store_true", help="print as JSON")
     p_bench = sub.add_parser(
-        "bench", help="time inference, training forward and backward against a memory copy, PyTorch and NumPy"
+        "bench",
+        help="time inference, training forward and backward against a memory copy, PyTorch and NumPy; "
+        "--torch: batchnorm.torch's modules against torch's; --resnet: a ResNet-50 end to end",
     )
     bench.add_arguments(p_bench)
     args = parser.parse_args(argv)
@@ -52,7 +54,7 @@ def _main(argv: list[str] | None) -> int:
 
     if args.command == "bench":
         try:  # every check before any work: a bad argument gets argparse's error
-            options = bench.options_from_args(args)
+            options = None if args.resnet else bench.options_from_args(args)
         except bench.BenchError as e:
             p_bench.error(str(e))
         return bench.main(args, options=options)
