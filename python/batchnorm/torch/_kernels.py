@@ -47,7 +47,22 @@ def empty_output(x: torch.Tensor) -> torch.Tensor:
 
 
 def values_per_channel(x: torch.Tensor) -> int:
-    return int(x.shape[0] * math.prod(x.shape[2:]))
+    return int(x.shape[0] * math.prod(x.shape[2:]))  # numel() // C would fail for C == 0
+
+
+def batch_forward(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y normalized with the batch's statistics; the batch mean, inv_std and (biased) variance."""
+    follow_torch_threads()
+    sdt = stat_dtype(x)
+    c = x.shape[1]
+    y = empty_output(x)
+    if x.numel() == 0:  # torch: an empty output, statistics (0, 1)
+        return y, torch.zeros(c, dtype=sdt), torch.ones(c, dtype=sdt), torch.zeros(c, dtype=sdt)
+    mean, inv_std, var = torch.empty(c, dtype=sdt), torch.empty(c, dtype=sdt), torch.empty(c, dtype=sdt)
+    _core.forward(x, y, AXES, channels(weight, sdt), channels(bias, sdt), eps, False, mean, var, inv_std)
+    return y, mean, inv_std, var
 
 
 def train_forward(  # noqa: PLR0917 - the order of torch's batch_norm arguments
@@ -60,17 +75,9 @@ def train_forward(  # noqa: PLR0917 - the order of torch's batch_norm arguments
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """y, batch mean, batch inv_std; the running statistics (if given) move toward the batch's."""
-    follow_torch_threads()
-    sdt = stat_dtype(x)
-    c = x.shape[1]
-    y = empty_output(x)
-    mean = torch.zeros(c, dtype=sdt)
-    inv_std = torch.ones(c, dtype=sdt)
-    if values_per_channel(x) == 0:  # torch: an empty output, running statistics untouched
-        return y, mean, inv_std
-    var = torch.empty(c, dtype=sdt)
-    count = _core.forward(x, y, AXES, channels(weight, sdt), channels(bias, sdt), eps, False, mean, var, inv_std)
-    if running_mean is not None and running_var is not None:
+    y, mean, inv_std, var = batch_forward(x, weight, bias, eps)
+    count = values_per_channel(x)
+    if count and running_mean is not None and running_var is not None:  # torch skips an empty batch
         update_running(running_mean, running_var, mean, var, momentum, count)
     return y, mean, inv_std
 
