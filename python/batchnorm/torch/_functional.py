@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from . import _kernels, _ops
 
@@ -67,8 +66,9 @@ class _BatchNorm(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        if torch.is_grad_enabled():  # create_graph=True: the kernels' gradient is not differentiable
+            raise RuntimeError(_ops.SECOND_ORDER)
         x, weight, mean, inv_std = ctx.saved_tensors
         dx, dweight, dbias = _kernels.backward(dy, x, mean, inv_std, weight, ctx.fixed)
         need = ctx.needs_input_grad

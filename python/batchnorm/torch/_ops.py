@@ -146,6 +146,18 @@ def _infer_backward(ctx: Any, dy: torch.Tensor, *_: Any) -> tuple[torch.Tensor |
     return (dx if ctx.needs_input_grad[0] else None, *grads, None, None, None)
 
 
+SECOND_ORDER = "batchnorm.torch has no second-order gradients: its backward pass is not differentiable"
+
+
+def _second_order(ctx: Any, *_: Any) -> tuple[None, ...]:
+    raise RuntimeError(SECOND_ORDER)
+
+
+def _no_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    return None
+
+
+torch.library.register_autograd("batchnorm::backward", _second_order, setup_context=_no_context, lib=_LIB)
 torch.library.register_autograd("batchnorm::train_forward", _train_backward, setup_context=_train_setup, lib=_LIB)
 torch.library.register_autograd("batchnorm::infer_forward", _infer_backward, setup_context=_infer_setup, lib=_LIB)
 
