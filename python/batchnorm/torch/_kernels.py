@@ -14,7 +14,7 @@ import torch
 
 from .. import _core
 
-_core.use_torch(torch.Tensor, torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_core.use_torch(torch.Tensor, torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.strided)
 
 AXES = (1,)  # the channel axis of every layout torch's batch norm takes (NC, NCL, NCHW, NCDHW)
 
