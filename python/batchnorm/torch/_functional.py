@@ -85,6 +85,10 @@ class _BatchNorm(torch.autograd.Function):
         )
 
 
+def _any_requires_grad(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> bool:
+    return x.requires_grad or (weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad)
+
+
 def _tracing(x: torch.Tensor) -> bool:
     """Whether torch is tracing this call (torch.compile, export, make_fx): the ops' path."""
     return type(x) is not torch.Tensor or torch.compiler.is_compiling()
@@ -108,6 +112,12 @@ def batch_norm(  # noqa: PLR0917 - torch.nn.functional.batch_norm's positional s
     _verify(input, running_mean, running_var, weight, bias, training, eps)
     if _tracing(input):
         return _ops.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if not (torch.is_grad_enabled() and _any_requires_grad(input, weight, bias)):  # no autograd node to make
+        if training:
+            return _kernels.train_forward(input, weight, bias, running_mean, running_var, momentum, eps)[0]
+        assert running_mean is not None
+        assert running_var is not None
+        return _kernels.normalized(input, weight, bias, running_mean, running_var, eps)
     y: torch.Tensor = _BatchNorm.apply(  # type: ignore[no-untyped-call]
         input, weight, bias, running_mean, running_var, training, momentum, eps
     )

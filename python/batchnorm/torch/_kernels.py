@@ -37,17 +37,20 @@ def channels(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return t.detach().to(dtype).contiguous()
 
 
+_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
 def empty_output(x: torch.Tensor) -> torch.Tensor:
     """An output shaped and laid out as torch's batch norm lays out its own."""
-    fmt = torch.contiguous_format
-    last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    last = _LAST.get(x.dim())
     if last is not None and x.is_contiguous(memory_format=last) and not x.is_contiguous():
-        fmt = last
-    return torch.empty_like(x, memory_format=fmt)
+        return torch.empty_like(x, memory_format=last)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def values_per_channel(x: torch.Tensor) -> int:
-    return int(x.shape[0] * math.prod(x.shape[2:]))  # numel() // C would fail for C == 0
+    n = x.numel()
+    return n // x.shape[1] if n else x.shape[0] * math.prod(x.shape[2:])  # C == 0: still N * spatial
 
 
 def batch_forward(
@@ -112,15 +115,40 @@ def infer_forward(  # noqa: PLR0917 - the order of torch's batch_norm arguments
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """y normalized with the running statistics; also the mean and inv_std it used."""
+    inv_std = torch.empty(x.shape[1], dtype=stat_dtype(x))
+    y, mean = _normalize(x, weight, bias, running_mean, running_var, eps, inv_std)
+    return y, mean, inv_std
+
+
+def normalized(  # noqa: PLR0917 - the order of torch's batch_norm arguments
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    """y normalized with the running statistics, when no gradient will be asked for."""
+    return _normalize(x, weight, bias, running_mean, running_var, eps, None)[0]
+
+
+def _normalize(  # noqa: PLR0917 - the order of torch's batch_norm arguments
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    eps: float,
+    inv_std: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     follow_torch_threads()
     sdt = stat_dtype(x)
     mean, var = channels(running_mean, sdt), channels(running_var, sdt)
     assert mean is not None
     assert var is not None
     y = empty_output(x)
-    inv_std = torch.empty(x.shape[1], dtype=sdt)
     _core.normalize(x, y, AXES, mean, var, channels(weight, sdt), channels(bias, sdt), eps, False, inv_std)
-    return y, mean, inv_std
+    return y, mean
 
 
 def backward(  # noqa: PLR0917 - the order of torch's batch_norm arguments
@@ -136,10 +164,9 @@ def backward(  # noqa: PLR0917 - the order of torch's batch_norm arguments
     sdt = stat_dtype(x)
     c = x.shape[1]
     dx = empty_output(x)
-    dweight = torch.zeros(c, dtype=sdt)
-    dbias = torch.zeros(c, dtype=sdt)
     if x.numel() == 0:
-        return dx, dweight, dbias
+        return dx, torch.zeros(c, dtype=sdt), torch.zeros(c, dtype=sdt)
+    dweight, dbias = torch.empty(c, dtype=sdt), torch.empty(c, dtype=sdt)  # the core writes every channel
     if dy.dtype != x.dtype:
         dy = dy.to(x.dtype)
     _core.backward(dy, x, dx, AXES, mean, inv_std, channels(weight, sdt), None, False, dweight, dbias, fixed_statistics)
