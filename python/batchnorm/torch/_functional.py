@@ -117,7 +117,7 @@ def batch_norm(  # noqa: PLR0917 - torch.nn.functional.batch_norm's positional s
             return _kernels.train_forward(input, weight, bias, running_mean, running_var, momentum, eps)[0]
         assert running_mean is not None
         assert running_var is not None
-        return _kernels.normalized(input, weight, bias, running_mean, running_var, eps)
+        return _kernels.normalize(input, weight, bias, running_mean, running_var, eps)[0]
     y: torch.Tensor = _BatchNorm.apply(  # type: ignore[no-untyped-call]
         input, weight, bias, running_mean, running_var, training, momentum, eps
     )

@@ -116,31 +116,21 @@ def infer_forward(  # noqa: PLR0917 - the order of torch's batch_norm arguments
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """y normalized with the running statistics; also the mean and inv_std it used."""
     inv_std = torch.empty(x.shape[1], dtype=stat_dtype(x))
-    y, mean = _normalize(x, weight, bias, running_mean, running_var, eps, inv_std)
+    y, mean = normalize(x, weight, bias, running_mean, running_var, eps, inv_std)
     return y, mean, inv_std
 
 
-def normalized(  # noqa: PLR0917 - the order of torch's batch_norm arguments
+def normalize(  # noqa: PLR0917 - the order of torch's batch_norm arguments
     x: torch.Tensor,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     running_mean: torch.Tensor,
     running_var: torch.Tensor,
     eps: float,
-) -> torch.Tensor:
-    """y normalized with the running statistics, when no gradient will be asked for."""
-    return _normalize(x, weight, bias, running_mean, running_var, eps, None)[0]
-
-
-def _normalize(  # noqa: PLR0917 - the order of torch's batch_norm arguments
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    running_mean: torch.Tensor,
-    running_var: torch.Tensor,
-    eps: float,
-    inv_std: torch.Tensor | None,
+    inv_std: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """y normalized with the running statistics, and the running mean as the core read it;
+    inv_std (if given) receives the per-channel factor, which only a gradient needs."""
     follow_torch_threads()
     sdt = stat_dtype(x)
     mean, var = channels(running_mean, sdt), channels(running_var, sdt)
