@@ -10,6 +10,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from torch._dynamo.testing import CompileCounterWithBackend  # noqa: E402 - counts graphs, keeps them
 from torch_cases import channel_tensors, close, make  # noqa: E402
 
 import batchnorm.torch as bnt  # noqa: E402 - only once torch is known to be there
@@ -122,7 +123,7 @@ def small_model(bn: type) -> torch.nn.Module:
 def test_compiled_model_matches_eager_in_a_training_step_and_in_eval():
     eager = small_model(bnt.BatchNorm2d)
     compiled_model = copy.deepcopy(eager)
-    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    counter = CompileCounterWithBackend("inductor")
     compiled = torch.compile(compiled_model, backend=counter, fullgraph=True)
     x = make((4, 3, 8, 8), torch.float32, seed=6)
     outputs = [model(x) for model in (eager, compiled)]
