@@ -95,7 +95,7 @@ def update_running(  # noqa: PLR0917 - the order of torch's batch_norm arguments
 ) -> None:
     """running = (1 - factor) * running + factor * batch (variance unbiased), in place."""
     sdt = mean.dtype
-    if all(t.dtype == sdt and t.is_contiguous() for t in (running_mean, running_var)):
+    if running_mean.dtype == running_var.dtype == sdt and running_mean.is_contiguous() and running_var.is_contiguous():
         _core.update_running(running_mean, running_var, mean, var, float(factor), count)
         return
     # 16-bit or strided buffers: the same rule through a float32/64 copy, written back once
