@@ -62,10 +62,13 @@ def _failed(group: Any, channels: int) -> None:
 
 
 def _sum_over_ranks(group: Any, *sums: torch.Tensor, failed: bool = False) -> list[torch.Tensor]:
-    """Element-wise sums over ranks of per-channel float64 tensors, in one all_reduce."""
-    flag = torch.ones(1, dtype=torch.float64) if failed else torch.zeros(1, dtype=torch.float64)
-    buf = torch.cat([*sums, flag])
+    """Element-wise sums over ranks of per-channel float64 tensors, in one all_reduce.
+
+    A rank that failed passes failed=True (and gets nothing back); then the others raise."""
+    buf = torch.cat([*sums, torch.full((1,), float(failed), dtype=torch.float64)])
     dist.all_reduce(buf, group=group)
+    if failed:
+        return []
     if buf[-1] != 0:
         raise RuntimeError(_PEER_FAILED)
     return list(torch.split(buf[:-1], [s.numel() for s in sums]))
@@ -115,6 +118,7 @@ class _SyncFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight, mean, inv_std = ctx.saved_tensors
+        _kernels.follow_torch_threads()
         c = mean.numel()
         sum_dy = torch.zeros(c, dtype=torch.float64)
         sum_dy_xc = torch.zeros(c, dtype=torch.float64)
