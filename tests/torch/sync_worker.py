@@ -1,4 +1,4 @@
-"""One gloo rank of tests/torch/test_sync.py: runs every case on this rank's slice.
+"""One gloo rank of tests/torch/test_torch_sync.py: runs every case on this rank's slice.
 
     python sync_worker.py CASES OUT      # RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT in the environment
 
@@ -68,13 +68,24 @@ def run_case(case: dict, rank: int) -> dict:
     return out
 
 
+def run_ddp(case: dict, rank: int) -> dict:
+    """A conv -> SyncBatchNorm model under DistributedDataParallel (which averages gradients)."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(case["channels"], 2, 1), bnt.SyncBatchNorm(2))
+    model.load_state_dict(case["state"])
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    x = local_slice(case["xs"][0], case["splits"], rank)
+    y = ddp(x)
+    y.backward(local_slice(case["dys"][0], case["splits"], rank))
+    return {"y": y.detach(), "grads": {k: p.grad for k, p in model.named_parameters()}}
+
+
 def main() -> None:
     cases_file, out_dir = sys.argv[1], sys.argv[2]
     torch.set_num_threads(1)  # one thread per rank on a small machine
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     cases = torch.load(cases_file)
-    results = {case["name"]: run_case(case, rank) for case in cases}
+    results = {case["name"]: (run_ddp if "state" in case else run_case)(case, rank) for case in cases}
     dist.destroy_process_group()
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 

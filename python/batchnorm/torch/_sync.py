@@ -206,3 +206,23 @@ class SyncBatchNorm(_Forward, torch.nn.SyncBatchNorm):  # type: ignore[misc]
             assert self.num_batches_tracked is not None
             self.num_batches_tracked.add_(1)
         return y
+
+
+def _let_ddp_wrap_it() -> None:
+    """DistributedDataParallel refuses every torch.nn.SyncBatchNorm in a CPU model, because
+    torch's needs a GPU; this one does not, so its check skips ours (and still refuses torch's)."""
+    ddp = torch.nn.parallel.DistributedDataParallel
+    check = getattr(ddp, "_passing_sync_batchnorm_handle", None)
+    if check is None or getattr(check, "skips_batchnorm_torch", False):
+        return
+
+    def passing_sync_batchnorm_handle(self: Any, module: torch.nn.Module) -> None:
+        for layer in module.modules():
+            if isinstance(layer, torch.nn.SyncBatchNorm) and not isinstance(layer, SyncBatchNorm):
+                check(self, layer)
+
+    passing_sync_batchnorm_handle.skips_batchnorm_torch = True  # type: ignore[attr-defined]
+    ddp._passing_sync_batchnorm_handle = passing_sync_batchnorm_handle  # type: ignore[method-assign]
+
+
+_let_ddp_wrap_it()
