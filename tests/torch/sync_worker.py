@@ -9,6 +9,7 @@ gradients and buffers, or the error a call raised.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -16,6 +17,22 @@ import torch
 import torch.distributed as dist
 
 import batchnorm.torch as bnt
+from batchnorm import _core
+
+
+@contextlib.contextmanager
+def failing_backward_sums():
+    """The core's backward_sums raises on this rank (a backward that fails on one rank only)."""
+
+    def fail(*args: object) -> None:
+        raise RuntimeError("backward_sums failed on this rank")
+
+    saved = _core.backward_sums
+    _core.backward_sums = fail
+    try:
+        yield
+    finally:
+        _core.backward_sums = saved
 
 
 def local_slice(t: torch.Tensor, splits: list[int], rank: int) -> torch.Tensor:
@@ -49,8 +66,16 @@ def run_case(case: dict, rank: int) -> dict:
             out["errors"].append(f"{type(error).__name__}: {error}")
             continue
         out["errors"].append(None)
-        y.backward(dy)
         out["y"].append(y.detach())
+        failing = (step, rank) == case.get("bad_backward")
+        try:
+            with failing_backward_sums() if failing else contextlib.nullcontext():
+                y.backward(dy)
+        except RuntimeError as error:
+            out["errors"][-1] = f"backward {type(error).__name__}: {error}"
+            for k in ("dx", "dweight", "dbias"):
+                out[k].append(None)
+            continue
         out["dx"].append(x.grad)
         out["channels_last"] = y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
         if case["affine"]:

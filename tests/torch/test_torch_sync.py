@@ -62,6 +62,8 @@ def cases(world: int) -> list[dict]:
         make_case("one_value", (1, 5), [0] * (world - 1) + [1]),
         # rank 0 fails its first call: every rank raises, the second step runs normally
         make_case("peer_fails", (n, 4, 3, 3), uneven, bad=(0, 0)),
+        # rank 0's first backward fails: every rank's backward raises, the second step runs normally
+        make_case("peer_fails_backward", (n, 4, 3, 3), uneven, bad_backward=(0, 0)),
         # (a conv's weight gradient on inputs near 100 is ill-conditioned in float32, even in torch)
         make_case("ddp", (n, 2, 3, 3), uneven, offset=0.0, state=ddp_model().state_dict()),
     ]
@@ -178,16 +180,19 @@ def test_sync_equals_one_process(run, name):
             assert r["num_batches_tracked"] == 0
         return
     steps = [s for s in range(STEPS) if bad is None or s != bad[0]]
-    if bad is not None:
-        step, bad_rank = bad
-        for r, got in enumerate(ranks):
-            error = got["errors"][step]
-            assert error is not None
-            assert ("should contain" in error) == (r == bad_rank), error
-            assert ("another rank failed" in error) == (r != bad_rank), error
+    for failed, what in ((bad, "should contain"), (case.get("bad_backward"), "backward_sums failed")):
+        if failed is not None:
+            step, bad_rank = failed
+            for r, got in enumerate(ranks):
+                error = got["errors"][step]
+                assert error is not None
+                assert (what in error) == (r == bad_rank), error
+                assert ("another rank failed" in error) == (r != bad_rank), error
     want = reference(case, steps)
     for k in range(len(steps)):
         assert_close(torch.cat([r["y"][k] for r in ranks]), want["y"][k], dtype, f"y, step {k}")
+        if ranks[0]["dx"][k] is None:  # a failed backward: the gradients were not written
+            continue
         assert_close(torch.cat([r["dx"][k] for r in ranks]), want["dx"][k], dtype, f"dx, step {k}")
         if case["affine"]:
             for g in ("dweight", "dbias"):
