@@ -56,33 +56,43 @@ class _BatchNorm(torch.autograd.Function):
         eps: float,
     ) -> torch.Tensor:
         if training:
-            y, mean, inv_std = _kernels.train_forward(x, weight, bias, running_mean, running_var, momentum, eps)
+            y, mean, inv_std = _kernels.train_forward(
+                x, weight, bias, running_mean, running_var, momentum, eps, numpy=True
+            )
         else:
             assert running_mean is not None
             assert running_var is not None
-            y, mean, inv_std = _kernels.infer_forward(x, weight, bias, running_mean, running_var, eps)
+            y, mean, inv_std = _kernels.infer_forward(x, weight, bias, running_mean, running_var, eps, numpy=True)
         ctx.fixed = not training
-        ctx.save_for_backward(x, weight, mean, inv_std)
+        ctx.stats = mean, inv_std  # NumPy (or the running mean): not tensors autograd must guard
+        ctx.save_for_backward(x, weight)
         return y
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         if torch.is_grad_enabled():  # create_graph=True: the kernels' gradient is not differentiable
             raise RuntimeError(_ops.SECOND_ORDER)
-        x, weight, mean, inv_std = ctx.saved_tensors
+        x, weight = ctx.saved_tensors
+        mean, inv_std = ctx.stats
         dx, dweight, dbias = _kernels.backward(dy, x, mean, inv_std, weight, ctx.fixed)
         need = ctx.needs_input_grad
         to = weight.dtype if weight is not None else dweight.dtype
         return (
             dx if need[0] else None,
-            dweight.to(to) if need[1] else None,
-            dbias.to(to) if need[2] else None,
+            (dweight if dweight.dtype == to else dweight.to(to)) if need[1] else None,
+            (dbias if dbias.dtype == to else dbias.to(to)) if need[2] else None,
             None,
             None,
             None,
             None,
             None,
         )
+
+
+# autograd's C entry point, without Function.apply's Python wrapper, whose only extra work
+# (unwrapping torch.func's tensors) does not apply: torch.func transforms are refused anyway,
+# and the wrapper costs as much as a small batch's kernels.
+_apply = super(torch.autograd.Function, _BatchNorm).apply
 
 
 def _any_requires_grad(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> bool:
@@ -114,11 +124,9 @@ def batch_norm(  # noqa: PLR0917 - torch.nn.functional.batch_norm's positional s
         return _ops.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     if not (torch.is_grad_enabled() and _any_requires_grad(input, weight, bias)):  # no autograd node to make
         if training:
-            return _kernels.train_forward(input, weight, bias, running_mean, running_var, momentum, eps)[0]
+            return _kernels.train_forward(input, weight, bias, running_mean, running_var, momentum, eps, numpy=True)[0]
         assert running_mean is not None
         assert running_var is not None
         return _kernels.normalize(input, weight, bias, running_mean, running_var, eps)[0]
-    y: torch.Tensor = _BatchNorm.apply(  # type: ignore[no-untyped-call]
-        input, weight, bias, running_mean, running_var, training, momentum, eps
-    )
+    y: torch.Tensor = _apply(input, weight, bias, running_mean, running_var, training, momentum, eps)  # type: ignore[no-untyped-call]
     return y

@@ -10,11 +10,17 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from .. import _core
 
 _core.use_torch(torch.Tensor, torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.strided)
+
+# Per-channel statistics: tensors where torch sees them (the ops' outputs), NumPy arrays
+# on the eager path, where the core allocates them: torch.empty costs about a microsecond,
+# as much as the kernels of a small batch.
+Stat = torch.Tensor | np.ndarray
 
 AXES = (1,)  # the channel axis of every layout torch's batch norm takes (NC, NCL, NCHW, NCDHW)
 
@@ -54,17 +60,22 @@ def values_per_channel(x: torch.Tensor) -> int:
 
 
 def batch_forward(
-    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """y normalized with the batch's statistics; the batch mean, inv_std and (biased) variance."""
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, *, numpy: bool = False
+) -> tuple[torch.Tensor, Stat, Stat, Stat]:
+    """y normalized with the batch's statistics; the batch mean, inv_std and (biased) variance,
+    as tensors, or with ``numpy`` as NumPy arrays (see ``Stat``)."""
     follow_torch_threads()
     sdt = stat_dtype(x)
     c = x.shape[1]
     y = empty_output(x)
+    w, b = channels(weight, sdt), channels(bias, sdt)
     if x.numel() == 0:  # torch: an empty output, statistics (0, 1)
         return y, torch.zeros(c, dtype=sdt), torch.ones(c, dtype=sdt), torch.zeros(c, dtype=sdt)
+    if numpy:  # the core allocates them
+        m, v, inv, _ = _core.forward(x, y, AXES, w, b, eps, False)
+        return y, m, inv, v
     mean, inv_std, var = torch.empty(c, dtype=sdt), torch.empty(c, dtype=sdt), torch.empty(c, dtype=sdt)
-    _core.forward(x, y, AXES, channels(weight, sdt), channels(bias, sdt), eps, False, mean, var, inv_std)
+    _core.forward(x, y, AXES, w, b, eps, False, mean, var, inv_std)
     return y, mean, inv_std, var
 
 
@@ -76,9 +87,11 @@ def train_forward(  # noqa: PLR0917 - the order of torch's batch_norm arguments
     running_var: torch.Tensor | None,
     momentum: float,
     eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    *,
+    numpy: bool = False,
+) -> tuple[torch.Tensor, Stat, Stat]:
     """y, batch mean, batch inv_std; the running statistics (if given) move toward the batch's."""
-    y, mean, inv_std, var = batch_forward(x, weight, bias, eps)
+    y, mean, inv_std, var = batch_forward(x, weight, bias, eps, numpy=numpy)
     count = values_per_channel(x)
     if count and running_mean is not None and running_var is not None:  # torch skips an empty batch
         update_running(running_mean, running_var, mean, var, momentum, count)
@@ -88,13 +101,13 @@ def train_forward(  # noqa: PLR0917 - the order of torch's batch_norm arguments
 def update_running(  # noqa: PLR0917 - the order of torch's batch_norm arguments
     running_mean: torch.Tensor,
     running_var: torch.Tensor,
-    mean: torch.Tensor,
-    var: torch.Tensor,
+    mean: Stat,
+    var: Stat,
     factor: float,
     count: int,
 ) -> None:
     """running = (1 - factor) * running + factor * batch (variance unbiased), in place."""
-    sdt = mean.dtype
+    sdt = torch.float64 if mean.dtype in (torch.float64, np.float64) else torch.float32
     if running_mean.dtype == running_var.dtype == sdt and running_mean.is_contiguous() and running_var.is_contiguous():
         _core.update_running(running_mean, running_var, mean, var, float(factor), count)
         return
@@ -113,9 +126,16 @@ def infer_forward(  # noqa: PLR0917 - the order of torch's batch_norm arguments
     running_mean: torch.Tensor,
     running_var: torch.Tensor,
     eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    *,
+    numpy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, Stat]:
     """y normalized with the running statistics; also the mean and inv_std it used."""
-    inv_std = torch.empty(x.shape[1], dtype=stat_dtype(x))
+    sdt = stat_dtype(x)
+    inv_std = (
+        np.empty(x.shape[1], np.float64 if sdt == torch.float64 else np.float32)
+        if numpy
+        else torch.empty(x.shape[1], dtype=sdt)
+    )
     y, mean = normalize(x, weight, bias, running_mean, running_var, eps, inv_std)
     return y, mean, inv_std
 
@@ -127,7 +147,7 @@ def normalize(  # noqa: PLR0917 - the order of torch's batch_norm arguments
     running_mean: torch.Tensor,
     running_var: torch.Tensor,
     eps: float,
-    inv_std: torch.Tensor | None = None,
+    inv_std: Stat | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """y normalized with the running statistics, and the running mean as the core read it;
     inv_std (if given) receives the per-channel factor, which only a gradient needs."""
@@ -144,8 +164,8 @@ def normalize(  # noqa: PLR0917 - the order of torch's batch_norm arguments
 def backward(  # noqa: PLR0917 - the order of torch's batch_norm arguments
     dy: torch.Tensor,
     x: torch.Tensor,
-    mean: torch.Tensor,
-    inv_std: torch.Tensor,
+    mean: Stat,
+    inv_std: Stat,
     weight: torch.Tensor | None,
     fixed_statistics: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -28,6 +28,7 @@ def _infer_forward(  # noqa: PLR0917 - the op's schema
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     y, _, inv_std = _kernels.infer_forward(x, weight, bias, running_mean, running_var, eps)
+    assert isinstance(inv_std, torch.Tensor)  # an op's output
     return y, inv_std  # not the mean: it may be running_mean itself, and an op's outputs may not alias
 
 

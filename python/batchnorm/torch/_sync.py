@@ -106,7 +106,9 @@ class _SyncFunction(torch.autograd.Function):
             y = _kernels.empty_output(x)
         else:
             var = (m2 / count).to(sdt)
-            y, mean, inv_std = _kernels.infer_forward(x, weight, bias, mean64.to(sdt), var, eps)
+            y, mean, inv = _kernels.infer_forward(x, weight, bias, mean64.to(sdt), var, eps)
+            assert isinstance(inv, torch.Tensor)  # saved for backward: a tensor
+            inv_std = inv
             if running_mean is not None and running_var is not None:
                 _kernels.update_running(running_mean, running_var, mean, var, factor, count)
         ctx.count = count
@@ -154,7 +156,7 @@ class _SyncFunction(torch.autograd.Function):
         )
 
 
-class SyncBatchNorm(_Forward, torch.nn.SyncBatchNorm):  # type: ignore[misc]
+class SyncBatchNorm(_Forward, torch.nn.SyncBatchNorm):
     """torch.nn.SyncBatchNorm that runs on CPU tensors, on batchnorm's kernels.
 
     Same arguments, parameters, buffers and state_dict as torch's. Every rank of
