@@ -17,6 +17,7 @@ Rows where a crash is conceivable are ``isolated``: they run in a child Python
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import subprocess
 import sys
@@ -143,10 +144,24 @@ def write_bad_files(directory: Path) -> dict[str, Path]:
         meta=np.array(meta),
         **{**weights, "weight:gamma": np.ones(3, complex)},
     )
+    put(
+        "input-shape-huge",
+        config=np.array(config),
+        meta=np.array(json.dumps({**json.loads(meta), "input_shape": [None, 2**40]})),
+        **weights,
+    )
+    put("compressed", data=_compressed(config=np.array(config), meta=np.array(meta), **weights))
     npy = directory / "array.npy"
     np.save(npy, np.ones(3))
     files["npy"] = npy
     return files
+
+
+def _compressed(**arrays: Any) -> bytes:
+    """What np.savez_compressed writes: save()'s arrays, deflated."""
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return buf.getvalue()
 
 
 # ---- running a row ------------------------------------------------------------------------------

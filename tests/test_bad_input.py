@@ -133,6 +133,9 @@ for name, fn in FUNCTIONS.items():
     row(f"{name}/ndim-0", ValueError, r"at least (1 dimension|2 dimensions).*ndim 0", fn, np.float32(1.0))
     if name != "normalize":
         row(f"{name}/ndim-1", ValueError, r"at least 2 dimensions \(a batch axis and a feature axis\)", fn, X[0])
+    for label, value in [("None", None), ("str", "ab"), ("dict", {})]:  # not arrays: a wrong type, not a wrong ndim
+        row(f"{name}/x-not-an-array-{label}", TypeError, r"x must be a float16, bfloat16, float32 or float64 array",
+            fn, value)  # fmt: skip
     # axes
     for label, axis, bad in [("out-of-range", 2, 2), ("negative-out-of-range", -3, -3), ("huge", 2**64, 2**64),
                              ("100", 100, 100), ("out-of-range-in-tuple", (0, 2), 2),
@@ -554,17 +557,24 @@ row("SyncBatchNormalization/init-vbs", ValueError, r"does not support `virtual_b
     virtual_batch_size=2)  # fmt: skip
 row("SyncBatchNormalization/init-momentum", ValueError, MOMENTUM, bn.SyncBatchNormalization,
     momentum=2.0)  # fmt: skip
+COMM = r"comm must be an mpi4py communicator or None"
+row("SyncBatchNormalization/init-comm-int", TypeError, COMM, bn.SyncBatchNormalization, comm=42)
+row("SyncBatchNorm/init-comm-str", TypeError, COMM, bn.SyncBatchNorm, 3, comm="bogus")
+row("SyncBatchNorm/convert-comm-str", TypeError, COMM, bn.SyncBatchNorm.convert_sync_batchnorm, Layer("torch2d"),
+    comm="bogus")  # fmt: skip
 
 
 _LOAD_MESSAGES = {
     "weights-missing": r"holds weights \[\]; the layer has",
     "weight-shape": r"weight 'gamma' has shape \(4,\)",
+    "input-shape-huge": r"weight 'gamma' has shape \(3,\)",
+    "compressed": r"entry 'config.npy' is compressed",
 }
 for name in [
     "empty", "truncated-head", "truncated-half", "truncated-tail", "corrupt", "text", "foreign", "config-only",
     "bad-json", "meta-not-a-dict", "config-not-a-dict", "config-numbers", "other-class", "other-format",
     "config-bad-value", "config-unknown-key", "input-shape-str", "weights-missing", "weight-shape", "weight-str",
-    "weight-complex", "npy",
+    "weight-complex", "npy", "input-shape-huge", "compressed",
 ]:  # fmt: skip
     row(
         f"BatchNormalization.load/{name}",
@@ -611,6 +621,8 @@ for cname, cls in TORCH.items():
         ("num-features-float", {"num_features": 2.5}, TypeError, r"num_features must be an int"),
         ("eps-str", {"num_features": 3, "eps": "1e-5"}, TypeError, r"eps must be a real number"),
         ("momentum-str", {"num_features": 3, "momentum": "0.1"}, TypeError, r"momentum must be a real number or None"),
+        ("eps-huge-int", {"num_features": 3, "eps": 10**400}, ValueError, r"eps must be representable as a float"),
+        ("momentum-huge-int", {"num_features": 3, "momentum": 10**400}, ValueError, r"momentum must be represent"),
         ("dtype-int32", {"num_features": 3, "dtype": "int32"}, TypeError, r"dtype must be float16, bfloat16, float32"),
         ("dtype-complex", {"num_features": 3, "dtype": np.complex64}, TypeError, r"dtype must be float16, bfloat16"),
         ("dtype-big-endian", {"num_features": 3, "dtype": ">f4"}, TypeError, r"big-endian"),
@@ -741,6 +753,9 @@ for cname, cls in TORCH.items():
             np.ones((1, 3)),
         )
         row(f"{cname}/set-{attr}-none", ValueError, rf"{attr} cannot be set to None", setattr, L, attr, None)
+        for label, value in [("nones", [None] * 3), ("numeric-str", np.array(["1", "2", "3"])), ("complex", [1j] * 3)]:
+            row(f"{cname}/set-{attr}-{label}", TypeError, rf"{attr} must be a real numeric array", setattr, L, attr,
+                value)  # fmt: skip
     row(
         f"{cname}/set-num_batches_tracked-shape",
         ValueError,
@@ -750,6 +765,13 @@ for cname, cls in TORCH.items():
         "num_batches_tracked",
         [1, 2],
     )
+    for label, value, exc, msg in [("nan", float("nan"), ValueError, "a non-negative whole number"),
+                                   ("negative", -1, ValueError, "a non-negative whole number"),
+                                   ("fraction", 2.5, ValueError, "a non-negative whole number"),
+                                   ("none", None, TypeError, "a real numeric array"),
+                                   ("str", "3", TypeError, "a real numeric array")]:  # fmt: skip
+        row(f"{cname}/set-num_batches_tracked-{label}", exc, f"num_batches_tracked must be {msg}", setattr, L,
+            "num_batches_tracked", value)  # fmt: skip
     # load_state_dict
     sd = make_layer(kind).state_dict()
     for label, bad_sd, strict, msg in [
@@ -770,6 +792,11 @@ for cname, cls in TORCH.items():
         ("shape-not-strict", {**sd, "weight": np.ones((3, 1))}, False, r"size mismatch for weight"),
         ("counter-shape", {**sd, "num_batches_tracked": np.ones(2)}, True, r"size mismatch for num_batches_tracked"),
         ("value-str", {**sd, "bias": np.array(["a", "b", "c"])}, True, r'While copying the parameter named "bias"'),
+        ("value-numeric-str", {**sd, "bias": np.array(["1", "2", "3"])}, True, r"bias must be a real numeric"),
+        ("value-complex", {**sd, "weight": np.ones(3, complex)}, True, r"weight must be a real numeric array"),
+        ("value-nones", {**sd, "running_mean": np.array([None] * 3)}, True, r"running_mean must be a real numeric"),
+        ("counter-nan", {**sd, "num_batches_tracked": np.array(np.nan)}, True, r"non-negative whole number"),
+        ("counter-negative", {**sd, "num_batches_tracked": np.array(-4)}, True, r"non-negative whole number"),
         ("all-wrong", {"weight": np.ones(5)}, True, r"Missing key.*\n.*size mismatch for weight"),
     ]:
         row(f"{cname}/load_state_dict-{label}", RuntimeError, msg, "load_state_dict", L, bad_sd, strict=strict)
@@ -901,6 +928,11 @@ def _bad_grads(layer: Any) -> None:
     layer.grads = {**layer.grads, key: np.ones(5, np.float32)}
 
 
+def _object_grads(layer: Any) -> None:
+    key = "gamma" if isinstance(layer, bn.BatchNormalization) else "weight"
+    layer.grads = {**layer.grads, key: np.array([None] * 3)}
+
+
 for kind in ("keras", "keras-renorm", "torch2d", "sync"):
     for opt in (optimizers.SGD(momentum=0.9), optimizers.Adam()):
         row(
@@ -910,6 +942,18 @@ for kind in ("keras", "keras-renorm", "torch2d", "sync"):
             opt.step,
             Layer(kind, setup=_bad_grads),
         )
+        row(f"{kind}/{type(opt).__name__}-step-grad-objects", TypeError,
+            r"gradient of '(gamma|weight)' must be a real numeric array, got dtype object", opt.step,
+            Layer(kind, setup=_object_grads))  # fmt: skip
+
+
+def _object_initializer(shape: Any, dtype: Any = None) -> np.ndarray:
+    return np.array([None] * shape[0])
+
+
+for label, init in [("object", _object_initializer), ("str", lambda shape, dtype=None: np.full(shape, "1"))]:
+    row(f"keras/build-initializer-{label}", TypeError, r"an initializer's result must be a real numeric array",
+        "build", Layer("keras", init={"gamma_initializer": init}), (None, 3))  # fmt: skip
 
 
 if os.environ.get("BATCHNORM_TEST_CRASH_ROW"):  # for test_a_crashing_row_fails_alone only

@@ -425,6 +425,18 @@ def test_per_channel_inputs_accept_any_shape_with_c_elements(dtype, rng):
     assert dg2.shape == (4, 6)
 
 
+def test_integer_bool_and_big_endian_per_channel_arrays_are_converted(rng):
+    """As NumPy converts them (exactly, for these values): the same bits as their float32 copies."""
+    x = rng.standard_normal((16, 3)).astype(np.float32)
+    mean, var = np.array([0.5, -1.0, 2.0]), np.array([1.0, 4.0, 0.25])
+    want = bn.normalize(x, mean.astype(np.float32), var.astype(np.float32), np.ones(3, np.float32), axis=1)
+    np.testing.assert_array_equal(
+        bn.normalize(x, mean.astype(">f4"), var.astype(">f8"), np.ones(3, bool), axis=1), want
+    )
+    got = bn.normalize(x, np.array([0, -1, 2], np.int8), np.array([1, 4, 1], np.uint16), axis=1)
+    np.testing.assert_array_equal(got, bn.normalize(x, np.float32([0, -1, 2]), np.float32([1, 4, 1]), axis=1))
+
+
 @dtype
 def test_gamma_beta_none_means_one_and_zero(dtype, rng):
     shape, axis = (16, 5, 7), 1

@@ -10,7 +10,9 @@ __version__: str
 # use_torch has been called (batchnorm.torch); outputs allocated here are NumPy arrays.
 _Buffer: TypeAlias = np.ndarray | Any
 
-def use_torch(tensor: type, float16: object, bfloat16: object, float32: object, float64: object) -> None: ...
+def use_torch(
+    tensor: type, float16: object, bfloat16: object, float32: object, float64: object, strided: object
+) -> None: ...
 def update_running(
     running_mean: _Buffer, running_var: _Buffer, mean: _Buffer, variance: _Buffer, factor: float, count: int
 ) -> None: ...

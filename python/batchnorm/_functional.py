@@ -54,6 +54,8 @@ _ACTIVATIONS = {None: False, "relu": True}
 
 def _data(x: ArrayLike, name: str, min_ndim: int) -> np.ndarray:
     a = x if type(x) is np.ndarray else np.asarray(x)
+    if a.dtype.kind in "OSU":  # None, a str, a dict...: a wrong type, whatever its ndim
+        raise TypeError(f"{name} must be a float16, bfloat16, float32 or float64 array; got dtype {a.dtype}")
     if a.ndim < min_ndim:
         need = "1 dimension" if min_ndim == 1 else "2 dimensions (a batch axis and a feature axis)"
         raise ValueError(f"{name} must have at least {need}; got an array of ndim {a.ndim}")
@@ -66,13 +68,39 @@ def _stat_dtype(x: np.ndarray) -> type[np.floating]:
     return np.float64 if x.dtype == np.float64 else np.float32
 
 
+def real_array(value: ArrayLike, name: str) -> np.ndarray:
+    """value as an array, if it holds real numbers: complex, object (None) and string values
+    are a TypeError, never silently converted (to their real part, NaN, or parsed)."""
+    a = value if isinstance(value, np.ndarray) else np.asarray(value)
+    if a.dtype.kind not in "biuf" and a.dtype.name != "bfloat16":
+        raise TypeError(f"{name} must be a real numeric array, got dtype {a.dtype}")
+    return a
+
+
+class CopyableLayer:
+    """copy.deepcopy and pickle for a layer that holds a lock (``_lock``, made by
+    ``_new_lock``): everything but the lock is copied, under it, and the copy gets a fresh
+    one; a copy made inside bn.precise_statistics is not part of the block."""
+
+    _lock: Any
+    _new_lock: Any = None  # threading.Lock or threading.RLock, set by the layer class
+
+    def __getstate__(self) -> dict[str, Any]:
+        with self._lock:
+            state = self.__dict__.copy()
+        del state["_lock"]
+        state["_precise_stats"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = type(self)._new_lock()
+
+
 def _channel_param(p: ArrayLike | None, name: str, dtype: type[np.floating]) -> np.ndarray | None:
     if p is None:
         return None
-    a = p if isinstance(p, np.ndarray) else np.asarray(p)
-    if a.dtype.kind not in "biuf" and a.dtype.name != "bfloat16":  # complex, object, str: no silent conversion
-        raise TypeError(f"{name} must be a real numeric array, got dtype {a.dtype}")
-    a = np.ascontiguousarray(a, dtype=dtype)
+    a = np.ascontiguousarray(real_array(p, name), dtype=dtype)
     return a  # its size is the core's check
 
 

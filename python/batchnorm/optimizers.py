@@ -15,7 +15,11 @@ the parameter's constraint. It works with any object that follows this small pro
 
 State (momenta, velocities, step counts) is kept per parameter, i.e. per (layer, name);
 a parameter's step count advances once per update of that parameter. The arithmetic is
-done in the parameter's dtype, as TensorFlow does with float32 variables.
+done in the parameter's dtype, as TensorFlow does, with tf-keras's rounding of the
+hyperparameters: each is rounded once from the Python (double) value to that dtype -
+``1 - beta_2`` is the double difference, rounded once - except the learning rate, which
+tf-keras keeps in a float32 variable: it is rounded to float32 first, even for float64
+parameters (so float64 results match tf-keras's bit for bit, not the exact rate's).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from ._functional import real_array
 from .keras import regularizers as _regularizers
 
 __all__ = ["SGD", "Adam", "Optimizer", "RMSprop"]
@@ -105,7 +110,7 @@ class Optimizer:
                 continue
             if not isinstance(param, np.ndarray) or not param.flags.writeable:
                 raise TypeError(f"parameter {name!r} must be a writeable NumPy array to be updated in place")
-            g = np.asarray(grads[name])
+            g = real_array(grads[name], f"gradient of {name!r}")
             if g.shape != param.shape:
                 if g.size != param.size:
                     raise ValueError(f"gradient of {name!r} has shape {g.shape}; the parameter has {param.shape}")
@@ -129,7 +134,7 @@ class Optimizer:
                 slot.step += 1
                 self._update(new, g, slot)
                 if name in cons:
-                    new[...] = np.asarray(cons[name](new)).astype(param.dtype)
+                    new[...] = real_array(cons[name](new), f"constraint of {name!r}'s result").astype(param.dtype)
                 staged.append((name, param, new, slot))
             # Under the layer's own lock (if it has one), so that a concurrent call of the
             # layer sees all of this step's parameters or none of them.
@@ -138,6 +143,25 @@ class Optimizer:
                 for name, param, new, slot in staged:
                     param[...] = new
                     slots[name] = slot
+
+    def __getstate__(self) -> dict[str, Any]:
+        """copy.deepcopy and pickle: the hyperparameters and each layer's slots, held strongly
+        (a weak mapping cannot be pickled); a layer copied or pickled together with the
+        optimizer keeps its state in the copy, the others' state is dropped with them."""
+        with self._lock:
+            state = self.__dict__.copy()
+            state["_state"] = list(self._state.items())
+            state["_strong"] = list(state.get("_strong", {}).values())
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        pairs, strong = state.pop("_state"), state.pop("_strong")
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+        self._state = weakref.WeakKeyDictionary(pairs)
+        if strong:  # keyed by the id of the layer, which is a new object
+            self._strong = {id(layer): (layer, slots) for layer, slots in strong}
 
     def _strong_state(self, layer: Any) -> dict[str, _Slot]:
         store: dict[int, tuple[Any, dict[str, _Slot]]] = self.__dict__.setdefault("_strong", {})
@@ -165,6 +189,12 @@ def _f(x: float, like: np.ndarray) -> Any:
     return like.dtype.type(x)
 
 
+def _lr(x: float, like: np.ndarray) -> Any:
+    """The learning rate as tf-keras uses it: a float32 variable cast to the parameter's dtype,
+    so rounded to float32 first, even for float64 parameters."""
+    return like.dtype.type(np.float32(x))
+
+
 class SGD(Optimizer):
     """Gradient descent with optional (Nesterov) momentum, tf-keras's form:
 
@@ -177,7 +207,7 @@ class SGD(Optimizer):
         self.nesterov = bool(nesterov)
 
     def _update(self, param: np.ndarray, grad: np.ndarray, slot: _Slot) -> None:
-        lr = _f(self.learning_rate, param)
+        lr = _lr(self.learning_rate, param)
         if self.momentum == 0.0 and not self.nesterov:
             param += -grad * lr
             return
@@ -216,7 +246,7 @@ class RMSprop(Optimizer):
         self.centered = bool(centered)
 
     def _update(self, param: np.ndarray, grad: np.ndarray, slot: _Slot) -> None:
-        lr = _f(self.learning_rate, param)
+        lr = _lr(self.learning_rate, param)
         rho = _f(self.rho, param)
         one_minus_rho = _f(1.0 - self.rho, param)
         eps = _f(self.epsilon, param)
@@ -270,15 +300,16 @@ class Adam(Optimizer):
 
     def _update(self, param: np.ndarray, grad: np.ndarray, slot: _Slot) -> None:
         one = _f(1.0, param)
-        lr = _f(self.learning_rate, param)
+        lr = _lr(self.learning_rate, param)
         t = _f(slot.step, param)
         beta_1_power = np.power(_f(self.beta_1, param), t)
         beta_2_power = np.power(_f(self.beta_2, param), t)
         alpha = lr * np.sqrt(one - beta_2_power) / (one - beta_1_power)
         m = slot.get("m", param)
         v = slot.get("v", param)
-        m += (grad - m) * (one - _f(self.beta_1, param))
-        v += (np.square(grad) - v) * (one - _f(self.beta_2, param))
+        # tf-keras's (1 - self.beta_2) is a Python (double) difference, rounded once to the dtype
+        m += (grad - m) * _f(1.0 - self.beta_1, param)
+        v += (np.square(grad) - v) * _f(1.0 - self.beta_2, param)
         if self.amsgrad:
             v_hat = slot.get("vhat", param)
             np.maximum(v_hat, v, out=v_hat)

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "batchnorm/functional.hpp"
@@ -74,14 +75,28 @@ namespace {
 struct TorchTypes {
   PyTypeObject* tensor = nullptr;
   PyObject* dtypes[4] = {};
+  PyObject* strided = nullptr;  // torch.strided: the layout of dense tensors
 };
 TorchTypes torch_types;
 
 bool is_tensor(py::handle o) { return torch_types.tensor && PyObject_TypeCheck(o.ptr(), torch_types.tensor); }
 
+// t.name (or t.name() when call): a new reference. Each name becomes a Python string once
+// (kept for the process's lifetime) and the C API is called directly: several of these run
+// per tensor per call, and pybind's attr() (a new string and an argument tuple each time)
+// costs more than a small batch's kernel. Called with the GIL held.
+py::object tensor_attr(py::handle t, const char* name, bool call = false) {
+  static std::unordered_map<const char*, PyObject*> keys;  // by the literal's address
+  PyObject*& key = keys[name];
+  if (!key) key = PyUnicode_InternFromString(name);
+  PyObject* r = call ? PyObject_CallMethodNoArgs(t.ptr(), key) : PyObject_GetAttr(t.ptr(), key);
+  if (!r) throw py::error_already_set();
+  return py::reinterpret_steal<py::object>(r);
+}
+
 // A tensor's element type, if the kernels take it.
 bool tensor_element(py::handle t, Element& e) {
-  const py::object dtype = t.attr("dtype");
+  const py::object dtype = tensor_attr(t, "dtype");
   for (int i = 0; i < 4; ++i)
     if (dtype.ptr() == torch_types.dtypes[i]) {
       e = static_cast<Element>(i);
@@ -93,10 +108,10 @@ bool tensor_element(py::handle t, Element& e) {
 // Kernels read tensor memory directly, so anything but a strided CPU tensor is refused
 // before its pointer is taken.
 void check_cpu_strided(py::handle t, const char* name) {
-  if (!t.attr("is_cpu").cast<bool>())
+  if (tensor_attr(t, "is_cpu").ptr() != Py_True)
     throw value_error(std::string(name) + " is on device '" + py::str(t.attr("device")).cast<std::string>() +
                       "'; batchnorm runs on CPU tensors only (move it with .cpu())");
-  if (t.attr("is_sparse").cast<bool>() || t.attr("is_mkldnn").cast<bool>() || t.attr("is_quantized").cast<bool>())
+  if (tensor_attr(t, "layout").ptr() != torch_types.strided)  // sparse, mkldnn; quantized fail on their dtype
     throw type_error(std::string(name) + " must be a dense (strided) tensor, not " +
                      py::str(t.attr("layout")).cast<std::string>());
 }
@@ -107,19 +122,22 @@ ArrayArg describe_tensor(py::handle t, const char* name) {
   if (!tensor_element(t, arg.element))
     throw type_error(std::string(name) + " must be a float16, bfloat16, float32 or float64 tensor; got " +
                      py::str(t.attr("dtype")).cast<std::string>());
-  arg.data = reinterpret_cast<void*>(t.attr("data_ptr")().cast<std::uintptr_t>());
-  const auto shape = py::reinterpret_borrow<py::tuple>(t.attr("shape"));
-  const auto strides = t.attr("stride")().cast<py::tuple>();
-  for (std::size_t d = 0; d < shape.size(); ++d) {
-    arg.shape.push_back(shape[d].cast<index_t>());
-    arg.strides.push_back(strides[d].cast<index_t>());  // torch counts strides in elements
+  arg.data = reinterpret_cast<void*>(tensor_attr(t, "data_ptr", true).cast<std::uintptr_t>());
+  const py::object shape = tensor_attr(t, "shape");  // torch.Size, a tuple
+  const py::object strides = tensor_attr(t, "stride", true);
+  const Py_ssize_t ndim = PyTuple_GET_SIZE(shape.ptr());
+  arg.shape.resize(static_cast<std::size_t>(ndim));
+  arg.strides.resize(static_cast<std::size_t>(ndim));
+  for (Py_ssize_t d = 0; d < ndim; ++d) {
+    arg.shape[static_cast<std::size_t>(d)] = PyLong_AsSsize_t(PyTuple_GET_ITEM(shape.ptr(), d));
+    arg.strides[static_cast<std::size_t>(d)] = PyLong_AsSsize_t(PyTuple_GET_ITEM(strides.ptr(), d));  // in elements
   }
   return arg;
 }
 
 // Whether a per-channel array or tensor holds float64 (else it must hold float32).
 bool holds_float64(py::handle o) {
-  if (is_tensor(o)) return o.attr("dtype").ptr() == torch_types.dtypes[3];
+  if (is_tensor(o)) return tensor_attr(o, "dtype").ptr() == torch_types.dtypes[3];
   return py::isinstance<py::array>(o) && py::reinterpret_borrow<py::array>(o).itemsize() == 8;
 }
 
@@ -170,13 +188,13 @@ S* tensor_channels(py::handle t, const char* name, index_t channels) {
   check_cpu_strided(t, name);
   Element e{};
   const Element want = sizeof(S) == 4 ? Element::f32 : Element::f64;
-  if (!tensor_element(t, e) || e != want || !t.attr("is_contiguous")().cast<bool>())
+  if (!tensor_element(t, e) || e != want || tensor_attr(t, "is_contiguous", true).ptr() != Py_True)
     throw type_error(std::string(name) + " must be a contiguous " + (sizeof(S) == 4 ? "float32" : "float64") +
                      " tensor");
-  if (t.attr("numel")().cast<index_t>() != channels)
+  if (tensor_attr(t, "numel", true).cast<index_t>() != channels)
     throw value_error(std::string(name) + " has " + py::str(t.attr("numel")()).cast<std::string>() +
                       " elements; expected " + std::to_string(channels) + " (one per channel)");
-  return reinterpret_cast<S*>(t.attr("data_ptr")().cast<std::uintptr_t>());
+  return reinterpret_cast<S*>(tensor_attr(t, "data_ptr", true).cast<std::uintptr_t>());
 }
 
 // A per-channel array of S: contiguous, `channels` elements. None gives nullptr if allowed.
@@ -435,15 +453,16 @@ void register_functional(py::module_& m) {
   m.def(
       "use_torch",
       [](const py::object& tensor, const py::object& f16, const py::object& bf16, const py::object& f32,
-         const py::object& f64) {
+         const py::object& f64, const py::object& strided) {
         if (!PyType_Check(tensor.ptr())) throw type_error("use_torch takes the torch.Tensor type");
         // references kept for the process's lifetime: the pointers are compared by identity
         torch_types.tensor = reinterpret_cast<PyTypeObject*>(tensor.inc_ref().ptr());
         const py::object* dtypes[4] = {&f16, &bf16, &f32, &f64};
         for (int i = 0; i < 4; ++i) torch_types.dtypes[i] = dtypes[i]->inc_ref().ptr();
+        torch_types.strided = strided.inc_ref().ptr();
       },
       py::arg("tensor"), py::arg("float16"), py::arg("bfloat16"), py::arg("float32"), py::arg("float64"),
-      "Takes CPU torch tensors wherever the bindings take arrays from now on");
+      py::arg("strided"), "Takes CPU torch tensors wherever the bindings take arrays from now on");
 
   m.def("feature_axes", &feature_axes_of, py::arg("axis"), py::arg("ndim"),
         "The feature axes of an array of ndim dimensions, validated, sorted and non-negative");

@@ -27,7 +27,9 @@ Typical use in a training forward and backward::
 
 from __future__ import annotations
 
+import copy
 import functools
+import pickle
 from typing import Any
 
 import numpy as np
@@ -41,6 +43,9 @@ __all__ = [
     "allreduce_moments_failed",
     "allreduce_sum",
     "allreduce_sum_failed",
+    "check_comm",
+    "check_picklable",
+    "deepcopy_sharing_comm",
     "default_comm",
     "merge_moments",
     "world_size",
@@ -73,6 +78,42 @@ def default_comm() -> Comm | None:
 def world_size(comm: Comm | None) -> int:
     """The number of processes of comm (1 for None)."""
     return 1 if comm is None else int(comm.Get_size())
+
+
+def check_comm(comm: Any) -> Comm | None:
+    """comm itself if it can be one (None, or an object with mpi4py's Get_size and Allreduce):
+    a wrong one is a TypeError when the layer is made, not an AttributeError at its first call."""
+    if comm is not None and not (
+        callable(getattr(comm, "Get_size", None)) and callable(getattr(comm, "Allreduce", None))
+    ):
+        raise TypeError(f"comm must be an mpi4py communicator or None, got {comm!r}")
+    return comm
+
+
+def check_picklable(owner: Any) -> None:
+    """Before pickling a synchronized layer: mpi4py pickles only its predefined communicators
+    (COMM_WORLD, COMM_SELF: the loading process's own); any other comm is a TypeError saying so."""
+    comm = owner.comm
+    if comm is None:
+        return
+    try:
+        pickle.dumps(comm)
+    except Exception as e:
+        raise TypeError(
+            f"cannot pickle a {type(owner).__name__} whose comm is {comm!r} ({e}): mpi4py pickles only "
+            "MPI.COMM_WORLD and MPI.COMM_SELF. Set layer.comm = None (COMM_WORLD) before pickling and "
+            "the communicator to use after loading"
+        ) from None
+
+
+def deepcopy_sharing_comm(owner: Any, memo: dict[int, Any]) -> Any:
+    """copy.deepcopy of a synchronized layer: all its state is copied, but the copy shares the
+    communicator (a process resource, not state; mpi4py cannot copy one it did not predefine)."""
+    memo[id(owner.comm)] = owner.comm
+    new = object.__new__(type(owner))
+    memo[id(owner)] = new
+    new.__setstate__(copy.deepcopy(owner.__getstate__(), memo))
+    return new
 
 
 def active_comm(comm: Comm | None) -> Comm | None:

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .._functional import real_array
+
 if TYPE_CHECKING:
     from ._layer import BatchNormalization
 
@@ -63,6 +65,13 @@ def resolve_axes(axis: int | list[int], rank: int) -> list[int]:
 
 
 def make_build(layer: BatchNormalization, input_shape: Sequence[int | None]) -> Build:
+    b = plan_build(layer, input_shape)
+    b.weights = initial_weights(layer, b.param_shape)
+    return b
+
+
+def plan_build(layer: BatchNormalization, input_shape: Sequence[int | None]) -> Build:
+    """What building for this shape decides, without the weights (nothing is allocated)."""
     shape = tuple(input_shape)
     rank = len(shape)
     if rank < 2:
@@ -108,15 +117,20 @@ def make_build(layer: BatchNormalization, input_shape: Sequence[int | None]) -> 
         if vbs is not None:
             ps.insert(1, 1)
         param_shape = tuple(ps)
-    weights = initial_weights(layer, param_shape)
-    return Build(rank, tuple(axes), dims, bool(fused), param_shape, weights)
+    return Build(rank, tuple(axes), dims, bool(fused), param_shape, {})
+
+
+def weight_keys(layer: BatchNormalization) -> list[str]:
+    """The weights a build of this layer creates, in tf-keras's order (as initial_weights)."""
+    keys = ["gamma"] * layer.scale + ["beta"] * layer.center + ["moving_mean", "moving_variance"]
+    return keys + ["moving_stddev", "renorm_mean", "renorm_stddev"] * layer.renorm
 
 
 def initial_weights(layer: BatchNormalization, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
     pdt = layer.param_dtype
 
     def init(initializer: Any) -> np.ndarray:
-        a = np.array(initializer(shape, pdt), dtype=pdt, copy=True)
+        a = np.array(real_array(initializer(shape, pdt), "an initializer's result"), dtype=pdt, copy=True)
         if a.shape != shape:
             a = np.array(np.broadcast_to(a, shape), dtype=pdt)
         return np.ascontiguousarray(a)

@@ -6,7 +6,9 @@ ghost-batch parameter tiling) is NumPy on arrays of C values (``_step``).
 
 Conventions (tf-keras 2's):
 
-* ``momentum`` weights the old value: ``moving = moving - (moving - batch) * (1 - momentum)``.
+* ``momentum`` weights the old value: ``moving = moving - (moving - batch) * (1 - momentum)``,
+  with ``1 - momentum`` taken in double and rounded to float32 (tf-keras's float32 tensor),
+  then to the weights' dtype - for float64 weights too, so they match tf-keras bit for bit.
 * The output is always normalized with the biased batch variance. ``moving_variance``
   receives the biased one too, except on tf-keras's *fused* path (4-D/5-D input, channel
   axis first or last, no renorm / virtual batch / adjustment, ``fused`` None or True),
@@ -32,6 +34,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from .. import _core
+from .._functional import CopyableLayer
 from . import _args, _build, _saving, _step, constraints, initializers, regularizers
 from ._build import Build
 from ._step import Last, Stats
@@ -44,7 +47,7 @@ _log = logging.getLogger("batchnorm")
 L = TypeVar("L", bound="BatchNormalization")
 
 
-class BatchNormalization(LayerWeights):
+class BatchNormalization(LayerWeights, CopyableLayer):
     """Batch normalization layer with tf-keras 2's arguments, numbers and quirks.
 
     ``layer(x, training=True)`` normalizes with the batch statistics and updates the
@@ -52,6 +55,8 @@ class BatchNormalization(LayerWeights):
     ``layer.backward(dy)`` returns dx for the last call and fills ``layer.grads``.
     See the module docstring and the README for the conventions.
     """
+
+    _new_lock = staticmethod(threading.RLock)  # re-entrant: the weight methods call each other
 
     _SYNCHRONIZED = False  # whether a config with tf-keras's `synchronized=True` makes this class
 
@@ -117,7 +122,7 @@ class BatchNormalization(LayerWeights):
             raise TypeError(f"name must be a string or None, got {name!r}")
         self.name = name if name else _args.unique_name("batch_normalization")
         self._trainable = bool(trainable)
-        self._lock = threading.RLock()
+        self._lock = self._new_lock()
         self._build: Build | None = None
         self._last: Last | None = None
         self.grads: dict[str, np.ndarray] = {}

@@ -169,7 +169,8 @@ def channel_moments(stats: Stats, reps: int) -> tuple[np.ndarray, np.ndarray]:
 
 def moving_average(var: np.ndarray, value: np.ndarray, momentum: float) -> np.ndarray:
     """tf-keras's ``var.assign_sub((var - value) * (1 - momentum))`` in var's dtype."""
-    decay = var.dtype.type(1.0 - momentum)
+    # tf-keras makes 1 - momentum a float32 tensor, then casts it: rounded to float32 first, float64 vars too
+    decay = var.dtype.type(np.float32(1.0 - momentum))
     v = var.reshape(-1)
     return (v - (v - value.astype(var.dtype)) * decay).reshape(var.shape)  # type: ignore[no-any-return]
 

@@ -62,6 +62,7 @@ class SyncBatchNormalization(BatchNormalization):
     _SYNCHRONIZED = True
 
     def __init__(self, *args: Any, comm: Any = None, **kwargs: Any) -> None:
+        _mpi.check_comm(comm)
         given = inspect.signature(BatchNormalization).bind(*args, **kwargs).arguments
         if _args.fused(given.get("fused")):
             raise ValueError("`fused` argument cannot be True for SyncBatchNormalization.")
@@ -76,6 +77,13 @@ class SyncBatchNormalization(BatchNormalization):
         self.comm = comm
         self._call_comm: Any = None  # the communicator of the training call in progress
         self._in_collective = False  # whether that call has reached its all-reduce
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        _mpi.check_picklable(self)
+        return super().__reduce_ex__(protocol)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        return _mpi.deepcopy_sharing_comm(self, memo)
 
     # ----------------------------------------------------------------- forward
     def __call__(self, inputs: Any, training: bool | None = None, mask: Any = None) -> np.ndarray:

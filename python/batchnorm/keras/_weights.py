@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from .._functional import real_array
 from ._build import Build
 
 WEIGHTS = ("gamma", "beta", "moving_mean", "moving_variance", "moving_stddev", "renorm_mean", "renorm_stddev")
@@ -181,8 +182,7 @@ class LayerWeights:
                         f"Layer {self.name} weight shape {ref.shape} is not compatible with provided weight "
                         f"shape {arr.shape} (weight {key!r})."
                     )
-                if arr.dtype.kind not in "biuf":
-                    raise TypeError(f"weight {key!r} must be a real numeric array, got dtype {arr.dtype}")
+                real_array(arr, f"weight {key!r}")
                 new.append(arr.astype(ref.dtype))
             if b is not None:
                 copy_all(b.weights, dict(zip(keys, new, strict=True)))

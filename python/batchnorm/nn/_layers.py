@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .. import _core
-from .._functional import _data
+from .._functional import CopyableLayer, _data, real_array
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
@@ -75,7 +75,21 @@ def _real(value: Any, name: str) -> Any:
     """value itself (kept as given, so messages print it as torch does), if a real number."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number{' or None' if name == 'momentum' else ''}, got {value!r}")
+    try:
+        float(value)
+    except OverflowError:  # an int beyond float range: as the functional API's epsilon, a bad value
+        raise ValueError(f"{name} must be representable as a float, got {value}") from None
     return value
+
+
+def _batch_count(value: np.ndarray) -> np.ndarray:
+    """A copy of value as int64, if it holds non-negative whole numbers (a NaN would become
+    INT64_MIN, a negative count a division by zero in the cumulative average)."""
+    a = real_array(value, "num_batches_tracked")
+    f = a.astype(np.float64)
+    if not np.all(np.isfinite(f) & (f >= 0) & (np.floor(f) == f)):
+        raise ValueError(f"num_batches_tracked must be a non-negative whole number, got {a}")
+    return np.array(a, dtype=np.int64, copy=True)
 
 
 def _is_floating(dt: np.dtype[Any]) -> bool:
@@ -142,8 +156,10 @@ class Batch:
     comm: Any = None  # set when the statistics are global (SyncBatchNorm)
 
 
-class _BatchNorm:
+class _BatchNorm(CopyableLayer):
     """The common base of BatchNorm1d/2d/3d (and SyncBatchNorm); see the module docstring."""
+
+    _new_lock = staticmethod(threading.Lock)
 
     def __init__(  # noqa: PLR0917 - torch's positional signature
         self,
@@ -163,7 +179,7 @@ class _BatchNorm:
         self.training = True
         self.grads: dict[str, np.ndarray] = {}
         self._precise_stats: Any = None  # an accumulator while inside bn.precise_statistics (_precise.py)
-        self._lock = threading.Lock()
+        self._lock = self._new_lock()
         self._saved: Saved | None = None
         c, dt = self.num_features, self.dtype
         self._weight: np.ndarray | None = np.ones(c, dt) if self.affine else None
@@ -184,7 +200,7 @@ class _BatchNorm:
             return
         if current is None:
             raise ValueError(f"this layer has no {name} (affine={self.affine}, track={self.track_running_stats})")
-        a = np.array(_to_numpy(value), dtype=self.dtype, copy=True)
+        a = np.array(real_array(_to_numpy(value), name), dtype=self.dtype, copy=True)
         if a.shape != (self.num_features,):
             raise ValueError(f"{name} must have shape ({self.num_features},), got {a.shape}")
         with self._lock:
@@ -235,7 +251,7 @@ class _BatchNorm:
     def num_batches_tracked(self, value: Any) -> None:
         if self._num_batches_tracked is None:
             raise ValueError("this layer has no num_batches_tracked (track_running_stats=False)")
-        a = np.array(_to_numpy(value), dtype=np.int64, copy=True)
+        a = _batch_count(_to_numpy(value))
         if a.shape != ():
             raise ValueError(f"num_batches_tracked must be a scalar, got shape {a.shape}")
         with self._lock:
@@ -498,7 +514,10 @@ class _BatchNorm:
                 )
                 continue
             try:
-                new[k] = np.array(value, dtype=np.int64 if k == "num_batches_tracked" else self.dtype, copy=True)
+                if k == "num_batches_tracked":
+                    new[k] = _batch_count(value)
+                else:
+                    new[k] = np.array(real_array(value, k), dtype=self.dtype, copy=True)
             except (TypeError, ValueError) as e:
                 errors.append(f'While copying the parameter named "{k}", an exception occurred: {e!r}.')
         if strict:

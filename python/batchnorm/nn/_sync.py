@@ -40,7 +40,14 @@ class SyncBatchNorm(_BatchNorm):
 
     def __init__(self, *args: Any, comm: Any = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.comm = comm
+        self.comm = _mpi.check_comm(comm)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        _mpi.check_picklable(self)
+        return super().__reduce_ex__(protocol)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        return _mpi.deepcopy_sharing_comm(self, memo)
 
     @classmethod
     def convert_sync_batchnorm(cls, layer: _BatchNorm, comm: Any = None) -> SyncBatchNorm:
@@ -49,7 +56,7 @@ class SyncBatchNorm(_BatchNorm):
         if not isinstance(layer, _BatchNorm):
             raise TypeError(f"expected a BatchNorm1d/2d/3d layer, got {type(layer).__name__}")
         new = cls(layer.num_features, layer.eps, layer.momentum, layer.affine, layer.track_running_stats, layer.dtype)
-        new.comm = comm
+        new.comm = _mpi.check_comm(comm)
         new.load_state_dict(layer.state_dict())
         new.training = layer.training
         return new

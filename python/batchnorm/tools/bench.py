@@ -33,6 +33,10 @@ machine reports), so every call starts with its data in memory, not in cache.
 
 Each implementation's result is checked once per case against a float64 NumPy
 reference, outside the timed region; a mismatch stops the run with an error.
+
+``--torch`` compares batchnorm.torch's modules with torch's in one worker (bench_torch.py)
+through the same run loop, copies, summaries and table; ``--resnet`` times a ResNet-50 end
+to end (bench_resnet.py).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ import fnmatch
 import importlib
 import importlib.util
 import json
+import math
 import os
 import platform
 import subprocess
@@ -54,10 +59,12 @@ from typing import IO, Any
 
 import numpy as np
 
+from . import _args
 from .bench_cases import (
     DTYPES,
     MODE_BYTES,
     MODES,
+    MODULE_MODES,
     BenchError,
     CheckError,
     Shape,
@@ -66,7 +73,13 @@ from .bench_cases import (
 
 __all__ = ["BenchError", "CheckError", "Options", "Shape", "format_table", "main", "parse_shapes", "run"]
 
-MODE_LABEL = {"inference": "infer", "forward": "train-fwd", "backward": "backward"}
+MODE_LABEL = {
+    "inference": "infer",
+    "forward": "train-fwd",
+    "backward": "backward",
+    "train-step": "train-step",
+    "eval": "eval",
+}
 _MIB = 1 << 20
 
 # The shapes of the full run; benchmarks/shapes.txt holds the same table (a test checks).
@@ -95,6 +108,23 @@ quick-nhwc        4x32x32x16       -1    large
 quick-dense       512x64           -1    large
 tiny-16x64        16x64            -1    tiny
 """
+
+# bench --torch adds the first stage of ResNet-50 (64 channels at 56x56) and a sequence batch
+# (N, C, L) for BatchNorm1d.
+TORCH_SHAPES = (
+    DEFAULT_SHAPES
+    + """\
+r50-56x64-nchw    32x64x56x56      1     large
+r50-56x64-nhwc    32x56x56x64      -1    large
+seq-ncl           32x256x1024      1     large
+"""
+)
+TORCH_QUICK_SHAPES = (
+    QUICK_SHAPES
+    + """\
+quick-ncl         4x16x64          1     large
+"""
+)
 
 
 # ---- shapes ---------------------------------------------------------------------------------
@@ -143,11 +173,14 @@ _MALLOC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=46116860
 
 
 class _Worker:
-    def __init__(self, name: str, subjects: list[str], policy: str, env: dict[str, str]) -> None:
+    def __init__(
+        self, name: str, subjects: list[str], policy: str, env: dict[str, str], entry: str = "bench_cases:worker_main"
+    ) -> None:
         self.name = name
         self.subjects = subjects
         self.policy = policy
-        code = "from batchnorm.tools.bench_cases import worker_main; worker_main()"
+        module, function = entry.split(":")  # a function of batchnorm.tools that serves requests
+        code = f"from batchnorm.tools.{module} import {function}; {function}()"
         self.process = subprocess.Popen(
             [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True
         )
@@ -200,6 +233,7 @@ class Options:
     seed: int = 0
     progress: bool = True
     rounds: int = 1
+    modules: bool = False  # bench --torch: batchnorm.torch's modules against torch's, in one process
 
 
 def _median(values: Sequence[float] | np.ndarray) -> float:
@@ -287,7 +321,17 @@ def _progress(enabled: bool, message: str) -> None:
 
 @contextlib.contextmanager
 def _workers(options: Options, dtypes: Sequence[str]) -> Iterator[list[_Worker]]:
-    """One process per (implementation, OpenMP wait policy): the inherited policy and PASSIVE."""
+    """One process per (implementation, OpenMP wait policy): the inherited policy and PASSIVE.
+
+    The module comparison (bench --torch) has one process, both subjects in it, called in
+    turn with --gap before each call; its wait policy is the environment's."""
+    if options.modules:
+        worker = _Worker("torch-modules", ["batchnorm", "torch"], "inherited", _worker_env({}), "bench_torch:main")
+        try:
+            yield [worker]
+        finally:
+            _close(worker)
+        return
     ours = ["batchnorm"] + (["numpy"] if options.numpy and "float32" in dtypes else [])
     plan = [("batchnorm", ours, "inherited"), ("batchnorm-passive", ["batchnorm"], "passive")]
     if options.torch:
@@ -302,20 +346,30 @@ def _workers(options: Options, dtypes: Sequence[str]) -> Iterator[list[_Worker]]
         yield workers
     finally:
         for w in workers:
-            with contextlib.suppress(Exception):
-                w.close()
-            if w.process.poll() is None:
-                w.process.kill()
+            _close(w)
+
+
+def _close(worker: _Worker) -> None:
+    with contextlib.suppress(Exception):
+        worker.close()
+    if worker.process.poll() is None:
+        worker.process.kill()
+
+
+def _check_dtypes(dtypes: tuple[str, ...]) -> None:
+    unknown = set(dtypes) - set(DTYPES)
+    if unknown:
+        raise BenchError(f"unknown dtypes {sorted(unknown)}; choose from {', '.join(DTYPES)}")
+    missing = set(dtypes) - set(available_dtypes())
+    if missing:
+        raise BenchError(f"dtypes {sorted(missing)} need ml_dtypes: pip install ml_dtypes")
 
 
 def run(options: Options) -> dict[str, Any]:
     """Runs the benchmark; returns the report (meta + one entry per shape/dtype/mode/threads)."""
-    unknown = set(options.dtypes) - set(DTYPES)
-    if unknown:
-        raise BenchError(f"unknown dtypes {sorted(unknown)}; choose from {', '.join(DTYPES)}")
-    missing = set(options.dtypes) - set(available_dtypes())
-    if missing:
-        raise BenchError(f"dtypes {sorted(missing)} need ml_dtypes: pip install ml_dtypes")
+    _check_dtypes(options.dtypes)
+    if options.modules and importlib.util.find_spec("torch") is None:
+        raise BenchError("--torch needs PyTorch: pip install torch")
     if options.torch and importlib.util.find_spec("torch") is None:
         options = dataclasses.replace(options, torch=False)
     if options.onnxruntime and not all(importlib.util.find_spec(m) for m in ("onnxruntime", "onnx")):
@@ -334,6 +388,7 @@ def run(options: Options) -> dict[str, Any]:
         "onnxruntime": options.onnxruntime,
         "seed": options.seed,
         "rounds": options.rounds,
+        "modules": options.modules,
     }
     meta["command"] = " ".join(["python -m batchnorm bench", *sys.argv[1:]]) if sys.argv else None
     rounds: list[list[dict[str, Any]]] = []
@@ -451,7 +506,9 @@ def _round_key(entry: dict[str, Any]) -> float:
     if entry.get("speedup_torch") is not None:
         return float(entry["speedup_torch"])
     ours = entry["subjects"]["batchnorm"]
-    return float(ours["fraction"] if "fraction" in ours else 1.0 / ours["median_ms"])
+    if "fraction" in ours:
+        return float(ours["fraction"])
+    return 1.0 / ours["median_ms"] if "median_ms" in ours else 0.0  # 0: it could not run
 
 
 def _median_round(entries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -513,9 +570,12 @@ _RAW_KEYS = (
 # ---- output ---------------------------------------------------------------------------------
 
 
-def _fmt_time(ms: float | None) -> str:
+def _fmt_time(ms: float | None, per_call: bool = False) -> str:
+    """A time in us, ms: us below 0.1 ms, and below 10 ms for `per_call` (tiny shapes' cost per call)."""
     if ms is None:
         return "-"
+    if per_call and ms < 10:
+        return f"{ms * 1e3:.1f} us"
     if ms < 0.1:
         return f"{ms * 1e3:.2f} us"
     return f"{ms:.3f} ms" if ms < 10 else f"{ms:.1f} ms"
@@ -556,8 +616,16 @@ def header(report: dict[str, Any]) -> str:
         f"{opts['gap_ms']:g} ms sleep before copies and calls at 2+ threads; OMP_WAIT_POLICY "
         f"{meta['omp_wait_policy']}; load average {_fmt(load[0] if load else None, '.2f')} at start, "
         f"{_fmt(end[0] if end else None, '.2f')} at end",
+        (
+            "batchnorm.torch's module (convert of a deep copy) against torch.nn.BatchNorm*d, in one process, "
+            "called in turn (reversed every other repetition) after the same copies; "
+            "train-step: y = m(x); y.backward(g); eval: m(x) under no_grad"
+            if opts.get("modules")
+            else ""
+        ),
         "lim = (model bytes / median time) / best copy bandwidth (ordinary or non-temporal stores, "
-        "same threads) timed next to the repetitions; model bytes: infer 2B, train-fwd 3B, backward 5B",
+        "same threads) timed next to the repetitions; model bytes: "
+        + ", ".join(f"{MODE_LABEL[m]} {MODE_BYTES[m]}B" for m in opts.get("modes", MODES)),
         "wp = the faster OpenMP wait policy (i inherited, p PASSIVE); x torch, x ort, x numpy = times faster "
         "than PyTorch, ONNX Runtime, plain NumPy; * = every copy next to it was slowed, the limit is the "
         "case's best copy; n/a = the library cannot do it",
@@ -596,11 +664,17 @@ def format_table(report: dict[str, Any]) -> str:
     results = report["results"]
     with_rounds = any("rounds" in e for e in results)
     with_ort = any("onnxruntime" in e["subjects"] for e in results)
-    hidden = ({"rounds"} if not with_rounds else set()) | ({"ort", "x ort"} if not with_ort else set())
+    with_numpy = any("numpy" in e["subjects"] for e in results)
+    hidden = (
+        ({"rounds"} if not with_rounds else set())
+        | ({"ort", "x ort"} if not with_ort else set())
+        | ({"numpy", "x numpy"} if not with_numpy else set())
+    )
     for threads in sorted({e["threads"] for e in results}, reverse=True):
         rows: list[tuple[str, ...]] = []
         for e in (e for e in results if e["threads"] == threads):
             ours, torch, ort, numpy = (e["subjects"].get(k, {}) for k in ("batchnorm", "torch", "onnxruntime", "numpy"))
+            tiny = e["shape"]["kind"] == "tiny"
             copy = (
                 f"{ours['copy_ordinary_gbs']:.0f}/{ours['copy_nontemporal_gbs']:.0f}"
                 if "copy_ordinary_gbs" in ours
@@ -612,31 +686,35 @@ def format_table(report: dict[str, Any]) -> str:
                     e["layout"],
                     e["dtype"],
                     MODE_LABEL[e["mode"]],
-                    _fmt_time(ours.get("median_ms")),
+                    "n/a" if "unsupported" in ours else _fmt_time(ours.get("median_ms"), tiny),
                     _fmt(ours.get("fraction"), ".2f") + ("*" if "limit_disturbed_gbs" in ours else ""),
                     ours.get("policy", "-")[:1],
-                    "n/a" if "unsupported" in torch else _fmt_time(torch.get("median_ms")),
+                    "n/a" if "unsupported" in torch else _fmt_time(torch.get("median_ms"), tiny),
                     _fmt(torch.get("fraction"), ".2f") + ("*" if "limit_disturbed_gbs" in torch else ""),
                     torch.get("policy", "-")[:1],
                     _fmt(e["speedup_torch"], ".2f"),
                     _span(e.get("speedup_torch_rounds")),
-                    "n/a" if "unsupported" in ort else _fmt_time(ort.get("median_ms")),
+                    "n/a" if "unsupported" in ort else _fmt_time(ort.get("median_ms"), tiny),
                     _fmt(e.get("speedup_onnxruntime"), ".2f"),
-                    _fmt_time(numpy.get("median_ms")),
+                    _fmt_time(numpy.get("median_ms"), tiny),
                     _fmt(e["speedup_numpy"], ".1f"),
                     copy,
                 )
             )
         keep = [k for k, c in enumerate(columns) if c[0] not in hidden]
-        shown = [columns[k] for k in keep]
-        rows = [tuple(r[k] for k in keep) for r in rows]
-        widths = [max(len(c[0]), *(len(r[k]) for r in rows)) for k, c in enumerate(shown)]
         out.append("")
         out.append(f"threads = {threads}")
-        out.append("  ".join(f"{c[0]:{c[1]}{w}}" for c, w in zip(shown, widths, strict=True)))
-        out.append("  ".join("-" * w for w in widths))
-        out.extend("  ".join(f"{v:{c[1]}{w}}" for v, c, w in zip(r, shown, widths, strict=True)) for r in rows)
+        out.extend(text_table([columns[k] for k in keep], [tuple(r[k] for k in keep) for r in rows]))
     return "\n".join(out)
+
+
+def text_table(columns: Sequence[tuple[str, str]], rows: Sequence[Sequence[str]]) -> list[str]:
+    """Lines of a plain-text table: (title, alignment '<' or '>') per column, a rule, the rows."""
+    widths = [max(len(c[0]), *(len(r[k]) for r in rows)) for k, c in enumerate(columns)]
+    lines = ["  ".join(f"{c[0]:{c[1]}{w}}" for c, w in zip(columns, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines.extend("  ".join(f"{v:{c[1]}{w}}" for v, c, w in zip(r, columns, widths, strict=True)) for r in rows)
+    return lines
 
 
 def _matplotlib() -> Any:
@@ -656,7 +734,7 @@ def save_png(report: dict[str, Any], path: str) -> None:
     if not results:
         raise BenchError("no bandwidth-bound shape in the results: nothing to chart")
     threads_list = sorted({e["threads"] for e in results}, reverse=True)
-    modes = [m for m in MODES if any(e["mode"] == m for e in results)]
+    modes = list(dict.fromkeys(e["mode"] for e in results))
     names = list(dict.fromkeys(e["shape"]["name"] for e in results))
     series = [
         (subject, dtype)
@@ -696,11 +774,15 @@ def save_png(report: dict[str, Any], path: str) -> None:
     info = report["meta"]["batchnorm"]
     fig.suptitle(f"batchnorm {info['version']} ({info['simd']}) vs a copy of the same bytes, {report['meta']['cpu']}")
     fig.tight_layout(rect=(0, 0.05 + 0.02 * ((len(labels) - 1) // 6), 1, 1))
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")  # saved under `path` exactly, as checked before the run
     plt.close(fig)
 
 
 # ---- command line ---------------------------------------------------------------------------
+
+
+MAX_THREADS = 1024  # more is a typo: OpenMP would try to start them all
+MAX_SHAPES_FILE = 1 << 20  # bytes of a shapes table (the built-in one is a few KB)
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -708,9 +790,41 @@ def _int_list(text: str) -> tuple[int, ...]:
         values = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    if not values or min(values) < 1 or max(values) > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"expected integers from 1 to {MAX_THREADS}, got {text!r}")
     return values
+
+
+def _read_shapes_file(path: str) -> list[Shape]:
+    """The shapes table in `path`; an unreadable, binary or oversized file is a BenchError."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_SHAPES_FILE + 1)
+    except OSError as e:
+        raise BenchError(f"--shapes-file {path!r}: {e.strerror or e}") from None
+    if len(data) > MAX_SHAPES_FILE:
+        raise BenchError(f"--shapes-file {path!r} is larger than {MAX_SHAPES_FILE} bytes: not a shapes table")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BenchError(f"--shapes-file {path!r} is not a text file") from None
+    return parse_shapes(text)
+
+
+def _check_memory(shapes: list[Shape]) -> None:
+    """Refuses a shape whose float32 x alone would take more than a quarter of the memory:
+    a run holds several buffers of it (x, dy, outputs)."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: no bound known
+        return
+    for s in shapes:
+        need = math.prod(s.dims) * 4
+        if need > total // 4:
+            raise BenchError(
+                f"shape {s.name} ({s.label}) needs {need / 2**30:.1f} GiB per float32 buffer; "
+                f"this machine has {total / 2**30:.1f} GiB"
+            )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -719,54 +833,92 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--shapes-file", help="a shapes table (name shape axis kind per line) instead of the built-in one"
     )
-    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
     parser.add_argument(
-        "--dtypes", help="comma-separated: float32,float16,bfloat16 (default: all available; bfloat16 needs ml_dtypes)"
+        "--modes",
+        help=f"comma-separated subset of {','.join(MODES)} (with --torch: of {','.join(MODULE_MODES)}; default all)",
+    )
+    parser.add_argument(
+        "--dtypes",
+        help="comma-separated: float32,float16,bfloat16 (default: all available, with --torch float32,bfloat16; "
+        "bfloat16 needs ml_dtypes)",
     )
     parser.add_argument("--threads", type=_int_list, default=(1, 2), help="comma-separated thread counts (default 1,2)")
-    parser.add_argument("--repeats", type=int, help="timed repetitions per case; the median is reported (default 11)")
-    parser.add_argument("--warmup", type=int, help="untimed repetitions first (default 2)")
+    parser.add_argument(
+        "--repeats", type=int, help="timed repetitions per case; the median is reported (default 11; --resnet 5)"
+    )
+    parser.add_argument("--warmup", type=int, help="untimed repetitions first (default 2; --resnet 1)")
     parser.add_argument(
         "--rounds",
         type=int,
         default=1,
         help="run the whole list N times; each row is the round with the median speed-up over PyTorch (default 1)",
     )
-    parser.add_argument("--footprint", type=float, help="MiB of x the rotating input buffers span (default 512)")
+    parser.add_argument(
+        "--footprint", type=_args.number(0.0), help="MiB of x the rotating input buffers span (default 512)"
+    )
     parser.add_argument(
         "--gap",
-        type=float,
+        type=_args.number(0.0),
         default=12.0,
         metavar="MS",
         help="sleep before each copy and each timed call at 2+ threads, so that no spinning OpenMP "
         "thread is left over from the step before (default 12 ms; libgomp spins about 8 ms)",
     )
+    parser.add_argument(
+        "--torch",
+        action="store_true",
+        help="instead: batchnorm.torch's BatchNorm1d/2d/3d against torch.nn's, training step and eval, "
+        "interleaved in one process (the bench's shapes and ResNet-50's 32x64x56x56; --quick: small ones)",
+    )
+    parser.add_argument(
+        "--resnet",
+        action="store_true",
+        help="instead: a ResNet-50 training step (SGD) and inference, torch's batch norm against "
+        "batchnorm.torch.convert(model), eager and torch.compile, at the largest --threads "
+        "(--modes train-step,eval, --repeats, --warmup, --gap, --seed, --json apply)",
+    )
+    parser.add_argument("--resnet-batch", type=int, default=16, metavar="N", help="ResNet-50 batch size (default 16)")
+    parser.add_argument("--resnet-size", type=int, default=112, metavar="PX", help="ResNet-50 image side (default 112)")
+    parser.add_argument("--no-compile", action="store_true", help="ResNet-50: eager only, no torch.compile")
     parser.add_argument("--no-torch", action="store_true", help="do not time PyTorch")
     parser.add_argument("--no-onnxruntime", action="store_true", help="do not time ONNX Runtime")
     parser.add_argument("--no-numpy", action="store_true", help="do not time the NumPy implementation")
-    parser.add_argument("--json", metavar="PATH", help="save the full report (every timing) as JSON")
-    parser.add_argument("--png", metavar="PATH", help="save a bar chart of the fractions of the limit (matplotlib)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the input data")
+    parser.add_argument(
+        "--json", metavar="PATH", type=_args.writable, help="save the full report (every timing) as JSON"
+    )
+    parser.add_argument(
+        "--png", metavar="PATH", type=_args.writable, help="save a bar chart of the fractions of the limit (matplotlib)"
+    )
+    parser.add_argument("--seed", type=_args.integer("--seed", 0, 2**63 - 1), default=0, help="seed of the input data")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
 
 def options_from_args(args: argparse.Namespace) -> Options:
+    modules = bool(args.torch)
     if args.shapes_file:
-        with open(args.shapes_file, encoding="utf-8") as f:
-            table = parse_shapes(f.read())
+        table = _read_shapes_file(args.shapes_file)
+    elif modules:
+        table = parse_shapes(TORCH_QUICK_SHAPES if args.quick else TORCH_SHAPES)
     else:
         table = parse_shapes(QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
-    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
-    if not modes or set(modes) - set(MODES):
-        raise BenchError(f"--modes takes a comma-separated subset of {','.join(MODES)}, got {args.modes!r}")
-    dtypes = tuple(d.strip() for d in args.dtypes.split(",") if d.strip()) if args.dtypes else tuple(available_dtypes())
+    allowed = MODULE_MODES if modules else MODES
+    modes = tuple(m.strip() for m in (args.modes or ",".join(allowed)).split(",") if m.strip())
+    if not modes or set(modes) - set(allowed):
+        raise BenchError(f"--modes takes a comma-separated subset of {','.join(allowed)}, got {args.modes!r}")
+    default_dtypes = [d for d in available_dtypes() if not modules or d != "float16"]
+    dtypes = tuple(d.strip() for d in args.dtypes.split(",") if d.strip()) if args.dtypes else tuple(default_dtypes)
     repeats = args.repeats if args.repeats is not None else 3 if args.quick else 11
     warmup = args.warmup if args.warmup is not None else 1 if args.quick else 2
     footprint = args.footprint if args.footprint is not None else 8.0 if args.quick else 512.0
     if repeats < 1 or args.rounds < 1 or warmup < 0 or footprint < 0 or args.gap < 0:
         raise BenchError("--repeats and --rounds must be >= 1, --warmup, --footprint and --gap >= 0")
+    _check_dtypes(dtypes)
+    if args.png:
+        _matplotlib()  # before the run, not after it
+    shapes = select_shapes(table, args.shapes)
+    _check_memory(shapes)
     return Options(
-        shapes=select_shapes(table, args.shapes),
+        shapes=shapes,
         modes=modes,
         dtypes=dtypes,
         threads=args.threads,
@@ -774,30 +926,38 @@ def options_from_args(args: argparse.Namespace) -> Options:
         warmup=warmup,
         footprint_mib=footprint,
         gap_ms=args.gap,
-        numpy=not args.no_numpy,
-        torch=not args.no_torch,
-        onnxruntime=not args.no_onnxruntime,
+        numpy=not (args.no_numpy or modules),
+        torch=not args.no_torch or modules,
+        onnxruntime=not (args.no_onnxruntime or modules),
         seed=args.seed,
         progress=not args.quiet,
         rounds=args.rounds,
+        modules=modules,
     )
 
 
-def main(args: argparse.Namespace, stream: IO[str] | None = None) -> int:
-    """``python -m batchnorm bench``: runs, prints the table, saves JSON/PNG if asked."""
+def main(args: argparse.Namespace, stream: IO[str] | None = None, options: Options | None = None) -> int:
+    """``python -m batchnorm bench``: runs, prints the table, saves JSON/PNG if asked
+    (``options``: ``options_from_args(args)``, if already made)."""
     stream = stream or sys.stdout
+    table = format_table
     try:
-        options = options_from_args(args)
-        if args.png:
-            _matplotlib()  # before the run, not after it
-        report = run(options)
+        if args.resnet:
+            from . import bench_resnet  # it builds on this module
+
+            if args.png:
+                raise BenchError("--png charts fractions of the copy limit, which --resnet does not measure")
+            report, table = bench_resnet.run(args), bench_resnet.format_table
+        else:
+            options = options or options_from_args(args)
+            report = run(options)
     except CheckError as e:
         print(f"bench: CHECK FAILED: {e}", file=sys.stderr)
         return 1
     except BenchError as e:
         print(f"bench: {e}", file=sys.stderr)
         return 2
-    print(format_table(report), file=stream)
+    print(table(report), file=stream)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1)

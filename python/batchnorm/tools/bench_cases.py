@@ -21,13 +21,15 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 MODES = ("inference", "forward", "backward")
-MODE_BYTES = {"inference": 2, "forward": 3, "backward": 5}  # multiples of B, the bytes of x
+MODULE_MODES = ("train-step", "eval")  # bench --torch: a module's forward + backward, and its eval call
+# Multiples of B, the bytes of x; a training step is a forward and a backward.
+MODE_BYTES = {"inference": 2, "forward": 3, "backward": 5, "train-step": 3 + 5, "eval": 2}
 DTYPES = ("float32", "float16", "bfloat16")
 EPSILON = 1e-5
 # Largest error accepted in the checks, relative to the largest magnitude of each output:
@@ -72,6 +74,8 @@ class Shape:
             return "NCHW" if self.axis % 4 == 1 else "NHWC" if self.axis % 4 == 3 else f"axis={self.axis}"
         if len(self.dims) == 2 and self.axis % 2 == 1:
             return "NC"
+        if len(self.dims) == 3 and self.axis % 3 == 1:
+            return "NCL"
         return f"axis={self.axis}"
 
     @property
@@ -218,7 +222,7 @@ def _reference(data: CaseData, mode: str, i: int) -> dict[str, np.ndarray]:
 # ---- the implementations --------------------------------------------------------------------
 #
 # A subject is made per (mode, thread count; the thread count is set beforehand by
-# _set_threads for the libraries that take it per call) as a pair of functions: call(i) runs
+# set_threads for the libraries that take it per call) as a pair of functions: call(i) runs
 # the pass on buffer i and returns whatever holds its result; outputs(result, i) turns that
 # into float64 arrays named like the reference's (in x's layout), for the check.
 
@@ -309,23 +313,25 @@ def _numpy_subject(mode: str, data: CaseData, threads: int) -> tuple[Call, Outpu
     return backward, backward_outputs
 
 
+def to_torch(a: np.ndarray, axis: int) -> Any:
+    """A tensor sharing a's memory (bfloat16 through a bit view), channels moved to dim 1 as
+    a view: channels-last data stays channels-last."""
+    torch: Any = importlib.import_module("torch")
+    t = torch.from_numpy(a.view(np.uint16)).view(torch.bfloat16) if a.dtype.name == "bfloat16" else torch.from_numpy(a)
+    return torch.movedim(t, axis % a.ndim, 1)
+
+
+def from_torch(t: Any, axis: int) -> np.ndarray:
+    """The inverse of to_torch, as float64 for the checks."""
+    torch: Any = importlib.import_module("torch")
+    return np.asarray(torch.movedim(t.detach(), 1, axis % t.dim()).to(torch.float64).numpy())
+
+
 def _torch_subject(mode: str, data: CaseData, threads: int) -> tuple[Call, Outputs]:
     torch: Any = importlib.import_module("torch")
     functional: Any = importlib.import_module("torch.nn.functional")
-    axis = data.shape.axis % len(data.shape.dims)
-
-    def tensor(a: np.ndarray) -> Any:
-        t = (
-            torch.from_numpy(a.view(np.uint16)).view(torch.bfloat16)
-            if data.dtype_name == "bfloat16"
-            else torch.from_numpy(a)
-        )
-        return torch.movedim(t, axis, 1)  # a view: channels-last data stays channels-last
-
-    def back(t: Any) -> np.ndarray:
-        return np.asarray(torch.movedim(t, 1, axis).to(torch.float64).numpy())
-
-    x = [tensor(a) for a in data.x]
+    axis = data.shape.axis
+    x = [to_torch(a, axis) for a in data.x]
     gamma, beta = torch.from_numpy(data.gamma), torch.from_numpy(data.beta)
     if mode == "inference":
         mean, var = torch.from_numpy(data.running_mean), torch.from_numpy(data.running_var)
@@ -333,14 +339,14 @@ def _torch_subject(mode: str, data: CaseData, threads: int) -> tuple[Call, Outpu
         def infer(i: int) -> Any:
             return functional.batch_norm(x[i], mean, var, gamma, beta, False, 0.0, EPSILON)
 
-        return infer, lambda r, i: {"y": back(r)}
+        return infer, lambda r, i: {"y": from_torch(r, axis)}
     if mode == "forward":
 
         def forward(i: int) -> Any:
             return functional.batch_norm(x[i], None, None, gamma, beta, True, 0.0, EPSILON)
 
-        return forward, lambda r, i: {"y": back(r)}
-    dy = [tensor(a) for a in data.dy]
+        return forward, lambda r, i: {"y": from_torch(r, axis)}
+    dy = [to_torch(a, axis) for a in data.dy]
     stats = [(torch.from_numpy(m), torch.from_numpy(s)) for m, _, s in (data.stats(i) for i in range(data.count))]
     native_backward = torch.ops.aten.native_batch_norm_backward
 
@@ -350,7 +356,7 @@ def _torch_subject(mode: str, data: CaseData, threads: int) -> tuple[Call, Outpu
 
     def backward_outputs(r: Any, i: int) -> dict[str, np.ndarray]:
         dx, dgamma, dbeta = r
-        return {"dx": back(dx), "dgamma": dgamma.double().numpy(), "dbeta": dbeta.double().numpy()}
+        return {"dx": from_torch(dx, axis), "dgamma": dgamma.double().numpy(), "dbeta": dbeta.double().numpy()}
 
     return backward, backward_outputs
 
@@ -475,8 +481,13 @@ def _copy_memory() -> Callable[[np.ndarray, np.ndarray, bool], None]:
     return _core.copy_memory
 
 
-def time_subject(
-    call: Call,
+def turns(r: int, n: int) -> list[int]:
+    """The order of n interleaved subjects in repetition r: forwards, then backwards."""
+    return list(range(n)) if r % 2 == 0 else list(reversed(range(n)))
+
+
+def time_subjects(
+    calls: Sequence[Call],
     data: CaseData,
     *,
     repeats: int,
@@ -484,89 +495,113 @@ def time_subject(
     with_copy: bool,
     gap: float = 0.0,
     min_rep_seconds: float = 2e-3,
-) -> tuple[dict[str, Any], Any, int]:
-    """Median-ready timings of `call` over the rotating buffers.
+) -> tuple[list[dict[str, Any]], list[Any], list[int]]:
+    """Median-ready timings of each of `calls` over the rotating buffers, interleaved:
+    every repetition runs each call in turn, so that two subjects compared in one process
+    see the same minutes of the machine, first in the given order and then in reverse
+    (a, b, b, a, a, b, ...), so that each is as often the first after the copies, which
+    leave the caches full of lines still to be written back.
 
-    With `with_copy`, each repetition is one call, preceded by an ordinary and a
-    non-temporal copy of x's bytes between two buffers the call does not touch in this
-    repetition or the next. `gap` seconds of sleep come before the copies and before the
-    call: after a parallel region, libgomp's idle threads spin for several milliseconds
-    (about 8 ms here) before they sleep, and in a process that holds two OpenMP runtimes
-    (PyTorch's and ours, whose copy is the yardstick) the spinning threads of one would
-    steal the cores from the other. Without `with_copy`, a repetition is as many calls on
-    buffer 0 as take about `min_rep_seconds` (per-call overhead of tiny inputs). Returns
-    the timings, the last call's result and the buffer it used.
+    With `with_copy`, each repetition is one call of each, each on a buffer of its own
+    (none reads data the one before left in cache), preceded by an ordinary and a
+    non-temporal copy of x's bytes between two buffers the calls do not touch in this
+    repetition or the next (every call's timing lists the same copies). `gap` seconds of
+    sleep come before the copies and before each call: after a parallel region, libgomp's
+    idle threads spin for several milliseconds (about 8 ms here) before they sleep, and
+    in a process that holds two OpenMP runtimes (PyTorch's and ours, whose copy is the
+    yardstick) the spinning threads of one would steal the cores from the other. Without
+    `with_copy`, a repetition is as many calls on buffer 0 as take about
+    `min_rep_seconds` (per-call overhead of tiny inputs). Returns each call's timings,
+    last result and the buffer that result came from.
     """
     count = data.count
     clock = time.perf_counter
-    result: Any = None
+    results: list[Any] = [None] * len(calls)
     if not with_copy:
         # Warm-up and calibration, each bounded in calls and in time (a call that waits
         # for a descheduled thread can take milliseconds on a busy machine).
-        t0 = clock()
-        for _ in range(max(warmup, 1) * 10):
-            result = call(0)
-            if clock() - t0 > 0.1:
-                break
-        done, t0 = 0, clock()
-        while done < 10 and (done == 0 or clock() - t0 < min_rep_seconds):
-            result = call(0)
-            done += 1
-        per_call = max((clock() - t0) / done, 1e-8)
-        calls = max(1, min(100_000, int(min_rep_seconds / per_call)))
-        times = []
-        for _ in range(repeats):
+        per_rep = []
+        for k, call in enumerate(calls):
             t0 = clock()
-            for _ in range(calls):
-                result = call(0)
-            times.append((clock() - t0) / calls)
-        return {"times_s": times, "calls_per_rep": calls}, result, 0
+            for _ in range(max(warmup, 1) * 10):
+                results[k] = call(0)
+                if clock() - t0 > 0.1:
+                    break
+            done, t0 = 0, clock()
+            while done < 10 and (done == 0 or clock() - t0 < min_rep_seconds):
+                results[k] = call(0)
+                done += 1
+            per_call = max((clock() - t0) / done, 1e-8)
+            per_rep.append(max(1, min(100_000, int(min_rep_seconds / per_call))))
+        times: list[list[float]] = [[] for _ in calls]
+        for r in range(repeats):
+            for k in turns(r, len(calls)):
+                t0 = clock()
+                for _ in range(per_rep[k]):
+                    results[k] = calls[k](0)
+                times[k].append((clock() - t0) / per_rep[k])
+        timings = [{"times_s": t, "calls_per_rep": n} for t, n in zip(times, per_rep, strict=True)]
+        return timings, results, [0] * len(calls)
 
-    if count < 4:
-        raise BenchError("the copy next to each repetition needs at least 4 rotating buffers")
+    n = len(calls)
+    if count < 2 * n + 2:
+        raise BenchError(f"the copy next to each repetition of {n} calls needs at least {2 * n + 2} rotating buffers")
     copy = _copy_memory()
     x, out = data.x, data.out
 
-    def repetition(r: int) -> tuple[float, float, float, Any]:
-        i, a, b = r % count, (r + count // 2) % count, (r + count // 2 + 1) % count
+    def buffer(r: int, k: int) -> int:
+        return (r * n + k) % count
+
+    def repetition(r: int) -> tuple[float, float, list[float]]:
+        a = buffer(r, max(2 * n, count // 2))  # past this repetition's buffers and the next one's
+        b = (a + 1) % count
         time.sleep(gap)
         t0 = clock()
         copy(x[a], out[a], False)
         t1 = clock()
         copy(x[b], out[b], True)
         t2 = clock()
-        time.sleep(gap)
-        t3 = clock()
-        value = call(i)
-        return t1 - t0, t2 - t1, clock() - t3, value
+        elapsed = [0.0] * n
+        for k in turns(r, n):
+            time.sleep(gap)
+            t3 = clock()
+            results[k] = calls[k](buffer(r, k))
+            elapsed[k] = clock() - t3
+        return t1 - t0, t2 - t1, elapsed
+
+    def settling(seen: list[float]) -> bool:
+        return len(seen) < max(warmup, 30) and seen[-1] > 1.25 * min(seen) and sum(seen) < 10
 
     # Warm-up until the calls settle (at least `warmup` of them): a library that allocates
     # its outputs takes a few calls before the process's heap recycles them.
-    seen: list[float] = []
-    while len(seen) < max(warmup, 1) or (
-        len(seen) < max(warmup, 30) and seen[-1] > 1.25 * min(seen) and sum(seen) < 10
-    ):
-        *_, elapsed, result = repetition(len(seen))
-        seen.append(elapsed)
-    start = len(seen)
-    times, ordinary, nontemporal = [], [], []
+    seen: list[list[float]] = [[] for _ in calls]
+    while len(seen[0]) < max(warmup, 1) or any(settling(s) for s in seen):
+        for s, e in zip(seen, repetition(len(seen[0]))[2], strict=True):
+            s.append(e)
+    start = len(seen[0])
+    times = [[] for _ in calls]
+    ordinary, nontemporal = [], []
     for r in range(start, start + repeats):
-        t_ordinary, t_nontemporal, elapsed, result = repetition(r)
+        t_ordinary, t_nontemporal, elapsed = repetition(r)
         ordinary.append(t_ordinary)
         nontemporal.append(t_nontemporal)
-        times.append(elapsed)
-    last = (start + repeats - 1) % count
-    timing = {
-        "times_s": times,
-        "calls_per_rep": 1,
-        "warmup_calls": start,
-        "copy_ordinary_s": ordinary,
-        "copy_nontemporal_s": nontemporal,
-    }
-    return timing, result, last
+        for t, e in zip(times, elapsed, strict=True):
+            t.append(e)
+    last = [buffer(start + repeats - 1, k) for k in range(n)]
+    timings = [
+        {
+            "times_s": t,
+            "calls_per_rep": 1,
+            "warmup_calls": start,
+            "copy_ordinary_s": ordinary,
+            "copy_nontemporal_s": nontemporal,
+        }
+        for t in times
+    ]
+    return timings, results, last
 
 
-def _set_threads(subject: str, threads: int) -> None:
+def set_threads(subject: str, threads: int) -> None:
     import batchnorm as bn
 
     bn.set_num_threads(threads)  # also the copy's threads
@@ -574,16 +609,21 @@ def _set_threads(subject: str, threads: int) -> None:
         importlib.import_module("torch").set_num_threads(threads)
 
 
+def case_data(request: dict[str, Any]) -> CaseData:
+    """The rotating buffers of a request's (shape, dtype): enough to span its footprint."""
+    shape = Shape(**{**request["shape"], "dims": tuple(request["shape"]["dims"])})
+    nbytes = math.prod(shape.dims) * _numpy_dtype(request["dtype"]).itemsize
+    least = request.get("min_buffers", 4)  # for the copy to stay off the timed buffers
+    count = 1 if shape.kind == "tiny" else max(least, math.ceil(request["footprint_bytes"] / nbytes))
+    count = min(count, max(least, request.get("max_buffers", 4096)))
+    return CaseData(shape, request["dtype"], count, request["seed"])
+
+
 def run_case(request: dict[str, Any]) -> dict[str, Any]:
     """Times the requested subjects on one (shape, dtype) in this process."""
-    shape = Shape(**{**request["shape"], "dims": tuple(request["shape"]["dims"])})
-    dtype = request["dtype"]
+    data = case_data(request)
+    shape, dtype, count, nbytes = data.shape, data.dtype_name, data.count, data.nbytes
     tiny = shape.kind == "tiny"
-    itemsize = _numpy_dtype(dtype).itemsize
-    nbytes = math.prod(shape.dims) * itemsize
-    count = 1 if tiny else max(4, math.ceil(request["footprint_bytes"] / nbytes))
-    count = min(count, max(4, request.get("max_buffers", 4096)))
-    data = CaseData(shape, dtype, count, request["seed"])
     rows = []
     for mode in request["modes"]:
         for threads in request["threads"]:
@@ -591,7 +631,7 @@ def run_case(request: dict[str, Any]) -> dict[str, Any]:
             for subject in request["subjects"]:
                 if subject == "numpy" and dtype != "float32":
                     continue
-                _set_threads(subject, threads)
+                set_threads(subject, threads)
                 try:
                     call, outputs = _SUBJECTS[subject](mode, data, threads)
                     call(0)
@@ -600,8 +640,8 @@ def run_case(request: dict[str, Any]) -> dict[str, Any]:
                         raise
                     row["subjects"][subject] = {"unsupported": f"{type(e).__name__}: {e}".splitlines()[0][:200]}
                     continue
-                timing, result, last = time_subject(
-                    call,
+                (timing,), (result,), (last,) = time_subjects(
+                    [call],
                     data,
                     repeats=request["repeats"],
                     warmup=request["warmup"],
@@ -626,14 +666,14 @@ def _release_memory() -> None:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def worker_main() -> None:
-    """A worker: reads one JSON request per line on stdin, answers one JSON line each."""
+def worker_main(run: Callable[[dict[str, Any]], dict[str, Any]] = run_case) -> None:
+    """A worker: reads one JSON request per line on stdin, answers one JSON line each (run's)."""
     channel = os.fdopen(os.dup(sys.stdout.fileno()), "w")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stray prints must not corrupt the channel
     for line in sys.stdin:
         request = json.loads(line)
         try:
-            answer = {"ok": True, **run_case(request)}
+            answer = {"ok": True, **run(request)}
         except CheckError as e:
             answer = {"ok": False, "check_failed": True, "error": str(e)}
         except Exception as e:

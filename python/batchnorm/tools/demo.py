@@ -31,6 +31,7 @@ import numpy as np
 
 from .. import optimizers
 from ..keras import BatchNormalization
+from . import _args
 
 __all__ = ["Curve", "DemoResult", "add_arguments", "main", "run"]
 
@@ -488,35 +489,44 @@ def plot(result: DemoResult, path: str | os.PathLike[str]) -> None:
         f"3x100 sigmoid net, SGD learning rate {result.learning_rate:g}, batch {result.batch_size}, seed {result.seed}",
         fontsize=10,
     )
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")  # the format given: saved under `path` exactly, no ".png" added
     plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- command line
+MAX_STEPS = 10**7  # hours of training; more is a typo (the batch schedule is drawn up front)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--steps", type=int, default=DEFAULT_STEPS, help=f"training steps per network (default {DEFAULT_STEPS})"
+        "--steps",
+        type=_args.integer("steps", 1, MAX_STEPS),
+        default=DEFAULT_STEPS,
+        help=f"training steps per network (default {DEFAULT_STEPS})",
     )
     parser.add_argument(
         "--learning-rate",
-        type=float,
+        type=_args.number(0.0, open_low=True),
         default=DEFAULT_LEARNING_RATE,
         help=f"SGD learning rate (default {DEFAULT_LEARNING_RATE})",
     )
     parser.add_argument(
         "--seed",
-        type=int,
+        type=_args.integer("--seed", 0, 2**63 - 1),
         default=DEFAULT_SEED,
         help=f"seed of the split, weights and batches (default {DEFAULT_SEED})",
     )
     parser.add_argument(
         "--target",
-        type=float,
+        type=_args.number(0.0, 1.0, open_low=True),
         default=DEFAULT_TARGET,
         help=f"held-out accuracy to count steps to (default {DEFAULT_TARGET})",
     )
     parser.add_argument(
-        "--output", default=DEFAULT_OUTPUT, help=f"where to save the plot (PNG; default {DEFAULT_OUTPUT})"
+        "--output",
+        type=_args.writable,
+        default=DEFAULT_OUTPUT,
+        help=f"where to save the plot (PNG, under exactly this name; default {DEFAULT_OUTPUT})",
     )
 
 

@@ -17,5 +17,6 @@ except ImportError as error:
 
 from ._functional import batch_norm
 from ._modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert, revert
+from ._sync import SyncBatchNorm
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm", "convert", "revert"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "batch_norm", "convert", "revert"]

@@ -5,26 +5,44 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from . import _kernels
+from . import _kernels, _ops
 
 
-def _verify(x: torch.Tensor, weight: torch.Tensor | None, running_mean: torch.Tensor | None, training: bool) -> None:
+def _verify(  # noqa: PLR0917 - torch.nn.functional.batch_norm's arguments
+    x: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    training: bool,
+    eps: float,
+) -> None:
     """torch's checks, in torch's order and words (a failed call then changes nothing)."""
-    if x.device.type != "cpu":
+    if not x.is_cpu:
         raise ValueError(f"batchnorm.torch runs on CPU tensors; input is on {x.device}")
-    if x.dim() < 2:
-        raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
     if training and _kernels.values_per_channel(x) == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
+    if not training and running_mean is None:
+        raise RuntimeError("running_mean must be defined in evaluation mode")
     c = x.shape[1]
-    for name, t in (("running_mean", running_mean), ("weight", weight)):
-        if t is not None and t.numel() != c:
-            raise RuntimeError(f"{name} should contain {c} elements not {t.numel()}")
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
+        if t is not None:
+            if not t.is_cpu:
+                raise ValueError(f"batchnorm.torch runs on CPU tensors; {name} is on {t.device}")
+            if t.numel() != c:
+                raise RuntimeError(f"{name} should contain {c} elements not {t.numel()}")
 
 
 class _BatchNorm(torch.autograd.Function):
+    """The eager path: one autograd node around the kernels (cheaper per call than an op)."""
+
     @staticmethod
     def forward(  # noqa: PLR0917 - autograd passes them positionally
         ctx: Any,
@@ -37,33 +55,53 @@ class _BatchNorm(torch.autograd.Function):
         momentum: float,
         eps: float,
     ) -> torch.Tensor:
-        if training or running_mean is None or running_var is None:
+        if training:
             y, mean, inv_std = _kernels.train_forward(
-                x, weight, bias, running_mean if training else None, running_var, momentum, eps
+                x, weight, bias, running_mean, running_var, momentum, eps, numpy=True
             )
         else:
-            y, mean, inv_std = _kernels.infer_forward(x, weight, bias, running_mean, running_var, eps)
-        ctx.fixed = not (training or running_mean is None or running_var is None)
-        ctx.save_for_backward(x, weight, mean, inv_std)
+            assert running_mean is not None
+            assert running_var is not None
+            y, mean, inv_std = _kernels.infer_forward(x, weight, bias, running_mean, running_var, eps, numpy=True)
+        ctx.fixed = not training
+        ctx.stats = mean, inv_std  # NumPy (or the running mean): not tensors autograd must guard
+        ctx.save_for_backward(x, weight)
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, weight, mean, inv_std = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the kernels' gradient is not differentiable
+            raise RuntimeError(_ops.SECOND_ORDER)
+        x, weight = ctx.saved_tensors
+        mean, inv_std = ctx.stats
         dx, dweight, dbias = _kernels.backward(dy, x, mean, inv_std, weight, ctx.fixed)
         need = ctx.needs_input_grad
         to = weight.dtype if weight is not None else dweight.dtype
         return (
             dx if need[0] else None,
-            dweight.to(to) if need[1] else None,
-            dbias.to(to) if need[2] else None,
+            (dweight if dweight.dtype == to else dweight.to(to)) if need[1] else None,
+            (dbias if dbias.dtype == to else dbias.to(to)) if need[2] else None,
             None,
             None,
             None,
             None,
             None,
         )
+
+
+# autograd's C entry point, without Function.apply's Python wrapper, whose only extra work
+# (unwrapping torch.func's tensors) does not apply: torch.func transforms are refused anyway,
+# and the wrapper costs as much as a small batch's kernels.
+_apply = super(torch.autograd.Function, _BatchNorm).apply
+
+
+def _any_requires_grad(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> bool:
+    return x.requires_grad or (weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad)
+
+
+def _tracing(x: torch.Tensor) -> bool:
+    """Whether torch is tracing this call (torch.compile, export, make_fx): the ops' path."""
+    return type(x) is not torch.Tensor or torch.compiler.is_compiling()
 
 
 def batch_norm(  # noqa: PLR0917 - torch.nn.functional.batch_norm's positional signature
@@ -81,8 +119,14 @@ def batch_norm(  # noqa: PLR0917 - torch.nn.functional.batch_norm's positional s
     Differentiable in input, weight and bias; in training the running statistics (if
     given) are updated in place, as torch does. Results equal torch's to rounding.
     """
-    _verify(input, weight, running_mean, training)
-    y: torch.Tensor = _BatchNorm.apply(  # type: ignore[no-untyped-call]
-        input, weight, bias, running_mean, running_var, training, momentum, eps
-    )
+    _verify(input, running_mean, running_var, weight, bias, training, eps)
+    if _tracing(input):
+        return _ops.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if not (torch.is_grad_enabled() and _any_requires_grad(input, weight, bias)):  # no autograd node to make
+        if training:
+            return _kernels.train_forward(input, weight, bias, running_mean, running_var, momentum, eps, numpy=True)[0]
+        assert running_mean is not None
+        assert running_var is not None
+        return _kernels.normalize(input, weight, bias, running_mean, running_var, eps)[0]
+    y: torch.Tensor = _apply(input, weight, bias, running_mean, running_var, training, momentum, eps)  # type: ignore[no-untyped-call]
     return y

@@ -10,11 +10,17 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from .. import _core
 
-_core.use_torch(torch.Tensor, torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_core.use_torch(torch.Tensor, torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.strided)
+
+# Per-channel statistics: tensors where torch sees them (the ops' outputs), NumPy arrays
+# on the eager path, where the core allocates them: torch.empty costs about a microsecond,
+# as much as the kernels of a small batch.
+Stat = torch.Tensor | np.ndarray
 
 AXES = (1,)  # the channel axis of every layout torch's batch norm takes (NC, NCL, NCHW, NCDHW)
 
@@ -37,17 +43,40 @@ def channels(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return t.detach().to(dtype).contiguous()
 
 
+_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
 def empty_output(x: torch.Tensor) -> torch.Tensor:
     """An output shaped and laid out as torch's batch norm lays out its own."""
-    fmt = torch.contiguous_format
-    last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    last = _LAST.get(x.dim())
     if last is not None and x.is_contiguous(memory_format=last) and not x.is_contiguous():
-        fmt = last
-    return torch.empty_like(x, memory_format=fmt)
+        return torch.empty_like(x, memory_format=last)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def values_per_channel(x: torch.Tensor) -> int:
-    return int(x.shape[0] * math.prod(x.shape[2:]))
+    n = x.numel()
+    return n // x.shape[1] if n else x.shape[0] * math.prod(x.shape[2:])  # C == 0: still N * spatial
+
+
+def batch_forward(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, *, numpy: bool = False
+) -> tuple[torch.Tensor, Stat, Stat, Stat]:
+    """y normalized with the batch's statistics; the batch mean, inv_std and (biased) variance,
+    as tensors, or with ``numpy`` as NumPy arrays (see ``Stat``)."""
+    follow_torch_threads()
+    sdt = stat_dtype(x)
+    c = x.shape[1]
+    y = empty_output(x)
+    w, b = channels(weight, sdt), channels(bias, sdt)
+    if x.numel() == 0:  # torch: an empty output, statistics (0, 1)
+        return y, torch.zeros(c, dtype=sdt), torch.ones(c, dtype=sdt), torch.zeros(c, dtype=sdt)
+    if numpy:  # the core allocates them
+        m, v, inv, _ = _core.forward(x, y, AXES, w, b, eps, False)
+        return y, m, inv, v
+    mean, inv_std, var = torch.empty(c, dtype=sdt), torch.empty(c, dtype=sdt), torch.empty(c, dtype=sdt)
+    _core.forward(x, y, AXES, w, b, eps, False, mean, var, inv_std)
+    return y, mean, inv_std, var
 
 
 def train_forward(  # noqa: PLR0917 - the order of torch's batch_norm arguments
@@ -58,19 +87,13 @@ def train_forward(  # noqa: PLR0917 - the order of torch's batch_norm arguments
     running_var: torch.Tensor | None,
     momentum: float,
     eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    *,
+    numpy: bool = False,
+) -> tuple[torch.Tensor, Stat, Stat]:
     """y, batch mean, batch inv_std; the running statistics (if given) move toward the batch's."""
-    follow_torch_threads()
-    sdt = stat_dtype(x)
-    c = x.shape[1]
-    y = empty_output(x)
-    mean = torch.zeros(c, dtype=sdt)
-    inv_std = torch.ones(c, dtype=sdt)
-    if values_per_channel(x) == 0:  # torch: an empty output, running statistics untouched
-        return y, mean, inv_std
-    var = torch.empty(c, dtype=sdt)
-    count = _core.forward(x, y, AXES, channels(weight, sdt), channels(bias, sdt), eps, False, mean, var, inv_std)
-    if running_mean is not None and running_var is not None:
+    y, mean, inv_std, var = batch_forward(x, weight, bias, eps, numpy=numpy)
+    count = values_per_channel(x)
+    if count and running_mean is not None and running_var is not None:  # torch skips an empty batch
         update_running(running_mean, running_var, mean, var, momentum, count)
     return y, mean, inv_std
 
@@ -78,14 +101,14 @@ def train_forward(  # noqa: PLR0917 - the order of torch's batch_norm arguments
 def update_running(  # noqa: PLR0917 - the order of torch's batch_norm arguments
     running_mean: torch.Tensor,
     running_var: torch.Tensor,
-    mean: torch.Tensor,
-    var: torch.Tensor,
+    mean: Stat,
+    var: Stat,
     factor: float,
     count: int,
 ) -> None:
     """running = (1 - factor) * running + factor * batch (variance unbiased), in place."""
-    sdt = mean.dtype
-    if all(t.dtype == sdt and t.is_contiguous() for t in (running_mean, running_var)):
+    sdt = torch.float64 if mean.dtype in (torch.float64, np.float64) else torch.float32
+    if running_mean.dtype == running_var.dtype == sdt and running_mean.is_contiguous() and running_var.is_contiguous():
         _core.update_running(running_mean, running_var, mean, var, float(factor), count)
         return
     # 16-bit or strided buffers: the same rule through a float32/64 copy, written back once
@@ -103,24 +126,46 @@ def infer_forward(  # noqa: PLR0917 - the order of torch's batch_norm arguments
     running_mean: torch.Tensor,
     running_var: torch.Tensor,
     eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    *,
+    numpy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, Stat]:
     """y normalized with the running statistics; also the mean and inv_std it used."""
+    sdt = stat_dtype(x)
+    inv_std = (
+        np.empty(x.shape[1], np.float64 if sdt == torch.float64 else np.float32)
+        if numpy
+        else torch.empty(x.shape[1], dtype=sdt)
+    )
+    y, mean = normalize(x, weight, bias, running_mean, running_var, eps, inv_std)
+    return y, mean, inv_std
+
+
+def normalize(  # noqa: PLR0917 - the order of torch's batch_norm arguments
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    eps: float,
+    inv_std: Stat | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """y normalized with the running statistics, and the running mean as the core read it;
+    inv_std (if given) receives the per-channel factor, which only a gradient needs."""
     follow_torch_threads()
     sdt = stat_dtype(x)
     mean, var = channels(running_mean, sdt), channels(running_var, sdt)
     assert mean is not None
     assert var is not None
     y = empty_output(x)
-    inv_std = torch.empty(x.shape[1], dtype=sdt)
     _core.normalize(x, y, AXES, mean, var, channels(weight, sdt), channels(bias, sdt), eps, False, inv_std)
-    return y, mean, inv_std
+    return y, mean
 
 
 def backward(  # noqa: PLR0917 - the order of torch's batch_norm arguments
     dy: torch.Tensor,
     x: torch.Tensor,
-    mean: torch.Tensor,
-    inv_std: torch.Tensor,
+    mean: Stat,
+    inv_std: Stat,
     weight: torch.Tensor | None,
     fixed_statistics: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -129,10 +174,9 @@ def backward(  # noqa: PLR0917 - the order of torch's batch_norm arguments
     sdt = stat_dtype(x)
     c = x.shape[1]
     dx = empty_output(x)
-    dweight = torch.zeros(c, dtype=sdt)
-    dbias = torch.zeros(c, dtype=sdt)
     if x.numel() == 0:
-        return dx, dweight, dbias
+        return dx, torch.zeros(c, dtype=sdt), torch.zeros(c, dtype=sdt)
+    dweight, dbias = torch.empty(c, dtype=sdt), torch.empty(c, dtype=sdt)  # the core writes every channel
     if dy.dtype != x.dtype:
         dy = dy.to(x.dtype)
     _core.backward(dy, x, dx, AXES, mean, inv_std, channels(weight, sdt), None, False, dweight, dbias, fixed_statistics)

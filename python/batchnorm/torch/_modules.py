@@ -17,46 +17,43 @@ class _Forward:
     track_running_stats: bool
     momentum: float | None
     eps: float
-    num_batches_tracked: torch.Tensor | None
-    running_mean: torch.Tensor | None
-    running_var: torch.Tensor | None
-    weight: torch.Tensor | None
-    bias: torch.Tensor | None
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)  # type: ignore[attr-defined]  # torch's, per dimension
-        tracking = self.training and self.track_running_stats and self.num_batches_tracked is not None
-        factor = 0.0 if self.momentum is None else self.momentum
-        if tracking and self.momentum is None:  # cumulative average over the batches so far
-            assert self.num_batches_tracked is not None
-            factor = 1.0 / float(self.num_batches_tracked + 1)
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        use_running = not self.training or self.track_running_stats
+        # Each read once: a Module attribute read goes through __getattr__, slow beside a small kernel.
+        params, buffers = self._parameters, self._buffers  # type: ignore[attr-defined]
+        running_mean, running_var = buffers["running_mean"], buffers["running_var"]
+        counter = buffers["num_batches_tracked"]
+        momentum, training = self.momentum, self.training
+        tracking = training and self.track_running_stats and counter is not None
+        factor = 0.0 if momentum is None else momentum
+        if tracking and momentum is None:  # cumulative average over the batches so far
+            factor = 1.0 / float(counter + 1)
+        use_running = not training or self.track_running_stats
         y = batch_norm(
             input,
-            self.running_mean if use_running else None,
-            self.running_var if use_running else None,
-            self.weight,
-            self.bias,
-            bn_training,
+            running_mean if use_running else None,
+            running_var if use_running else None,
+            params["weight"],
+            params["bias"],
+            training or (running_mean is None and running_var is None),
             factor,
             self.eps,
         )
         if tracking:
-            assert self.num_batches_tracked is not None
-            self.num_batches_tracked.add_(1)
+            counter.add_(1)
         return y
 
 
-class BatchNorm1d(_Forward, torch.nn.BatchNorm1d):  # type: ignore[misc]
+class BatchNorm1d(_Forward, torch.nn.BatchNorm1d):
     """torch.nn.BatchNorm1d on batchnorm's kernels: same parameters, buffers and state_dict."""
 
 
-class BatchNorm2d(_Forward, torch.nn.BatchNorm2d):  # type: ignore[misc]
+class BatchNorm2d(_Forward, torch.nn.BatchNorm2d):
     """torch.nn.BatchNorm2d on batchnorm's kernels: same parameters, buffers and state_dict."""
 
 
-class BatchNorm3d(_Forward, torch.nn.BatchNorm3d):  # type: ignore[misc]
+class BatchNorm3d(_Forward, torch.nn.BatchNorm3d):
     """torch.nn.BatchNorm3d on batchnorm's kernels: same parameters, buffers and state_dict."""
 
 
