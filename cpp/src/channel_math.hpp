@@ -20,8 +20,10 @@
 // mean and inv_std, so backward rebuilds the forward's ReLU mask bit for bit.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -50,6 +52,44 @@ inline void moments_from_sums(double shift, double s, double ss, double M, doubl
   mean = shift + s / M;
   m2 = ss - s * s / M;
   if (m2 < 0) m2 = 0;  // rounding only; NaN stays NaN
+}
+
+// Float64 data of magnitude near the largest double overflows the shifted sums (x - K, or
+// its square, beyond 1.8e308) and would give mean -inf and M2 = inf - inf = NaN. A channel
+// whose mean or M2 came out non-finite is summed again, by a scalar loop, scaled by a power
+// of two (exact) that brings its values below 1; unless it holds an infinity or a NaN, whose
+// results are IEEE's already. The variance is scaled back from the scaled one, so it is
+// finite wherever it fits a double, even if M2 does not; beyond, it is inf, never NaN.
+// Float32 and 16-bit data cannot overflow double sums. var is m2 / M on entry.
+template <class T>
+void rescue_moments([[maybe_unused]] const Plan& p, [[maybe_unused]] const T* x, [[maybe_unused]] index_t c,
+                    [[maybe_unused]] double& mean, [[maybe_unused]] double& m2, [[maybe_unused]] double& var) {
+  if constexpr (std::is_same_v<T, double>) {
+    if (std::isfinite(mean) && std::isfinite(m2)) return;
+    const T* base = x + p.offset[0] + p.channel_offset(c, 0);
+    const std::size_t dims = p.reduce_dims.size();
+    auto value = [&](index_t i) { return base[p.reduce_offset(i, dims, 0)]; };
+    double largest = 0;
+    for (index_t i = 0; i < p.count; ++i) {
+      const double v = std::fabs(value(i));
+      if (!(v <= std::numeric_limits<double>::max())) return;  // inf or NaN: IEEE's answer stands
+      largest = std::max(largest, v);
+    }
+    if (largest == 0) return;
+    const int e = std::ilogb(largest) + 1;  // |x| * 2^-e < 1
+    const double shift = std::ldexp(value(0), -e);
+    double s = 0, ss = 0;
+    for (index_t i = 0; i < p.count; ++i) {
+      const double d = std::ldexp(value(i), -e) - shift;
+      s += d;
+      ss += d * d;
+    }
+    const auto M = static_cast<double>(p.count);
+    moments_from_sums(shift, s, ss, M, mean, m2);
+    mean = std::ldexp(mean, e);
+    var = std::ldexp(m2 / M, 2 * e);
+    m2 = std::ldexp(m2, 2 * e);
+  }
 }
 
 // Per-channel coefficients of an affine pass, in the compute type.
@@ -98,9 +138,7 @@ void set_forward_coefs(CoefStore<compute_t<T>>& k, index_t channels, const stat_
 // Stores channel c's statistics in the statistics type; returns inv_std as stored, so every
 // later pass (and backward) derives its coefficients from the same value.
 template <class S>
-double store_stats(index_t c, double mean, double m2, double count, double epsilon, S* mean_out, S* var_out,
-                   S* inv_out) {
-  const double var = m2 / count;
+double store_stats(index_t c, double mean, double var, double epsilon, S* mean_out, S* var_out, S* inv_out) {
   mean_out[c] = static_cast<S>(mean);
   var_out[c] = static_cast<S>(var);
   inv_out[c] = static_cast<S>(1.0 / std::sqrt(var + epsilon));

@@ -93,4 +93,30 @@ void check_output(const Plan& p, int op, const char* what) {
                       " overlaps itself: its strides give several elements one location (interleaved or too small)");
 }
 
+Span span_of(const Plan& p, int op, const void* data, std::size_t size, const char* name) {
+  const auto base = reinterpret_cast<std::uintptr_t>(data);
+  if (!data || empty(p)) return {base, base, name};
+  const auto o = static_cast<std::size_t>(op);
+  index_t lo = p.offset[o], hi = p.offset[o];
+  for (const std::vector<Dim>* dims : {&p.channel_dims, &p.reduce_dims})
+    for (const Dim& d : *dims) {
+      const index_t reach = d.stride[o] * (d.size - 1);
+      (reach < 0 ? lo : hi) += reach;
+    }
+  const auto isize = static_cast<index_t>(size);
+  return {base + static_cast<std::uintptr_t>(lo * isize), base + static_cast<std::uintptr_t>((hi + 1) * isize), name};
+}
+
+void check_apart(std::initializer_list<Span> outputs, std::initializer_list<Span> inputs) {
+  auto apart = [](const Span& a, const Span& b) {
+    if (a.begin < a.end && b.begin < b.end && a.begin < b.end && b.begin < a.end)
+      throw value_error(std::string(a.name) + " overlaps " + b.name +
+                        ": an output must not share memory with another argument (except x in place)");
+  };
+  for (auto a = outputs.begin(); a != outputs.end(); ++a) {
+    for (auto b = a + 1; b != outputs.end(); ++b) apart(*a, *b);
+    for (const Span& b : inputs) apart(*a, b);
+  }
+}
+
 }  // namespace batchnorm::detail

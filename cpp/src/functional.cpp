@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <initializer_list>
 #include <vector>
 
 #include "batchnorm/functional.hpp"
@@ -27,6 +28,8 @@ index_t partial_moments(const Geometry& g, In<T> x, double* mean, double* m2) {
   const Plan p = make_plan(g, operand_strides({&x.strides}));
   check_not_null(mean, "mean");
   check_not_null(m2, "m2");
+  check_apart({span_of(mean, p.channels, "mean"), span_of(m2, p.channels, "m2")},
+              {span_of(p, 0, x.data, sizeof(T), "x")});
   if (p.count == 0) {
     std::fill(mean, mean + p.channels, 0.0);
     std::fill(m2, m2 + p.channels, 0.0);
@@ -34,7 +37,7 @@ index_t partial_moments(const Geometry& g, In<T> x, double* mean, double* m2) {
   }
   if (p.channels == 0) return p.count;
   check_not_null(x.data, "x");
-  sum_moments(p, x.data, mean, m2);
+  sum_moments(p, x.data, mean, m2, false);
   return p.count;
 }
 
@@ -57,13 +60,15 @@ index_t moments(const Geometry& g, In<T> x, stat_t<T>* mean, stat_t<T>* variance
   check_batch(p, "moments of");
   check_not_null(mean, "mean");
   check_not_null(variance, "variance");
+  check_apart({span_of(mean, p.channels, "mean"), span_of(variance, p.channels, "variance")},
+              {span_of(p, 0, x.data, sizeof(T), "x")});
   if (p.channels == 0) return p.count;
   check_not_null(x.data, "x");
-  std::vector<double> mu(static_cast<std::size_t>(p.channels)), m2(mu.size());
-  sum_moments(p, x.data, mu.data(), m2.data());
+  std::vector<double> mu(static_cast<std::size_t>(p.channels)), var(mu.size());
+  sum_moments(p, x.data, mu.data(), var.data(), true);
   for (index_t c = 0; c < p.channels; ++c) {
     mean[c] = static_cast<stat_t<T>>(mu[static_cast<std::size_t>(c)]);
-    variance[c] = static_cast<stat_t<T>>(m2[static_cast<std::size_t>(c)] / static_cast<double>(p.count));
+    variance[c] = static_cast<stat_t<T>>(var[static_cast<std::size_t>(c)]);
   }
   return p.count;
 }
@@ -80,6 +85,14 @@ Plan forward_plan(const Geometry& g, const In<T>& x, const Out<T>& y, double eps
   return p;
 }
 
+// check_apart of outputs and backward's per-channel inputs.
+template <class S>
+void check_apart_from_stats(std::initializer_list<Span> outputs, index_t ch, const S* mean, const S* inv_std,
+                            const Affine<S>& affine) {
+  check_apart(outputs, {span_of(mean, ch, "mean"), span_of(inv_std, ch, "inv_std"), span_of(affine.gamma, ch, "gamma"),
+                        span_of(affine.beta, ch, "beta")});
+}
+
 }  // namespace
 
 template <class T>
@@ -89,6 +102,11 @@ void normalize(const Geometry& g, In<T> x, Out<T> y, const stat_t<T>* mean, cons
   const Plan p = forward_plan(g, x, y, epsilon);
   check_not_null(mean, "mean");
   check_not_null(variance, "variance");
+  const index_t ch = p.channels;
+  const Span out = span_of(p, 1, y.data, sizeof(T), y.name ? y.name : "y"), inv_out = span_of(inv_std, ch, "inv_std");
+  check_apart({out, inv_out}, {span_of(mean, ch, "mean"), span_of(variance, ch, "variance"),
+                               span_of(affine.gamma, ch, "gamma"), span_of(affine.beta, ch, "beta")});
+  check_apart({inv_out}, {span_of(p, 0, x.data, sizeof(T), "x")});
   if (!empty(p)) {
     check_not_null(x.data, "x");
     check_not_null(y.data, "y");
@@ -114,6 +132,12 @@ index_t forward(const Geometry& g, In<T> x, Out<T> y, Affine<stat_t<T>> affine, 
   check_not_null(mean, "mean");
   check_not_null(variance, "variance");
   check_not_null(inv_std, "inv_std");
+  const index_t ch = p.channels;
+  const Span mean_out = span_of(mean, ch, "mean"), var_out = span_of(variance, ch, "variance"),
+             inv_out = span_of(inv_std, ch, "inv_std");
+  check_apart({span_of(p, 1, y.data, sizeof(T), y.name ? y.name : "y"), mean_out, var_out, inv_out},
+              {span_of(affine.gamma, ch, "gamma"), span_of(affine.beta, ch, "beta")});
+  check_apart({mean_out, var_out, inv_out}, {span_of(p, 0, x.data, sizeof(T), "x")});
   if (p.channels == 0) return p.count;
   check_not_null(x.data, "x");
   check_not_null(y.data, "y");
@@ -123,11 +147,10 @@ index_t forward(const Geometry& g, In<T> x, Out<T> y, Affine<stat_t<T>> affine, 
     return p.count;
   }
   const auto n = static_cast<std::size_t>(p.channels);
-  std::vector<double> mu(n), m2(n), inv(n);
-  sum_moments(p, x.data, mu.data(), m2.data());
+  std::vector<double> mu(n), var(n), inv(n);
+  sum_moments(p, x.data, mu.data(), var.data(), true);
   for (std::size_t c = 0; c < n; ++c)
-    inv[c] = store_stats(static_cast<index_t>(c), mu[c], m2[c], static_cast<double>(p.count), epsilon, mean, variance,
-                         inv_std);
+    inv[c] = store_stats(static_cast<index_t>(c), mu[c], var[c], epsilon, mean, variance, inv_std);
   CoefStore<compute_t<T>> k(p.channels, false);
   set_forward_coefs<T>(k, p.channels, mean, inv.data(), affine);
   affine1(p, x.data, y.data, k.view(), relu, true);
@@ -141,6 +164,11 @@ void backward_sums(const Geometry& g, In<T> dy, In<T> x, const stat_t<T>* mean, 
   BackwardSetup<T> b(g, x.strides, dy.strides, nullptr, mean, inv_std, affine, activation);
   check_not_null(sum_dy, "sum_dy");
   check_not_null(sum_dy_xc, "sum_dy_xc");
+  const index_t ch = b.plan.channels;
+  check_apart({span_of(sum_dy, ch, "sum_dy"), span_of(sum_dy_xc, ch, "sum_dy_xc")},
+              {span_of(b.plan, kX, x.data, sizeof(T), "x"), span_of(b.plan, kDy, dy.data, sizeof(T), "dy")});
+  check_apart_from_stats({span_of(sum_dy, ch, "sum_dy"), span_of(sum_dy_xc, ch, "sum_dy_xc")}, ch, mean, inv_std,
+                         affine);
   if (empty(b.plan)) {
     std::fill(sum_dy, sum_dy + b.plan.channels, 0.0);
     std::fill(sum_dy_xc, sum_dy_xc + b.plan.channels, 0.0);
@@ -159,6 +187,10 @@ void backward_apply(const Geometry& g, In<T> dy, In<T> x, Out<T> dx, const stat_
   check_not_null(sum_dy, "sum_dy");
   check_not_null(sum_dy_xc, "sum_dy_xc");
   if (count < 1 && statistics == Statistics::batch) throw value_error("backward_apply needs count >= 1");
+  const index_t ch = b.plan.channels;
+  const Span out = span_of(b.plan, kDx, dx.data, sizeof(T), dx.name ? dx.name : "dx");
+  check_apart({out}, {span_of(sum_dy, ch, "sum_dy"), span_of(sum_dy_xc, ch, "sum_dy_xc")});
+  check_apart_from_stats({out}, ch, mean, inv_std, affine);
   if (empty(b.plan)) return;
   check_inputs({dy.data, x.data, dx.data});
   affine2(b, dy.data, x.data, dx.data, affine, sum_dy, sum_dy_xc, count, statistics);
@@ -173,6 +205,11 @@ void backward(const Geometry& g, In<T> dy, In<T> x, Out<T> dx, const stat_t<T>* 
   check_not_null(dgamma, "dgamma");
   check_not_null(dbeta, "dbeta");
   const index_t ch = b.plan.channels;
+  const Span dgamma_out = span_of(dgamma, ch, "dgamma"), dbeta_out = span_of(dbeta, ch, "dbeta");
+  check_apart_from_stats({span_of(b.plan, kDx, dx.data, sizeof(T), dx.name ? dx.name : "dx"), dgamma_out, dbeta_out},
+                         ch, mean, inv_std, affine);
+  check_apart({dgamma_out, dbeta_out},
+              {span_of(b.plan, kX, x.data, sizeof(T), "x"), span_of(b.plan, kDy, dy.data, sizeof(T), "dy")});
   if (empty(b.plan)) {
     std::fill(dgamma, dgamma + ch, stat_t<T>(0));
     std::fill(dbeta, dbeta + ch, stat_t<T>(0));

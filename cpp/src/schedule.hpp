@@ -22,6 +22,14 @@ using Offsets = std::array<index_t, kMaxOperands>;
 // Operand numbers, in the plan's order: x, y for the forward passes, x, dy, dx for backward.
 constexpr int kX = 0, kY = 1, kDy = 1, kDx = 2;
 
+// Rows per kernel call in an interruptible pass (threads.hpp): about kInterruptibleValues
+// values, so the pass can stop every few milliseconds; at least 64 rows, so the per-call
+// setup of the rows kernels (a copy of the coefficients) stays negligible; a multiple of 4,
+// the reduction tiles' height, so the sums are those of one call bit for bit.
+inline index_t interruptible_rows(const Plan& p) {
+  return std::max<index_t>(64, kInterruptibleValues / std::max<index_t>(1, p.channels)) / 4 * 4;
+}
+
 // Calls rows(offsets, nrows, row_strides) for rows [begin, end) of a channels_last plan.
 template <class F>
 void for_rows(const Plan& p, index_t begin, index_t end, const F& rows) {
@@ -31,9 +39,11 @@ void for_rows(const Plan& p, index_t begin, index_t end, const F& rows) {
   }
   const Dim& inner = p.reduce_dims.back();
   const std::size_t outer_dims = p.reduce_dims.size() - 1;
+  const index_t most = t_pass ? interruptible_rows(p) : end - begin;
   for (index_t r = begin; r < end;) {
+    if (stop_requested()) return;
     const index_t i = r % inner.size;
-    const index_t len = std::min(inner.size - i, end - r);
+    const index_t len = std::min({inner.size - i, end - r, most});
     Offsets off{};
     for (int op = 0; op < p.operands; ++op) {
       const auto o = static_cast<std::size_t>(op);
@@ -114,6 +124,7 @@ void for_run_groups(const Plan& p, const Runs& r, bool outer_major, index_t begi
   const bool by_channel = outer_major && contiguous_runs && p.channel_dims.size() == 1;
   const bool by_outer = !outer_major && contiguous_runs && p.reduce_dims.size() == 2;
   for (index_t u = begin; u < end;) {
+    if (stop_requested()) return;
     const index_t whole = u / r.pieces;  // the run's number
     const index_t c = outer_major ? whole % p.channels : whole / outers;
     const index_t outer = outer_major ? whole / p.channels : whole % outers;
@@ -148,26 +159,63 @@ inline RunShape run_shape(const RunGroup& g) { return {g.length, g.count, g.step
 // Work items of a plan (rows or runs), for splitting among threads.
 inline index_t work_items(const Plan& p) { return p.kind == Kind::channels_last ? p.count : runs_of(p).total; }
 
-// A per-channel sum pass (reduce-1 or reduce-2): sums (s, ss) per channel into out_s,
-// out_ss (zeroed here). rows_fn(offsets, nrows, row_strides, s, ss) and
-// run_fn(group, s_c, ss_c) do one group of work items (s_c, ss_c: the group's first channel).
+// Whether a pass splits channels among threads rather than work items: where per-thread
+// scratch (a sum pass's partial sums, two doubles per channel and thread; a rows kernel's
+// copy of the coefficients) would take more memory than the input (few values per channel,
+// `value_bytes` read per value), each thread takes whole channels instead, and a sum pass
+// sums straight into the result. The scratch is then bounded by the input whatever the
+// thread count (and the sums no longer depend on it).
+inline bool split_channels(const Plan& p, int nt, std::size_t value_bytes) {
+  return nt > 1 && p.channels >= nt &&
+         2 * sizeof(double) * static_cast<std::size_t>(nt) > static_cast<std::size_t>(p.count) * value_bytes;
+}
+
+// Calls rows(offsets, nrows, row_strides, c0, c1 - c0) for channels [c0, c1) of every row of a
+// channels_last plan (channels have stride 1: channel c0 is c0 elements on).
+template <class F>
+void for_channel_rows(const Plan& p, index_t c0, index_t c1, const F& rows) {
+  for_rows(p, 0, p.count, [&](Offsets off, index_t nrows, const Offsets& rs) {
+    for (int op = 0; op < p.operands; ++op) off[static_cast<std::size_t>(op)] += c0;
+    rows(off, nrows, rs, c0, c1 - c0);
+  });
+}
+
+// A per-channel sum pass (reduce-1 or reduce-2), reading `value_bytes` per value: sums (s, ss)
+// per channel into out_s, out_ss (zeroed here). rows_fn(offsets, nrows, row_strides, c0, nc, s, ss)
+// does channels [c0, c0 + nc) of a group of rows (s, ss: channel c0's sums), run_fn(group, s_c, ss_c)
+// a group of runs (s_c, ss_c: the group's first channel).
 template <class RowsFn, class RunFn>
-void reduce_pass(const Plan& p, double* out_s, double* out_ss, const RowsFn& rows_fn, const RunFn& run_fn) {
+void reduce_pass(const Plan& p, std::size_t value_bytes, double* out_s, double* out_ss, const RowsFn& rows_fn,
+                 const RunFn& run_fn) {
   const index_t C = p.channels;
   std::fill(out_s, out_s + C, 0.0);
   std::fill(out_ss, out_ss + C, 0.0);
   const int nt = threads_for(p.channels * p.count);
-  std::vector<double> partial(nt > 1 ? static_cast<std::size_t>(2 * nt * C) : 0, 0.0);
   const Runs runs = runs_of(p);
+  if (split_channels(p, nt, value_bytes)) {
+    parallel(nt, p.channels * p.count, [&](int t, int n) {
+      index_t c0, c1;
+      partition(C, t, n, c0, c1);
+      if (p.kind == Kind::channels_last)
+        for_channel_rows(p, c0, c1, [&](const Offsets& off, index_t nrows, const Offsets& rs, index_t c, index_t nc) {
+          rows_fn(off, nrows, rs, c, nc, out_s + c, out_ss + c);
+        });
+      else
+        for_run_groups(p, runs, false, c0 * runs.per_channel, c1 * runs.per_channel,
+                       [&](const RunGroup& g) { run_fn(g, out_s + g.c, out_ss + g.c); });
+    });
+    return;
+  }
+  std::vector<double> partial(nt > 1 ? static_cast<std::size_t>(2 * nt * C) : 0, 0.0);
   const index_t items = work_items(p);
-  parallel(nt, [&](int t, int n) {
+  parallel(nt, p.channels * p.count, [&](int t, int n) {
     double* s = nt > 1 ? partial.data() + 2 * t * C : out_s;
     double* ss = nt > 1 ? s + C : out_ss;
     index_t begin, end;
     partition(items, t, n, begin, end);
     if (p.kind == Kind::channels_last)
       for_rows(p, begin, end,
-               [&](const Offsets& off, index_t nrows, const Offsets& rs) { rows_fn(off, nrows, rs, s, ss); });
+               [&](const Offsets& off, index_t nrows, const Offsets& rs) { rows_fn(off, nrows, rs, 0, C, s, ss); });
     else
       for_run_groups(p, runs, runs.outer_major, begin, end, [&](const RunGroup& g) { run_fn(g, s + g.c, ss + g.c); });
   });
@@ -200,19 +248,32 @@ inline index_t reverse_chunk(const Plan& p, const Runs& runs, std::size_t reread
   return static_cast<index_t>(std::max<std::size_t>(1, kReverseChunkBytes / std::max<std::size_t>(1, item_bytes)));
 }
 
-// An elementwise pass (affine-1 or affine-2). After a sum pass that read `reread_bytes` per
-// element it goes back to front where that pays (see kReverseChunkBytes); 0: front to back.
+// An elementwise pass (affine-1 or affine-2) reading `value_bytes` per value; rows_fn takes
+// for_channel_rows's arguments. After a sum pass that read `reread_bytes` per element it goes
+// back to front where that pays (see kReverseChunkBytes); 0: front to back.
 template <class RowsFn, class RunFn>
-void map_pass(const Plan& p, const RowsFn& rows_fn, const RunFn& run_fn, std::size_t reread_bytes = 0) {
+void map_pass(const Plan& p, std::size_t value_bytes, const RowsFn& rows_fn, const RunFn& run_fn,
+              std::size_t reread_bytes = 0) {
   const Runs runs = runs_of(p);
   const index_t items = work_items(p);
   const index_t chunk = reverse_chunk(p, runs, reread_bytes);
-  parallel(threads_for(p.channels * p.count), [&](int t, int n) {
+  const int nt = threads_for(p.channels * p.count);
+  if (p.kind == Kind::channels_last && split_channels(p, nt, value_bytes)) {
+    parallel(nt, p.channels * p.count, [&](int t, int n) {
+      index_t c0, c1;
+      partition(p.channels, t, n, c0, c1);
+      for_channel_rows(p, c0, c1, rows_fn);
+    });
+    return;
+  }
+  parallel(nt, p.channels * p.count, [&](int t, int n) {
     index_t begin, end;
     partition(items, t, n, begin, end);
     auto range = [&](index_t lo, index_t hi) {
       if (p.kind == Kind::channels_last)
-        for_rows(p, lo, hi, rows_fn);
+        for_rows(p, lo, hi, [&](const Offsets& off, index_t nrows, const Offsets& rs) {
+          rows_fn(off, nrows, rs, index_t{0}, p.channels);
+        });
       else
         for_run_groups(p, runs, runs.outer_major, lo, hi, run_fn);
     };
@@ -248,27 +309,33 @@ const KernelTable<T>& kernels() {
   return active_tables().get<T>();
 }
 
-// Per-channel sums of x - K over the whole array (streaming), then mean and M2 in double.
+// Per-channel sums of x - K over the whole array (streaming), then in double the mean and
+// either M2 or the variance M2 / M (`variance`). The sums are summed into mean and second.
 template <class T>
-void sum_moments(const Plan& p, const T* x, double* mean, double* m2) {
+void sum_moments(const Plan& p, const T* x, double* mean, double* second, bool variance) {
   using C = compute_t<T>;
   const index_t ch = p.channels;
   std::vector<C> shift(static_cast<std::size_t>(ch));
   for (index_t c = 0; c < ch; ++c) shift[static_cast<std::size_t>(c)] = channel_shift(p, x, c);
   Coefs<C> k;
   k.m = shift.data();
-  std::vector<double> s(static_cast<std::size_t>(ch)), ss(static_cast<std::size_t>(ch));
   const KernelTable<T>& kt = kernels<T>();
   reduce_pass(
-      p, s.data(), ss.data(),
-      [&](const Offsets& off, index_t rows, const Offsets& rs, double* ps, double* pss) {
-        kt.reduce1_rows(rows_array(x, off, rs, kX), rows, ch, k, ps, pss);
+      p, sizeof(T), mean, second,
+      [&](const Offsets& off, index_t rows, const Offsets& rs, index_t c0, index_t nc, double* ps, double* pss) {
+        kt.reduce1_rows(rows_array(x, off, rs, kX), rows, nc, k.from(c0), ps, pss);
       },
       [&](const RunGroup& g, double* ps, double* pss) {
         kt.reduce1_runs(run_array(x, g, kX), run_shape(g), k.from(g.c), ps, pss, 0);
       });
-  for (std::size_t c = 0; c < shift.size(); ++c)
-    moments_from_sums(static_cast<double>(shift[c]), s[c], ss[c], static_cast<double>(p.count), mean[c], m2[c]);
+  const auto M = static_cast<double>(p.count);
+  for (std::size_t c = 0; c < shift.size(); ++c) {
+    double m2, var;
+    moments_from_sums(static_cast<double>(shift[c]), mean[c], second[c], M, mean[c], m2);
+    var = m2 / M;
+    rescue_moments(p, x, static_cast<index_t>(c), mean[c], m2, var);
+    second[c] = variance ? var : m2;
+  }
 }
 
 // Channel blocks. When a channels_first array's channel fits in cache, one thread takes each
@@ -333,9 +400,9 @@ void affine1(const Plan& p, const T* x, T* y, const Coefs<compute_t<T>>& k, bool
   const KernelTable<T>& kt = kernels<T>();
   const bool stream = stream_output<T>(p);
   map_pass(
-      p,
-      [&](const Offsets& off, index_t rows, const Offsets& rs) {
-        kt.affine1_rows(rows_array(x, off, rs, kX), rows_array(y, off, rs, kY), rows, p.channels, k, relu, stream);
+      p, sizeof(T),
+      [&](const Offsets& off, index_t rows, const Offsets& rs, index_t c0, index_t nc) {
+        kt.affine1_rows(rows_array(x, off, rs, kX), rows_array(y, off, rs, kY), rows, nc, k.from(c0), relu, stream);
       },
       [&](const RunGroup& g) {
         kt.affine1_runs(run_array(x, g, kX), run_array(y, g, kY), run_shape(g), k.from(g.c), relu, stream);
@@ -352,7 +419,7 @@ void forward_channel_blocks(const Plan& p, int nt, const T* x, T* y, const Affin
   const KernelTable<T>& kt = kernels<T>();
   const double M = static_cast<double>(p.count);
   const bool stream = stream_output<T>(p);
-  parallel(nt, [&](int t, int n) {
+  parallel(nt, p.channels * p.count, [&](int t, int n) {
     index_t c0, c1;
     partition(p.channels, t, n, c0, c1);
     for (index_t c = c0; c < c1; ++c) {
@@ -366,7 +433,9 @@ void forward_channel_blocks(const Plan& p, int nt, const T* x, T* y, const Affin
       });
       double mu, m2;
       moments_from_sums(static_cast<double>(shift), s, ss, M, mu, m2);
-      const double inv = store_stats(c, mu, m2, M, epsilon, mean, variance, inv_std);
+      double var = m2 / M;
+      rescue_moments(p, x, c, mu, m2, var);
+      const double inv = store_stats(c, mu, var, epsilon, mean, variance, inv_std);
       C a, m, b;
       forward_coef<T>(affine, c, mean[c], inv, a, m, b);
       const Coefs<C> kc{&a, &m, &b};
@@ -416,7 +485,7 @@ void backward_channel_blocks(BackwardSetup<T>& b, int nt, const T* dy, const T* 
   const KernelTable<T>& kt = kernels<T>();
   const Coefs<compute_t<T>> kv = b.k.view();
   const bool stream = stream_output<T>(p);
-  parallel(nt, [&](int t, int n) {
+  parallel(nt, p.channels * p.count, [&](int t, int n) {
     index_t c0, c1;
     partition(p.channels, t, n, c0, c1);
     for (index_t c = c0; c < c1; ++c) {
@@ -442,14 +511,13 @@ void backward_channel_blocks(BackwardSetup<T>& b, int nt, const T* dy, const T* 
 template <class T>
 void reduce2(const BackwardSetup<T>& b, const T* dy, const T* x, double* sum_dy, double* sum_dy_xc) {
   const Plan& p = b.plan;
-  const index_t ch = p.channels;
   const KernelTable<T>& kt = kernels<T>();
   const Coefs<compute_t<T>> kv = b.k.view();
   const bool relu = b.relu;
   reduce_pass(
-      p, sum_dy, sum_dy_xc,
-      [&](const Offsets& off, index_t rows, const Offsets& rs, double* s, double* ss) {
-        kt.reduce2_rows(rows_array(x, off, rs, kX), rows_array(dy, off, rs, kDy), rows, ch, kv, relu, s, ss);
+      p, 2 * sizeof(T), sum_dy, sum_dy_xc,
+      [&](const Offsets& off, index_t rows, const Offsets& rs, index_t c0, index_t nc, double* s, double* ss) {
+        kt.reduce2_rows(rows_array(x, off, rs, kX), rows_array(dy, off, rs, kDy), rows, nc, kv.from(c0), relu, s, ss);
       },
       [&](const RunGroup& g, double* s, double* ss) {
         kt.reduce2_runs(run_array(x, g, kX), run_array(dy, g, kDy), run_shape(g), kv.from(g.c), relu, s, ss, 0);
@@ -468,10 +536,10 @@ void affine2(BackwardSetup<T>& b, const T* dy, const T* x, T* dx, const Affine<s
   const bool relu = b.relu;
   const bool stream = stream_output<T>(p);
   map_pass(
-      p,
-      [&](const Offsets& off, index_t rows, const Offsets& rs) {
+      p, 2 * sizeof(T),
+      [&](const Offsets& off, index_t rows, const Offsets& rs, index_t c0, index_t nc) {
         kt.affine2_rows(rows_array(x, off, rs, kX), rows_array(dy, off, rs, kDy), rows_array(dx, off, rs, kDx), rows,
-                        p.channels, kv, relu, stream);
+                        nc, kv.from(c0), relu, stream);
       },
       [&](const RunGroup& g) {
         kt.affine2_runs(run_array(x, g, kX), run_array(dy, g, kDy), run_array(dx, g, kDx), run_shape(g), kv.from(g.c),

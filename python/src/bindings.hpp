@@ -18,6 +18,10 @@ void register_runtime(py::module_& m);
 void register_functional(py::module_& m);
 void register_fast_path(py::module_& m);
 
+/// Sets the Python error for a call the core stopped (batchnorm::interrupted): the exception
+/// a signal handler raised meanwhile, else KeyboardInterrupt.
+void raise_interrupt();
+
 /// Element types the kernels take.
 enum class Element { f16, bf16, f32, f64 };
 

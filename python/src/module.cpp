@@ -19,6 +19,8 @@ PYBIND11_MODULE(_core, m) {
       PyErr_SetString(PyExc_TypeError, e.what());
     } catch (const batchnorm::value_error& e) {
       PyErr_SetString(PyExc_ValueError, e.what());
+    } catch (const batchnorm::interrupted&) {
+      batchnorm::python::raise_interrupt();
     }
   });
 

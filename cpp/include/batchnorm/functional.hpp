@@ -45,6 +45,9 @@ struct In {
 /// onto each other) are refused with value_error; interleaved strides that keep every
 /// element apart are accepted up to 2^20 elements (checked one by one) and refused beyond.
 /// Those errors call it `name`, or by its parameter's name (y, dx) when that is null.
+/// Every output (this one and the per-channel ones: mean, variance, inv_std, dgamma, ...)
+/// must also be apart from the per-channel arguments and from each other, and the per-channel
+/// outputs from the data: value_error names both otherwise.
 template <class T>
 struct Out {
   T* data = nullptr;

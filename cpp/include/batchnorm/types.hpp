@@ -31,6 +31,13 @@ class BATCHNORM_API type_error : public std::invalid_argument {
   using std::invalid_argument::invalid_argument;
 };
 
+/// A long call stopped because the interrupt check said so (see set_interrupt_check;
+/// Python: the exception the signal handler raised, KeyboardInterrupt for Ctrl-C).
+class BATCHNORM_API interrupted : public std::runtime_error {
+ public:
+  interrupted() : std::runtime_error("interrupted") {}
+};
+
 namespace detail {
 template <class To, class From>
 inline To bit_cast(const From& from) {
