@@ -1,6 +1,7 @@
 """Small probes behind docs/torch.md (a few seconds each; noisy on a shared machine):
 
     python benchmarks/torch_probes.py calls     # per-call cost: a 16x64 BatchNorm1d step and eval, ours vs torch's
+                                                # (and vs an autograd node that computes nothing)
     python benchmarks/torch_probes.py threads   # a conv -> BN -> ReLU training loop at 1 and 2 threads
 
 Interleaved rounds, medians. The bench (python -m batchnorm bench) is the measurement of record.
@@ -13,6 +14,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -31,9 +33,32 @@ def median_us(fns: dict[str, Callable[[], object]], calls: int, rounds: int) -> 
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+class _Nothing(torch.autograd.Function):
+    """An autograd node that computes nothing: what any Python-level node costs."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return torch.empty_like(x)
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        _, weight = ctx.saved_tensors
+        return torch.empty_like(dy), torch.empty_like(weight), torch.empty_like(weight)
+
+
+class _Floor(torch.nn.BatchNorm1d):
+    """torch's module with _Nothing in place of the batch norm: the floor of a Python node."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        y: torch.Tensor = _Nothing.apply(input, self.weight, self.bias)  # type: ignore[no-untyped-call]
+        return y
+
+
 def calls() -> None:
     x, dy = torch.randn(16, 64, requires_grad=True), torch.randn(16, 64)
-    modules = {"torch": torch.nn.BatchNorm1d(64), "ours": bnt.BatchNorm1d(64)}
+    modules = {"torch": torch.nn.BatchNorm1d(64), "ours": bnt.BatchNorm1d(64), "floor": _Floor(64)}
     for threads in (1, 2):
         torch.set_num_threads(threads)
         for m in modules.values():
@@ -47,7 +72,7 @@ def calls() -> None:
         for name, t in (("train step", step), ("eval", evals), ("eval, no_grad", no_grad)):
             print(
                 f"{threads} thread(s) {name:14s} torch {t['torch']:6.1f} us  ours {t['ours']:6.1f} us"
-                f"  ours/torch {t['ours'] / t['torch']:.2f}"
+                f"  ours/torch {t['ours'] / t['torch']:.2f}  (a node computing nothing: {t['floor']:6.1f} us)"
             )
 
 

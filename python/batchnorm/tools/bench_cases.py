@@ -34,11 +34,12 @@ DTYPES = ("float32", "float16", "bfloat16")
 EPSILON = 1e-5
 # Largest error accepted in the checks, relative to the largest magnitude of each output:
 # a few roundings of the dtype. Plain NumPy sums float32 channels-last data row after row
-# (400 000 rows for ResNet-50's first layer), which costs it more digits, and ONNX
-# Runtime's batch variance was off by 1.4e-4 there: both get 1e-3 (LOOSE_TOLERANCE).
+# (400 000 rows for ResNet-50's first layer), which costs it more digits, ONNX
+# Runtime's batch variance was off by 1.4e-4 there, and torch's weight gradient of a
+# channels_last float32 training step by 3.8e-4: all get 1e-3 (LOOSE_TOLERANCE).
 TOLERANCE = {"float32": 1e-4, "float16": 2e-3, "bfloat16": 1.6e-2}
 LOOSE_TOLERANCE = 1e-3
-LOOSE_SUBJECTS = ("numpy", "onnxruntime")
+LOOSE_SUBJECTS = ("numpy", "onnxruntime", "torch")
 
 
 def tolerance_for(subject: str, dtype: str) -> float:
