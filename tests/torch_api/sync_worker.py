@@ -1,4 +1,4 @@
-"""One gloo rank of tests/torch/test_torch_sync.py: runs every case on this rank's slice.
+"""One gloo rank of tests/torch_api/test_torch_sync.py: runs every case on this rank's slice.
 
     python sync_worker.py CASES OUT      # RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT in the environment
 
