@@ -100,11 +100,13 @@ def test_modules_every_result_was_checked(modules_run):
     _, report = modules_run
     expected = {"train-step": {"y", "dx", "dgamma", "dbeta"}, "eval": {"y"}}
     for e in report["results"]:
-        for timed in e["subjects"].values():
+        for subject, timed in e["subjects"].items():
             checks = timed["checks"]
             assert {c["output"] for c in checks} == expected[e["mode"]]
-            for c in checks:
-                assert 0 <= c["error"] <= c["tolerance"] == _bench_cases.TOLERANCE[e["dtype"]]
+            for c in checks:  # ours to a few roundings; torch's to the looser tolerance
+                assert 0 <= c["error"] <= c["tolerance"] == _bench_cases.tolerance_for(subject, e["dtype"])
+                if subject == "batchnorm":
+                    assert c["tolerance"] == _bench_cases.TOLERANCE[e["dtype"]]
 
 
 def _request(dims, axis, **extra):

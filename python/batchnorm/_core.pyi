@@ -11,8 +11,9 @@ __version__: str
 _Buffer: TypeAlias = np.ndarray | Any
 
 def use_torch(
-    tensor: type, float16: object, bfloat16: object, float32: object, float64: object, strided: object
+    tensor: type, float16: object, bfloat16: object, float32: object, float64: object, strided: object, int64: object
 ) -> None: ...
+def count_batch(counter: Any) -> None: ...
 def update_running(
     running_mean: _Buffer, running_var: _Buffer, mean: _Buffer, variance: _Buffer, factor: float, count: int
 ) -> None: ...

@@ -76,6 +76,7 @@ struct TorchTypes {
   PyTypeObject* tensor = nullptr;
   PyObject* dtypes[4] = {};
   PyObject* strided = nullptr;  // torch.strided: the layout of dense tensors
+  PyObject* int64 = nullptr;    // torch.int64: num_batches_tracked
 };
 TorchTypes torch_types;
 
@@ -453,16 +454,31 @@ void register_functional(py::module_& m) {
   m.def(
       "use_torch",
       [](const py::object& tensor, const py::object& f16, const py::object& bf16, const py::object& f32,
-         const py::object& f64, const py::object& strided) {
+         const py::object& f64, const py::object& strided, const py::object& int64) {
         if (!PyType_Check(tensor.ptr())) throw type_error("use_torch takes the torch.Tensor type");
         // references kept for the process's lifetime: the pointers are compared by identity
         torch_types.tensor = reinterpret_cast<PyTypeObject*>(tensor.inc_ref().ptr());
         const py::object* dtypes[4] = {&f16, &bf16, &f32, &f64};
         for (int i = 0; i < 4; ++i) torch_types.dtypes[i] = dtypes[i]->inc_ref().ptr();
         torch_types.strided = strided.inc_ref().ptr();
+        torch_types.int64 = int64.inc_ref().ptr();
       },
       py::arg("tensor"), py::arg("float16"), py::arg("bfloat16"), py::arg("float32"), py::arg("float64"),
-      py::arg("strided"), "Takes CPU torch tensors wherever the bindings take arrays from now on");
+      py::arg("strided"), py::arg("int64"), "Takes CPU torch tensors wherever the bindings take arrays from now on");
+
+  m.def(
+      "count_batch",
+      [](const py::object& counter) {
+        // num_batches_tracked += 1 on the tensor's memory: torch's add_ costs more than the
+        // kernels of a small batch. Eager calls only: traced code uses add_.
+        if (!is_tensor(counter)) throw type_error("count_batch takes a torch tensor");
+        check_cpu_strided(counter, "num_batches_tracked");
+        if (tensor_attr(counter, "dtype").ptr() != torch_types.int64 ||
+            tensor_attr(counter, "numel", true).cast<index_t>() != 1)
+          throw type_error("num_batches_tracked must be an int64 tensor of one element");
+        ++*reinterpret_cast<std::int64_t*>(tensor_attr(counter, "data_ptr", true).cast<std::uintptr_t>());
+      },
+      py::arg("counter"), "Adds one to an int64 counter tensor in place");
 
   m.def("feature_axes", &feature_axes_of, py::arg("axis"), py::arg("ndim"),
         "The feature axes of an array of ndim dimensions, validated, sorted and non-negative");

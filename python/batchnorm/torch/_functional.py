@@ -17,8 +17,14 @@ def _verify(  # noqa: PLR0917 - torch.nn.functional.batch_norm's arguments
     bias: torch.Tensor | None,
     training: bool,
     eps: float,
+    *,
+    tensors: bool = True,
 ) -> None:
-    """torch's checks, in torch's order and words (a failed call then changes nothing)."""
+    """torch's checks, in torch's order and words (a failed call then changes nothing).
+
+    ``tensors=False`` leaves out the per-tensor device and size checks, which the core
+    makes too before it writes anything: the eager path runs them only to word an error
+    the core raised (they cost as much as a small batch's kernels)."""
     if not x.is_cpu:
         raise ValueError(f"batchnorm.torch runs on CPU tensors; input is on {x.device}")
     if training and _kernels.values_per_channel(x) == 1:
@@ -31,6 +37,8 @@ def _verify(  # noqa: PLR0917 - torch.nn.functional.batch_norm's arguments
         raise ValueError("running_mean and running_var must either both be None or neither be None")
     if not training and running_mean is None:
         raise RuntimeError("running_mean must be defined in evaluation mode")
+    if not tensors:
+        return
     c = x.shape[1]
     for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
         if t is not None:
@@ -119,14 +127,32 @@ def batch_norm(  # noqa: PLR0917 - torch.nn.functional.batch_norm's positional s
     Differentiable in input, weight and bias; in training the running statistics (if
     given) are updated in place, as torch does. Results equal torch's to rounding.
     """
-    _verify(input, running_mean, running_var, weight, bias, training, eps)
     if _tracing(input):
+        _verify(input, running_mean, running_var, weight, bias, training, eps)
         return _ops.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    if not (torch.is_grad_enabled() and _any_requires_grad(input, weight, bias)):  # no autograd node to make
+    _verify(input, running_mean, running_var, weight, bias, training, eps, tensors=False)
+    try:
+        return _eager(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    except (TypeError, ValueError, RuntimeError):
+        _verify(input, running_mean, running_var, weight, bias, training, eps)  # torch's words, if torch refuses too
+        raise
+
+
+def _eager(  # noqa: PLR0917 - torch.nn.functional.batch_norm's positional signature
+    x: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> torch.Tensor:
+    if not (torch.is_grad_enabled() and _any_requires_grad(x, weight, bias)):  # no autograd node to make
         if training:
-            return _kernels.train_forward(input, weight, bias, running_mean, running_var, momentum, eps, numpy=True)[0]
+            return _kernels.train_forward(x, weight, bias, running_mean, running_var, momentum, eps, numpy=True)[0]
         assert running_mean is not None
         assert running_var is not None
-        return _kernels.normalize(input, weight, bias, running_mean, running_var, eps)[0]
-    y: torch.Tensor = _apply(input, weight, bias, running_mean, running_var, training, momentum, eps)  # type: ignore[no-untyped-call]
+        return _kernels.normalize(x, weight, bias, running_mean, running_var, eps)[0]
+    y: torch.Tensor = _apply(x, weight, bias, running_mean, running_var, training, momentum, eps)  # type: ignore[no-untyped-call]
     return y

@@ -15,12 +15,14 @@ import torch
 
 from .. import _core
 
-_core.use_torch(torch.Tensor, torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.strided)
+_core.use_torch(torch.Tensor, torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.strided, torch.int64)
 
 # Per-channel statistics: tensors where torch sees them (the ops' outputs), NumPy arrays
 # on the eager path, where the core allocates them: torch.empty costs about a microsecond,
 # as much as the kernels of a small batch.
 Stat = torch.Tensor | np.ndarray
+
+_NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
 
 AXES = (1,)  # the channel axis of every layout torch's batch norm takes (NC, NCL, NCHW, NCDHW)
 
@@ -107,7 +109,7 @@ def update_running(  # noqa: PLR0917 - the order of torch's batch_norm arguments
     count: int,
 ) -> None:
     """running = (1 - factor) * running + factor * batch (variance unbiased), in place."""
-    sdt = torch.float64 if mean.dtype in (torch.float64, np.float64) else torch.float32
+    sdt = torch.float64 if mean.itemsize == 8 else torch.float32  # a tensor or a NumPy array
     if running_mean.dtype == running_var.dtype == sdt and running_mean.is_contiguous() and running_var.is_contiguous():
         _core.update_running(running_mean, running_var, mean, var, float(factor), count)
         return
@@ -131,11 +133,7 @@ def infer_forward(  # noqa: PLR0917 - the order of torch's batch_norm arguments
 ) -> tuple[torch.Tensor, torch.Tensor, Stat]:
     """y normalized with the running statistics; also the mean and inv_std it used."""
     sdt = stat_dtype(x)
-    inv_std = (
-        np.empty(x.shape[1], np.float64 if sdt == torch.float64 else np.float32)
-        if numpy
-        else torch.empty(x.shape[1], dtype=sdt)
-    )
+    inv_std = np.empty(x.shape[1], _NUMPY[sdt]) if numpy else torch.empty(x.shape[1], dtype=sdt)
     y, mean = normalize(x, weight, bias, running_mean, running_var, eps, inv_std)
     return y, mean, inv_std
 
@@ -176,8 +174,9 @@ def backward(  # noqa: PLR0917 - the order of torch's batch_norm arguments
     dx = empty_output(x)
     if x.numel() == 0:
         return dx, torch.zeros(c, dtype=sdt), torch.zeros(c, dtype=sdt)
-    dweight, dbias = torch.empty(c, dtype=sdt), torch.empty(c, dtype=sdt)  # the core writes every channel
+    # NumPy arrays the core fills (every channel), handed to torch without a copy
+    dweight, dbias = np.empty(c, _NUMPY[sdt]), np.empty(c, _NUMPY[sdt])
     if dy.dtype != x.dtype:
         dy = dy.to(x.dtype)
     _core.backward(dy, x, dx, AXES, mean, inv_std, channels(weight, sdt), None, False, dweight, dbias, fixed_statistics)
-    return dx, dweight, dbias
+    return dx, torch.from_numpy(dweight), torch.from_numpy(dbias)

@@ -6,7 +6,8 @@ from collections.abc import Callable
 
 import torch
 
-from ._functional import batch_norm
+from .. import _core
+from ._functional import _tracing, batch_norm
 
 
 class _Forward:
@@ -40,8 +41,10 @@ class _Forward:
             factor,
             self.eps,
         )
-        if tracking:
+        if tracking and _tracing(input):
             counter.add_(1)
+        elif tracking:
+            _core.count_batch(counter)  # add_ without its dispatch, which costs as much as a small batch
         return y
 
 
