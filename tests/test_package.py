@@ -51,3 +51,14 @@ def test_sync_layers_take_the_plain_layers_arguments():
     assert (torch.num_features, torch.eps, torch.momentum, torch.affine) == (4, 1e-3, None, False)
     with pytest.raises(TypeError, match="unexpected keyword argument 'foo'"):
         bn.SyncBatchNormalization(foo=1)
+
+
+def test_batchnorm_torch_without_torch_names_the_extra():
+    # sys.modules["torch"] = None makes `import torch` fail as it does where torch is absent
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "try:\n    import batchnorm.torch\nexcept ImportError as e:\n    print(e)\nelse:\n    print('imported')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert 'pip install "batchnorm[torch]"' in out
+    assert out.strip() != "imported"
