@@ -134,7 +134,10 @@ def batch_norm(  # noqa: PLR0917 - torch.nn.functional.batch_norm's positional s
     try:
         return _eager(input, running_mean, running_var, weight, bias, training, momentum, eps)
     except (TypeError, ValueError, RuntimeError):
-        _verify(input, running_mean, running_var, weight, bias, training, eps)  # torch's words, if torch refuses too
+        try:  # torch's words, if torch refuses the call too
+            _verify(input, running_mean, running_var, weight, bias, training, eps)
+        except (ValueError, RuntimeError) as refused:
+            raise refused from None
         raise
 
 
