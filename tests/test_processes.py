@@ -205,8 +205,9 @@ def test_wide_rows_split_by_channels_match_one_thread(dtype, shape, rng, restore
     np.testing.assert_allclose(var, x64.var(axis=0), rtol=1e-6, atol=1e-6)
 
 
-# A multi-second call on a broadcast input (2^34 values, no memory): channels last (rows) or
-# first (runs). The child reports how long the call ran after the parent's SIGINT.
+# A multi-second call on a broadcast input (2^35 values, no memory): channels last (rows) or
+# first (runs). About 4 s at 2 threads here, so that a faster machine still takes well over
+# the 1.3 s the test allows. The child reports how long the call ran after the parent's SIGINT.
 INTERRUPTED_CALL = """
     import signal
     import sys
@@ -231,8 +232,8 @@ INTERRUPTED_CALL = """
         np.testing.assert_array_equal(got, want)
 """
 BROADCASTS = {
-    "rows": "np.broadcast_to(np.linspace(0, 1, 2**16, dtype=np.float32), (2**18, 2**16))",
-    "runs": "np.broadcast_to(np.linspace(0, 1, 2**22, dtype=np.float32).reshape(4, 2**20), (2**12, 4, 2**20))",
+    "rows": "np.broadcast_to(np.linspace(0, 1, 2**16, dtype=np.float32), (2**19, 2**16))",
+    "runs": "np.broadcast_to(np.linspace(0, 1, 2**22, dtype=np.float32).reshape(4, 2**20), (2**13, 4, 2**20))",
 }
 
 
