@@ -84,17 +84,7 @@ class _BatchNorm(torch.autograd.Function):
         mean, inv_std = ctx.stats
         dx, dweight, dbias = _kernels.backward(dy, x, mean, inv_std, weight, ctx.fixed)
         need = ctx.needs_input_grad
-        to = weight.dtype if weight is not None else dweight.dtype
-        return (
-            dx if need[0] else None,
-            (dweight if dweight.dtype == to else dweight.to(to)) if need[1] else None,
-            (dbias if dbias.dtype == to else dbias.to(to)) if need[2] else None,
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
+        return (dx if need[0] else None, *_kernels.param_grads(need, dweight, dbias, weight), *[None] * 5)
 
 
 # autograd's C entry point, without Function.apply's Python wrapper, whose only extra work

@@ -180,3 +180,15 @@ def backward(  # noqa: PLR0917 - the order of torch's batch_norm arguments
         dy = dy.to(x.dtype)
     _core.backward(dy, x, dx, AXES, mean, inv_std, channels(weight, sdt), None, False, dweight, dbias, fixed_statistics)
     return dx, torch.from_numpy(dweight), torch.from_numpy(dbias)
+
+
+def param_grads(
+    need: tuple[bool, ...], dweight: torch.Tensor, dbias: torch.Tensor, weight: torch.Tensor | None
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The weight and bias gradients autograd asked for (need[1], need[2]), in the
+    parameters' dtype (the statistics dtype's where there is no weight)."""
+    to = dweight.dtype if weight is None else weight.dtype
+    return (
+        (dweight if dweight.dtype == to else dweight.to(to)) if need[1] else None,
+        (dbias if dbias.dtype == to else dbias.to(to)) if need[2] else None,
+    )

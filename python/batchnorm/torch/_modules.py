@@ -25,11 +25,9 @@ class _Forward:
         params, buffers = self._parameters, self._buffers  # type: ignore[attr-defined]
         running_mean, running_var = buffers["running_mean"], buffers["running_var"]
         counter = buffers["num_batches_tracked"]
-        momentum, training = self.momentum, self.training
+        training = self.training
         tracking = training and self.track_running_stats and counter is not None
-        factor = 0.0 if momentum is None else momentum
-        if tracking and momentum is None:  # cumulative average over the batches so far
-            factor = 1.0 / float(counter + 1)
+        factor = self._factor(counter, tracking)
         use_running = not training or self.track_running_stats
         y = batch_norm(
             input,
@@ -41,11 +39,25 @@ class _Forward:
             factor,
             self.eps,
         )
-        if tracking and _tracing(input):
-            counter.add_(1)
-        elif tracking:
-            _core.count_batch(counter)  # add_ without its dispatch, which costs as much as a small batch
+        if tracking:
+            _count_batch(counter, input)
         return y
+
+    def _factor(self, counter: torch.Tensor | None, tracking: bool) -> float:
+        """The weight of this batch in the running statistics (torch's exponential_average_factor)."""
+        if self.momentum is not None:
+            return self.momentum
+        if tracking and counter is not None:  # cumulative average over the batches so far
+            return 1.0 / float(counter + 1)
+        return 0.0
+
+
+def _count_batch(counter: torch.Tensor, input: torch.Tensor) -> None:
+    """num_batches_tracked += 1, after a pass that succeeded."""
+    if _tracing(input):
+        counter.add_(1)
+    else:
+        _core.count_batch(counter)  # add_ without its dispatch, which costs as much as a small batch
 
 
 class BatchNorm1d(_Forward, torch.nn.BatchNorm1d):

@@ -109,42 +109,32 @@ for _name, _kernel, _fake in (
     torch.library.register_fake(f"batchnorm::{_name}", _fake, lib=_LIB)
 
 
-def _param_grads(
-    ctx: Any, dweight: torch.Tensor, dbias: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The weight and bias gradients in the parameters' dtypes, None where there is no parameter."""
-    return (
-        dweight.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None,
-        dbias.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None,
-    )
-
-
 def _train_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
-    x, weight, bias, _ = inputs
+    x, weight, _, _ = inputs
     _, mean, inv_std, var = output
     ctx.mark_non_differentiable(mean, inv_std, var)
-    ctx.has_bias = bias is not None
-    ctx.save_for_backward(x, weight, bias, mean, inv_std)
+    ctx.save_for_backward(x, weight, mean, inv_std)
 
 
 def _train_backward(ctx: Any, dy: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
-    x, weight, bias, mean, inv_std = ctx.saved_tensors
+    x, weight, mean, inv_std = ctx.saved_tensors
     dx, dweight, dbias = torch.ops.batchnorm.backward(dy, x, mean, inv_std, weight, False)
-    return (dx if ctx.needs_input_grad[0] else None, *_param_grads(ctx, dweight, dbias, weight, bias), None)
+    need = ctx.needs_input_grad
+    return (dx if need[0] else None, *_kernels.param_grads(need, dweight, dbias, weight), None)
 
 
 def _infer_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
-    x, weight, bias, running_mean, _, _ = inputs
+    x, weight, _, running_mean, _, _ = inputs
     _, inv_std = output
     ctx.mark_non_differentiable(inv_std)
-    ctx.save_for_backward(x, weight, bias, running_mean, inv_std)
+    ctx.save_for_backward(x, weight, running_mean, inv_std)
 
 
 def _infer_backward(ctx: Any, dy: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
-    x, weight, bias, running_mean, inv_std = ctx.saved_tensors
+    x, weight, running_mean, inv_std = ctx.saved_tensors
     dx, dweight, dbias = torch.ops.batchnorm.backward(dy, x, running_mean, inv_std, weight, True)
-    grads = _param_grads(ctx, dweight, dbias, weight, bias)
-    return (dx if ctx.needs_input_grad[0] else None, *grads, None, None, None)
+    need = ctx.needs_input_grad
+    return (dx if need[0] else None, *_kernels.param_grads(need, dweight, dbias, weight), None, None, None)
 
 
 SECOND_ORDER = "batchnorm.torch has no second-order gradients: its backward pass is not differentiable"

@@ -28,7 +28,7 @@ from torch.autograd.function import once_differentiable
 
 from .. import _core
 from . import _kernels
-from ._modules import _Forward
+from ._modules import _count_batch, _Forward
 
 __all__ = ["SyncBatchNorm"]
 
@@ -143,17 +143,7 @@ class _SyncFunction(torch.autograd.Function):
                 dy, x, dx, _kernels.AXES, mean, inv_std, gamma, None, False, total_dy, total_dy_xc, ctx.count
             )
         need = ctx.needs_input_grad
-        to = weight.dtype if weight is not None else dweight.dtype
-        return (
-            dx if need[0] else None,
-            dweight.to(to) if need[1] else None,
-            dbias.to(to) if need[2] else None,
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
+        return (dx if need[0] else None, *_kernels.param_grads(need, dweight, dbias, weight), *[None] * 5)
 
 
 class SyncBatchNorm(_Forward, torch.nn.SyncBatchNorm):
@@ -188,11 +178,9 @@ class SyncBatchNorm(_Forward, torch.nn.SyncBatchNorm):
             raise
         if group is None:
             return super().forward(input)
-        tracking = self.track_running_stats and self.num_batches_tracked is not None
-        factor = 0.0 if self.momentum is None else self.momentum
-        if tracking and self.momentum is None:  # cumulative average over the batches so far
-            assert self.num_batches_tracked is not None
-            factor = 1.0 / float(self.num_batches_tracked + 1)
+        counter = self.num_batches_tracked
+        tracking = self.track_running_stats and counter is not None
+        factor = self._factor(counter, tracking)
         _kernels.follow_torch_threads()
         y: torch.Tensor = _SyncFunction.apply(  # type: ignore[no-untyped-call]
             input,
@@ -205,8 +193,8 @@ class SyncBatchNorm(_Forward, torch.nn.SyncBatchNorm):
             group,
         )
         if tracking:
-            assert self.num_batches_tracked is not None
-            self.num_batches_tracked.add_(1)
+            assert counter is not None
+            _count_batch(counter, input)
         return y
 
 
