@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "batchnorm/functional.hpp"
+#include "batchnorm/layer.hpp"
 #include "bindings.hpp"
 
 namespace batchnorm::python {
@@ -538,8 +539,8 @@ void register_functional(py::module_& m) {
       "update_running",
       [](const py::object& running_mean, const py::object& running_var, const py::object& mean,
          const py::object& variance, double factor, index_t count) {
-        // torch's rule, in double and rounded once: running = (1 - f) * running + f * batch,
-        // the batch variance unbiased by count / (count - 1) (NaN for a count of 1, as torch).
+        // The layer's rule (layer.hpp), the batch variance unbiased by count / (count - 1)
+        // (NaN for a count of 1, as torch).
         auto update = [&](auto tag) {
           using S = decltype(tag);
           const auto channels = static_cast<index_t>(py::len(mean));
@@ -549,11 +550,7 @@ void register_functional(py::module_& m) {
           const S* var = channel_array<S>(variance, "variance", channels, false);
           const double unbias = count > 1 ? static_cast<double>(count) / static_cast<double>(count - 1)
                                           : std::numeric_limits<double>::quiet_NaN();
-          for (index_t c = 0; c < channels; ++c) {
-            rm[c] = static_cast<S>((1.0 - factor) * static_cast<double>(rm[c]) + factor * static_cast<double>(mu[c]));
-            rv[c] = static_cast<S>((1.0 - factor) * static_cast<double>(rv[c]) +
-                                   factor * static_cast<double>(var[c]) * unbias);
-          }
+          update_running_pytorch(channels, rm, rv, mu, var, factor, unbias);
         };
         if (holds_float64(running_mean))
           update(double{});

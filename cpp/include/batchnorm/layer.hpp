@@ -123,6 +123,20 @@ struct BatchNormOptions {
 };
 
 /// A batch-normalization layer over `channels` channels; see the top of this file.
+/// torch.nn.BatchNorm*d's running-statistics rule, in place: running = (1 - f) * running +
+/// f * batch, in double and rounded once, the batch variance multiplied by `bessel` first
+/// (M / (M - 1) for torch's unbiased variance).
+template <class S>
+void update_running_pytorch(index_t channels, S* running_mean, S* running_var, const S* batch_mean,
+                            const S* batch_variance, double f, double bessel) {
+  for (index_t c = 0; c < channels; ++c) {
+    const double v = static_cast<double>(batch_variance[c]) * bessel;
+    running_mean[c] =
+        static_cast<S>((1.0 - f) * static_cast<double>(running_mean[c]) + f * static_cast<double>(batch_mean[c]));
+    running_var[c] = static_cast<S>((1.0 - f) * static_cast<double>(running_var[c]) + f * v);
+  }
+}
+
 template <class T>
 class BatchNorm {
   static_assert(is_element_v<T>, "BatchNorm<T>: T must be float, double, float16_t or bfloat16_t");
@@ -297,15 +311,11 @@ class BatchNorm {
       }
       return;
     }
-    // PyTorch: (1 - f) * running + f * batch, in double; f = 1/(n+1) without momentum.
+    // PyTorch: f = 1/(n+1) without momentum.
     const double f = options_.momentum ? *options_.momentum : 1.0 / (static_cast<double>(num_batches_tracked_) + 1.0);
     const double bessel = unbiased ? m / (m - 1.0) : 1.0;  // M > 1 was checked
-    for (std::size_t c = 0; c < mean.size(); ++c) {
-      const double v = static_cast<double>(batch_variance[c]) * bessel;
-      mean[c] =
-          static_cast<stat_type>((1.0 - f) * static_cast<double>(mean[c]) + f * static_cast<double>(batch_mean[c]));
-      variance[c] = static_cast<stat_type>((1.0 - f) * static_cast<double>(variance[c]) + f * v);
-    }
+    update_running_pytorch(static_cast<index_t>(mean.size()), mean.data(), variance.data(), batch_mean.data(),
+                           batch_variance.data(), f, bessel);
   }
 
   index_t channels_;
