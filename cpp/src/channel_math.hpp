@@ -16,6 +16,9 @@
 //                          = k1*g + k2*(x - mean) + k3,  k1 = a, k2 = -a*inv_std*dgamma/M,
 //                                                         k3 = -a*dbeta/M
 //     fixed statistics:  dx = a*g
+// Masked statistics (mask weights w, W = sum w): mean and variance are the w-weighted ones
+// over W, every position is normalized with them, and their derivatives carry a factor w:
+//     dx = a*(g - w*(dbeta/W + x_hat*dgamma/W)),  dbeta and dgamma summed over every position.
 // The per-channel coefficients of every pass are derived from the stored (rounded)
 // mean and inv_std, so backward rebuilds the forward's ReLU mask bit for bit.
 #pragma once
@@ -33,12 +36,13 @@
 
 namespace batchnorm::detail {
 
-// The shift K of channel c: its first value, unless that is infinite or NaN, which would
-// turn every x - K into NaN; K = 0 lets the sums follow IEEE arithmetic (mean([inf, 1]) = inf).
+// The shift K of channel c: its first value (or, with a mask, the value at reduce index `at`,
+// the first the mask selects), unless that is infinite or NaN, which would turn every x - K
+// into NaN; K = 0 lets the sums follow IEEE arithmetic (mean([inf, 1]) = inf).
 template <class T>
-compute_t<T> channel_shift(const Plan& p, const T* x, index_t c) {
+compute_t<T> channel_shift(const Plan& p, const T* x, index_t c, index_t at = 0) {
   using C = compute_t<T>;
-  const T* first = x + p.offset[0] + p.channel_offset(c, 0);
+  const T* first = x + p.offset[0] + p.channel_offset(c, 0) + p.reduce_offset(at, p.reduce_dims.size(), 0);
   C v;
   if constexpr (std::is_same_v<T, C>)
     v = *first;
@@ -145,12 +149,13 @@ double store_stats(index_t c, double mean, double var, double epsilon, S* mean_o
   return static_cast<double>(inv_out[c]);
 }
 
-// k1, k2, k3 of channel c from its sums over `count` values (see the comment at the top).
+// k1, k2, k3 of channel c from its sums over `count` values (see the comment at the top;
+// with a mask, count is the sum of its weights W, and dx = k1*g + w*(k2*(x - mean) + k3)).
 template <class T>
 void set_apply_coef(CoefStore<compute_t<T>>& k, std::size_t c, double inv, const Affine<stat_t<T>>& affine,
-                    double sum_dy, double sum_dy_xc, index_t count, Statistics statistics) {
+                    double sum_dy, double sum_dy_xc, double count, Statistics statistics) {
   using C = compute_t<T>;
-  const double M = static_cast<double>(count);
+  const double M = count;
   const bool batch = statistics == Statistics::batch;
   const double a = gamma_of(affine, static_cast<index_t>(c)) * inv;
   const double dgamma = sum_dy_xc * inv;

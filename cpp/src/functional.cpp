@@ -53,24 +53,61 @@ void merge_moments(index_t channels, double* count_a, double* mean_a, double* m2
   }
 }
 
+namespace {
+
+// The plan of x and the given arrays, and a mask as its last operand when given.
+Plan plan_with_mask(const Geometry& g, std::vector<const Strides*> strides, const void* mask,
+                    const Strides& mask_reduced) {
+  if (!mask) return make_plan(g, strides);
+  const Strides full = mask_strides(g, mask_reduced);
+  strides.push_back(&full);
+  return make_plan(g, strides, true);
+}
+
+// The mask of a non-empty masked plan, summed and checked (Mask::w null without one).
 template <class T>
-index_t moments(const Geometry& g, In<T> x, stat_t<T>* mean, stat_t<T>* variance) {
+Mask<T> mask_of(const Plan& p, const In<T>& mask) {
+  Mask<T> m;
+  if (!p.masked || empty(p)) return m;
+  m.w = mask.data;
+  m.sum = sum_mask(p, m.w);
+  check_mask(m.sum);
+  return m;
+}
+
+// The count a call reports: the values per channel, or the positions the mask selects.
+template <class T>
+index_t reported_count(const Plan& p, const Mask<T>& m) {
+  return m.w ? m.sum.selected : p.count;
+}
+
+// The mask among a check_apart's inputs (an empty span without one).
+template <class T>
+Span mask_span(const Plan& p, const In<T>& mask) {
+  return p.masked ? span_of(p, mask_operand(p), mask.data, sizeof(T), "mask") : Span{};
+}
+
+}  // namespace
+
+template <class T>
+index_t moments(const Geometry& g, In<T> x, stat_t<T>* mean, stat_t<T>* variance, In<T> mask) {
   static_assert(is_element_v<T>, "unsupported element type");
-  const Plan p = make_plan(g, operand_strides({&x.strides}));
+  const Plan p = plan_with_mask(g, operand_strides({&x.strides}), mask.data, mask.strides);
   check_batch(p, "moments of");
   check_not_null(mean, "mean");
   check_not_null(variance, "variance");
   check_apart({span_of(mean, p.channels, "mean"), span_of(variance, p.channels, "variance")},
-              {span_of(p, 0, x.data, sizeof(T), "x")});
+              {span_of(p, 0, x.data, sizeof(T), "x"), mask_span(p, mask)});
+  const Mask<T> m = mask_of(p, mask);
   if (p.channels == 0) return p.count;
   check_not_null(x.data, "x");
   std::vector<double> mu(static_cast<std::size_t>(p.channels)), var(mu.size());
-  sum_moments(p, x.data, mu.data(), var.data(), true);
+  sum_moments(p, x.data, mu.data(), var.data(), true, m);
   for (index_t c = 0; c < p.channels; ++c) {
     mean[c] = static_cast<stat_t<T>>(mu[static_cast<std::size_t>(c)]);
     variance[c] = static_cast<stat_t<T>>(var[static_cast<std::size_t>(c)]);
   }
-  return p.count;
+  return reported_count(p, m);
 }
 
 namespace {
@@ -78,9 +115,9 @@ namespace {
 // The plan of a pass from x to y, after the checks of epsilon and of y that normalize and
 // forward share.
 template <class T>
-Plan forward_plan(const Geometry& g, const In<T>& x, const Out<T>& y, double epsilon) {
+Plan forward_plan(const Geometry& g, const In<T>& x, const Out<T>& y, double epsilon, const In<T>& mask = {}) {
   check_epsilon(epsilon);
-  Plan p = make_plan(g, operand_strides({&x.strides, &y.strides}));
+  Plan p = plan_with_mask(g, operand_strides({&x.strides, &y.strides}), mask.data, mask.strides);
   check_output(p, 1, y.name ? y.name : "y");
   return p;
 }
@@ -125,9 +162,9 @@ void normalize(const Geometry& g, In<T> x, Out<T> y, const stat_t<T>* mean, cons
 
 template <class T>
 index_t forward(const Geometry& g, In<T> x, Out<T> y, Affine<stat_t<T>> affine, double epsilon, Activation activation,
-                stat_t<T>* mean, stat_t<T>* variance, stat_t<T>* inv_std) {
+                stat_t<T>* mean, stat_t<T>* variance, stat_t<T>* inv_std, In<T> mask) {
   static_assert(is_element_v<T>, "unsupported element type");
-  const Plan p = forward_plan(g, x, y, epsilon);
+  const Plan p = forward_plan(g, x, y, epsilon, mask);
   check_batch(p, "training on");
   check_not_null(mean, "mean");
   check_not_null(variance, "variance");
@@ -136,25 +173,26 @@ index_t forward(const Geometry& g, In<T> x, Out<T> y, Affine<stat_t<T>> affine, 
   const Span mean_out = span_of(mean, ch, "mean"), var_out = span_of(variance, ch, "variance"),
              inv_out = span_of(inv_std, ch, "inv_std");
   check_apart({span_of(p, 1, y.data, sizeof(T), y.name ? y.name : "y"), mean_out, var_out, inv_out},
-              {span_of(affine.gamma, ch, "gamma"), span_of(affine.beta, ch, "beta")});
+              {span_of(affine.gamma, ch, "gamma"), span_of(affine.beta, ch, "beta"), mask_span(p, mask)});
   check_apart({mean_out, var_out, inv_out}, {span_of(p, 0, x.data, sizeof(T), "x")});
+  const Mask<T> m = mask_of(p, mask);
   if (p.channels == 0) return p.count;
   check_not_null(x.data, "x");
   check_not_null(y.data, "y");
   const bool relu = activation == Activation::relu;
   if (const int nt = channel_block_threads(p, sizeof(T))) {
-    forward_channel_blocks(p, nt, x.data, y.data, affine, epsilon, relu, mean, variance, inv_std);
-    return p.count;
+    forward_channel_blocks(p, nt, x.data, y.data, affine, epsilon, relu, mean, variance, inv_std, m);
+    return reported_count(p, m);
   }
   const auto n = static_cast<std::size_t>(p.channels);
   std::vector<double> mu(n), var(n), inv(n);
-  sum_moments(p, x.data, mu.data(), var.data(), true);
+  sum_moments(p, x.data, mu.data(), var.data(), true, m);
   for (std::size_t c = 0; c < n; ++c)
     inv[c] = store_stats(static_cast<index_t>(c), mu[c], var[c], epsilon, mean, variance, inv_std);
   CoefStore<compute_t<T>> k(p.channels, false);
   set_forward_coefs<T>(k, p.channels, mean, inv.data(), affine);
   affine1(p, x.data, y.data, k.view(), relu, true);
-  return p.count;
+  return reported_count(p, m);
 }
 
 template <class T>
@@ -193,23 +231,29 @@ void backward_apply(const Geometry& g, In<T> dy, In<T> x, Out<T> dx, const stat_
   check_apart_from_stats({out}, ch, mean, inv_std, affine);
   if (empty(b.plan)) return;
   check_inputs({dy.data, x.data, dx.data});
-  affine2(b, dy.data, x.data, dx.data, affine, sum_dy, sum_dy_xc, count, statistics);
+  affine2(b, dy.data, x.data, dx.data, affine, sum_dy, sum_dy_xc, static_cast<double>(count), statistics);
 }
 
 template <class T>
 void backward(const Geometry& g, In<T> dy, In<T> x, Out<T> dx, const stat_t<T>* mean, const stat_t<T>* inv_std,
               Affine<stat_t<T>> affine, Activation activation, stat_t<T>* dgamma, stat_t<T>* dbeta,
-              Statistics statistics) {
+              Statistics statistics, In<T> mask) {
   static_assert(is_element_v<T>, "unsupported element type");
-  BackwardSetup<T> b(g, x.strides, dy.strides, &dx, mean, inv_std, affine, activation);
+  // Fixed statistics have no gradient, so a mask changes nothing there (it is still checked).
+  const Strides full_mask = mask.data ? mask_strides(g, mask.strides) : Strides{};
+  BackwardSetup<T> b(g, x.strides, dy.strides, &dx, mean, inv_std, affine, activation,
+                     mask.data ? &full_mask : nullptr);
   check_not_null(dgamma, "dgamma");
   check_not_null(dbeta, "dbeta");
   const index_t ch = b.plan.channels;
   const Span dgamma_out = span_of(dgamma, ch, "dgamma"), dbeta_out = span_of(dbeta, ch, "dbeta");
-  check_apart_from_stats({span_of(b.plan, kDx, dx.data, sizeof(T), dx.name ? dx.name : "dx"), dgamma_out, dbeta_out},
-                         ch, mean, inv_std, affine);
+  const Span dx_out = span_of(b.plan, kDx, dx.data, sizeof(T), dx.name ? dx.name : "dx");
+  check_apart_from_stats({dx_out, dgamma_out, dbeta_out}, ch, mean, inv_std, affine);
   check_apart({dgamma_out, dbeta_out},
               {span_of(b.plan, kX, x.data, sizeof(T), "x"), span_of(b.plan, kDy, dy.data, sizeof(T), "dy")});
+  check_apart({dx_out, dgamma_out, dbeta_out}, {mask_span(b.plan, mask)});
+  const Mask<T> m = mask_of(b.plan, mask);
+  if (statistics == Statistics::batch) b.mask = m;
   if (empty(b.plan)) {
     std::fill(dgamma, dgamma + ch, stat_t<T>(0));
     std::fill(dbeta, dbeta + ch, stat_t<T>(0));
@@ -226,18 +270,18 @@ void backward(const Geometry& g, In<T> dy, In<T> x, Out<T> dx, const stat_t<T>* 
     dbeta[c] = static_cast<stat_t<T>>(sum_dy[c]);
     dgamma[c] = static_cast<stat_t<T>>(sum_dy_xc[c] * b.inv[c]);
   }
-  affine2(b, dy.data, x.data, dx.data, affine, sum_dy.data(), sum_dy_xc.data(), b.plan.count, statistics);
+  affine2(b, dy.data, x.data, dx.data, affine, sum_dy.data(), sum_dy_xc.data(), stat_count(b.plan, b.mask), statistics);
 }
 
 #define BATCHNORM_INSTANTIATE(T)                                                                                       \
   template index_t partial_moments<T>(const Geometry&, In<T>, double*, double*);                                       \
-  template index_t moments<T>(const Geometry&, In<T>, stat_t<T>*, stat_t<T>*);                                         \
+  template index_t moments<T>(const Geometry&, In<T>, stat_t<T>*, stat_t<T>*, In<T>);                                  \
   template void normalize<T>(const Geometry&, In<T>, Out<T>, const stat_t<T>*, const stat_t<T>*, Affine<stat_t<T>>,    \
                              double, Activation, stat_t<T>*);                                                          \
   template index_t forward<T>(const Geometry&, In<T>, Out<T>, Affine<stat_t<T>>, double, Activation, stat_t<T>*,       \
-                              stat_t<T>*, stat_t<T>*);                                                                 \
+                              stat_t<T>*, stat_t<T>*, In<T>);                                                          \
   template void backward<T>(const Geometry&, In<T>, In<T>, Out<T>, const stat_t<T>*, const stat_t<T>*,                 \
-                            Affine<stat_t<T>>, Activation, stat_t<T>*, stat_t<T>*, Statistics);                        \
+                            Affine<stat_t<T>>, Activation, stat_t<T>*, stat_t<T>*, Statistics, In<T>);                 \
   template void backward_sums<T>(const Geometry&, In<T>, In<T>, const stat_t<T>*, const stat_t<T>*, Affine<stat_t<T>>, \
                                  Activation, double*, double*);                                                        \
   template void backward_apply<T>(const Geometry&, In<T>, In<T>, Out<T>, const stat_t<T>*, const stat_t<T>*,           \

@@ -36,6 +36,16 @@ inline V dx_of(V dy, V x, V a, V m, V b, V k1, V k2, V k3) {
   return mul_add(k1, grad<Relu>(dy, x, a, m, b), mul_add(k2, sub(x, m), k3));
 }
 
+// dx of masked statistics: the mask weight w enters only their part, k1*g + w*(k2*(x - m) + k3).
+template <bool Relu, class V>
+inline V dx_of_weighted(V dy, V x, V a, V m, V b, V k1, V k2, V k3, V w) {
+  return mul_add(k1, grad<Relu>(dy, x, a, m, b), mul(w, mul_add(k2, sub(x, m), k3)));
+}
+
+// How an elementwise kernel reads the mask weights: none, one per value (a stream beside x),
+// or one for the whole call (a channels-last row).
+enum class Weights { none, each, one };
+
 // ---- the sums of the reductions ----------------------------------------------------
 
 constexpr int kUnroll = 4;  // independent accumulators per sum: hides the add latency

@@ -29,11 +29,12 @@ def copy_memory(src: np.ndarray, dst: np.ndarray, nontemporal: bool) -> None: ..
 def feature_axes(axis: object, ndim: int) -> tuple[int, ...]: ...
 
 # moments and forward allocate the statistics outputs left None and then return them.
+# A mask has x's dtype and x's shape without its feature axes.
 @overload
-def moments(x: _Buffer, axes: Sequence[int], mean: _Buffer, variance: _Buffer) -> int: ...
+def moments(x: _Buffer, axes: Sequence[int], mean: _Buffer, variance: _Buffer, mask: _Buffer | None = None) -> int: ...
 @overload
 def moments(
-    x: _Buffer, axes: Sequence[int], mean: None = None, variance: None = None
+    x: _Buffer, axes: Sequence[int], mean: None = None, variance: None = None, mask: _Buffer | None = None
 ) -> tuple[np.ndarray, np.ndarray]: ...
 def partial_moments(x: _Buffer, axes: Sequence[int], mean: _Buffer, m2: _Buffer) -> int: ...
 def normalize(
@@ -63,6 +64,7 @@ def forward(
     mean: _Buffer,
     variance: _Buffer,
     inv_std: _Buffer,
+    mask: _Buffer | None = None,
 ) -> int: ...
 @overload
 def forward(
@@ -76,6 +78,7 @@ def forward(
     mean: None = None,
     variance: None = None,
     inv_std: None = None,
+    mask: _Buffer | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]: ...
 def backward(
     dy: _Buffer,
@@ -90,6 +93,7 @@ def backward(
     dgamma: _Buffer,
     dbeta: _Buffer,
     fixed_statistics: bool = False,
+    mask: _Buffer | None = None,
 ) -> None: ...
 def backward_sums(
     dy: _Buffer,

@@ -7,6 +7,7 @@
 // released. That is safe because the kernels touch only these buffers, which the
 // arguments keep alive, and no Python object. The fast path of the public
 // functions (register_fast_path.cpp) runs the same *_into functions.
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <string>
@@ -184,6 +185,29 @@ void check_like(const ArrayArg& a, const char* a_name, const ArrayArg& b, const 
                       ", the shape of " + b_name);
 }
 
+// The mask of masked statistics (None: none): x's dtype and x's shape without its feature
+// axes (the Python layer broadcasts it, with zero strides, and converts a boolean one).
+ArrayArg mask_arg(const py::object& mask, const ArrayArg& xa, const Geometry& g) {
+  if (mask.is_none()) return {};
+  const ArrayArg m = describe(mask, "mask", false);
+  const Axes axes = feature_axes(g.axes, xa.shape.size());
+  Shape expected;
+  for (std::size_t d = 0; d < xa.shape.size(); ++d)
+    if (std::find(axes.begin(), axes.end(), static_cast<int>(d)) == axes.end()) expected.push_back(xa.shape[d]);
+  if (m.element != xa.element)
+    throw type_error(std::string("mask has dtype ") + element_name(m.element) + "; expected " +
+                     element_name(xa.element) + ", the dtype of x");
+  if (m.shape != expected)
+    throw value_error("mask has shape " + shape_str(m.shape) + "; expected " + shape_str(expected) +
+                      ", the shape of x without its feature axes");
+  return m;
+}
+
+template <class T>
+In<T> mask_in(const ArrayArg& m) {
+  return {static_cast<const T*>(m.data), m.strides};
+}
+
 // A per-channel tensor of S: CPU, contiguous, `channels` elements (always writeable).
 template <class S>
 S* tensor_channels(py::handle t, const char* name, index_t channels) {
@@ -321,9 +345,10 @@ py::object stat_output(const py::object& given, const ArrayArg& xa, const Geomet
 }
 
 py::object moments_into(const py::object& x, const std::vector<int>& axes, const py::object& mean,
-                        const py::object& variance) {
+                        const py::object& variance, const py::object& mask) {
   const ArrayArg xa = describe(x, "x", false);
   const Geometry g{xa.shape, to_axes(axes)};
+  const ArrayArg ma = mask_arg(mask, xa, g);
   const index_t channels = extent(g).channels;
   bool allocated = false;
   const py::object mean_out = stat_output(mean, xa, g, allocated);
@@ -333,7 +358,7 @@ py::object moments_into(const py::object& x, const std::vector<int>& axes, const
     auto* mu = channel_array<stat_t<T>>(mean_out, "mean", channels, true, true);
     auto* var = channel_array<stat_t<T>>(variance_out, "variance", channels, true, true);
     py::gil_scoped_release nogil;
-    return moments<T>(g, {static_cast<const T*>(xa.data), xa.strides}, mu, var);
+    return moments<T>(g, {static_cast<const T*>(xa.data), xa.strides}, mu, var, mask_in<T>(ma));
   });
   if (allocated) return py::make_tuple(mean_out, variance_out);
   return py::int_(count);
@@ -362,11 +387,12 @@ void normalize_into(const py::object& x, const py::object& y, const std::vector<
 
 py::object forward_into(const py::object& x, const py::object& y, const std::vector<int>& axes, const py::object& gamma,
                         const py::object& beta, double epsilon, bool relu, const py::object& mean,
-                        const py::object& variance, const py::object& inv_std) {
+                        const py::object& variance, const py::object& inv_std, const py::object& mask) {
   const ArrayArg xa = describe(x, "x", false);
   const ArrayArg ya = describe(y, "out", true);
   check_like(ya, "out", xa, "x");
   const Geometry g{xa.shape, to_axes(axes)};
+  const ArrayArg ma = mask_arg(mask, xa, g);
   const index_t channels = extent(g).channels;
   bool allocated = false;
   const py::object mean_out = stat_output(mean, xa, g, allocated);
@@ -381,7 +407,7 @@ py::object forward_into(const py::object& x, const py::object& y, const std::vec
     S* inv = channel_array<S>(inv_std_out, "inv_std", channels, true, true);
     py::gil_scoped_release nogil;
     return forward<T>(g, {static_cast<const T*>(xa.data), xa.strides}, {static_cast<T*>(ya.data), ya.strides, "out"},
-                      affine, epsilon, activation_of(relu), mu, var, inv);
+                      affine, epsilon, activation_of(relu), mu, var, inv, mask_in<T>(ma));
   });
   if (allocated) return py::make_tuple(mean_out, variance_out, inv_std_out, count);
   return py::int_(count);
@@ -436,8 +462,10 @@ StatsArgs<S> stats_args(const py::object& mean, const py::object& inv_std, const
 
 void backward_into(const py::object& dy, const py::object& x, const py::object& dx, const std::vector<int>& axes,
                    const py::object& mean, const py::object& inv_std, const py::object& gamma, const py::object& beta,
-                   bool relu, const py::object& dgamma, const py::object& dbeta, bool fixed_statistics) {
+                   bool relu, const py::object& dgamma, const py::object& dbeta, bool fixed_statistics,
+                   const py::object& mask) {
   const BackwardArgs a(dy, x, dx, axes);
+  const ArrayArg ma = mask_arg(mask, a.x, a.g);
   with_element(a.x.element, [&](auto tag) {
     using T = decltype(tag);
     using S = stat_t<T>;
@@ -447,7 +475,7 @@ void backward_into(const py::object& dy, const py::object& x, const py::object& 
     S* db = channel_array<S>(dbeta, "dbeta", a.channels, true);
     py::gil_scoped_release nogil;
     backward<T>(a.g, a.dy_in<T>(), a.x_in<T>(), a.dx_out<T>(), st.mean, st.inv_std, st.affine, activation_of(relu), dg,
-                db, statistics_of(fixed_statistics));
+                db, statistics_of(fixed_statistics), mask_in<T>(ma));
   });
 }
 
@@ -486,7 +514,7 @@ void register_functional(py::module_& m) {
 
   // moments and forward allocate the statistics outputs left None and then return them.
   m.def("moments", &moments_into, py::arg("x").noconvert(), py::arg("axes"), py::arg("mean") = py::none(),
-        py::arg("variance") = py::none());
+        py::arg("variance") = py::none(), py::arg("mask") = py::none());
 
   m.def(
       "partial_moments",
@@ -562,11 +590,11 @@ void register_functional(py::module_& m) {
 
   m.def("forward", &forward_into, py::arg("x").noconvert(), py::arg("out").noconvert(), py::arg("axes"),
         py::arg("gamma"), py::arg("beta"), py::arg("epsilon"), py::arg("relu"), py::arg("mean") = py::none(),
-        py::arg("variance") = py::none(), py::arg("inv_std") = py::none());
+        py::arg("variance") = py::none(), py::arg("inv_std") = py::none(), py::arg("mask") = py::none());
 
   m.def("backward", &backward_into, py::arg("dy").noconvert(), py::arg("x").noconvert(), py::arg("out").noconvert(),
         py::arg("axes"), py::arg("mean"), py::arg("inv_std"), py::arg("gamma"), py::arg("beta"), py::arg("relu"),
-        py::arg("dgamma"), py::arg("dbeta"), py::arg("fixed_statistics") = false);
+        py::arg("dgamma"), py::arg("dbeta"), py::arg("fixed_statistics") = false, py::arg("mask") = py::none());
 
   m.def(
       "backward_sums",

@@ -18,6 +18,13 @@
 //   batchnorm::forward<float>(g, {x.data()}, {y.data()}, {}, 1e-5, batchnorm::Activation::none,
 //                             mean.data(), var.data(), inv_std.data());
 //
+// Masked statistics (moments, forward, backward: the last argument `mask`, default none):
+// the statistics are weighted by a mask over the reduced positions, an array of x's element
+// type (0/1 for a boolean mask, or frequency weights) with x's shape without the feature
+// axes, its strides in elements over that shape (empty = C-contiguous; 0 broadcasts). Every
+// position is normalized with them, and backward is the exact gradient of that function.
+// A mask that selects nothing (no nonzero value) is a value_error.
+//
 // Errors throw batchnorm::value_error or batchnorm::type_error (both std::invalid_argument).
 #pragma once
 
@@ -75,9 +82,9 @@ struct Extent {
 BATCHNORM_API Extent extent(const Geometry& g);
 
 /// Per-channel batch mean and biased (population) variance. Returns the count reduced
-/// per channel. Throws value_error for an empty batch.
+/// per channel (with a mask: the positions it selects). Throws value_error for an empty batch.
 template <class T>
-BATCHNORM_API index_t moments(const Geometry& g, In<T> x, stat_t<T>* mean, stat_t<T>* variance);
+BATCHNORM_API index_t moments(const Geometry& g, In<T> x, stat_t<T>* mean, stat_t<T>* variance, In<T> mask = {});
 
 /// Mergeable per-channel statistics (count, mean, M2 = sum of squared deviations), in
 /// double. Partials from different arrays merge exactly (Chan et al.); see merge_moments.
@@ -100,10 +107,11 @@ BATCHNORM_API void normalize(const Geometry& g, In<T> x, Out<T> y, const stat_t<
 
 /// Training pass: batch statistics, then y = act(gamma * (x - mean) * inv_std + beta)
 /// with inv_std = 1 / sqrt(variance + epsilon). Writes the statistics (variance biased)
-/// and returns the count reduced per channel. y may be x itself (in place).
+/// and returns the count reduced per channel (as moments). y may be x itself (in place).
 template <class T>
 BATCHNORM_API index_t forward(const Geometry& g, In<T> x, Out<T> y, Affine<stat_t<T>> affine, double epsilon,
-                              Activation activation, stat_t<T>* mean, stat_t<T>* variance, stat_t<T>* inv_std);
+                              Activation activation, stat_t<T>* mean, stat_t<T>* variance, stat_t<T>* inv_std,
+                              In<T> mask = {});
 
 /// Whether the statistics used in the forward pass were the batch's own (training) or
 /// constants such as moving averages (inference): the latter have no gradient.
@@ -116,7 +124,8 @@ enum class Statistics { batch, fixed };
 template <class T>
 BATCHNORM_API void backward(const Geometry& g, In<T> dy, In<T> x, Out<T> dx, const stat_t<T>* mean,
                             const stat_t<T>* inv_std, Affine<stat_t<T>> affine, Activation activation,
-                            stat_t<T>* dgamma, stat_t<T>* dbeta, Statistics statistics = Statistics::batch);
+                            stat_t<T>* dgamma, stat_t<T>* dbeta, Statistics statistics = Statistics::batch,
+                            In<T> mask = {});
 
 /// The two halves of backward, for callers that combine the sums of several arrays
 /// (synchronized batch norm across processes) before applying them.
