@@ -235,3 +235,55 @@ def test_float64_reference_is_the_gradient():
         fm = float(np.sum(masked_reference(xm, dy, mask, gamma, beta, (1,), 1e-3)[2] * dy))
         assert abs((fp - fm) / (2 * h) - rdx[idx]) < 1e-6
     assert F64 in ALL_DTYPES
+
+
+# ---- the Keras-style layer's mask runs on the kernels ---------------------------------------
+
+
+def test_keras_float16_masked_dx_is_rounded_once():
+    """A float16 layer's masked dx within two float16 ulps of the float64 gradient, with few
+    values per channel and eps = 1e-8 (large a = gamma*inv_std). Rounding a*dy to float16
+    before subtracting the statistics' part, as the layer once did, is far off there."""
+    rng = np.random.default_rng(5)
+    old_ok = True
+    for _ in range(20):
+        x = rng.normal(0, 1, (3, 2, 4)).astype(np.float16)
+        mask = rng.random((3, 2)) < 0.5
+        mask[0, 0] = True
+        dy = rng.normal(0, 1, x.shape).astype(np.float16)
+        layer = bn.BatchNormalization(epsilon=1e-8, dtype="float16", center=False, scale=False)
+        layer(x, training=True, mask=mask)
+        dx = layer.backward(dy)
+        _, var, _, rdx, _, _ = masked_reference(x, dy, mask, np.ones(4), np.zeros(4), (2,), 1e-8)
+        a_dy = ref.f64(dy) / np.sqrt(var + 1e-8)  # the layer's a*dy, gamma = 1
+        tol = 2 * ref.spacing16(rdx, np.float16) + 1e-5 * float(np.abs(a_dy).max())
+        assert np.all(np.abs(ref.f64(dx) - rdx) <= tol)
+        old = a_dy.astype(np.float16).astype(np.float64) - (a_dy - rdx)
+        old_ok &= bool(np.all(np.abs(old - rdx) <= tol))
+    assert not old_ok
+
+
+def test_keras_mask_takes_the_kernels_where_it_can():
+    """A mask that does not vary along the feature axes reaches the kernels; one over the
+    last axis of channels-first data (per channel weights) keeps the float64 path; both
+    match the float64 definition."""
+    rng = np.random.default_rng(6)
+    for shape, axis, mshape, on_kernels in [
+        ((4, 7, 3), -1, (4, 7), True),
+        ((4, 3, 7), 1, (4, 3), False),
+        ((4, 3, 7), 1, (4, 1), True),
+    ]:
+        x = rng.normal(2, 1, shape).astype(np.float32)
+        dy = rng.normal(0, 1, shape).astype(np.float32)
+        mask = rng.random(mshape) < 0.7
+        mask.flat[:2] = True
+        layer = bn.BatchNormalization(axis=axis, epsilon=1e-3, fused=False)
+        y = layer(x, training=True, mask=mask)
+        assert (layer._last.mask is not None) == on_kernels
+        dx = layer.backward(dy)
+        w = np.broadcast_to(mask[..., None], shape).astype(np.float64)
+        red = tuple(i for i in range(3) if i != axis % 3)
+        mean = (w * x).sum(axis=red, keepdims=True) / w.sum(axis=red, keepdims=True)
+        var = (w * (x - mean) ** 2).sum(axis=red, keepdims=True) / w.sum(axis=red, keepdims=True)
+        np.testing.assert_allclose(y, (x - mean) / np.sqrt(var + 1e-3), rtol=1e-5, atol=1e-5)
+        assert np.isfinite(dx).all()

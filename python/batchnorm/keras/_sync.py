@@ -114,12 +114,14 @@ class SyncBatchNormalization(BatchNormalization):
         except Exception:  # an input without a usable shape: nothing better to send
             return 1
 
-    def _batch_statistics(self, x: np.ndarray, axes: tuple[int, ...], weights: np.ndarray | None) -> Stats | None:
+    def _batch_statistics(
+        self, x: np.ndarray, axes: tuple[int, ...], weights: np.ndarray | None, mask: np.ndarray | None
+    ) -> Stats | None:
         """The mean and biased variance of all processes' batches: this process's partials
         (count, mean, M2; with a mask: weight sum, weighted mean and M2), merged in one all-reduce."""
         comm = self._call_comm
         if comm is None:
-            return super()._batch_statistics(x, axes, weights)
+            return super()._batch_statistics(x, axes, weights, mask)
         kept = tuple(x.shape[a] for a in axes)
         channels = math.prod(kept)
         count: Any = 0
@@ -186,8 +188,7 @@ class SyncBatchNormalization(BatchNormalization):
                     total_dy, total_dy_xc, last.count,
                 )  # fmt: skip
         else:
-            a, k = _step.masked_terms(last, total_dy, total_dy_xc * inv64)
-            dx = (a * (dy.astype(np.float64) - last.weights * k)).astype(last.x.dtype)
+            dx = _step.masked_dx(last, dy, total_dy, total_dy_xc * inv64)
         return dx, sum_dy_xc * inv64, sum_dy
 
     def __repr__(self) -> str:
