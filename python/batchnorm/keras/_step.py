@@ -205,6 +205,7 @@ def masked_dx(last: Last, dy: np.ndarray, sum_dy: np.ndarray, sum_dy_xhat: np.nd
     d var/dx = 2w(x - mean)/W, which gives that dx.
     """
     assert last.wsum is not None
+    assert last.weights is not None
     wsum = last.wsum
     shape = wsum.shape
     inv = last.inv_std.astype(np.float64).reshape(shape)
