@@ -287,3 +287,32 @@ def test_keras_mask_takes_the_kernels_where_it_can():
         var = (w * (x - mean) ** 2).sum(axis=red, keepdims=True) / w.sum(axis=red, keepdims=True)
         np.testing.assert_allclose(y, (x - mean) / np.sqrt(var + 1e-3), rtol=1e-5, atol=1e-5)
         assert np.isfinite(dx).all()
+
+
+def test_partials_and_backward_halves_merge_to_the_masked_call():
+    """Synchronized layers' building blocks: masked partials of two parts of a batch merged
+    with the mask's weight sums, and backward_apply with the total W, equal one masked call."""
+    rng = np.random.default_rng(7)
+    x = rng.normal(1, 2, (6, 3, 10))
+    dy = rng.normal(0, 1, x.shape)
+    mask = rng.random((6, 10)) < 0.6
+    mask[0, :3] = True
+    mask[3:] = False  # the second part selects nothing: count 0, mean 0, M2 0
+    _, s = bn.forward(x, axis=1, mask=mask)
+    dx, _, _ = bn.backward(dy, x, s, axis=1, mask=mask)
+    count, mean, m2 = np.zeros(3), np.zeros(3), np.zeros(3)
+    for part in (slice(0, 3), slice(3, 6)):
+        w = mask[part].astype(np.float64)
+        pm, pq = np.zeros(3), np.zeros(3)
+        n = bn._core.partial_moments(x[part], (1,), pm, pq, mask=w)
+        assert n == np.count_nonzero(w)
+        bn._core.merge_moments(count, mean, m2, np.full(3, w.sum()), pm, pq)
+    np.testing.assert_allclose(mean, s.mean, rtol=1e-12)
+    np.testing.assert_allclose(m2 / count, s.variance, rtol=1e-12)
+    sum_dy, sum_dy_xc = np.zeros(3), np.zeros(3)
+    bn._core.backward_sums(dy, x, (1,), s.mean, s.inv_std, None, None, False, sum_dy, sum_dy_xc)
+    dx_apply = np.empty_like(x)
+    w = mask.astype(np.float64)
+    bn._core.backward_apply(dy, x, dx_apply, (1,), s.mean, s.inv_std, None, None, False, sum_dy, sum_dy_xc,
+                            float(w.sum()), mask=w)  # fmt: skip
+    np.testing.assert_allclose(dx_apply, dx, rtol=1e-12, atol=1e-12)

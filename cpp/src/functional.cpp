@@ -22,37 +22,6 @@ Extent extent(const Geometry& g) {
   return {p.channels, p.count};
 }
 
-template <class T>
-index_t partial_moments(const Geometry& g, In<T> x, double* mean, double* m2) {
-  static_assert(is_element_v<T>, "unsupported element type");
-  const Plan p = make_plan(g, operand_strides({&x.strides}));
-  check_not_null(mean, "mean");
-  check_not_null(m2, "m2");
-  check_apart({span_of(mean, p.channels, "mean"), span_of(m2, p.channels, "m2")},
-              {span_of(p, 0, x.data, sizeof(T), "x")});
-  if (p.count == 0) {
-    std::fill(mean, mean + p.channels, 0.0);
-    std::fill(m2, m2 + p.channels, 0.0);
-    return 0;
-  }
-  if (p.channels == 0) return p.count;
-  check_not_null(x.data, "x");
-  sum_moments(p, x.data, mean, m2, false);
-  return p.count;
-}
-
-void merge_moments(index_t channels, double* count_a, double* mean_a, double* m2_a, const double* count_b,
-                   const double* mean_b, const double* m2_b) {
-  for (index_t c = 0; c < channels; ++c) {
-    const double na = count_a[c], nb = count_b[c], n = na + nb;
-    if (nb == 0) continue;
-    const double delta = mean_b[c] - mean_a[c];
-    mean_a[c] += delta * (nb / n);
-    m2_a[c] += m2_b[c] + delta * delta * (na * nb / n);
-    count_a[c] = n;
-  }
-}
-
 namespace {
 
 // The plan of x and the given arrays, and a mask as its last operand when given.
@@ -88,6 +57,39 @@ Span mask_span(const Plan& p, const In<T>& mask) {
 }
 
 }  // namespace
+
+template <class T>
+index_t partial_moments(const Geometry& g, In<T> x, double* mean, double* m2, In<T> mask) {
+  static_assert(is_element_v<T>, "unsupported element type");
+  const Plan p = plan_with_mask(g, operand_strides({&x.strides}), mask.data, mask.strides);
+  check_not_null(mean, "mean");
+  check_not_null(m2, "m2");
+  check_apart({span_of(mean, p.channels, "mean"), span_of(m2, p.channels, "m2")},
+              {span_of(p, 0, x.data, sizeof(T), "x"), mask_span(p, mask)});
+  Mask<T> m;
+  if (p.masked && !empty(p)) m = {mask.data, sum_mask(p, mask.data)};
+  if (p.count == 0 || (m.w && !(m.sum.total > 0))) {  // nothing, or nothing selected: no values to merge
+    std::fill(mean, mean + p.channels, 0.0);
+    std::fill(m2, m2 + p.channels, 0.0);
+    return 0;
+  }
+  if (p.channels == 0) return p.count;
+  check_not_null(x.data, "x");
+  sum_moments(p, x.data, mean, m2, false, m);
+  return reported_count(p, m);
+}
+
+void merge_moments(index_t channels, double* count_a, double* mean_a, double* m2_a, const double* count_b,
+                   const double* mean_b, const double* m2_b) {
+  for (index_t c = 0; c < channels; ++c) {
+    const double na = count_a[c], nb = count_b[c], n = na + nb;
+    if (nb == 0) continue;
+    const double delta = mean_b[c] - mean_a[c];
+    mean_a[c] += delta * (nb / n);
+    m2_a[c] += m2_b[c] + delta * delta * (na * nb / n);
+    count_a[c] = n;
+  }
+}
 
 template <class T>
 index_t moments(const Geometry& g, In<T> x, stat_t<T>* mean, stat_t<T>* variance, In<T> mask) {
@@ -219,19 +221,22 @@ void backward_sums(const Geometry& g, In<T> dy, In<T> x, const stat_t<T>* mean, 
 template <class T>
 void backward_apply(const Geometry& g, In<T> dy, In<T> x, Out<T> dx, const stat_t<T>* mean, const stat_t<T>* inv_std,
                     Affine<stat_t<T>> affine, Activation activation, const double* sum_dy, const double* sum_dy_xc,
-                    index_t count, Statistics statistics) {
+                    double count, Statistics statistics, In<T> mask) {
   static_assert(is_element_v<T>, "unsupported element type");
-  BackwardSetup<T> b(g, x.strides, dy.strides, &dx, mean, inv_std, affine, activation);
+  const Strides full_mask = mask.data ? mask_strides(g, mask.strides) : Strides{};
+  BackwardSetup<T> b(g, x.strides, dy.strides, &dx, mean, inv_std, affine, activation,
+                     mask.data ? &full_mask : nullptr);
   check_not_null(sum_dy, "sum_dy");
   check_not_null(sum_dy_xc, "sum_dy_xc");
-  if (count < 1 && statistics == Statistics::batch) throw value_error("backward_apply needs count >= 1");
+  if (!(count > 0) && statistics == Statistics::batch) throw value_error("backward_apply needs count > 0");
   const index_t ch = b.plan.channels;
   const Span out = span_of(b.plan, kDx, dx.data, sizeof(T), dx.name ? dx.name : "dx");
-  check_apart({out}, {span_of(sum_dy, ch, "sum_dy"), span_of(sum_dy_xc, ch, "sum_dy_xc")});
+  check_apart({out}, {span_of(sum_dy, ch, "sum_dy"), span_of(sum_dy_xc, ch, "sum_dy_xc"), mask_span(b.plan, mask)});
   check_apart_from_stats({out}, ch, mean, inv_std, affine);
   if (empty(b.plan)) return;
   check_inputs({dy.data, x.data, dx.data});
-  affine2(b, dy.data, x.data, dx.data, affine, sum_dy, sum_dy_xc, static_cast<double>(count), statistics);
+  if (statistics == Statistics::batch) b.mask.w = mask.data;  // the count is the callers' (all processes' W)
+  affine2(b, dy.data, x.data, dx.data, affine, sum_dy, sum_dy_xc, count, statistics);
 }
 
 template <class T>
@@ -274,7 +279,7 @@ void backward(const Geometry& g, In<T> dy, In<T> x, Out<T> dx, const stat_t<T>* 
 }
 
 #define BATCHNORM_INSTANTIATE(T)                                                                                       \
-  template index_t partial_moments<T>(const Geometry&, In<T>, double*, double*);                                       \
+  template index_t partial_moments<T>(const Geometry&, In<T>, double*, double*, In<T>);                                \
   template index_t moments<T>(const Geometry&, In<T>, stat_t<T>*, stat_t<T>*, In<T>);                                  \
   template void normalize<T>(const Geometry&, In<T>, Out<T>, const stat_t<T>*, const stat_t<T>*, Affine<stat_t<T>>,    \
                              double, Activation, stat_t<T>*);                                                          \
@@ -285,7 +290,8 @@ void backward(const Geometry& g, In<T> dy, In<T> x, Out<T> dx, const stat_t<T>* 
   template void backward_sums<T>(const Geometry&, In<T>, In<T>, const stat_t<T>*, const stat_t<T>*, Affine<stat_t<T>>, \
                                  Activation, double*, double*);                                                        \
   template void backward_apply<T>(const Geometry&, In<T>, In<T>, Out<T>, const stat_t<T>*, const stat_t<T>*,           \
-                                  Affine<stat_t<T>>, Activation, const double*, const double*, index_t, Statistics);
+                                  Affine<stat_t<T>>, Activation, const double*, const double*, double, Statistics,     \
+                                  In<T>);
 
 BATCHNORM_INSTANTIATE(float)
 BATCHNORM_INSTANTIATE(double)

@@ -36,7 +36,9 @@ def moments(x: _Buffer, axes: Sequence[int], mean: _Buffer, variance: _Buffer, m
 def moments(
     x: _Buffer, axes: Sequence[int], mean: None = None, variance: None = None, mask: _Buffer | None = None
 ) -> tuple[np.ndarray, np.ndarray]: ...
-def partial_moments(x: _Buffer, axes: Sequence[int], mean: _Buffer, m2: _Buffer) -> int: ...
+def partial_moments(
+    x: _Buffer, axes: Sequence[int], mean: _Buffer, m2: _Buffer, mask: _Buffer | None = None
+) -> int: ...
 def normalize(
     x: _Buffer,
     out: _Buffer,
@@ -119,8 +121,9 @@ def backward_apply(
     relu: bool,
     sum_dy: _Buffer,
     sum_dy_xc: _Buffer,
-    count: int,
+    count: float,
     fixed_statistics: bool = False,
+    mask: _Buffer | None = None,
 ) -> None: ...
 
 # The functional API's fast path (python/src/register_fast_path.cpp): the public function's

@@ -518,19 +518,21 @@ void register_functional(py::module_& m) {
 
   m.def(
       "partial_moments",
-      [](const py::object& x, const std::vector<int>& axes, const py::object& mean, const py::object& m2) {
+      [](const py::object& x, const std::vector<int>& axes, const py::object& mean, const py::object& m2,
+         const py::object& mask) {
         const ArrayArg xa = describe(x, "x", false);
         const Geometry g{xa.shape, to_axes(axes)};
+        const ArrayArg ma = mask_arg(mask, xa, g);
         const index_t channels = extent(g).channels;
         auto* mu = channel_array<double>(mean, "mean", channels, true);
         auto* sq = channel_array<double>(m2, "m2", channels, true);
         return with_element(xa.element, [&](auto tag) {
           using T = decltype(tag);
           py::gil_scoped_release nogil;
-          return partial_moments<T>(g, {static_cast<const T*>(xa.data), xa.strides}, mu, sq);
+          return partial_moments<T>(g, {static_cast<const T*>(xa.data), xa.strides}, mu, sq, mask_in<T>(ma));
         });
       },
-      py::arg("x").noconvert(), py::arg("axes"), py::arg("mean"), py::arg("m2"));
+      py::arg("x").noconvert(), py::arg("axes"), py::arg("mean"), py::arg("m2"), py::arg("mask") = py::none());
 
   m.def("normalize", &normalize_into, py::arg("x").noconvert(), py::arg("out").noconvert(), py::arg("axes"),
         py::arg("mean"), py::arg("variance"), py::arg("gamma"), py::arg("beta"), py::arg("epsilon"), py::arg("relu"),
@@ -618,8 +620,10 @@ void register_functional(py::module_& m) {
       "backward_apply",
       [](const py::object& dy, const py::object& x, const py::object& dx, const std::vector<int>& axes,
          const py::object& mean, const py::object& inv_std, const py::object& gamma, const py::object& beta, bool relu,
-         const py::object& sum_dy, const py::object& sum_dy_xc, index_t count, bool fixed_statistics) {
+         const py::object& sum_dy, const py::object& sum_dy_xc, double count, bool fixed_statistics,
+         const py::object& mask) {
         const BackwardArgs a(dy, x, dx, axes);
+        const ArrayArg ma = mask_arg(mask, a.x, a.g);
         const double* s = channel_array<double>(sum_dy, "sum_dy", a.channels, false);
         const double* sx = channel_array<double>(sum_dy_xc, "sum_dy_xc", a.channels, false);
         with_element(a.x.element, [&](auto tag) {
@@ -627,12 +631,12 @@ void register_functional(py::module_& m) {
           const auto st = stats_args<stat_t<T>>(mean, inv_std, gamma, beta, a.channels, "mean", "inv_std");
           py::gil_scoped_release nogil;
           backward_apply<T>(a.g, a.dy_in<T>(), a.x_in<T>(), a.dx_out<T>(), st.mean, st.inv_std, st.affine,
-                            activation_of(relu), s, sx, count, statistics_of(fixed_statistics));
+                            activation_of(relu), s, sx, count, statistics_of(fixed_statistics), mask_in<T>(ma));
         });
       },
       py::arg("dy").noconvert(), py::arg("x").noconvert(), py::arg("out").noconvert(), py::arg("axes"), py::arg("mean"),
       py::arg("inv_std"), py::arg("gamma"), py::arg("beta"), py::arg("relu"), py::arg("sum_dy"), py::arg("sum_dy_xc"),
-      py::arg("count"), py::arg("fixed_statistics") = false);
+      py::arg("count"), py::arg("fixed_statistics") = false, py::arg("mask") = py::none());
 }
 
 }  // namespace batchnorm::python

@@ -88,9 +88,11 @@ BATCHNORM_API index_t moments(const Geometry& g, In<T> x, stat_t<T>* mean, stat_
 
 /// Mergeable per-channel statistics (count, mean, M2 = sum of squared deviations), in
 /// double. Partials from different arrays merge exactly (Chan et al.); see merge_moments.
-/// An empty batch is allowed here (count 0, mean 0, M2 0).
+/// An empty batch is allowed here (count 0, mean 0, M2 0), and so is a mask that selects
+/// nothing. With a mask, mean and M2 are the weighted ones, to be merged with the mask's
+/// weight sum W as the count (the return value is the positions it selects).
 template <class T>
-BATCHNORM_API index_t partial_moments(const Geometry& g, In<T> x, double* mean, double* m2);
+BATCHNORM_API index_t partial_moments(const Geometry& g, In<T> x, double* mean, double* m2, In<T> mask = {});
 
 /// Merges (count_b, mean_b, m2_b) into (count_a, mean_a, m2_a), per channel.
 BATCHNORM_API void merge_moments(index_t channels, double* count_a, double* mean_a, double* m2_a, const double* count_b,
@@ -135,11 +137,12 @@ template <class T>
 BATCHNORM_API void backward_sums(const Geometry& g, In<T> dy, In<T> x, const stat_t<T>* mean, const stat_t<T>* inv_std,
                                  Affine<stat_t<T>> affine, Activation activation, double* sum_dy, double* sum_dy_xc);
 
-/// backward_apply writes dx from (possibly combined) sums over `count` values per channel.
+/// backward_apply writes dx from (possibly combined) sums over `count` values per channel
+/// (with a mask, the statistics' count: the sum W of the mask's weights over all arrays).
 template <class T>
 BATCHNORM_API void backward_apply(const Geometry& g, In<T> dy, In<T> x, Out<T> dx, const stat_t<T>* mean,
                                   const stat_t<T>* inv_std, Affine<stat_t<T>> affine, Activation activation,
-                                  const double* sum_dy, const double* sum_dy_xc, index_t count,
-                                  Statistics statistics = Statistics::batch);
+                                  const double* sum_dy, const double* sum_dy_xc, double count,
+                                  Statistics statistics = Statistics::batch, In<T> mask = {});
 
 }  // namespace batchnorm

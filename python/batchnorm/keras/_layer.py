@@ -277,7 +277,7 @@ class BatchNormalization(LayerWeights, CopyableLayer):
             scale_mult=scale_mult,
             offset_mult=offset_mult,
             weights=weights,
-            mask=cmask if stats.comm is None else None,
+            mask=cmask,
             wsum=stats.wsum,
             count=stats.count,
             comm=stats.comm,

@@ -93,7 +93,7 @@ def core_mask(weights: np.ndarray, x: np.ndarray, axes: tuple[int, ...]) -> np.n
         weights = first
     w = np.broadcast_to(weights, x.shape)
     view = w[tuple(0 if i in axes else slice(None) for i in range(x.ndim))]
-    total = float(view.sum()) if view.size else 0.0
+    total = float(view.sum(dtype=np.float64)) if view.size else 0.0
     if not (math.isfinite(total) and total > 0):
         return None
     return view.astype(x.dtype)  # exact: the weights were cast to the compute dtype
