@@ -2,7 +2,7 @@
 // operations of simd-inl.hpp and the drivers of general-inl.hpp. No include guard and no
 // instruction-set conditionals (see kernels-inl.hpp).
 //   affine-1:  y  = act(a*(x - m) + b)
-//   affine-2:  dx = k1*g + k2*(x - m) + k3,  g = dy masked by relu(a*(x - m) + b)
+//   affine-2:  dx = k1*(g - k3) + k2*(x - m),  g = dy masked by relu(a*(x - m) + b)
 // The direct bodies compute in registers and write large outputs with non-temporal stores
 // straight from them, after a head that aligns the output to a cache line; run edges are
 // partial vectors. Every value is computed by the same operations whichever part of a
@@ -134,7 +134,7 @@ void affine1_direct(const T* x, T* y, index_t n, const Coefs<compute_t<T>>& k, i
   partial(n);
 }
 
-// dx = k1*g + k2*(x - m) + k3, g = dy (masked by relu(a*(x - m) + b)); as affine1_direct.
+// dx = k1*(g - k3) + k2*(x - m), g = dy (masked by relu(a*(x - m) + b)); as affine1_direct.
 template <class T, bool Relu, bool Stream, bool Periodic>
 void affine2_direct(const T* x, const T* dy, T* dx, index_t n, const Coefs<compute_t<T>>& k, index_t period,
                     index_t ahead = 0, index_t first_channel = 0) {

@@ -32,7 +32,7 @@ using compute_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 ///   affine-1:  y  = act(a*(x - m) + b)
 ///   reduce-1:  s += x - m,  ss += (x - m)^2                 (m: the channel's shift)
 ///   reduce-2:  s += dy',    ss += dy' * (x - m)              (dy' = dy masked by relu(a*(x-m)+b))
-///   affine-2:  dx = k1*dy' + k2*(x - m) + k3
+///   affine-2:  dx = k1*(dy' - k3) + k2*(x - m)
 template <class C>
 struct Coefs {
   const C* a = nullptr;
