@@ -2,8 +2,8 @@
 // operations of simd-inl.hpp and the drivers of general-inl.hpp. No include guard and no
 // instruction-set conditionals (see kernels-inl.hpp).
 //   affine-1:  y  = act(a*(x - m) + b)
-//   affine-2:  dx = k1*g + k2*(x - m) + k3,  g = dy masked by relu(a*(x - m) + b)
-//              with masked statistics: dx = k1*g + w*(k2*(x - m) + k3), w the mask beside x
+//   affine-2:  dx = k1*(g - k3) + k2*(x - m),  g = dy masked by relu(a*(x - m) + b)
+//              with masked statistics: dx = k1*(g - w*k3) + w*k2*(x - m), w the mask beside x
 // The direct bodies compute in registers and write large outputs with non-temporal stores
 // straight from them, after a head that aligns the output to a cache line; run edges are
 // partial vectors. Every value is computed by the same operations whichever part of a
@@ -135,7 +135,7 @@ void affine1_direct(const T* x, T* y, index_t n, const Coefs<compute_t<T>>& k, i
   partial(n);
 }
 
-// dx = k1*g + k2*(x - m) + k3, g = dy (masked by relu(a*(x - m) + b)); as affine1_direct.
+// dx = k1*(g - k3) + k2*(x - m), g = dy (masked by relu(a*(x - m) + b)); as affine1_direct.
 // With mask weights (Wt, read at w: one per value, or one for the call) the dx of masked
 // statistics, dx_of_weighted.
 template <class T, bool Relu, bool Stream, bool Periodic, Weights Wt = Weights::none>

@@ -273,7 +273,7 @@ void backward(const Geometry& g, In<T> dy, In<T> x, Out<T> dx, const stat_t<T>* 
   reduce2(b, dy.data, x.data, sum_dy.data(), sum_dy_xc.data());
   for (std::size_t c = 0; c < sum_dy.size(); ++c) {
     dbeta[c] = static_cast<stat_t<T>>(sum_dy[c]);
-    dgamma[c] = static_cast<stat_t<T>>(sum_dy_xc[c] * b.inv[c]);
+    dgamma[c] = static_cast<stat_t<T>>(dgamma_of(b.inv[c], sum_dy[c], sum_dy_xc[c]));
   }
   affine2(b, dy.data, x.data, dx.data, affine, sum_dy.data(), sum_dy_xc.data(), stat_count(b.plan, b.mask), statistics);
 }

@@ -37,7 +37,7 @@ using compute_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 ///   reduce-1:  s += x - m,  ss += (x - m)^2                 (m: the channel's shift)
 ///              masked:  s += w*(x - m),  ss += w*(x - m)^2
 ///   reduce-2:  s += dy',    ss += dy' * (x - m)              (dy' = dy masked by relu(a*(x-m)+b))
-///   affine-2:  dx = k1*dy' + k2*(x - m) + k3;  masked: dx = k1*dy' + w*(k2*(x - m) + k3)
+///   affine-2:  dx = k1*(dy' - k3) + k2*(x - m);  masked: dx = k1*(dy' - w*k3) + w*k2*(x - m)
 template <class C>
 struct Coefs {
   const C* a = nullptr;

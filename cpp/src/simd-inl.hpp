@@ -120,10 +120,10 @@ inline double mul_add(double a, double b, double c) {
 #endif
 }
 inline float sub(float a, float b) { return a - b; }
-inline double sub(double a, double b) { return a - b; }
-inline double add(double a, double b) { return a + b; }
 inline float mul(float a, float b) { return a * b; }
 inline double mul(double a, double b) { return a * b; }
+inline double sub(double a, double b) { return a - b; }
+inline double add(double a, double b) { return a + b; }
 inline float relu(float z) { return z < 0.0f ? 0.0f : z; }  // NaN stays NaN, as IEEE max(z, 0) in PyTorch
 inline double relu(double z) { return z < 0.0 ? 0.0 : z; }
 inline float if_positive(float z, float g) { return z > 0.0f ? g : 0.0f; }  // g where z > 0, else 0
