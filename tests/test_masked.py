@@ -325,3 +325,30 @@ def test_partials_and_backward_halves_merge_to_the_masked_call():
     bn._core.backward_apply(dy, x, dx_apply, (1,), s.mean, s.inv_std, None, None, False, sum_dy, sum_dy_xc,
                             float(w.sum()), mask=w)  # fmt: skip
     np.testing.assert_allclose(dx_apply, dx, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(("shape", "mshape"), [((2, 16, 4096), (2, 4096)), ((64, 200, 40), (64, 40))])
+def test_thread_counts(shape, mshape, restore_threads):
+    """Bitwise the same for a fixed thread count; across thread counts, the same but for the
+    rounding of the per-thread partial sums (bitwise on the channel-block schedule, the first
+    shape, where each channel is one thread's)."""
+    rng = np.random.default_rng(8)
+    x = rng.normal(3, 2, shape).astype(np.float32)
+    dy = rng.normal(0, 1, shape).astype(np.float32)
+    mask = rng.random(mshape) < 0.7
+
+    def run():
+        y, s = bn.forward(x, axis=1, mask=mask)
+        return (y, s.mean, s.variance, *bn.backward(dy, x, s, axis=1, mask=mask))
+
+    bn.set_num_threads(1)
+    one = run()
+    bn.set_num_threads(2)
+    two, again = run(), run()
+    for a, b in zip(two, again, strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(one, two, strict=True):
+        if shape[-1] == 4096:
+            np.testing.assert_array_equal(a, b)
+        else:
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
