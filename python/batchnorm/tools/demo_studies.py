@@ -30,7 +30,7 @@ import numpy as np
 from .. import optimizers
 from . import demo
 
-__all__ = ["STUDIES", "Row", "Study", "figure", "main", "run_study", "table"]
+__all__ = ["STUDIES", "Row", "Study", "figure", "main", "run_study", "scaled_inputs", "table"]
 
 STUDIES = demo.STUDIES
 SEEDS = 3
@@ -104,28 +104,30 @@ def _train(
         )
 
 
-def _scaling(setup: _Setup, seed: int) -> Study:
+def scaled_inputs(data: Data) -> dict[str, Data]:
+    """The scaling study's inputs: "raw" (each pixel column times its fixed factor), and the raw
+    features after scikit-learn's "MinMaxScaler" and "StandardScaler", fit on the training split."""
     from sklearn.preprocessing import MinMaxScaler, StandardScaler
 
-    x_train, y_train, x_test, y_test = setup.data
+    x_train, y_train, x_test, y_test = data
     factors = 10.0 ** np.random.default_rng(SCALE_SEED).uniform(*SCALE_EXPONENTS, size=x_train.shape[1])
-    raw: Data = (
-        (x_train * factors).astype(demo.DTYPE),
-        y_train,
-        (x_test * factors).astype(demo.DTYPE),
-        y_test,
-    )
-
-    def scaled(scaler: Any) -> Data:
+    raw = (x_train * factors).astype(demo.DTYPE), y_train, (x_test * factors).astype(demo.DTYPE), y_test
+    inputs = {"raw": raw}
+    for scaler in (MinMaxScaler(), StandardScaler()):
         scaler.fit(raw[0])  # the training split only: the held-out images stay unseen
-        return scaler.transform(raw[0]).astype(demo.DTYPE), y_train, scaler.transform(raw[2]).astype(demo.DTYPE), y_test
+        train, test = (scaler.transform(x).astype(demo.DTYPE) for x in (raw[0], raw[2]))
+        inputs[type(scaler).__name__] = train, y_train, test, y_test
+    return inputs
 
+
+def _scaling(setup: _Setup, seed: int) -> Study:
+    inputs = scaled_inputs(setup.data)
     settings = (
-        ("plain net, raw", raw, False),
-        ("plain net, MinMaxScaler", scaled(MinMaxScaler()), False),
-        ("plain net, StandardScaler", scaled(StandardScaler()), False),
-        ("batch-norm net, raw", raw, True),
-        ("batch-norm net, StandardScaler", scaled(StandardScaler()), True),
+        ("plain net, raw", inputs["raw"], False),
+        ("plain net, MinMaxScaler", inputs["MinMaxScaler"], False),
+        ("plain net, StandardScaler", inputs["StandardScaler"], False),
+        ("batch-norm net, raw", inputs["raw"], True),
+        ("batch-norm net, StandardScaler", inputs["StandardScaler"], True),
     )
     rows = [
         Row(label, [_train(setup, f"scaling: {label}", seed, data=data, batch_norm=bn)]) for label, data, bn in settings
@@ -229,7 +231,7 @@ def table(study: Study) -> str:
         for r in rows
     ]
     lines.insert(1, "-" * len(lines[0]))
-    return "\n".join([study.title, "", *lines])
+    return "\n".join([study.title, *lines])
 
 
 def _panel(ax: Any, study: Study, letter: str) -> None:
@@ -299,7 +301,7 @@ def main(args: argparse.Namespace) -> int:
             f"then the studies: {', '.join(names)}",
             file=sys.stderr,
         )
-        comparison = demo.run(args.steps, args.learning_rate, args.seed, target=args.target)
+        comparison = demo.run(args.steps, args.learning_rate, args.seed, target=args.target, stream=sys.stderr)
         print()
         print(demo.table(comparison))
         print()
@@ -308,7 +310,14 @@ def main(args: argparse.Namespace) -> int:
     for name in names:
         steps = args.steps if name == "scaling" else args.study_steps
         studies.append(
-            run_study(name, steps=steps, learning_rate=args.learning_rate, seed=args.seed, target=args.target)
+            run_study(
+                name,
+                steps=steps,
+                learning_rate=args.learning_rate,
+                seed=args.seed,
+                target=args.target,
+                stream=sys.stderr,
+            )
         )
         print()
         print(table(studies[-1]))
