@@ -64,7 +64,7 @@ def test_all_prints_three_tables_with_numbers_and_one_figure(tmp_path, capsys, f
         for row in rows:
             # the steps to 90% (">20" when not reached), the best accuracy, the optimizers' gamma std
             cells = re.findall(rf"{NUMBER}( \({NUMBER}-{NUMBER}\))?", row.split("  ", 1)[1])
-            assert len(cells) == (3 if name == "optimizers" else 2), row
+            assert len(cells) == (2 if name == "scaling" else 3), row
             assert "diverged" not in row
     assert captured.out.rstrip().endswith(f"Plot saved to {out}")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -190,7 +190,15 @@ def test_the_gamma_beta_optimizer_updates_only_gamma_and_beta():
 def _curve(steps_to_target, best, diverged=False):
     acc = np.array([0.1, best])
     return _demo.Curve(
-        "c", np.array([0, 10]), acc, np.zeros((2, 3)), np.array([math.nan, 1.0]), steps_to_target, 0.0, diverged
+        "c",
+        np.array([0, 10]),
+        acc,
+        np.zeros((2, 3)),
+        np.array([math.nan, 1.0]),
+        steps_to_target,
+        0.0,
+        diverged,
+        np.array([0, best / 10]),
     )
 
 
@@ -207,7 +215,8 @@ def test_table_cells_median_range_and_diverged():
         target=0.9,
     )
     rows = _studies.table(study).splitlines()[3:]
-    assert rows[0].split("  ", 1)[1].split() == ["40", "(20->100)", "0.950", "(0.850-0.970)"]
+    gamma = ["0.095", "(0.085-0.097)"]  # from the last evaluation
+    assert rows[0].split("  ", 1)[1].split() == ["40", "(20->100)", "0.950", "(0.850-0.970)", *gamma]
     assert "40 (30-50), 1 of 3 diverged" in rows[1]
-    assert rows[1].split()[-2:] == ["0.915", "(0.900-0.930)"]  # the median of the two that did not diverge
-    assert rows[2].split()[-2:] == ["diverged", "diverged"]
+    assert rows[1].split()[-4:-2] == ["0.915", "(0.900-0.930)"]  # the median of the two that did not diverge
+    assert rows[2].split()[-3:] == ["diverged", "diverged", "diverged"]

@@ -38,6 +38,8 @@ EVAL_EVERY = 10  # steps between held-out evaluations: the demo's default resolu
 SCALE_SEED = 1  # the fixed per-column factors of the scaling study
 SCALE_EXPONENTS = (-2.0, 2.0)  # factors 10**u, u uniform in this range: four orders of magnitude
 
+GAMMA_STD = "gamma std: the standard deviation of the network's 300 gamma values at the end (all 1 at the start)"
+
 Data = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 # Name in the table, and the optimizer of gamma and beta at its default learning rate.
@@ -64,6 +66,11 @@ class Study:
     rows: list[Row]
     steps: int
     target: float
+
+    @property
+    def gamma_column(self) -> bool:
+        """Whether the table shows the spread of gamma: where every network has batch norm."""
+        return self.name != "scaling"
 
 
 @dataclass
@@ -148,7 +155,8 @@ def _placement(setup: _Setup, seeds: list[int]) -> Study:
     ]
     title = (
         f"Placement: {setup.steps} steps, SGD learning rate {setup.learning_rate:g} on every weight; "
-        f"median (min-max) over seeds {seeds[0]}-{seeds[-1]}; held-out accuracy every {setup.eval_every} steps"
+        f"median (min-max) over seeds {seeds[0]}-{seeds[-1]}; held-out accuracy every {setup.eval_every} steps; "
+        f"{GAMMA_STD}"
     )
     return Study("placement", title, rows, setup.steps, setup.target)
 
@@ -161,8 +169,7 @@ def _optimizers(setup: _Setup, seeds: list[int]) -> Study:
     title = (
         f"Optimizer of gamma and beta (the other weights: SGD learning rate {setup.learning_rate:g}); "
         f"{setup.steps} steps; median (min-max) over seeds {seeds[0]}-{seeds[-1]}; held-out accuracy every "
-        f"{setup.eval_every} steps; gamma std: the standard deviation of all 300 gamma values of the network "
-        "at the end (all 1 at the start)"
+        f"{setup.eval_every} steps; {GAMMA_STD}"
     )
     return Study("optimizers", title, rows, setup.steps, setup.target)
 
@@ -202,7 +209,7 @@ def _median_range(values: list[float], fmt: Callable[[float], str]) -> str:
 def _cells(study: Study, row: Row) -> list[str]:
     ok = [c for c in row.curves if not c.diverged]
     if not ok:
-        return ["diverged", "diverged"] + (["diverged"] if study.name == "optimizers" else [])
+        return ["diverged"] * (3 if study.gamma_column else 2)
     note = f", {len(row.curves) - len(ok)} of {len(row.curves)} diverged" if len(ok) < len(row.curves) else ""
     never = study.steps + 1  # not reached: sorts after every step count
     steps = [float(c.steps_to_target if c.steps_to_target is not None else never) for c in ok]
@@ -214,7 +221,7 @@ def _cells(study: Study, row: Row) -> list[str]:
         _median_range(steps, fmt_steps) + note,
         _median_range([float(c.accuracy.max()) for c in ok], lambda v: f"{v:.3f}"),
     ]
-    if study.name == "optimizers":
+    if study.gamma_column:
         cells.append(_median_range([float(c.gamma_std[-1]) for c in ok], lambda v: f"{v:.3f}"))
     return cells
 
@@ -222,7 +229,7 @@ def _cells(study: Study, row: Row) -> list[str]:
 def table(study: Study) -> str:
     """The study's printed table: its header, then steps to the target and the best held-out accuracy."""
     head = ["", f"steps to {study.target:.0%}", "best held-out accuracy"]
-    if study.name == "optimizers":
+    if study.gamma_column:
         head.append("gamma std")
     rows = [head] + [[row.label, *_cells(study, row)] for row in study.rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
