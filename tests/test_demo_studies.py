@@ -19,7 +19,7 @@ from batchnorm.tools import demo_studies as _studies
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
-TITLES = {"scaling": "Input scaling:", "placement": "Placement:", "optimizers": "Optimizer of gamma and beta"}
+TITLES = {"scaling": "Input scaling:", "placement": "Placement (", "optimizers": "Optimizer of gamma and beta"}
 ROWS = {"scaling": 5, "placement": 2, "optimizers": 4}
 NUMBER = r"(>?\d+(\.\d+)?)"
 
@@ -205,7 +205,7 @@ def _curve(steps_to_target, best, diverged=False):
 def test_table_cells_median_range_and_diverged():
     study = _studies.Study(
         "placement",
-        "Placement: made up",
+        "Placement (made up)",
         [
             _studies.Row("three", [_curve(40, 0.95), _curve(None, 0.85), _curve(20, 0.97)]),
             _studies.Row("one diverged", [_curve(30, 0.9), _curve(None, 0.5, diverged=True), _curve(50, 0.93)]),

@@ -148,30 +148,30 @@ def _scaling(setup: _Setup, seed: int) -> Study:
     return Study("scaling", title, rows, setup.steps, setup.target)
 
 
-def _placement(setup: _Setup, seeds: list[int]) -> Study:
+def _over_seeds(setup: _Setup, name: str, seeds: list[int]) -> Study:
+    """The placement or the optimizers study: each setting trained once per seed."""
+    settings: list[tuple[str, bool, Callable[[], optimizers.Optimizer] | None]]
+    if name == "placement":
+        settings = [("BN before each sigmoid", False, None), ("BN after each sigmoid", True, None)]
+        what = f"Placement (SGD learning rate {setup.learning_rate:g} on every weight)"
+    else:
+        settings = [(label, False, make) for label, make in OPTIMIZERS]
+        what = f"Optimizer of gamma and beta (the other weights: SGD learning rate {setup.learning_rate:g})"
     rows = [
-        Row(label, [_train(setup, f"placement: {label}, seed {s}", s, after=after) for s in seeds])
-        for label, after in (("BN before each sigmoid", False), ("BN after each sigmoid", True))
+        Row(
+            label,
+            [
+                _train(setup, f"{name}: {label}, seed {s}", s, after=after, bn_optimizer=make() if make else None)
+                for s in seeds
+            ],
+        )
+        for label, after, make in settings
     ]
     title = (
-        f"Placement: {setup.steps} steps, SGD learning rate {setup.learning_rate:g} on every weight; "
-        f"median (min-max) over seeds {seeds[0]}-{seeds[-1]}; held-out accuracy every {setup.eval_every} steps; "
-        f"{GAMMA_STD}"
+        f"{what}; {setup.steps} steps; median (min-max) over seeds {seeds[0]}-{seeds[-1]}; "
+        f"held-out accuracy every {setup.eval_every} steps; {GAMMA_STD}"
     )
-    return Study("placement", title, rows, setup.steps, setup.target)
-
-
-def _optimizers(setup: _Setup, seeds: list[int]) -> Study:
-    rows = [
-        Row(label, [_train(setup, f"optimizers: {label}, seed {s}", s, bn_optimizer=make()) for s in seeds])
-        for label, make in OPTIMIZERS
-    ]
-    title = (
-        f"Optimizer of gamma and beta (the other weights: SGD learning rate {setup.learning_rate:g}); "
-        f"{setup.steps} steps; median (min-max) over seeds {seeds[0]}-{seeds[-1]}; held-out accuracy every "
-        f"{setup.eval_every} steps; {GAMMA_STD}"
-    )
-    return Study("optimizers", title, rows, setup.steps, setup.target)
+    return Study(name, title, rows, setup.steps, setup.target)
 
 
 def run_study(
@@ -192,11 +192,7 @@ def run_study(
     setup = _Setup(demo._load_data(seed), steps, learning_rate, target, eval_every, stream)
     seeds = [seed + i for i in range(SEEDS)]
     with demo._one_blas_thread():
-        if name == "scaling":
-            return _scaling(setup, seed)
-        if name == "placement":
-            return _placement(setup, seeds)
-        return _optimizers(setup, seeds)
+        return _scaling(setup, seed) if name == "scaling" else _over_seeds(setup, name, seeds)
 
 
 # ----------------------------------------------------------------------------- report
