@@ -72,7 +72,7 @@ def test_all_prints_three_tables_with_numbers_and_one_figure(tmp_path, capsys, f
     assert len(fig.axes) == 6  # the comparison's three panels and one per study
     titles = [ax.get_title() for ax in fig.axes]
     assert [t.split(")")[0] for t in titles] == ["(a", "(b", "(c", "(d", "(e", "(f"]
-    assert [t.split()[1].rstrip(",") for t in titles[3:]] == list(TITLES)
+    assert [t.split()[1].rstrip(":") for t in titles[3:]] == list(TITLES)
     assert len(re.findall(r"^placement: .*seed \d", captured.err, re.M)) == 6  # a progress line per run
 
 

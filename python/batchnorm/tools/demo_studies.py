@@ -4,10 +4,12 @@ on the demo's network, data and mini-batches (see :mod:`batchnorm.tools.demo`).
 * scaling: inputs on a common scale train in fewer steps. Each pixel column is multiplied by
   a fixed factor spread over several orders of magnitude; the plain network is trained on
   these raw features, after scikit-learn's ``MinMaxScaler`` and after its ``StandardScaler``
-  (both fit on the training split only), and the batch-norm network on the raw features.
+  (both fit on the training split only), and the batch-norm network on the raw features and
+  after the ``StandardScaler``.
 * placement: batch norm before each sigmoid (the paper's, and the demo's) against after it.
 * optimizers: gamma and beta trained with ``bn.optimizers.SGD``, SGD with momentum,
-  ``RMSprop`` and ``Adam`` at their default learning rates, while the same plain SGD as in
+  ``RMSprop`` and ``Adam`` at the optimizers' default learning rates (momentum 0.9, the usual
+  value; the optimizer's default is none), while the same plain SGD as in
   the demo updates every other weight, so that only gamma and beta's optimizer differs.
 
 Each study is a table and a panel of the one saved figure. Placement and optimizers run 3
@@ -261,10 +263,11 @@ def _panel(ax: Any, study: Study, letter: str) -> None:
         ax.axhline(study.target, color="k", lw=0.6, ls=":")
         ax.set_ylim(0, 1)
         ax.set_ylabel("held-out accuracy")
-        ax.legend(loc="lower right", fontsize=7)
+        ax.legend(loc="best", fontsize=7)
     seeds = max(len(r.curves) for r in study.rows)
-    spread = f", median and range over {seeds} seeds" if seeds > 1 else ""
-    ax.set_title(f"({letter}) {study.name}{spread}")
+    what = "the spread of gamma" if gamma else "held-out accuracy"
+    spread = f"median and range over {seeds} seeds" if seeds > 1 else "one seed"
+    ax.set_title(f"({letter}) {study.name}: {what},\n{spread}")
 
 
 def figure(comparison: demo.DemoResult | None, studies: list[Study]) -> Any:
