@@ -88,13 +88,25 @@ def threads() -> None:
         m.zero_grad()
         m(x).sum().backward()
 
+    def cpu_per_wall(m: torch.nn.Module) -> float:
+        """Processor time over wall time of 20 steps: beyond the thread count, threads spin or contend."""
+        wall, cpu = time.perf_counter(), time.process_time()
+        for _ in range(20):
+            step(m)
+        return (time.process_time() - cpu) / (time.perf_counter() - wall)
+
+    with open("/proc/self/maps") as maps:
+        gomp = sorted({line.split()[-1].rsplit("/", 1)[-1] for line in maps if "libgomp" in line})
+    print(f"OpenMP runtimes mapped: {', '.join(gomp) or 'none'}")
     for n in (1, 2):
         torch.set_num_threads(n)
         t = median_us({k: (lambda m=m: step(m)) for k, m in models.items()}, 5, 15)
         tasks = len(os.listdir("/proc/self/task"))
+        busy = {k: cpu_per_wall(m) for k, m in models.items()}
         print(
             f"{n} thread(s): step torch {t['torch'] / 1e3:.2f} ms  ours {t['ours'] / 1e3:.2f} ms"
-            f"  ours/torch {t['ours'] / t['torch']:.2f}  (OS threads in the process: {tasks})"
+            f"  ours/torch {t['ours'] / t['torch']:.2f}  (OS threads in the process: {tasks};"
+            f" busy processors: torch {busy['torch']:.2f}, ours {busy['ours']:.2f})"
         )
 
 
