@@ -3,6 +3,7 @@
     python benchmarks/torch_probes.py calls     # per-call cost: a 16x64 BatchNorm1d step and eval, ours vs torch's
                                                 # (and vs an autograd node that computes nothing)
     python benchmarks/torch_probes.py threads   # a conv -> BN -> ReLU training loop at 1 and 2 threads
+    python benchmarks/torch_probes.py threads batchnorm-first   # the same, batchnorm imported before torch
 
 Interleaved rounds, medians. The bench (python -m batchnorm bench) is the measurement of record.
 """
@@ -15,6 +16,9 @@ import sys
 import time
 from collections.abc import Callable
 from typing import Any
+
+if sys.argv[2:] == ["batchnorm-first"]:  # its OpenMP runtime loads before torch's (see docs/torch.md, Threads)
+    import batchnorm  # noqa: F401
 
 import torch
 
