@@ -121,18 +121,46 @@ def test_fused_relu():
     check_case((4, 6, 33), 1, (4, 33), "c", F64, relu=True)
 
 
-def test_padding_does_not_enter_the_statistics():
-    """A padded batch gives the statistics of its unpadded values, whatever the padding holds."""
+@pytest.mark.parametrize("fill", [1e4, np.nan, np.inf], ids=["far", "nan", "inf"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16], ids=str)
+@pytest.mark.parametrize("layout", ["NCL", "NLC", "NLC-narrow"])
+def test_padding_does_not_enter_the_statistics(fill, dtype, layout):
+    """A padded batch gives the statistics of its unpadded values, whatever the padding holds
+    (NaN and infinities too), and so the outputs at its real positions; with a loss that
+    ignores the padding (dy = 0 there) and finite padding, dx at the real positions is the
+    unpadded batch's. Runs (channels first), row tiles and the general loops alike."""
     rng = np.random.default_rng(1)
-    lengths = [30, 12, 25]
-    x = rng.normal(3, 2, (3, 5, 30)).astype(np.float32)
+    lengths, channels = [30, 12, 25], 5 if layout == "NLC-narrow" else 48
+    x = rng.normal(3, 2, (3, channels, 30)).astype(dtype)
+    dy = rng.normal(0, 1, x.shape).astype(dtype)
     mask = np.arange(30)[None, :] < np.array(lengths)[:, None]
-    x[~np.broadcast_to(mask[:, None, :], x.shape)] = 1e4  # padding far from the data
+    padding = ~np.broadcast_to(mask[:, None, :], x.shape)
+    x[padding] = fill
+    dy[padding] = 0
     kept = np.concatenate([x[i, :, :n] for i, n in enumerate(lengths)], axis=1).astype(np.float64)
-    mean, var = bn.moments(x, 1, mask=mask)
-    np.testing.assert_allclose(mean, kept.mean(axis=1), rtol=1e-6)
-    np.testing.assert_allclose(var, kept.var(axis=1), rtol=1e-5)
-    assert bn.forward(x, axis=1, mask=mask)[1].count == sum(lengths)
+    kept_dy = np.concatenate([dy[i, :, :n] for i, n in enumerate(lengths)], axis=1)
+    axis = 1
+    if layout != "NCL":  # (N, L, C) in memory
+        x, dy, axis = np.moveaxis(x, 1, 2).copy(), np.moveaxis(dy, 1, 2).copy(), -1
+    mean, var = bn.moments(x, axis, mask=mask)
+    rtol = 1e-3 if dtype == np.float16 else 1e-6
+    np.testing.assert_allclose(mean, kept.mean(axis=1), rtol=rtol)
+    np.testing.assert_allclose(var, kept.var(axis=1), rtol=10 * rtol)
+    y, stats = bn.forward(x, axis=axis, mask=mask)
+    assert stats.count == sum(lengths)
+    dx = bn.backward(dy, x, stats, axis=axis, mask=mask)[0]
+
+    def real(a: np.ndarray) -> np.ndarray:  # (channels, real positions), as `kept`
+        a = a if layout == "NCL" else np.moveaxis(a, 2, 1)
+        return np.concatenate([a[i, :, :n] for i, n in enumerate(lengths)], axis=1).astype(np.float64)
+
+    flat = kept.astype(dtype).T.copy()  # (values, channels): the unpadded batch
+    want_y, want_stats = bn.forward(flat)
+    atol = 1e-2 if dtype == np.float16 else 1e-5
+    np.testing.assert_allclose(real(y), want_y.T.astype(np.float64), rtol=0, atol=atol)
+    if np.isfinite(fill):
+        want_dx = bn.backward(kept_dy.T.copy(), flat, want_stats)[0].T
+        np.testing.assert_allclose(real(dx), want_dx.astype(np.float64), rtol=0, atol=atol)
 
 
 def test_ones_equal_no_mask():

@@ -16,6 +16,7 @@ inline void reduce1_run(const T* x, const T* w, index_t n, double m, Sums& sums,
   constexpr index_t W = kLanesD;
   const VD vm = set<VD>(m);
   auto step = [&](VD d, VD wv, int u) {
+    if (Weighted) d = if_nonzero(wv, d);  // a padded position adds nothing, whatever it holds (NaN too)
     const VD wd = Weighted ? mul(wv, d) : d;
     sums.s.acc[u] = add(sums.s.acc[u], wd);
     sums.ss.acc[u] = mul_add(wd, d, sums.ss.acc[u]);
@@ -132,6 +133,7 @@ void reduce1_tiles(Strided<const T> x, Strided<const T> w, index_t rows, index_t
       halves(load<VF>(m + c), md);
       for (int h = 0; h < kHalves; ++h) sum[h] = zero<VD>(), sq[h] = zero<VD>();
       for (index_t r = r0; r < r1; ++r) {
+        if (Weighted && weight(r) == 0) continue;  // a padded row adds nothing, whatever it holds
         VD v[kHalves];
         prefetch(x.p + r * x.stride + c + kAheadRows);
         halves(load<VF>(x.p + r * x.stride + c), v);
@@ -145,7 +147,7 @@ void reduce1_tiles(Strided<const T> x, Strided<const T> w, index_t rows, index_t
       add_sums(s + c, ss + c, sum, sq);
     }
     for (index_t r = r0; r < r1 && vec_channels < channels; ++r)
-      for (index_t c = vec_channels; c < channels; ++c) {
+      for (index_t c = vec_channels; c < channels && !(Weighted && weight(r) == 0); ++c) {
         const double d = promote(to_compute(x.p + r * x.stride + c)) - promote(m[c]), wd = Weighted ? weight(r) * d : d;
         s[c] += wd;
         ss[c] += wd * d;
@@ -192,6 +194,7 @@ void reduce2_tiles(Strided<const T> x, Strided<const T> dy, index_t rows, index_
 // every value weighted by w (the row's mask value).
 template <bool Weighted, class C>
 inline void reduce1_channels(const C* x, index_t n, const C* m, double w, double* s, double* ss) {
+  if (Weighted && w == 0) return;  // a padded row adds nothing, whatever it holds
   for (index_t c = 0; c < n; ++c) {
     const double d = static_cast<double>(x[c]) - static_cast<double>(m[c]), wd = Weighted ? w * d : d;
     s[c] += wd;

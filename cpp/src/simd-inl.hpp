@@ -128,6 +128,7 @@ inline float relu(float z) { return z < 0.0f ? 0.0f : z; }  // NaN stays NaN, as
 inline double relu(double z) { return z < 0.0 ? 0.0 : z; }
 inline float if_positive(float z, float g) { return z > 0.0f ? g : 0.0f; }  // g where z > 0, else 0
 inline double if_positive(double z, double g) { return z > 0.0 ? g : 0.0; }
+inline double if_nonzero(double w, double d) { return w != 0.0 ? d : 0.0; }  // d where w != 0, else 0
 inline double promote(float v) { return v; }
 inline double promote(double v) { return v; }
 
@@ -268,6 +269,9 @@ inline __m256d relu(__m256d z) { return _mm256_max_pd(_mm256_setzero_pd(), z); }
 inline __m256d if_positive(__m256d z, __m256d g) {
   return _mm256_and_pd(_mm256_cmp_pd(z, _mm256_setzero_pd(), _CMP_GT_OQ), g);
 }
+inline __m256d if_nonzero(__m256d w, __m256d d) {
+  return _mm256_and_pd(_mm256_cmp_pd(w, _mm256_setzero_pd(), _CMP_NEQ_UQ), d);
+}
 // The lanes added in a fixed pairwise order (halves, then halves of the halves): the
 // result depends only on the values, never on timing.
 inline double sum_lanes(__m256d h) {
@@ -386,6 +390,9 @@ inline __m512d mul_add(__m512d a, __m512d b, __m512d c) { return _mm512_fmadd_pd
 inline __m512d relu(__m512d z) { return _mm512_max_pd(_mm512_setzero_pd(), z); }
 inline __m512d if_positive(__m512d z, __m512d g) {
   return _mm512_maskz_mov_pd(_mm512_cmp_pd_mask(z, _mm512_setzero_pd(), _CMP_GT_OQ), g);
+}
+inline __m512d if_nonzero(__m512d w, __m512d d) {
+  return _mm512_maskz_mov_pd(_mm512_cmp_pd_mask(w, _mm512_setzero_pd(), _CMP_NEQ_UQ), d);
 }
 inline __m512d promote(__m512d v) { return v; }
 inline __m512d keep_first(__m512d v, index_t n) { return _mm512_maskz_mov_pd(first8(n), v); }  // zeros after n
