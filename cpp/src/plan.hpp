@@ -3,8 +3,10 @@
 // reduction dimensions, size-1 dimensions dropped and mergeable neighbours merged, so the
 // kernels see one of three layouts:
 //
-//   channels_last  (nspc): one channel dimension, stride 1 in every array. Work is split
-//                  by rows (each row: all channels, contiguous); vectorized across C.
+//   channels_last  (nspc): the innermost channel dimension has stride 1 in every array.
+//                  Work is split by rows (each row: the channels of that dimension,
+//                  contiguous; outer channel dimensions make groups of rows, each with
+//                  its own channels); vectorized across C.
 //   channels_first (ncsp): the innermost reduction dimension has stride 1 in every array.
 //                  Work is split by runs (a channel's contiguous stretch); vectorized along it.
 //   strided        anything else: runs along the innermost reduction dimension, any strides.
@@ -70,5 +72,14 @@ Plan make_plan(const Geometry& g, const std::vector<const Strides*>& strides);
 inline std::vector<const Strides*> operand_strides(std::initializer_list<const Strides*> s) { return s; }
 
 const char* kind_name(Kind kind);
+
+/// The channels of one row of a channels_last plan (its innermost channel dimension).
+inline index_t row_channels(const Plan& p) { return p.channel_dims.empty() ? p.channels : p.channel_dims.back().size; }
+
+/// The groups of rows of a channels_last plan (the outer channel dimensions; 1 without them).
+inline index_t row_groups(const Plan& p) {
+  const index_t rc = row_channels(p);
+  return rc > 0 ? p.channels / rc : 1;
+}
 
 }  // namespace batchnorm::detail
