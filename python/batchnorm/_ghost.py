@@ -69,8 +69,7 @@ class Chunks(NamedTuple):
 
 
 def chunks(batch: int, size: int) -> Chunks:
-    full, rest = divmod(batch, size)
-    return Chunks(full, size, rest)
+    return Chunks(batch // size, size, batch % size)  # not divmod: torch.compile traces // and %
 
 
 def smallest(x: Any, size: int) -> Any:
