@@ -46,6 +46,24 @@ struct Plan {
   /// Offset of channel c in array op.
   index_t channel_offset(index_t c, int op) const { return offset_in(channel_dims, channel_dims.size(), c, op); }
 
+  /// Calls f(c, channel_offset(c, op)) for every channel in order, without a division per
+  /// channel (ghost batches have tens of thousands of channels).
+  template <class F>
+  void for_each_channel(int op, const F& f) const {
+    const auto o = static_cast<std::size_t>(op);
+    std::vector<index_t> i(channel_dims.size(), 0);
+    index_t off = 0;
+    for (index_t c = 0; c < channels; ++c) {
+      f(c, off);
+      for (std::size_t d = channel_dims.size(); d-- > 0;) {  // an odometer, the innermost dim first
+        off += channel_dims[d].stride[o];
+        if (++i[d] < channel_dims[d].size) break;
+        off -= channel_dims[d].stride[o] * channel_dims[d].size;
+        i[d] = 0;
+      }
+    }
+  }
+
   /// Offset (without `offset`) of the multi-index number i over the first n reduce dims.
   index_t reduce_offset(index_t i, std::size_t n, int op) const { return offset_in(reduce_dims, n, i, op); }
 

@@ -339,7 +339,8 @@ void sum_moments(const Plan& p, const T* x, double* mean, double* second, bool v
   using C = compute_t<T>;
   const index_t ch = p.channels;
   std::vector<C> shift(static_cast<std::size_t>(ch));
-  for (index_t c = 0; c < ch; ++c) shift[static_cast<std::size_t>(c)] = channel_shift(p, x, c);
+  p.for_each_channel(
+      0, [&](index_t c, index_t off) { shift[static_cast<std::size_t>(c)] = shift_of(x + p.offset[0] + off); });
   Coefs<C> k;
   k.m = shift.data();
   const KernelTable<T>& kt = kernels<T>();

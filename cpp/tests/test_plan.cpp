@@ -212,6 +212,25 @@ TEST(Plan, SeveralOperands) {
   EXPECT_EQ(p.operands, 3);
 }
 
+TEST(Plan, ForEachChannelGivesEveryChannelOffset) {
+  const Shape s4 = {2, 3, 4, 5};
+  const std::vector<std::pair<Axes, Strides>> cases = {
+      {{1, 3}, {}},
+      {{0, 2}, make_strides(s4, {3, 1, 0, 2})},
+      {{1, 2, 3}, make_strides(s4, {}, {}, {false, true, false, true})},
+      {{1}, {}},
+  };
+  for (const auto& [axes, strides] : cases) {
+    const Plan p = plan1(s4, axes, strides);
+    index_t next = 0;
+    p.for_each_channel(0, [&](index_t c, index_t off) {
+      EXPECT_EQ(c, next++);
+      EXPECT_EQ(off, p.channel_offset(c, 0)) << "channel " << c;
+    });
+    EXPECT_EQ(next, p.channels);
+  }
+}
+
 TEST(Plan, Errors) {
   EXPECT_THROW(plan1({2, 3}, {2}), value_error);
   EXPECT_THROW(plan1({2, 3}, {-3}), value_error);
