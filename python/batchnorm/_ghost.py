@@ -146,8 +146,7 @@ def running_after(running: np.ndarray, batch: np.ndarray, weights: list[float]) 
     f = np.asarray(weights, dtype=np.float64)
     keep = 1.0 - f
     later = np.append(np.cumprod(keep[::-1])[::-1][1:], 1.0)  # prod_{j > i} (1 - f_j)
-    r = np.asarray(running, dtype=np.float64)
-    out: np.ndarray = np.prod(keep) * r + ((f * later)[:, None] * np.asarray(batch, dtype=np.float64)).sum(axis=0)
+    out: np.ndarray = np.prod(keep) * np.asarray(running, dtype=np.float64) + np.dot(f * later, batch)
     return out
 
 
