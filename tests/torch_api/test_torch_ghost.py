@@ -229,7 +229,7 @@ def test_gradcheck_in_float64(path):
 @pytest.fixture
 def fresh_dynamo():
     """Dynamo's caches emptied before and after: compiles of the same code objects count
-    toward its recompile limit across the whole test session."""
+    toward its recompile limit across the whole pytest run."""
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
