@@ -3,6 +3,7 @@
     python benchmarks/torch_probes.py calls     # per-call cost: a 16x64 BatchNorm1d step and eval, ours vs torch's
                                                 # (and vs an autograd node that computes nothing)
     python benchmarks/torch_probes.py threads   # a conv -> BN -> ReLU training loop at 1 and 2 threads
+    python benchmarks/torch_probes.py threads batchnorm-first   # the same, batchnorm imported before torch
 
 Interleaved rounds, medians. The bench (python -m batchnorm bench) is the measurement of record.
 """
@@ -15,6 +16,9 @@ import sys
 import time
 from collections.abc import Callable
 from typing import Any
+
+if sys.argv[2:] == ["batchnorm-first"]:  # its OpenMP runtime loads before torch's (see docs/torch.md, Threads)
+    import batchnorm  # noqa: F401
 
 import torch
 
@@ -88,13 +92,25 @@ def threads() -> None:
         m.zero_grad()
         m(x).sum().backward()
 
+    def cpu_per_wall(m: torch.nn.Module) -> float:
+        """Processor time over wall time of 20 steps: beyond the thread count, threads spin or contend."""
+        wall, cpu = time.perf_counter(), time.process_time()
+        for _ in range(20):
+            step(m)
+        return (time.process_time() - cpu) / (time.perf_counter() - wall)
+
+    with open("/proc/self/maps") as maps:
+        gomp = sorted({line.split()[-1].rsplit("/", 1)[-1] for line in maps if "libgomp" in line})
+    print(f"OpenMP runtimes mapped: {', '.join(gomp) or 'none'}")
     for n in (1, 2):
         torch.set_num_threads(n)
         t = median_us({k: (lambda m=m: step(m)) for k, m in models.items()}, 5, 15)
         tasks = len(os.listdir("/proc/self/task"))
+        busy = {k: cpu_per_wall(m) for k, m in models.items()}
         print(
             f"{n} thread(s): step torch {t['torch'] / 1e3:.2f} ms  ours {t['ours'] / 1e3:.2f} ms"
-            f"  ours/torch {t['ours'] / t['torch']:.2f}  (OS threads in the process: {tasks})"
+            f"  ours/torch {t['ours'] / t['torch']:.2f}  (OS threads in the process: {tasks};"
+            f" busy processors: torch {busy['torch']:.2f}, ours {busy['ours']:.2f})"
         )
 
 

@@ -165,3 +165,24 @@ def test_matches_torch_nchw_directly(dtype, rng):
     ref.assert_close(dbeta, b.grad.numpy(), rtol=rtol, name="dbeta")
     # torch's saved batch variance is the biased one we return.
     np.testing.assert_allclose(stats.variance, x.astype(np.float64).var(axis=(0, 2, 3)), rtol=rtol)
+
+
+# ---- exact zeros ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dt", ref.ALL_DTYPES, ids=str)
+@pytest.mark.parametrize(
+    ("shape", "axis"), [((1, 70), 1), ((1, 70, 1, 1), 1), ((1, 1, 70), -1), ((1, 70, 2, 2), (1, 2, 3))], ids=str
+)
+@pytest.mark.parametrize("act", [None, "relu"])
+def test_one_value_per_channel_gives_exact_zero_dx(dt, shape, axis, act, rng):
+    """With one value per channel x_hat is 0 and dy equals its mean, so the exact dx is 0;
+    it must come out as 0, not as the rounding of gamma*inv_std*dy (large at a small epsilon)."""
+    x = (rng.standard_normal(shape) * 5 + 3).astype(dt)
+    dy = rng.standard_normal(shape).astype(dt)
+    gamma, beta = ref.random_params(rng, ref.kept_shape(shape, axis), ref.stat_dtype(dt))
+    _, stats = bn.forward(x, gamma, beta, axis=axis, epsilon=1e-8, activation=act)
+    dx, dgamma, dbeta = bn.backward(dy, x, stats, gamma, beta, axis=axis, activation=act)
+    assert np.count_nonzero(dx.astype(np.float64)) == 0
+    assert np.count_nonzero(dgamma) == 0  # x_hat is exactly 0
+    assert np.any(dbeta)  # the sums themselves are not zero

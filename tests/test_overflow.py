@@ -97,3 +97,37 @@ def test_channels_with_infinities_keep_ieee_results():
     assert var[0] == np.inf
     assert mean[1] == np.inf
     assert np.isnan(var[1])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("act", [None, "relu"])
+def test_float64_spanning_more_than_the_range(layout, threads, act, rng, restore_threads):
+    """Values of both signs near the largest double: x - mean overflows, the variance is inf and
+    inv_std 0, so every x_hat is 0. Then y is beta, dx and dgamma are 0, dbeta is the sum of
+    dy (over the ReLU's mask, which is beta > 0), never NaN; normalize agrees."""
+    bn.set_num_threads(threads)
+    shape, axis = LAYOUTS[layout]
+    x = np.array([[1.7e308], [-1.7e308]]) if layout == "single" else hostile(rng, shape, axis, 1.7e308)
+    kept = (shape[axis],)
+    gamma, beta = rng.uniform(0.5, 2, kept), rng.standard_normal(kept)
+    y, st = bn.forward(x, gamma, beta, axis=axis, activation=act)
+    spread = ~np.isfinite(reference(x, axis)[1])  # the channels whose variance is beyond the range
+    assert spread.any()
+    assert np.all(st.inv_std[spread] == 0)
+    others = tuple(a for a in range(x.ndim) if a != axis)
+    b = np.expand_dims(np.maximum(beta, 0) if act else beta, others)
+    moved = lambda a: np.moveaxis(a, axis, -1)[..., spread]  # noqa: E731
+    np.testing.assert_array_equal(moved(y), moved(np.broadcast_to(b, x.shape)))
+    assert not np.isnan(y).any()
+    y2 = bn.normalize(x, st.mean, st.variance, gamma, beta, axis=axis, epsilon=1e-3, activation=act)
+    np.testing.assert_array_equal(moved(y2), moved(y))
+    dy = rng.standard_normal(x.shape)
+    dx, dgamma, dbeta = bn.backward(dy, x, st, gamma, beta, axis=axis, activation=act)
+    assert not np.isnan(dx).any()
+    assert not np.isnan(dgamma).any()
+    assert np.all(moved(dx) == 0)
+    assert np.all(dgamma[spread] == 0)
+    live = beta > 0 if act else np.ones_like(beta, bool)
+    want_dbeta = np.where(live, dy.sum(axis=others), 0)
+    np.testing.assert_allclose(dbeta[spread], want_dbeta[spread], rtol=1e-12, atol=1e-12)

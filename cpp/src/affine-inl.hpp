@@ -2,7 +2,8 @@
 // operations of simd-inl.hpp and the drivers of general-inl.hpp. No include guard and no
 // instruction-set conditionals (see kernels-inl.hpp).
 //   affine-1:  y  = act(a*(x - m) + b)
-//   affine-2:  dx = k1*g + k2*(x - m) + k3,  g = dy masked by relu(a*(x - m) + b)
+//   affine-2:  dx = k1*(g - k3) + k2*(x - m),  g = dy masked by relu(a*(x - m) + b)
+//              with masked statistics: dx = k1*(g - w*k3) + w*k2*(x - m), w the mask beside x
 // The direct bodies compute in registers and write large outputs with non-temporal stores
 // straight from them, after a head that aligns the output to a cache line; run edges are
 // partial vectors. Every value is computed by the same operations whichever part of a
@@ -134,27 +135,38 @@ void affine1_direct(const T* x, T* y, index_t n, const Coefs<compute_t<T>>& k, i
   partial(n);
 }
 
-// dx = k1*g + k2*(x - m) + k3, g = dy (masked by relu(a*(x - m) + b)); as affine1_direct.
-template <class T, bool Relu, bool Stream, bool Periodic>
+// dx = k1*(g - k3) + k2*(x - m), g = dy (masked by relu(a*(x - m) + b)); as affine1_direct.
+// With mask weights (Wt, read at w: one per value, or one for the call) the dx of masked
+// statistics, dx_of_weighted.
+template <class T, bool Relu, bool Stream, bool Periodic, Weights Wt = Weights::none>
 void affine2_direct(const T* x, const T* dy, T* dx, index_t n, const Coefs<compute_t<T>>& k, index_t period,
-                    index_t ahead = 0, index_t first_channel = 0) {
+                    index_t ahead = 0, index_t first_channel = 0, const T* w = nullptr) {
   using V = Wide<T>;
   constexpr index_t L = kLanes<V>;
   index_t i = 0, c = first_channel;
+  const V w_one = Wt == Weights::one ? set<V>(to_compute(w)) : V{};
+  auto dx_at = [&](V dyv, V xv, V a, V m, V b, V k1, V k2, V k3, index_t len) {
+    if constexpr (Wt == Weights::none)
+      return dx_of<Relu>(dyv, xv, a, m, b, k1, k2, k3);
+    else if constexpr (Wt == Weights::one)
+      return dx_of_weighted<Relu>(dyv, xv, a, m, b, k1, k2, k3, w_one);
+    else
+      return dx_of_weighted<Relu>(dyv, xv, a, m, b, k1, k2, k3, len == L ? load<V>(w + i) : load_n<V>(w + i, len));
+  };
   auto partial = [&](index_t e) {  // [i, e) as partial vectors (dy = x = 0 past e: finite)
     while (i < e) {
       const index_t len = std::min(L, e - i);
       const V a = Relu ? coef<V, Periodic>(k.a, c) : V{}, b = Relu ? coef<V, Periodic>(k.b, c) : V{};
       store_n(dx + i,
-              dx_of<Relu>(load_n<V>(dy + i, len), load_n<V>(x + i, len), a, coef<V, Periodic>(k.m, c), b,
-                          coef<V, Periodic>(k.k1, c), coef<V, Periodic>(k.k2, c), coef<V, Periodic>(k.k3, c)),
+              dx_at(load_n<V>(dy + i, len), load_n<V>(x + i, len), a, coef<V, Periodic>(k.m, c), b,
+                    coef<V, Periodic>(k.k1, c), coef<V, Periodic>(k.k2, c), coef<V, Periodic>(k.k3, c), len),
               len);
       i += len;
       if (Periodic && (c += len) >= period) c %= period;
     }
   };
   auto vec = [&](auto streamed, V a, V m, V b, V k1, V k2, V k3) {
-    write<streamed.value>(dx + i, dx_of<Relu>(load<V>(dy + i), load<V>(x + i), a, m, b, k1, k2, k3));
+    write<streamed.value>(dx + i, dx_at(load<V>(dy + i), load<V>(x + i), a, m, b, k1, k2, k3, L));
   };
   if (Stream) partial(unaligned_head(dx, n));
   const index_t lines_end = Stream ? whole_lines_end<T>(i, n) : n;
@@ -267,11 +279,13 @@ inline void affine1_channels(const C* x, C* y, index_t n, const Coefs<C>& k) {
   }
 }
 
-template <bool Relu, class C>
-inline void affine2_channels(const C* x, const C* dy, C* dx, index_t n, const Coefs<C>& k) {
+// Weighted: the dx of masked statistics, w the row's mask value.
+template <bool Relu, bool Weighted = false, class C>
+inline void affine2_channels(const C* x, const C* dy, C* dx, index_t n, const Coefs<C>& k, C w = C(1)) {
   for (index_t c = 0; c < n; ++c) {
     const C a = Relu ? k.a[c] : C(0), b = Relu ? k.b[c] : C(0);  // a and b exist only with the ReLU
-    dx[c] = dx_of<Relu>(dy[c], x[c], a, k.m[c], b, k.k1[c], k.k2[c], k.k3[c]);
+    dx[c] = Weighted ? dx_of_weighted<Relu>(dy[c], x[c], a, k.m[c], b, k.k1[c], k.k2[c], k.k3[c], w)
+                     : dx_of<Relu>(dy[c], x[c], a, k.m[c], b, k.k1[c], k.k2[c], k.k3[c]);
   }
 }
 
@@ -362,6 +376,38 @@ void affine2_rows(Strided<const T> x, Strided<const T> dy, Strided<T> dx, index_
   if (stream) end_stream();
 }
 
+// Masked statistics, rows: each row has its own mask value, so rows go one at a time.
+template <class T>
+void affine2w_rows(Strided<const T> x, Strided<const T> dy, Strided<const T> w, Strided<T> dx, index_t rows,
+                   index_t channels, Coefs<compute_t<T>> k, bool relu_on, bool stream) {
+  using C = compute_t<T>;
+  if (rows <= 0 || channels <= 0) return;
+  if constexpr (kDirect<T>) {
+    const PeriodicCoefs pc(k, true, channels, dx.p, stream);
+    with_flags(relu_on, stream, [&](auto r, auto st) {
+      for (index_t i = 0; i < rows; ++i)
+        affine2_direct<T, r.value, st.value, true, Weights::one>(x.p + i * x.stride, dy.p + i * dy.stride,
+                                                                 dx.p + i * dx.stride, channels, pc.k, channels, 0, 0,
+                                                                 w.p + i * w.stride);
+    });
+  } else {
+    C xbuf[kBlock], dbuf[kBlock], obuf[kBlock];
+    for (index_t r = 0; r < rows; ++r)
+      for (index_t c0 = 0; c0 < channels; c0 += kBlock) {
+        const index_t n = std::min(kBlock, channels - c0);
+        const C* xs = view(x.p + r * x.stride + c0, 1, n, xbuf);
+        const C* ds = view(dy.p + r * dy.stride + c0, 1, n, dbuf);
+        T* op = dx.p + r * dx.stride + c0;
+        C* os = output_target(op, 1, obuf, stream);
+        const C wr = to_compute(w.p + r * w.stride);
+        relu_on ? affine2_channels<true, true>(xs, ds, os, n, k.from(c0), wr)
+                : affine2_channels<false, true>(xs, ds, os, n, k.from(c0), wr);
+        output_finish(os, op, 1, n, stream);
+      }
+  }
+  if (stream) end_stream();
+}
+
 // ---- runs ----------------------------------------------------------------------------
 
 template <class T>
@@ -390,6 +436,23 @@ void affine2_runs(const RunArray<const T>& x, const RunArray<const T>& dy, const
           affine2_direct<E, relu.value, streamed.value, false>(xp, dyp, dxp, n, k.from(c), 0, ahead);
         },
         dx, x, dy);
+  });
+  if (out.stream) end_stream();
+}
+
+template <class T>
+void affine2w_runs(const RunArray<const T>& x, const RunArray<const T>& dy, const RunArray<const T>& w,
+                   const RunArray<T>& dx, const RunShape& shape, Coefs<compute_t<T>> k, bool relu_on, Output out) {
+  with_flags(relu_on, out.stream, [&](auto relu, auto stream) {
+    map_runs<stream.value>(
+        shape, out.ahead,
+        [&](index_t c, index_t n, index_t ahead, auto streamed, const auto* xp, const auto* dyp, const auto* wp,
+            auto* dxp) {
+          using E = std::remove_pointer_t<decltype(dxp)>;
+          affine2_direct<E, relu.value, streamed.value, false, Weights::each>(xp, dyp, dxp, n, k.from(c), 0, ahead, 0,
+                                                                              wp);
+        },
+        dx, x, dy, w);
   });
   if (out.stream) end_stream();
 }

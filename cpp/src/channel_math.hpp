@@ -13,9 +13,13 @@
 // Backward (per channel, g = dy masked by the fused ReLU, x_hat = (x - mean)*inv_std):
 //     dbeta  = sum g,   dgamma = sum g*x_hat = inv_std * sum g*(x - mean)
 //     batch statistics:  dx = a*(g - dbeta/M - x_hat*dgamma/M),  a = gamma*inv_std
-//                          = k1*g + k2*(x - mean) + k3,  k1 = a, k2 = -a*inv_std*dgamma/M,
-//                                                         k3 = -a*dbeta/M
+//                          = k1*(g - k3) + k2*(x - mean),  k1 = a, k2 = -a*inv_std*dgamma/M,
+//                                                           k3 = dbeta/M
 //     fixed statistics:  dx = a*g
+// Masked statistics (mask weights w, W = sum w): mean and variance are the w-weighted ones
+// over W, every position is normalized with them, and their derivatives carry a factor w:
+//     dx = a*(g - w*(dbeta/W + x_hat*dgamma/W)),  dbeta and dgamma summed over every position
+//        = k1*(g - w*k3) + w*k2*(x - mean),  k1, k2, k3 as above with M = W.
 // The per-channel coefficients of every pass are derived from the stored (rounded)
 // mean and inv_std, so backward rebuilds the forward's ReLU mask bit for bit.
 #pragma once
@@ -33,8 +37,9 @@
 
 namespace batchnorm::detail {
 
-// The shift K of channel c: its first value, unless that is infinite or NaN, which would
-// turn every x - K into NaN; K = 0 lets the sums follow IEEE arithmetic (mean([inf, 1]) = inf).
+// The shift K of channel c: its first value (or, with a mask, the value at reduce index `at`,
+// the first the mask selects), unless that is infinite or NaN, which would turn every x - K
+// into NaN; K = 0 lets the sums follow IEEE arithmetic (mean([inf, 1]) = inf).
 template <class T>
 compute_t<T> shift_of(const T* first) {
   using C = compute_t<T>;
@@ -47,8 +52,8 @@ compute_t<T> shift_of(const T* first) {
 }
 
 template <class T>
-compute_t<T> channel_shift(const Plan& p, const T* x, index_t c) {
-  return shift_of(x + p.offset[0] + p.channel_offset(c, 0));
+compute_t<T> channel_shift(const Plan& p, const T* x, index_t c, index_t at = 0) {
+  return shift_of(x + p.offset[0] + p.channel_offset(c, 0) + p.reduce_offset(at, p.reduce_dims.size(), 0));
 }
 
 // mean and M2 of M values from their sums s = sum(x - K), ss = sum((x - K)^2).
@@ -126,7 +131,9 @@ void forward_coef(const Affine<stat_t<T>>& affine, index_t c, stat_t<T> mean, do
                   compute_t<T>& m, compute_t<T>& b) {
   using C = compute_t<T>;
   a = static_cast<C>(gamma_of(affine, c) * inv_std);
-  m = static_cast<C>(mean);
+  // inv_std 0 (a variance beyond the double range) makes every output beta; centring at 0
+  // keeps x - m finite where float64 data spans more than the range (0*inf would be NaN).
+  m = static_cast<C>(inv_std == 0 ? 0.0 : static_cast<double>(mean));
   b = static_cast<C>(beta_of(affine, c));
 }
 
@@ -149,18 +156,24 @@ double store_stats(index_t c, double mean, double var, double epsilon, S* mean_o
   return static_cast<double>(inv_out[c]);
 }
 
-// k1, k2, k3 of channel c from its sums over `count` values (see the comment at the top).
+// dgamma = inv_std * sum g*(x - mean). With inv_std 0 every x_hat is 0, so dgamma is 0 (NaN
+// only for a non-finite g, as 0 * sum g gives), whatever the sum of products, which may
+// have overflowed (centred at 0, see forward_coef).
+inline double dgamma_of(double inv, double sum_dy, double sum_dy_xc) { return inv == 0 ? 0 * sum_dy : sum_dy_xc * inv; }
+
+// k1, k2, k3 of channel c from its sums over `count` values (see the comment at the top;
+// with a mask, count is the sum of its weights W).
 template <class T>
 void set_apply_coef(CoefStore<compute_t<T>>& k, std::size_t c, double inv, const Affine<stat_t<T>>& affine,
-                    double sum_dy, double sum_dy_xc, index_t count, Statistics statistics) {
+                    double sum_dy, double sum_dy_xc, double count, Statistics statistics) {
   using C = compute_t<T>;
-  const double M = static_cast<double>(count);
+  const double M = count;
   const bool batch = statistics == Statistics::batch;
   const double a = gamma_of(affine, static_cast<index_t>(c)) * inv;
-  const double dgamma = sum_dy_xc * inv;
+  const double dgamma = dgamma_of(inv, sum_dy, sum_dy_xc);
   k.k1[c] = static_cast<C>(a);
   k.k2[c] = static_cast<C>(batch ? -a * inv * dgamma / M : 0.0);
-  k.k3[c] = static_cast<C>(batch ? -a * sum_dy / M : 0.0);
+  k.k3[c] = static_cast<C>(batch ? sum_dy / M : 0.0);
 }
 
 }  // namespace batchnorm::detail

@@ -30,11 +30,23 @@ inline V grad(V dy, V x, V a, V m, V b) {
   return dy;
 }
 
-// dx = k1*g + k2*(x - m) + k3, g = grad(dy).
+// dx = k1*(g - k3) + k2*(x - m), g = grad(dy). Centring g and x before the products makes
+// dx exactly 0 where the exact gradient is (one value per channel: g = k3 and x = m).
 template <bool Relu, class V>
 inline V dx_of(V dy, V x, V a, V m, V b, V k1, V k2, V k3) {
-  return mul_add(k1, grad<Relu>(dy, x, a, m, b), mul_add(k2, sub(x, m), k3));
+  return mul_add(k1, sub(grad<Relu>(dy, x, a, m, b), k3), mul(k2, sub(x, m)));
 }
+
+// dx of masked statistics: the mask weight w enters only their part,
+// k1*(g - w*k3) + w*k2*(x - m) (w = 1 gives dx_of bit for bit).
+template <bool Relu, class V>
+inline V dx_of_weighted(V dy, V x, V a, V m, V b, V k1, V k2, V k3, V w) {
+  return mul_add(k1, sub(grad<Relu>(dy, x, a, m, b), mul(w, k3)), mul(w, mul(k2, sub(x, m))));
+}
+
+// How an elementwise kernel reads the mask weights: none, one per value (a stream beside x),
+// or one for the whole call (a channels-last row).
+enum class Weights { none, each, one };
 
 // ---- the sums of the reductions ----------------------------------------------------
 

@@ -16,12 +16,11 @@
 //   affine-inl.hpp   affine-1 and affine-2, rows and runs
 //   this file        the table
 //
-// A new kernel, e.g. a reduction weighted by a mask read beside x: its run body and its
-// rows and runs forms go in reduce-inl.hpp (the runs form hands the body and the inputs x
-// and mask to reduce_runs, which walks the runs and picks direct or general loops), its
-// KernelTable entry in kernels.hpp and its address in make_table below; the schedule
-// then calls it. (A mask of another element type than x's also needs its loads in
-// simd-inl.hpp, as any new element type does.)
+// A new kernel, e.g. the reduction weighted by a mask read beside x (reduce1w): its run
+// body and its rows and runs forms go in reduce-inl.hpp (the runs form hands the body and
+// the inputs x and mask to reduce_runs, which walks the runs and picks direct or general
+// loops), its KernelTable entry in kernels.hpp and its address in make_table below; the
+// schedule then calls it. (The mask has x's element type, so it needs no loads of its own.)
 
 #include "simd-inl.hpp"
 
@@ -33,8 +32,9 @@
 
 template <class T>
 KernelTable<T> make_table() {
-  return {&reduce1_rows<T>, &reduce1_runs<T>, &affine1_rows<T>, &affine1_runs<T>,
-          &reduce2_rows<T>, &reduce2_runs<T>, &affine2_rows<T>, &affine2_runs<T>};
+  return {&reduce1_rows<T>,  &reduce1_runs<T>,  &affine1_rows<T>,  &affine1_runs<T>,
+          &reduce2_rows<T>,  &reduce2_runs<T>,  &affine2_rows<T>,  &affine2_runs<T>,
+          &reduce1w_rows<T>, &reduce1w_runs<T>, &affine2w_rows<T>, &affine2w_runs<T>};
 }
 
 const Tables* tables() {

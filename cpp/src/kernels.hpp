@@ -10,6 +10,10 @@
 //         element stride and distance between runs; run j uses the coefficients and
 //         accumulators of channel j*step. A single run is count 1.
 // Operands come in the plan's order: x, y for the forward passes, x, dy, dx for backward.
+// Masked statistics add a mask operand w of x's type (weights, 0/1 for a boolean mask), read
+// beside x: one value per row in the rows form (the mask does not vary along the channels),
+// a run beside x's in the runs form. Only two passes read it: reduce-1 (weighted sums) and
+// affine-2 (dx's statistics part); the other two are the same with or without a mask.
 //
 // Coefficients are in the compute type (float for float and the 16-bit types, double for
 // double). `stream` asks the elementwise passes to write contiguous output with
@@ -31,8 +35,9 @@ using compute_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 /// Per-channel coefficients (structure of arrays; unused ones may be null).
 ///   affine-1:  y  = act(a*(x - m) + b)
 ///   reduce-1:  s += x - m,  ss += (x - m)^2                 (m: the channel's shift)
+///              masked:  s += w*(x - m),  ss += w*(x - m)^2
 ///   reduce-2:  s += dy',    ss += dy' * (x - m)              (dy' = dy masked by relu(a*(x-m)+b))
-///   affine-2:  dx = k1*dy' + k2*(x - m) + k3
+///   affine-2:  dx = k1*(dy' - k3) + k2*(x - m);  masked: dx = k1*(dy' - w*k3) + w*k2*(x - m)
 template <class C>
 struct Coefs {
   const C* a = nullptr;
@@ -103,6 +108,15 @@ struct KernelTable {
                        Coefs<C> k, bool relu, bool stream);
   void (*affine2_runs)(const RunArray<const T>& x, const RunArray<const T>& dy, const RunArray<T>& dx,
                        const RunShape& shape, Coefs<C> k, bool relu, Output out);
+  // Masked statistics (w: the mask's weights).
+  void (*reduce1w_rows)(Strided<const T> x, Strided<const T> w, index_t rows, index_t channels, Coefs<C> k, double* s,
+                        double* ss);
+  void (*reduce1w_runs)(const RunArray<const T>& x, const RunArray<const T>& w, const RunShape& shape, Coefs<C> k,
+                        double* s, double* ss, index_t ahead);
+  void (*affine2w_rows)(Strided<const T> x, Strided<const T> dy, Strided<const T> w, Strided<T> dx, index_t rows,
+                        index_t channels, Coefs<C> k, bool relu, bool stream);
+  void (*affine2w_runs)(const RunArray<const T>& x, const RunArray<const T>& dy, const RunArray<const T>& w,
+                        const RunArray<T>& dx, const RunShape& shape, Coefs<C> k, bool relu, Output out);
 };
 
 struct Tables {

@@ -48,6 +48,21 @@ Strides contiguous_strides(const Shape& shape) {
   return s;
 }
 
+Strides mask_strides(const Geometry& g, const Strides& reduced) {
+  const Axes axes = feature_axes(g.axes, g.shape.size());
+  Shape shape;
+  for (std::size_t d = 0; d < g.shape.size(); ++d)
+    if (!std::binary_search(axes.begin(), axes.end(), static_cast<int>(d))) shape.push_back(g.shape[d]);
+  const Strides given = reduced.empty() ? contiguous_strides(shape) : reduced;
+  if (given.size() != shape.size())
+    throw value_error("mask strides have " + std::to_string(given.size()) + " entries for the " +
+                      std::to_string(shape.size()) + " axes of x without its feature axes");
+  Strides full(g.shape.size(), 0);
+  for (std::size_t d = 0, j = 0; d < g.shape.size(); ++d)
+    if (!std::binary_search(axes.begin(), axes.end(), static_cast<int>(d))) full[d] = given[j++];
+  return full;
+}
+
 namespace {
 
 // Merges neighbours (outer, inner) where every array steps over inner exactly into outer.
@@ -78,7 +93,7 @@ bool unit_stride(const Dim& d, int operands) {
 
 }  // namespace
 
-Plan make_plan(const Geometry& g, const std::vector<const Strides*>& strides) {
+Plan make_plan(const Geometry& g, const std::vector<const Strides*>& strides, bool masked) {
   const std::size_t ndim = g.shape.size();
   if (ndim == 0) throw value_error("expected an array with at least 1 dimension, got a 0-d array");
   for (index_t s : g.shape)
@@ -87,6 +102,7 @@ Plan make_plan(const Geometry& g, const std::vector<const Strides*>& strides) {
 
   Plan p;
   p.operands = static_cast<int>(strides.size());
+  p.masked = masked;
   if (p.operands < 1 || p.operands > kMaxOperands) throw value_error("internal: bad operand count");
   std::vector<Strides> st(strides.size());
   for (std::size_t op = 0; op < strides.size(); ++op) {
@@ -125,7 +141,7 @@ Plan make_plan(const Geometry& g, const std::vector<const Strides*>& strides) {
 
   // Outer channel dims (several feature axes: ghost batches (G, k, C) with axes (0, 2)) make
   // groups of rows, each with its own channels: still rows of contiguous channels.
-  if (!p.channel_dims.empty() && unit_stride(p.channel_dims.back(), p.operands))
+  if (!p.channel_dims.empty() && unit_stride(p.channel_dims.back(), p.operands - (masked ? 1 : 0)))
     p.kind = Kind::channels_last;
   else if (!p.reduce_dims.empty() && unit_stride(p.reduce_dims.back(), p.operands))
     p.kind = Kind::channels_first;

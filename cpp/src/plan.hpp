@@ -15,6 +15,10 @@
 // flipped to positive strides in the first array and sorted by decreasing stride, which
 // turns e.g. a torch.channels_last view (NCHW shape, NHWC strides) into channels_last.
 // Channel dimensions keep their order: it defines the channel index.
+//
+// A mask (masked statistics) is one more operand, the last: stride 0 along the channel
+// dimensions, so it does not decide whether channels are contiguous; it takes part in
+// merging reduction dimensions and must step by 1 along the innermost for channels_first.
 #pragma once
 
 #include <array>
@@ -25,7 +29,7 @@
 
 namespace batchnorm::detail {
 
-constexpr int kMaxOperands = 3;
+constexpr int kMaxOperands = 4;
 
 struct Dim {
   index_t size = 1;
@@ -37,6 +41,7 @@ enum class Kind { channels_last, channels_first, strided };
 struct Plan {
   Kind kind = Kind::strided;
   int operands = 1;
+  bool masked = false;                         // the last operand is a mask
   index_t channels = 1;                        // product of channel_dims sizes
   index_t count = 1;                           // product of reduce_dims sizes
   std::vector<Dim> channel_dims;               // outermost first
@@ -83,8 +88,16 @@ struct Plan {
 Strides contiguous_strides(const Shape& shape);
 
 /// Builds the plan for arrays sharing g.shape; strides[i] empty means C-contiguous.
-/// Validates the shape, the axes and the strides' lengths.
-Plan make_plan(const Geometry& g, const std::vector<const Strides*>& strides);
+/// Validates the shape, the axes and the strides' lengths. masked: the last strides are a
+/// mask's over g.shape (0 along the feature axes).
+Plan make_plan(const Geometry& g, const std::vector<const Strides*>& strides, bool masked = false);
+
+/// A mask's strides over g.shape from its strides over g.shape without the feature axes
+/// (empty: C-contiguous there): 0 along the feature axes. Validates their count.
+Strides mask_strides(const Geometry& g, const Strides& reduced);
+
+/// The operand number of the mask of a masked plan.
+inline int mask_operand(const Plan& p) { return p.operands - 1; }
 
 /// The strides of the operands, in plan order, as make_plan takes them.
 inline std::vector<const Strides*> operand_strides(std::initializer_list<const Strides*> s) { return s; }

@@ -2,28 +2,34 @@
 // operations of simd-inl.hpp and the drivers of general-inl.hpp. No include guard and no
 // instruction-set conditionals (see kernels-inl.hpp).
 //   reduce-1:  s += x - m,  ss += (x - m)^2                  (m: the channel's shift)
+//              weighted by a mask w read beside x:  s += w*(x - m),  ss += w*(x - m)^2
 //   reduce-2:  s += g,      ss += g * (x - m),  g = dy masked by relu(a*(x - m) + b)
 // Sums are double: float values are converted lane by lane (GCC does not vectorize that
 // on its own), kUnroll accumulators per sum.
 
 // ---- runs ----------------------------------------------------------------------------
 
-// Reduce-1 over n contiguous values (T, or the compute type in the general loops).
-template <class T>
-inline void reduce1_run(const T* x, index_t n, double m, Sums& sums, index_t ahead) {
+// Reduce-1 over n contiguous values (T, or the compute type in the general loops);
+// Weighted: each weighted by the mask value beside it, w[i] (w is not read otherwise).
+template <bool Weighted, class T>
+inline void reduce1_run(const T* x, const T* w, index_t n, double m, Sums& sums, index_t ahead) {
   constexpr index_t W = kLanesD;
   const VD vm = set<VD>(m);
-  auto step = [&](VD d, int u) {
-    sums.s.acc[u] = add(sums.s.acc[u], d);
-    sums.ss.acc[u] = mul_add(d, d, sums.ss.acc[u]);
+  auto step = [&](VD d, VD wv, int u) {
+    const VD wd = Weighted ? mul(wv, d) : d;
+    sums.s.acc[u] = add(sums.s.acc[u], wd);
+    sums.ss.acc[u] = mul_add(wd, d, sums.ss.acc[u]);
   };
+  auto weight = [&](index_t i) { return Weighted ? promote(load<Narrow<T>>(w + i)) : vm; };
   index_t i = 0;
   for (; i + kUnroll * W <= n; i += kUnroll * W) {
     if (ahead) prefetch(x + i + ahead), prefetch(x + i + ahead + kUnroll * W - 1);
-    for (int u = 0; u < kUnroll; ++u) step(sub(promote(load<Narrow<T>>(x + i + u * W)), vm), u);
+    for (int u = 0; u < kUnroll; ++u) step(sub(promote(load<Narrow<T>>(x + i + u * W)), vm), weight(i + u * W), u);
   }
-  for (; i + W <= n; i += W) step(sub(promote(load<Narrow<T>>(x + i)), vm), 0);
-  if (i < n) step(keep_first(sub(promote(load_n<Narrow<T>>(x + i, n - i)), vm), n - i), 1);
+  for (; i + W <= n; i += W) step(sub(promote(load<Narrow<T>>(x + i)), vm), weight(i), 0);
+  if (i < n)
+    step(keep_first(sub(promote(load_n<Narrow<T>>(x + i, n - i)), vm), n - i),
+         Weighted ? promote(load_n<Narrow<T>>(w + i, n - i)) : vm, 1);
 }
 
 // Reduce-2 over n contiguous values; a and b matter only with the ReLU.
@@ -56,9 +62,20 @@ void reduce1_runs(const RunArray<const T>& x, const RunShape& shape, Coefs<compu
   reduce_runs<T>(
       shape, s, ss, ahead,
       [&](index_t c, index_t n, index_t prefetch_ahead, Sums& sums, const auto* xp) {
-        reduce1_run(xp, n, static_cast<double>(k.m[c]), sums, prefetch_ahead);
+        reduce1_run<false>(xp, xp, n, static_cast<double>(k.m[c]), sums, prefetch_ahead);
       },
       x);
+}
+
+template <class T>
+void reduce1w_runs(const RunArray<const T>& x, const RunArray<const T>& w, const RunShape& shape, Coefs<compute_t<T>> k,
+                   double* s, double* ss, index_t ahead) {
+  reduce_runs<T>(
+      shape, s, ss, ahead,
+      [&](index_t c, index_t n, index_t prefetch_ahead, Sums& sums, const auto* xp, const auto* wp) {
+        reduce1_run<true>(xp, wp, n, static_cast<double>(k.m[c]), sums, prefetch_ahead);
+      },
+      x, w);
 }
 
 template <class T>
@@ -102,9 +119,12 @@ inline void add_sums(double* s, double* ss, const VD (&sum)[kHalves], const VD (
   for (int h = 0; h < kHalves; ++h) store(ss + h * kLanesD, add(b[h], sq[h]));
 }
 
-template <class T>
-void reduce1_tiles(Strided<const T> x, index_t rows, index_t channels, const float* m, double* s, double* ss) {
+// Weighted: row r's values weighted by the mask value w.p[r * w.stride] (not read otherwise).
+template <bool Weighted, class T>
+void reduce1_tiles(Strided<const T> x, Strided<const T> w, index_t rows, index_t channels, const float* m, double* s,
+                   double* ss) {
   const index_t vec_channels = channels / kLanesF * kLanesF, tile = tile_rows(channels);
+  auto weight = [&](index_t r) { return Weighted ? promote(to_compute(w.p + r * w.stride)) : 1.0; };
   for (index_t r0 = 0; r0 < rows; r0 += tile) {
     const index_t r1 = std::min(rows, r0 + tile);
     for (index_t c = 0; c < vec_channels; c += kLanesF) {
@@ -115,19 +135,20 @@ void reduce1_tiles(Strided<const T> x, index_t rows, index_t channels, const flo
         VD v[kHalves];
         prefetch(x.p + r * x.stride + c + kAheadRows);
         halves(load<VF>(x.p + r * x.stride + c), v);
+        const VD wr = set<VD>(weight(r));
         for (int h = 0; h < kHalves; ++h) {
-          const VD d = sub(v[h], md[h]);
-          sum[h] = add(sum[h], d);
-          sq[h] = mul_add(d, d, sq[h]);
+          const VD d = sub(v[h], md[h]), wd = Weighted ? mul(wr, d) : d;
+          sum[h] = add(sum[h], wd);
+          sq[h] = mul_add(wd, d, sq[h]);
         }
       }
       add_sums(s + c, ss + c, sum, sq);
     }
     for (index_t r = r0; r < r1 && vec_channels < channels; ++r)
       for (index_t c = vec_channels; c < channels; ++c) {
-        const double d = promote(to_compute(x.p + r * x.stride + c)) - promote(m[c]);
-        s[c] += d;
-        ss[c] += d * d;
+        const double d = promote(to_compute(x.p + r * x.stride + c)) - promote(m[c]), wd = Weighted ? weight(r) * d : d;
+        s[c] += wd;
+        ss[c] += wd * d;
       }
   }
 }
@@ -167,13 +188,14 @@ void reduce2_tiles(Strided<const T> x, Strided<const T> dy, index_t rows, index_
   }
 }
 
-// The general loops' rows: channel c uses coefficient [c] and accumulator [c].
-template <class C>
-inline void reduce1_channels(const C* x, index_t n, const C* m, double* s, double* ss) {
+// The general loops' rows: channel c uses coefficient [c] and accumulator [c]; Weighted:
+// every value weighted by w (the row's mask value).
+template <bool Weighted, class C>
+inline void reduce1_channels(const C* x, index_t n, const C* m, double w, double* s, double* ss) {
   for (index_t c = 0; c < n; ++c) {
-    const double d = static_cast<double>(x[c]) - static_cast<double>(m[c]);
-    s[c] += d;
-    ss[c] += d * d;
+    const double d = static_cast<double>(x[c]) - static_cast<double>(m[c]), wd = Weighted ? w * d : d;
+    s[c] += wd;
+    ss[c] += wd * d;
   }
 }
 
@@ -187,18 +209,33 @@ inline void reduce2_channels(const C* x, const C* dy, index_t n, const Coefs<C>&
   }
 }
 
-template <class T>
-void reduce1_rows(Strided<const T> x, index_t rows, index_t channels, Coefs<compute_t<T>> k, double* s, double* ss) {
+template <bool Weighted, class T>
+void reduce1_rows_of(Strided<const T> x, Strided<const T> w, index_t rows, index_t channels, Coefs<compute_t<T>> k,
+                     double* s, double* ss) {
   using C = compute_t<T>;
   if constexpr (kDirect<T>) {
-    reduce1_tiles(x, rows, channels, k.m, s, ss);
+    reduce1_tiles<Weighted>(x, w, rows, channels, k.m, s, ss);
   } else {
     C buf[kBlock];
     for_row_blocks(rows, channels, x.stride == channels, [&](index_t r, index_t nr, index_t c0, index_t n) {
       const C* xs = view(x.p + r * x.stride + c0, 1, nr * n, buf);
-      for (index_t i = 0; i < nr; ++i) reduce1_channels(xs + i * n, n, k.m + c0, s + c0, ss + c0);
+      for (index_t i = 0; i < nr; ++i) {
+        const double wr = Weighted ? promote(to_compute(w.p + (r + i) * w.stride)) : 1.0;
+        reduce1_channels<Weighted>(xs + i * n, n, k.m + c0, wr, s + c0, ss + c0);
+      }
     });
   }
+}
+
+template <class T>
+void reduce1_rows(Strided<const T> x, index_t rows, index_t channels, Coefs<compute_t<T>> k, double* s, double* ss) {
+  reduce1_rows_of<false>(x, x, rows, channels, k, s, ss);
+}
+
+template <class T>
+void reduce1w_rows(Strided<const T> x, Strided<const T> w, index_t rows, index_t channels, Coefs<compute_t<T>> k,
+                   double* s, double* ss) {
+  reduce1_rows_of<true>(x, w, rows, channels, k, s, ss);
 }
 
 template <class T>

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstddef>
 #include <initializer_list>
 #include <vector>
@@ -190,7 +191,8 @@ inline bool split_channels(const Plan& p, int nt, std::size_t value_bytes) {
 }
 
 // Calls rows(offsets, nrows, row_strides, c, nc) for channels [c0, c1) of every row of a
-// channels_last plan, a group of rows at a time (channels have stride 1 within a row).
+// channels_last plan, a group of rows at a time (channels have stride 1 within a row; a mask
+// has one value per row: its channel offsets are 0).
 template <class F>
 void for_channel_rows(const Plan& p, index_t c0, index_t c1, const F& rows) {
   const index_t rc = row_channels(p);
@@ -332,32 +334,102 @@ const KernelTable<T>& kernels() {
   return active_tables().get<T>();
 }
 
-// Per-channel sums of x - K over the whole array (streaming), then in double the mean and
-// either M2 or the variance M2 / M (`variance`). The sums are summed into mean and second.
+// The mask of a masked plan, summed once (every channel shares it), in order and in double:
+// W, the sum of its weights, which the statistics divide by; the positions it selects
+// (nonzero weights), the count a masked call reports; and the first of them (a reduce
+// index), where each channel's shift is read.
+struct MaskSum {
+  double total = 0;
+  index_t selected = 0;
+  index_t first = 0;
+};
+
+// The mask operand of a call: its weights (null: no mask) and their sum.
 template <class T>
-void sum_moments(const Plan& p, const T* x, double* mean, double* second, bool variance) {
+struct Mask {
+  const T* w = nullptr;
+  MaskSum sum;
+};
+
+template <class T>
+MaskSum sum_mask(const Plan& p, const T* w) {
+  MaskSum m;
+  if (p.count == 0) return m;
+  const int op = mask_operand(p);
+  const std::size_t dims = p.reduce_dims.size();
+  const index_t inner = dims ? p.reduce_dims.back().size : 1;
+  const index_t step = dims ? p.reduce_dims.back().stride[static_cast<std::size_t>(op)] : 0;
+  bool found = false;
+  for (index_t o = 0, i = 0; o < p.count / inner; ++o) {
+    const T* run = w + p.offset[static_cast<std::size_t>(op)] + p.reduce_offset(o, dims ? dims - 1 : 0, op);
+    for (index_t j = 0; j < inner; ++j, ++i) {
+      const auto v = static_cast<double>(static_cast<compute_t<T>>(run[j * step]));
+      if (v != 0) {
+        if (!found) m.first = i, found = true;
+        ++m.selected;
+      }
+      m.total += v;
+    }
+  }
+  return m;
+}
+
+// Throws value_error unless the mask selects something and its weights have a positive, finite sum.
+inline void check_mask(const MaskSum& m) {
+  if (m.selected == 0) throw value_error("the mask selects nothing: no position of the batch has a nonzero mask value");
+  if (!std::isfinite(m.total) || m.total <= 0) throw value_error("the mask's values must have a positive, finite sum");
+}
+
+// The count the statistics divide by: the values per channel, or the mask's W.
+template <class T>
+double stat_count(const Plan& p, const Mask<T>& mask) {
+  return mask.w ? mask.sum.total : static_cast<double>(p.count);
+}
+
+// mean and variance of channel c from its sums (summed into mean, var); without a mask, a
+// float64 channel whose sums overflowed is summed again (rescue_moments).
+template <class T>
+void finish_moments(const Plan& p, const T* x, const Mask<T>& mask, index_t c, double shift, double& mean, double& m2,
+                    double& var) {
+  const double M = stat_count(p, mask);
+  moments_from_sums(shift, mean, m2, M, mean, m2);
+  var = m2 / M;
+  if (!mask.w) rescue_moments(p, x, c, mean, m2, var);
+}
+
+// Per-channel sums of x - K over the whole array (streaming; weighted by a mask), then in
+// double the mean and either M2 or the variance M2 / M (`variance`). The sums are summed
+// into mean and second.
+template <class T>
+void sum_moments(const Plan& p, const T* x, double* mean, double* second, bool variance, const Mask<T>& mask = {}) {
   using C = compute_t<T>;
   const index_t ch = p.channels;
   std::vector<C> shift(static_cast<std::size_t>(ch));
+  const index_t at = p.reduce_offset(mask.sum.first, p.reduce_dims.size(), 0);  // the first value summed
   p.for_each_channel(
-      0, [&](index_t c, index_t off) { shift[static_cast<std::size_t>(c)] = shift_of(x + p.offset[0] + off); });
+      0, [&](index_t c, index_t off) { shift[static_cast<std::size_t>(c)] = shift_of(x + p.offset[0] + off + at); });
   Coefs<C> k;
   k.m = shift.data();
   const KernelTable<T>& kt = kernels<T>();
+  const T* w = mask.w;
+  const int kM = mask_operand(p);
   reduce_pass(
       p, sizeof(T), mean, second,
       [&](const Offsets& off, index_t rows, const Offsets& rs, index_t c0, index_t nc, double* ps, double* pss) {
-        kt.reduce1_rows(rows_array(x, off, rs, kX), rows, nc, k.from(c0), ps, pss);
+        if (w)
+          kt.reduce1w_rows(rows_array(x, off, rs, kX), rows_array(w, off, rs, kM), rows, nc, k.from(c0), ps, pss);
+        else
+          kt.reduce1_rows(rows_array(x, off, rs, kX), rows, nc, k.from(c0), ps, pss);
       },
       [&](const RunGroup& g, double* ps, double* pss) {
-        kt.reduce1_runs(run_array(x, g, kX), run_shape(g), k.from(g.c), ps, pss, 0);
+        if (w)
+          kt.reduce1w_runs(run_array(x, g, kX), run_array(w, g, kM), run_shape(g), k.from(g.c), ps, pss, 0);
+        else
+          kt.reduce1_runs(run_array(x, g, kX), run_shape(g), k.from(g.c), ps, pss, 0);
       });
-  const auto M = static_cast<double>(p.count);
   for (std::size_t c = 0; c < shift.size(); ++c) {
-    double m2, var;
-    moments_from_sums(static_cast<double>(shift[c]), mean[c], second[c], M, mean[c], m2);
-    var = m2 / M;
-    rescue_moments(p, x, static_cast<index_t>(c), mean[c], m2, var);
+    double m2 = second[c], var;
+    finish_moments(p, x, mask, static_cast<index_t>(c), static_cast<double>(shift[c]), mean[c], m2, var);
     second[c] = variance ? var : m2;
   }
 }
@@ -437,28 +509,28 @@ void affine1(const Plan& p, const T* x, T* y, const Coefs<compute_t<T>>& k, bool
 // The training forward in channel blocks (see channel_block_threads).
 template <class T>
 void forward_channel_blocks(const Plan& p, int nt, const T* x, T* y, const Affine<stat_t<T>>& affine, double epsilon,
-                            bool relu, stat_t<T>* mean, stat_t<T>* variance, stat_t<T>* inv_std) {
+                            bool relu, stat_t<T>* mean, stat_t<T>* variance, stat_t<T>* inv_std, const Mask<T>& mask) {
   using C = compute_t<T>;
   const Runs runs = runs_of(p);
   const KernelTable<T>& kt = kernels<T>();
-  const double M = static_cast<double>(p.count);
+  const int kM = mask_operand(p);
   const bool stream = stream_output<T>(p);
   parallel(nt, p.channels * p.count, [&](int t, int n) {
     index_t c0, c1;
     partition(p.channels, t, n, c0, c1);
     for (index_t c = c0; c < c1; ++c) {
-      C shift = channel_shift(p, x, c);
+      C shift = channel_shift(p, x, c, mask.sum.first);
       Coefs<C> k;
       k.m = &shift;
       const index_t next = c + 1 < c1 ? next_channel_distance(p, c, {kX}) : 0;
-      double s = 0, ss = 0;
+      double mu = 0, m2 = 0, var;
       channel_halves(p, runs, c, next, true, [&](const RunGroup& g, index_t ahead) {
-        kt.reduce1_runs(run_array(x, g, kX), run_shape(g), k, &s, &ss, ahead);
+        if (mask.w)
+          kt.reduce1w_runs(run_array(x, g, kX), run_array(mask.w, g, kM), run_shape(g), k, &mu, &m2, ahead);
+        else
+          kt.reduce1_runs(run_array(x, g, kX), run_shape(g), k, &mu, &m2, ahead);
       });
-      double mu, m2;
-      moments_from_sums(static_cast<double>(shift), s, ss, M, mu, m2);
-      double var = m2 / M;
-      rescue_moments(p, x, c, mu, m2, var);
+      finish_moments(p, x, mask, c, static_cast<double>(shift), mu, m2, var);
       const double inv = store_stats(c, mu, var, epsilon, mean, variance, inv_std);
       C a, m, b;
       forward_coef<T>(affine, c, mean[c], inv, a, m, b);
@@ -471,17 +543,21 @@ void forward_channel_blocks(const Plan& p, int nt, const T* x, T* y, const Affin
 }
 
 // What both halves of backward share: the plan (x, dy, dx) and the forward coefficients.
+// With a mask (masked statistics), its strides over x's shape are the plan's last operand.
 template <class T>
 struct BackwardSetup {
   Plan plan;
   std::vector<double> inv;
   CoefStore<compute_t<T>> k;
   bool relu;
+  Mask<T> mask;
 
   BackwardSetup(const Geometry& g, const Strides& xs, const Strides& dys, const Out<T>* dx, const stat_t<T>* mean,
-                const stat_t<T>* inv_std, const Affine<stat_t<T>>& affine, Activation activation)
-      : plan(dx ? make_plan(g, operand_strides({&xs, &dys, &dx->strides}))
-                : make_plan(g, operand_strides({&xs, &dys}))),
+                const stat_t<T>* inv_std, const Affine<stat_t<T>>& affine, Activation activation,
+                const Strides* mask_strides = nullptr)
+      : plan(mask_strides ? make_plan(g, operand_strides({&xs, &dys, &dx->strides, mask_strides}), true)
+             : dx         ? make_plan(g, operand_strides({&xs, &dys, &dx->strides}))
+                          : make_plan(g, operand_strides({&xs, &dys}))),
         inv(static_cast<std::size_t>(plan.channels)),
         k(plan.channels, true),
         relu(activation == Activation::relu) {
@@ -492,8 +568,8 @@ struct BackwardSetup {
     set_forward_coefs<T>(k, plan.channels, mean, inv.data(), affine);
   }
 
-  // k1, k2, k3 of channel c from its sums over `count` values.
-  void set_apply_coef(std::size_t c, const Affine<stat_t<T>>& affine, double sum_dy, double sum_dy_xc, index_t count,
+  // k1, k2, k3 of channel c from its sums over `count` values (a mask's W).
+  void set_apply_coef(std::size_t c, const Affine<stat_t<T>>& affine, double sum_dy, double sum_dy_xc, double count,
                       Statistics statistics) {
     detail::set_apply_coef<T>(k, c, inv[c], affine, sum_dy, sum_dy_xc, count, statistics);
   }
@@ -522,11 +598,15 @@ void backward_channel_blocks(BackwardSetup<T>& b, int nt, const T* dy, const T* 
       });
       const auto i = static_cast<std::size_t>(c);
       dbeta[c] = static_cast<stat_t<T>>(sum_dy);
-      dgamma[c] = static_cast<stat_t<T>>(sum_dy_xc * b.inv[i]);
-      b.set_apply_coef(i, affine, sum_dy, sum_dy_xc, p.count, statistics);
+      dgamma[c] = static_cast<stat_t<T>>(dgamma_of(b.inv[i], sum_dy, sum_dy_xc));
+      b.set_apply_coef(i, affine, sum_dy, sum_dy_xc, stat_count(p, b.mask), statistics);
       channel_halves(p, runs, c, next, false, [&](const RunGroup& g, index_t ahead) {
-        kt.affine2_runs(run_array(x, g, kX), run_array(dy, g, kDy), run_array(dx, g, kDx), run_shape(g), kc, b.relu,
-                        Output(stream, ahead));
+        if (b.mask.w)
+          kt.affine2w_runs(run_array(x, g, kX), run_array(dy, g, kDy), run_array(b.mask.w, g, mask_operand(p)),
+                           run_array(dx, g, kDx), run_shape(g), kc, b.relu, Output(stream, ahead));
+        else
+          kt.affine2_runs(run_array(x, g, kX), run_array(dy, g, kDy), run_array(dx, g, kDx), run_shape(g), kc, b.relu,
+                          Output(stream, ahead));
       });
     }
   });
@@ -550,7 +630,7 @@ void reduce2(const BackwardSetup<T>& b, const T* dy, const T* x, double* sum_dy,
 
 template <class T>
 void affine2(BackwardSetup<T>& b, const T* dy, const T* x, T* dx, const Affine<stat_t<T>>& affine, const double* sum_dy,
-             const double* sum_dy_xc, index_t count, Statistics statistics) {
+             const double* sum_dy_xc, double count, Statistics statistics) {
   using C = compute_t<T>;
   const Plan& p = b.plan;
   for (std::size_t c = 0; c < b.inv.size(); ++c)
@@ -559,15 +639,25 @@ void affine2(BackwardSetup<T>& b, const T* dy, const T* x, T* dx, const Affine<s
   const Coefs<C> kv = b.k.view();
   const bool relu = b.relu;
   const bool stream = stream_output<T>(p);
+  const T* w = b.mask.w;
+  const int kM = mask_operand(p);
   map_pass(
       p, 2 * sizeof(T),
       [&](const Offsets& off, index_t rows, const Offsets& rs, index_t c0, index_t nc) {
-        kt.affine2_rows(rows_array(x, off, rs, kX), rows_array(dy, off, rs, kDy), rows_array(dx, off, rs, kDx), rows,
-                        nc, kv.from(c0), relu, stream);
+        if (w)
+          kt.affine2w_rows(rows_array(x, off, rs, kX), rows_array(dy, off, rs, kDy), rows_array(w, off, rs, kM),
+                           rows_array(dx, off, rs, kDx), rows, nc, kv.from(c0), relu, stream);
+        else
+          kt.affine2_rows(rows_array(x, off, rs, kX), rows_array(dy, off, rs, kDy), rows_array(dx, off, rs, kDx), rows,
+                          nc, kv.from(c0), relu, stream);
       },
       [&](const RunGroup& g) {
-        kt.affine2_runs(run_array(x, g, kX), run_array(dy, g, kDy), run_array(dx, g, kDx), run_shape(g), kv.from(g.c),
-                        relu, stream);
+        if (w)
+          kt.affine2w_runs(run_array(x, g, kX), run_array(dy, g, kDy), run_array(w, g, kM), run_array(dx, g, kDx),
+                           run_shape(g), kv.from(g.c), relu, stream);
+        else
+          kt.affine2_runs(run_array(x, g, kX), run_array(dy, g, kDy), run_array(dx, g, kDx), run_shape(g), kv.from(g.c),
+                          relu, stream);
       },
       2 * sizeof(T));  // x and dy were just summed, or were by backward_sums
 }

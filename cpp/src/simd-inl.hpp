@@ -120,6 +120,8 @@ inline double mul_add(double a, double b, double c) {
 #endif
 }
 inline float sub(float a, float b) { return a - b; }
+inline float mul(float a, float b) { return a * b; }
+inline double mul(double a, double b) { return a * b; }
 inline double sub(double a, double b) { return a - b; }
 inline double add(double a, double b) { return a + b; }
 inline float relu(float z) { return z < 0.0f ? 0.0f : z; }  // NaN stays NaN, as IEEE max(z, 0) in PyTorch
@@ -232,6 +234,8 @@ inline __m256 load<__m256>(const bfloat16_t* p) {
 }
 inline __m128 sub(__m128 a, __m128 b) { return _mm_sub_ps(a, b); }
 inline __m256 sub(__m256 a, __m256 b) { return _mm256_sub_ps(a, b); }
+inline __m128 mul(__m128 a, __m128 b) { return _mm_mul_ps(a, b); }
+inline __m256 mul(__m256 a, __m256 b) { return _mm256_mul_ps(a, b); }
 inline __m128 mul_add(__m128 a, __m128 b, __m128 c) { return _mm_fmadd_ps(a, b, c); }
 inline __m256 mul_add(__m256 a, __m256 b, __m256 c) { return _mm256_fmadd_ps(a, b, c); }
 inline __m128 if_positive(__m128 z, __m128 g) { return _mm_and_ps(_mm_cmp_ps(z, _mm_setzero_ps(), _CMP_GT_OQ), g); }
@@ -258,6 +262,7 @@ inline __m128i to_bfloat(__m256 v) {
 inline void store(double* p, __m256d v) { _mm256_storeu_pd(p, v); }
 inline __m256d add(__m256d a, __m256d b) { return _mm256_add_pd(a, b); }
 inline __m256d sub(__m256d a, __m256d b) { return _mm256_sub_pd(a, b); }
+inline __m256d mul(__m256d a, __m256d b) { return _mm256_mul_pd(a, b); }
 inline __m256d mul_add(__m256d a, __m256d b, __m256d c) { return _mm256_fmadd_pd(a, b, c); }
 inline __m256d relu(__m256d z) { return _mm256_max_pd(_mm256_setzero_pd(), z); }
 inline __m256d if_positive(__m256d z, __m256d g) {
@@ -343,6 +348,7 @@ inline void store_n(float16_t* p, __m512 v, index_t n) { _mm256_mask_storeu_epi1
 inline void store_n(bfloat16_t* p, __m512 v, index_t n) { _mm256_mask_storeu_epi16(p, first16(n), to_bfloat(v)); }
 
 inline __m512 sub(__m512 a, __m512 b) { return _mm512_sub_ps(a, b); }
+inline __m512 mul(__m512 a, __m512 b) { return _mm512_mul_ps(a, b); }
 inline __m512 mul_add(__m512 a, __m512 b, __m512 c) { return _mm512_fmadd_ps(a, b, c); }
 inline __m512 relu(__m512 z) { return _mm512_max_ps(_mm512_setzero_ps(), z); }  // max(0, NaN) is NaN, as relu()
 inline __m512 if_positive(__m512 z, __m512 g) {
@@ -375,6 +381,7 @@ inline void stream(double* p, __m512d v) { _mm512_stream_pd(p, v); }
 inline void store_n(double* p, __m512d v, index_t n) { _mm512_mask_storeu_pd(p, first8(n), v); }
 inline __m512d add(__m512d a, __m512d b) { return _mm512_add_pd(a, b); }
 inline __m512d sub(__m512d a, __m512d b) { return _mm512_sub_pd(a, b); }
+inline __m512d mul(__m512d a, __m512d b) { return _mm512_mul_pd(a, b); }
 inline __m512d mul_add(__m512d a, __m512d b, __m512d c) { return _mm512_fmadd_pd(a, b, c); }
 inline __m512d relu(__m512d z) { return _mm512_max_pd(_mm512_setzero_pd(), z); }
 inline __m512d if_positive(__m512d z, __m512d g) {

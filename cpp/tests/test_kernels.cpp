@@ -265,9 +265,12 @@ TYPED_TEST(Kernels, Affine2Run) {
             const double xd = to_d(xv[i]) - static_cast<double>(m);
             const double z = static_cast<double>(a) * xd + static_cast<double>(b);
             const double g = relu && !(z > 0) ? 0.0 : to_d(dv[i]);
-            const double t1 = static_cast<double>(k1) * g, t2 = static_cast<double>(k2) * xd;
-            want.push_back(t1 + t2 + static_cast<double>(k3));
-            scale = std::max(scale, std::fabs(t1) + std::fabs(t2) + std::fabs(static_cast<double>(k3)));
+            const double t1 = static_cast<double>(k1) * (g - static_cast<double>(k3)),
+                         t2 = static_cast<double>(k2) * xd;
+            want.push_back(t1 + t2);
+            scale = std::max(scale,
+                             std::fabs(static_cast<double>(k1)) * (std::fabs(g) + std::fabs(static_cast<double>(k3))) +
+                                 std::fabs(t2));
           }
           EXPECT_TRUE(bntest::all_close_rounded(dx.values(), want, 6 * this->uC * scale));
           EXPECT_TRUE(dx.gaps_intact());
@@ -294,7 +297,7 @@ TYPED_TEST(Kernels, Affine2RunInPlaceOverDy) {
       std::vector<double> want;
       for (std::size_t i = 0; i < xv.size(); ++i) {
         const double g = to_d(xv[i]) > 0 ? to_d(dv[i]) : 0.0;
-        want.push_back(2 * g + 0.5 * to_d(xv[i]) - 1);
+        want.push_back(2 * (g + 1) + 0.5 * to_d(xv[i]));  // k1*(g - k3) + k2*(x - m)
       }
       EXPECT_TRUE(bntest::all_close_rounded(dy.values(), want, 64 * this->uC));
     }
@@ -348,9 +351,11 @@ TYPED_TEST(Kernels, ManyRunsPerCall) {
               want_s2[c] += g, want_ss2[c] += g * d, scale2[c] += std::fabs(g) * (1 + std::fabs(d));
               want_y.push_back(relu ? std::max(z, 0.0) : z);
               yscale = std::max(yscale, std::fabs(t) + std::fabs(static_cast<double>(b[c])));
-              const double u1 = static_cast<double>(k1[c]) * g, u2 = static_cast<double>(k2[c]) * d;
-              want_dx.push_back(u1 + u2 + static_cast<double>(k3[c]));
-              dxscale = std::max(dxscale, std::fabs(u1) + std::fabs(u2) + std::fabs(static_cast<double>(k3[c])));
+              const double k3c = static_cast<double>(k3[c]);
+              const double u1 = static_cast<double>(k1[c]) * (g - k3c), u2 = static_cast<double>(k2[c]) * d;
+              want_dx.push_back(u1 + u2);
+              dxscale = std::max(
+                  dxscale, std::fabs(static_cast<double>(k1[c])) * (std::fabs(g) + std::fabs(k3c)) + std::fabs(u2));
             }
             std::vector<T> first_y, first_dx;  // of the first layout, for the bitwise comparison
             for (const Layout& l : layouts) {
@@ -449,9 +454,11 @@ TYPED_TEST(Kernels, RowsKernels) {
               want_s2[c] += g, want_ss2[c] += g * d, sc2[c] += std::fabs(g) * (1 + std::fabs(d));
               want_y.push_back(relu ? std::max(z, 0.0) : z);
               yscale = std::max(yscale, std::fabs(t) + std::fabs(static_cast<double>(k.b[c])));
-              const double u1 = static_cast<double>(k.k1[c]) * g, u2 = static_cast<double>(k.k2[c]) * d;
-              want_dx.push_back(u1 + u2 + static_cast<double>(k.k3[c]));
-              dxscale = std::max(dxscale, std::fabs(u1) + std::fabs(u2) + std::fabs(static_cast<double>(k.k3[c])));
+              const double k3c = static_cast<double>(k.k3[c]);
+              const double u1 = static_cast<double>(k.k1[c]) * (g - k3c), u2 = static_cast<double>(k.k2[c]) * d;
+              want_dx.push_back(u1 + u2);
+              dxscale = std::max(
+                  dxscale, std::fabs(static_cast<double>(k.k1[c])) * (std::fabs(g) + std::fabs(k3c)) + std::fabs(u2));
             }
 
             kt.reduce1_rows({x.data(), rs}, rows, channels, k.coefs(), s1.data(), ss1.data());
@@ -613,11 +620,11 @@ void check_output_rounding() {
       std::vector<std::uint16_t> want;
       for (const T& v : xv) want.push_back(from_d<T>(to_d(v) + half_ulp).bits);
       const auto n = static_cast<index_t>(xv.size());
-      const C one = 1, zero = 0, b = static_cast<C>(half_ulp);
-      Coefs<C> k;
-      k.a = &one, k.m = &zero, k.b = &b, k.k1 = &zero, k.k2 = &one, k.k3 = &b;
-      const std::vector<C> ones(xv.size(), C(1)), zeros(xv.size(), C(0)), bs(xv.size(), b);
-      const Coefs<C> kr{ones.data(), zeros.data(), bs.data(), zeros.data(), ones.data(), bs.data()};
+      const C one = 1, zero = 0, b = static_cast<C>(half_ulp), minus_b = -b;
+      Coefs<C> k;  // y = 1*(x - 0) + b; dx = 1*(x - (-b)) + 0*(x - 0), with dy = x
+      k.a = &one, k.m = &zero, k.b = &b, k.k1 = &one, k.k2 = &zero, k.k3 = &minus_b;
+      const std::vector<C> ones(xv.size(), C(1)), zeros(xv.size(), C(0)), bs(xv.size(), b), minus_bs(xv.size(), -b);
+      const Coefs<C> kr{ones.data(), zeros.data(), bs.data(), ones.data(), zeros.data(), minus_bs.data()};
       auto bits = [](const std::vector<T>& v) {
         std::vector<std::uint16_t> out;
         for (const T& e : v) out.push_back(e.bits);

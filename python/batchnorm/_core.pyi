@@ -29,13 +29,16 @@ def copy_memory(src: np.ndarray, dst: np.ndarray, nontemporal: bool) -> None: ..
 def feature_axes(axis: object, ndim: int) -> tuple[int, ...]: ...
 
 # moments and forward allocate the statistics outputs left None and then return them.
+# A mask has x's dtype and x's shape without its feature axes.
 @overload
-def moments(x: _Buffer, axes: Sequence[int], mean: _Buffer, variance: _Buffer) -> int: ...
+def moments(x: _Buffer, axes: Sequence[int], mean: _Buffer, variance: _Buffer, mask: _Buffer | None = None) -> int: ...
 @overload
 def moments(
-    x: _Buffer, axes: Sequence[int], mean: None = None, variance: None = None
+    x: _Buffer, axes: Sequence[int], mean: None = None, variance: None = None, mask: _Buffer | None = None
 ) -> tuple[np.ndarray, np.ndarray]: ...
-def partial_moments(x: _Buffer, axes: Sequence[int], mean: _Buffer, m2: _Buffer) -> int: ...
+def partial_moments(
+    x: _Buffer, axes: Sequence[int], mean: _Buffer, m2: _Buffer, mask: _Buffer | None = None
+) -> int: ...
 def normalize(
     x: _Buffer,
     out: _Buffer,
@@ -63,6 +66,7 @@ def forward(
     mean: _Buffer,
     variance: _Buffer,
     inv_std: _Buffer,
+    mask: _Buffer | None = None,
 ) -> int: ...
 @overload
 def forward(
@@ -76,6 +80,7 @@ def forward(
     mean: None = None,
     variance: None = None,
     inv_std: None = None,
+    mask: _Buffer | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]: ...
 def backward(
     dy: _Buffer,
@@ -90,6 +95,7 @@ def backward(
     dgamma: _Buffer,
     dbeta: _Buffer,
     fixed_statistics: bool = False,
+    mask: _Buffer | None = None,
 ) -> None: ...
 def backward_sums(
     dy: _Buffer,
@@ -115,8 +121,9 @@ def backward_apply(
     relu: bool,
     sum_dy: _Buffer,
     sum_dy_xc: _Buffer,
-    count: int,
+    count: float,
     fixed_statistics: bool = False,
+    mask: _Buffer | None = None,
 ) -> None: ...
 
 # The functional API's fast path (python/src/register_fast_path.cpp): the public function's

@@ -39,8 +39,9 @@ class BatchStats(NamedTuple):
     """Statistics of one training batch, as :func:`forward` returns them.
 
     ``mean`` and ``variance`` (biased) per channel, ``inv_std = 1/sqrt(variance +
-    epsilon)``, and ``count``, the number of values reduced per channel. Float32 for
-    float16/bfloat16/float32 inputs, float64 for float64 inputs.
+    epsilon)``, and ``count``, the number of values reduced per channel (with a mask, the
+    positions it selects). Float32 for float16/bfloat16/float32 inputs, float64 for
+    float64 inputs.
     """
 
     mean: np.ndarray
@@ -148,19 +149,43 @@ def _epsilon(epsilon: float) -> float:
         return math.inf if big > 0 else -math.inf
 
 
-def moments(x: ArrayLike, axis: AxisLike = -1) -> tuple[np.ndarray, np.ndarray]:
+def _mask(mask: ArrayLike, x: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+    """A boolean (or 0/1) mask as the core takes it: 0/1 values of x's dtype, broadcast
+    (zero strides, no copy) to x's shape without its feature axes."""
+    m = mask if isinstance(mask, np.ndarray) else np.asarray(mask)
+    if m.dtype.kind not in "biu":
+        raise TypeError(f"mask must be a boolean (or 0/1 integer) array, got dtype {m.dtype}")
+    if m.dtype.kind != "b" and np.any((m != 0) & (m != 1)):
+        raise ValueError("mask must hold only 0 and 1 (or be boolean)")
+    reduced = tuple(n for i, n in enumerate(x.shape) if i not in axes)
+    try:
+        # converted before broadcasting: the copy has the mask's size, never x's
+        return np.broadcast_to(m.astype(x.dtype), reduced)
+    except ValueError:
+        raise ValueError(
+            f"mask of shape {m.shape} does not broadcast to {reduced}, the shape of x without its feature axes {axes}"
+        ) from None
+
+
+def moments(x: ArrayLike, axis: AxisLike = -1, mask: ArrayLike | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and biased (population) variance of ``x``.
 
     ``axis`` names the feature axes (int or tuple), which are kept; the statistics reduce
     over all the others. Returns arrays shaped like the kept axes, float32 for 16-bit and
     float32 inputs, float64 for float64. The variance is computed with shifted sums in
     double precision, so data far from zero (mean/std of 1e6 in float32) keeps its digits.
+
+    ``mask`` (boolean or 0/1, shaped like x without its feature axes, or broadcastable to
+    that) restricts the statistics to the positions where it is true; one that selects
+    nothing is a ValueError.
     """
-    fast = _core.fast_moments(x, axis)
-    if fast is not None:
-        return fast
+    if mask is None:
+        fast = _core.fast_moments(x, axis)
+        if fast is not None:
+            return fast
     x = _data(x, "x", 2)
-    return _core.moments(x, _core.feature_axes(axis, x.ndim))
+    axes = _core.feature_axes(axis, x.ndim)
+    return _core.moments(x, axes, mask=None if mask is None else _mask(mask, x, axes))
 
 
 def normalize(
@@ -212,16 +237,22 @@ def forward(
     epsilon: float = 1e-3,
     activation: str | None = None,
     out: np.ndarray | None = None,
+    mask: ArrayLike | None = None,
 ) -> tuple[np.ndarray, BatchStats]:
     """Training pass: normalize ``x`` with its own batch statistics.
 
     Returns ``y`` (x's shape and dtype) and :class:`BatchStats` (mean, biased variance,
     inv_std, count). Raises ValueError for an empty batch.
+
+    With ``mask`` (as :func:`moments` takes it) the statistics come from the positions it
+    selects, and every position is normalized with them (padded sequences: the padding
+    does not enter the statistics); ``count`` is the number of selected positions.
     """
-    fast = _core.fast_forward(x, gamma, beta, axis, epsilon, activation, out)
-    if fast is not None:
-        y, mean, variance, inv_std, count = fast
-        return y, BatchStats(mean, variance, inv_std, count)
+    if mask is None:
+        fast = _core.fast_forward(x, gamma, beta, axis, epsilon, activation, out)
+        if fast is not None:
+            y, mean, variance, inv_std, count = fast
+            return y, BatchStats(mean, variance, inv_std, count)
     x = _data(x, "x", 2)
     axes = _core.feature_axes(axis, x.ndim)
     dtype = _stat_dtype(x)
@@ -229,8 +260,9 @@ def forward(
     b = _channel_param(beta, "beta", dtype)
     eps = _epsilon(epsilon)
     relu = _relu(activation)
-    y = _output(out, x, (x,))
-    mean, variance, inv_std, count = _core.forward(x, y, axes, g, b, eps, relu)
+    m = None if mask is None else _mask(mask, x, axes)
+    y = _output(out, x, (x,) if m is None else (x, m))
+    mean, variance, inv_std, count = _core.forward(x, y, axes, g, b, eps, relu, mask=m)
     return y, BatchStats(mean, variance, inv_std, count)
 
 
@@ -244,6 +276,7 @@ def backward(
     axis: AxisLike = -1,
     activation: str | None = None,
     out: np.ndarray | None = None,
+    mask: ArrayLike | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Gradient of :func:`forward` with respect to x, gamma and beta.
 
@@ -252,8 +285,11 @@ def backward(
     stats, gamma and beta exactly as the forward pass computed it. Returns ``dx``
     (x's shape and dtype), ``dgamma = sum(dy' * x_hat)`` and ``dbeta = sum(dy')``
     (``dy'``: dy masked by the activation), always, also when gamma/beta are None.
+    ``mask`` must be the one ``forward`` was given: dx is then the exact gradient of the
+    masked forward (dgamma and dbeta still sum over every position, as every position
+    was normalized).
     """
-    if type(stats) is BatchStats:  # a NamedTuple: reading its fields (again below) runs no user code
+    if type(stats) is BatchStats and mask is None:  # a NamedTuple: reading its fields (again below) runs no user code
         fast = _core.fast_backward(dy, x, stats.mean, stats.inv_std, gamma, beta, axis, activation, out)
         if fast is not None:
             return fast
@@ -271,8 +307,9 @@ def backward(
     g = _channel_param(gamma, "gamma", dtype)
     b = _channel_param(beta, "beta", dtype)
     relu = _relu(activation)
-    dx = _output(out, x, (x, dy))
+    m = None if mask is None else _mask(mask, x, axes)
+    dx = _output(out, x, (x, dy) if m is None else (x, dy, m))
     dgamma = np.empty(kept, dtype)
     dbeta = np.empty(kept, dtype)
-    _core.backward(dy, x, dx, axes, mean, inv_std, g, b, relu, dgamma, dbeta)
+    _core.backward(dy, x, dx, axes, mean, inv_std, g, b, relu, dgamma, dbeta, mask=m)
     return dx, dgamma, dbeta

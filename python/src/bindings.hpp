@@ -45,16 +45,18 @@ bool element_if_supported(const py::dtype& dt, Element& e);
 // the fast path (register_fast_path.cpp) runs too.
 // moments_into and forward_into allocate the statistics outputs left None and then return
 // them (with the count for forward); otherwise they return the count.
+// A mask (masked statistics) has x's dtype and x's shape without its feature axes.
 py::object moments_into(const py::object& x, const std::vector<int>& axes, const py::object& mean,
-                        const py::object& variance);
+                        const py::object& variance, const py::object& mask = py::none());
 void normalize_into(const py::object& x, const py::object& y, const std::vector<int>& axes, const py::object& mean,
                     const py::object& variance, const py::object& gamma, const py::object& beta, double epsilon,
                     bool relu, const py::object& inv_std);
 py::object forward_into(const py::object& x, const py::object& y, const std::vector<int>& axes, const py::object& gamma,
                         const py::object& beta, double epsilon, bool relu, const py::object& mean,
-                        const py::object& variance, const py::object& inv_std);
+                        const py::object& variance, const py::object& inv_std, const py::object& mask = py::none());
 void backward_into(const py::object& dy, const py::object& x, const py::object& dx, const std::vector<int>& axes,
                    const py::object& mean, const py::object& inv_std, const py::object& gamma, const py::object& beta,
-                   bool relu, const py::object& dgamma, const py::object& dbeta, bool fixed_statistics);
+                   bool relu, const py::object& dgamma, const py::object& dbeta, bool fixed_statistics,
+                   const py::object& mask = py::none());
 
 }  // namespace batchnorm::python

@@ -7,10 +7,13 @@
 // released. That is safe because the kernels touch only these buffers, which the
 // arguments keep alive, and no Python object. The fast path of the public
 // functions (register_fast_path.cpp) runs the same *_into functions.
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "batchnorm/functional.hpp"
@@ -184,29 +187,96 @@ void check_like(const ArrayArg& a, const char* a_name, const ArrayArg& b, const 
                       ", the shape of " + b_name);
 }
 
-// A per-channel tensor of S: CPU, contiguous, `channels` elements (always writeable).
+// The mask of masked statistics (None: none): x's dtype and x's shape without its feature
+// axes (the Python layer broadcasts it, with zero strides, and converts a boolean one).
+ArrayArg mask_arg(const py::object& mask, const ArrayArg& xa, const Geometry& g) {
+  if (mask.is_none()) return {};
+  const ArrayArg m = describe(mask, "mask", false);
+  const Axes axes = feature_axes(g.axes, xa.shape.size());
+  Shape expected;
+  for (std::size_t d = 0; d < xa.shape.size(); ++d)
+    if (std::find(axes.begin(), axes.end(), static_cast<int>(d)) == axes.end()) expected.push_back(xa.shape[d]);
+  if (m.element != xa.element)
+    throw type_error(std::string("mask has dtype ") + element_name(m.element) + "; expected " +
+                     element_name(xa.element) + ", the dtype of x");
+  if (m.shape != expected)
+    throw value_error("mask has shape " + shape_str(m.shape) + "; expected " + shape_str(expected) +
+                      ", the shape of x without its feature axes");
+  return m;
+}
+
+template <class T>
+In<T> mask_in(const ArrayArg& m) {
+  return {static_cast<const T*>(m.data), m.strides};
+}
+
+// Per-channel float16/bfloat16 tensors of one call (a 16-bit module's parameters, buffers
+// and parameter gradients), converted to float for the core and, for outputs, rounded back
+// into the tensor after it: here that costs nanoseconds, torch's .to() a few microseconds
+// each, as much as a small batch's kernels.
+class Converted {
+ public:
+  float* take(void* data, Element e, index_t n, bool output) {
+    Item item{data, e, std::vector<float>(static_cast<std::size_t>(n)), output};
+    const auto* bits = static_cast<const std::uint16_t*>(data);
+    for (std::size_t i = 0; i < item.values.size(); ++i)
+      item.values[i] = e == Element::bf16 ? bfloat16_t::to_float(bits[i]) : float16_t::to_float(bits[i]);
+    items_.push_back(std::move(item));
+    return items_.back().values.data();  // a vector's buffer stays put when the Item moves
+  }
+  // Rounds the outputs into their tensors (as torch's .to() rounds: to nearest even).
+  void write_back() const {
+    for (const Item& item : items_) {
+      if (!item.output) continue;
+      auto* bits = static_cast<std::uint16_t*>(item.data);
+      for (std::size_t i = 0; i < item.values.size(); ++i)
+        bits[i] = item.element == Element::bf16 ? bfloat16_t::from_float(item.values[i])
+                                                : float16_t::from_float(item.values[i]);
+    }
+  }
+
+ private:
+  struct Item {
+    void* data;
+    Element element;
+    std::vector<float> values;
+    bool output;
+  };
+  std::vector<Item> items_;
+};
+
+// A per-channel tensor of S: CPU, contiguous, `channels` elements (always writeable). With
+// `conv`, a float16/bfloat16 one where S is float is taken through it.
 template <class S>
-S* tensor_channels(py::handle t, const char* name, index_t channels) {
+S* tensor_channels(py::handle t, const char* name, index_t channels, bool writeable, Converted* conv) {
   check_cpu_strided(t, name);
   Element e{};
   const Element want = sizeof(S) == 4 ? Element::f32 : Element::f64;
-  if (!tensor_element(t, e) || e != want || tensor_attr(t, "is_contiguous", true).ptr() != Py_True)
+  const bool half = conv && want == Element::f32;
+  if (!tensor_element(t, e) || !(e == want || (half && (e == Element::f16 || e == Element::bf16))) ||
+      tensor_attr(t, "is_contiguous", true).ptr() != Py_True)
     throw type_error(std::string(name) + " must be a contiguous " + (sizeof(S) == 4 ? "float32" : "float64") +
-                     " tensor");
+                     (half ? " (or float16/bfloat16)" : "") + " tensor");
   if (tensor_attr(t, "numel", true).cast<index_t>() != channels)
     throw value_error(std::string(name) + " has " + py::str(t.attr("numel")()).cast<std::string>() +
                       " elements; expected " + std::to_string(channels) + " (one per channel)");
-  return reinterpret_cast<S*>(tensor_attr(t, "data_ptr", true).cast<std::uintptr_t>());
+  void* data = reinterpret_cast<void*>(tensor_attr(t, "data_ptr", true).cast<std::uintptr_t>());
+  if (e != want) {
+    if constexpr (std::is_same_v<S, float>) return conv->take(data, e, channels, writeable);
+  }
+  return static_cast<S*>(data);
 }
 
 // A per-channel array of S: contiguous, `channels` elements. None gives nullptr if allowed.
+// With `conv`, float16/bfloat16 tensors are taken too (see Converted).
 template <class S>
-S* channel_array(const py::object& o, const char* name, index_t channels, bool writeable, bool optional = false) {
+S* channel_array(const py::object& o, const char* name, index_t channels, bool writeable, bool optional = false,
+                 Converted* conv = nullptr) {
   if (o.is_none()) {
     if (optional) return nullptr;
     throw type_error(std::string(name) + " must be an array, not None");
   }
-  if (is_tensor(o)) return tensor_channels<S>(o, name, channels);
+  if (is_tensor(o)) return tensor_channels<S>(o, name, channels, writeable, conv);
   if (!py::isinstance<py::array>(o)) throw type_error(std::string(name) + " must be a NumPy array");
   auto a = py::reinterpret_borrow<py::array>(o);
   if (!py::isinstance<py::array_t<S>>(a) || !(a.flags() & py::array::c_style))
@@ -267,9 +337,9 @@ Statistics statistics_of(bool fixed) { return fixed ? Statistics::fixed : Statis
 
 // Optional gamma and beta (None: 1 and 0).
 template <class S>
-Affine<S> affine_of(const py::object& gamma, const py::object& beta, index_t channels) {
-  return {channel_array<S>(gamma, "gamma", channels, false, true),
-          channel_array<S>(beta, "beta", channels, false, true)};
+Affine<S> affine_of(const py::object& gamma, const py::object& beta, index_t channels, Converted& conv) {
+  return {channel_array<S>(gamma, "gamma", channels, false, true, &conv),
+          channel_array<S>(beta, "beta", channels, false, true, &conv)};
 }
 
 }  // namespace
@@ -321,9 +391,10 @@ py::object stat_output(const py::object& given, const ArrayArg& xa, const Geomet
 }
 
 py::object moments_into(const py::object& x, const std::vector<int>& axes, const py::object& mean,
-                        const py::object& variance) {
+                        const py::object& variance, const py::object& mask) {
   const ArrayArg xa = describe(x, "x", false);
   const Geometry g{xa.shape, to_axes(axes)};
+  const ArrayArg ma = mask_arg(mask, xa, g);
   const index_t channels = extent(g).channels;
   bool allocated = false;
   const py::object mean_out = stat_output(mean, xa, g, allocated);
@@ -333,7 +404,7 @@ py::object moments_into(const py::object& x, const std::vector<int>& axes, const
     auto* mu = channel_array<stat_t<T>>(mean_out, "mean", channels, true, true);
     auto* var = channel_array<stat_t<T>>(variance_out, "variance", channels, true, true);
     py::gil_scoped_release nogil;
-    return moments<T>(g, {static_cast<const T*>(xa.data), xa.strides}, mu, var);
+    return moments<T>(g, {static_cast<const T*>(xa.data), xa.strides}, mu, var, mask_in<T>(ma));
   });
   if (allocated) return py::make_tuple(mean_out, variance_out);
   return py::int_(count);
@@ -350,9 +421,10 @@ void normalize_into(const py::object& x, const py::object& y, const std::vector<
   with_element(xa.element, [&](auto tag) {
     using T = decltype(tag);
     using S = stat_t<T>;
-    const S* mu = channel_array<S>(mean, "mean", channels, false);
-    const S* var = channel_array<S>(variance, "variance", channels, false);
-    const Affine<S> affine = affine_of<S>(gamma, beta, channels);
+    Converted conv;
+    const S* mu = channel_array<S>(mean, "mean", channels, false, false, &conv);
+    const S* var = channel_array<S>(variance, "variance", channels, false, false, &conv);
+    const Affine<S> affine = affine_of<S>(gamma, beta, channels, conv);
     S* inv = channel_array<S>(inv_std, "inv_std", channels, true, true);
     py::gil_scoped_release nogil;
     normalize<T>(g, {static_cast<const T*>(xa.data), xa.strides}, {static_cast<T*>(ya.data), ya.strides, "out"}, mu,
@@ -362,11 +434,12 @@ void normalize_into(const py::object& x, const py::object& y, const std::vector<
 
 py::object forward_into(const py::object& x, const py::object& y, const std::vector<int>& axes, const py::object& gamma,
                         const py::object& beta, double epsilon, bool relu, const py::object& mean,
-                        const py::object& variance, const py::object& inv_std) {
+                        const py::object& variance, const py::object& inv_std, const py::object& mask) {
   const ArrayArg xa = describe(x, "x", false);
   const ArrayArg ya = describe(y, "out", true);
   check_like(ya, "out", xa, "x");
   const Geometry g{xa.shape, to_axes(axes)};
+  const ArrayArg ma = mask_arg(mask, xa, g);
   const index_t channels = extent(g).channels;
   bool allocated = false;
   const py::object mean_out = stat_output(mean, xa, g, allocated);
@@ -375,13 +448,14 @@ py::object forward_into(const py::object& x, const py::object& y, const std::vec
   const index_t count = with_element(xa.element, [&](auto tag) {
     using T = decltype(tag);
     using S = stat_t<T>;
-    const Affine<S> affine = affine_of<S>(gamma, beta, channels);
+    Converted conv;
+    const Affine<S> affine = affine_of<S>(gamma, beta, channels, conv);
     S* mu = channel_array<S>(mean_out, "mean", channels, true, true);
     S* var = channel_array<S>(variance_out, "variance", channels, true, true);
     S* inv = channel_array<S>(inv_std_out, "inv_std", channels, true, true);
     py::gil_scoped_release nogil;
     return forward<T>(g, {static_cast<const T*>(xa.data), xa.strides}, {static_cast<T*>(ya.data), ya.strides, "out"},
-                      affine, epsilon, activation_of(relu), mu, var, inv);
+                      affine, epsilon, activation_of(relu), mu, var, inv, mask_in<T>(ma));
   });
   if (allocated) return py::make_tuple(mean_out, variance_out, inv_std_out, count);
   return py::int_(count);
@@ -427,27 +501,32 @@ struct StatsArgs {
 
 template <class S>
 StatsArgs<S> stats_args(const py::object& mean, const py::object& inv_std, const py::object& gamma,
-                        const py::object& beta, index_t channels, const char* mean_name, const char* inv_std_name) {
-  return {channel_array<S>(mean, mean_name, channels, false), channel_array<S>(inv_std, inv_std_name, channels, false),
-          affine_of<S>(gamma, beta, channels)};
+                        const py::object& beta, index_t channels, const char* mean_name, const char* inv_std_name,
+                        Converted& conv) {
+  return {channel_array<S>(mean, mean_name, channels, false, false, &conv),  // a 16-bit running mean in eval
+          channel_array<S>(inv_std, inv_std_name, channels, false), affine_of<S>(gamma, beta, channels, conv)};
 }
 
 }  // namespace
 
 void backward_into(const py::object& dy, const py::object& x, const py::object& dx, const std::vector<int>& axes,
                    const py::object& mean, const py::object& inv_std, const py::object& gamma, const py::object& beta,
-                   bool relu, const py::object& dgamma, const py::object& dbeta, bool fixed_statistics) {
+                   bool relu, const py::object& dgamma, const py::object& dbeta, bool fixed_statistics,
+                   const py::object& mask) {
   const BackwardArgs a(dy, x, dx, axes);
+  const ArrayArg ma = mask_arg(mask, a.x, a.g);
   with_element(a.x.element, [&](auto tag) {
     using T = decltype(tag);
     using S = stat_t<T>;
     // named as bn.backward takes them
-    const auto st = stats_args<S>(mean, inv_std, gamma, beta, a.channels, "stats.mean", "stats.inv_std");
-    S* dg = channel_array<S>(dgamma, "dgamma", a.channels, true);
-    S* db = channel_array<S>(dbeta, "dbeta", a.channels, true);
+    Converted conv;
+    const auto st = stats_args<S>(mean, inv_std, gamma, beta, a.channels, "stats.mean", "stats.inv_std", conv);
+    S* dg = channel_array<S>(dgamma, "dgamma", a.channels, true, false, &conv);
+    S* db = channel_array<S>(dbeta, "dbeta", a.channels, true, false, &conv);
     py::gil_scoped_release nogil;
     backward<T>(a.g, a.dy_in<T>(), a.x_in<T>(), a.dx_out<T>(), st.mean, st.inv_std, st.affine, activation_of(relu), dg,
-                db, statistics_of(fixed_statistics));
+                db, statistics_of(fixed_statistics), mask_in<T>(ma));
+    conv.write_back();
   });
 }
 
@@ -486,23 +565,25 @@ void register_functional(py::module_& m) {
 
   // moments and forward allocate the statistics outputs left None and then return them.
   m.def("moments", &moments_into, py::arg("x").noconvert(), py::arg("axes"), py::arg("mean") = py::none(),
-        py::arg("variance") = py::none());
+        py::arg("variance") = py::none(), py::arg("mask") = py::none());
 
   m.def(
       "partial_moments",
-      [](const py::object& x, const std::vector<int>& axes, const py::object& mean, const py::object& m2) {
+      [](const py::object& x, const std::vector<int>& axes, const py::object& mean, const py::object& m2,
+         const py::object& mask) {
         const ArrayArg xa = describe(x, "x", false);
         const Geometry g{xa.shape, to_axes(axes)};
+        const ArrayArg ma = mask_arg(mask, xa, g);
         const index_t channels = extent(g).channels;
         auto* mu = channel_array<double>(mean, "mean", channels, true);
         auto* sq = channel_array<double>(m2, "m2", channels, true);
         return with_element(xa.element, [&](auto tag) {
           using T = decltype(tag);
           py::gil_scoped_release nogil;
-          return partial_moments<T>(g, {static_cast<const T*>(xa.data), xa.strides}, mu, sq);
+          return partial_moments<T>(g, {static_cast<const T*>(xa.data), xa.strides}, mu, sq, mask_in<T>(ma));
         });
       },
-      py::arg("x").noconvert(), py::arg("axes"), py::arg("mean"), py::arg("m2"));
+      py::arg("x").noconvert(), py::arg("axes"), py::arg("mean"), py::arg("m2"), py::arg("mask") = py::none());
 
   m.def("normalize", &normalize_into, py::arg("x").noconvert(), py::arg("out").noconvert(), py::arg("axes"),
         py::arg("mean"), py::arg("variance"), py::arg("gamma"), py::arg("beta"), py::arg("epsilon"), py::arg("relu"),
@@ -544,13 +625,15 @@ void register_functional(py::module_& m) {
         auto update = [&](auto tag) {
           using S = decltype(tag);
           const auto channels = static_cast<index_t>(py::len(mean));
-          S* rm = channel_array<S>(running_mean, "running_mean", channels, true);
-          S* rv = channel_array<S>(running_var, "running_var", channels, true);
+          Converted conv;  // 16-bit buffers: updated in float, rounded once (as torch's copy back)
+          S* rm = channel_array<S>(running_mean, "running_mean", channels, true, false, &conv);
+          S* rv = channel_array<S>(running_var, "running_var", channels, true, false, &conv);
           const S* mu = channel_array<S>(mean, "mean", channels, false);
           const S* var = channel_array<S>(variance, "variance", channels, false);
           const double unbias = count > 1 ? static_cast<double>(count) / static_cast<double>(count - 1)
                                           : std::numeric_limits<double>::quiet_NaN();
           update_running_pytorch(channels, rm, rv, mu, var, factor, unbias);
+          conv.write_back();
         };
         if (holds_float64(running_mean))
           update(double{});
@@ -562,11 +645,11 @@ void register_functional(py::module_& m) {
 
   m.def("forward", &forward_into, py::arg("x").noconvert(), py::arg("out").noconvert(), py::arg("axes"),
         py::arg("gamma"), py::arg("beta"), py::arg("epsilon"), py::arg("relu"), py::arg("mean") = py::none(),
-        py::arg("variance") = py::none(), py::arg("inv_std") = py::none());
+        py::arg("variance") = py::none(), py::arg("inv_std") = py::none(), py::arg("mask") = py::none());
 
   m.def("backward", &backward_into, py::arg("dy").noconvert(), py::arg("x").noconvert(), py::arg("out").noconvert(),
         py::arg("axes"), py::arg("mean"), py::arg("inv_std"), py::arg("gamma"), py::arg("beta"), py::arg("relu"),
-        py::arg("dgamma"), py::arg("dbeta"), py::arg("fixed_statistics") = false);
+        py::arg("dgamma"), py::arg("dbeta"), py::arg("fixed_statistics") = false, py::arg("mask") = py::none());
 
   m.def(
       "backward_sums",
@@ -578,7 +661,8 @@ void register_functional(py::module_& m) {
         double* sx = channel_array<double>(sum_dy_xc, "sum_dy_xc", a.channels, true);
         with_element(a.x.element, [&](auto tag) {
           using T = decltype(tag);
-          const auto st = stats_args<stat_t<T>>(mean, inv_std, gamma, beta, a.channels, "mean", "inv_std");
+          Converted conv;
+          const auto st = stats_args<stat_t<T>>(mean, inv_std, gamma, beta, a.channels, "mean", "inv_std", conv);
           py::gil_scoped_release nogil;
           backward_sums<T>(a.g, a.dy_in<T>(), a.x_in<T>(), st.mean, st.inv_std, st.affine, activation_of(relu), s, sx);
         });
@@ -590,21 +674,24 @@ void register_functional(py::module_& m) {
       "backward_apply",
       [](const py::object& dy, const py::object& x, const py::object& dx, const std::vector<int>& axes,
          const py::object& mean, const py::object& inv_std, const py::object& gamma, const py::object& beta, bool relu,
-         const py::object& sum_dy, const py::object& sum_dy_xc, index_t count, bool fixed_statistics) {
+         const py::object& sum_dy, const py::object& sum_dy_xc, double count, bool fixed_statistics,
+         const py::object& mask) {
         const BackwardArgs a(dy, x, dx, axes);
+        const ArrayArg ma = mask_arg(mask, a.x, a.g);
         const double* s = channel_array<double>(sum_dy, "sum_dy", a.channels, false);
         const double* sx = channel_array<double>(sum_dy_xc, "sum_dy_xc", a.channels, false);
         with_element(a.x.element, [&](auto tag) {
           using T = decltype(tag);
-          const auto st = stats_args<stat_t<T>>(mean, inv_std, gamma, beta, a.channels, "mean", "inv_std");
+          Converted conv;
+          const auto st = stats_args<stat_t<T>>(mean, inv_std, gamma, beta, a.channels, "mean", "inv_std", conv);
           py::gil_scoped_release nogil;
           backward_apply<T>(a.g, a.dy_in<T>(), a.x_in<T>(), a.dx_out<T>(), st.mean, st.inv_std, st.affine,
-                            activation_of(relu), s, sx, count, statistics_of(fixed_statistics));
+                            activation_of(relu), s, sx, count, statistics_of(fixed_statistics), mask_in<T>(ma));
         });
       },
       py::arg("dy").noconvert(), py::arg("x").noconvert(), py::arg("out").noconvert(), py::arg("axes"), py::arg("mean"),
       py::arg("inv_std"), py::arg("gamma"), py::arg("beta"), py::arg("relu"), py::arg("sum_dy"), py::arg("sum_dy_xc"),
-      py::arg("count"), py::arg("fixed_statistics") = false);
+      py::arg("count"), py::arg("fixed_statistics") = false, py::arg("mask") = py::none());
 }
 
 }  // namespace batchnorm::python

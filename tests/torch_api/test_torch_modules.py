@@ -97,6 +97,32 @@ def test_16_bit_modules_equal_torchs_in_float64(dtype, layout):
         close(a, b, ulps=16)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_16_bit_parameters_are_float32_ones_rounded_once(dtype, training):
+    """A 16-bit module's parameters and buffers are read exactly and its parameter gradients
+    and running statistics rounded once from float32: bit for bit what a module with the same
+    values in float32 gives, rounded to the 16-bit dtype as torch's .to() rounds."""
+    ours, _, shape = pair("2d", dtype)
+    with torch.no_grad():
+        ours.weight.copy_(make((shape[1],), dtype, seed=5))
+        ours.bias.copy_(make((shape[1],), dtype, seed=6))
+        ours.running_mean.copy_(make((shape[1],), dtype, seed=7))
+        ours.running_var.copy_(make((shape[1],), dtype, seed=8).abs() + 0.5)
+    wide = copy.deepcopy(ours).float()
+    ours.train(training), wide.train(training)
+    x, dy = make(shape, dtype, seed=1), make(shape, dtype, seed=2)
+    y, dx, grads = step(ours, x, dy)
+    y32, dx32, grads32 = step(wide, x, dy)
+    assert torch.equal(y, y32)
+    assert torch.equal(dx, dx32)
+    for a, b in zip(
+        (*grads, ours.running_mean, ours.running_var), (*grads32, wide.running_mean, wide.running_var), strict=True
+    ):
+        assert a.dtype == dtype
+        assert torch.equal(a, b.to(dtype))
+
+
 def test_state_dict_loads_both_ways():
     ours, theirs = bnt.BatchNorm2d(3), torch.nn.BatchNorm2d(3)
     ours(make((4, 3, 2, 2), torch.float32, seed=3))

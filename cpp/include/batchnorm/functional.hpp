@@ -18,6 +18,13 @@
 //   batchnorm::forward<float>(g, {x.data()}, {y.data()}, {}, 1e-5, batchnorm::Activation::none,
 //                             mean.data(), var.data(), inv_std.data());
 //
+// Masked statistics (moments, forward, backward: the last argument `mask`, default none):
+// the statistics are weighted by a mask over the reduced positions, an array of x's element
+// type (0/1 for a boolean mask, or frequency weights) with x's shape without the feature
+// axes, its strides in elements over that shape (empty = C-contiguous; 0 broadcasts). Every
+// position is normalized with them, and backward is the exact gradient of that function.
+// A mask that selects nothing (no nonzero value) is a value_error.
+//
 // Errors throw batchnorm::value_error or batchnorm::type_error (both std::invalid_argument).
 #pragma once
 
@@ -75,15 +82,17 @@ struct Extent {
 BATCHNORM_API Extent extent(const Geometry& g);
 
 /// Per-channel batch mean and biased (population) variance. Returns the count reduced
-/// per channel. Throws value_error for an empty batch.
+/// per channel (with a mask: the positions it selects). Throws value_error for an empty batch.
 template <class T>
-BATCHNORM_API index_t moments(const Geometry& g, In<T> x, stat_t<T>* mean, stat_t<T>* variance);
+BATCHNORM_API index_t moments(const Geometry& g, In<T> x, stat_t<T>* mean, stat_t<T>* variance, In<T> mask = {});
 
 /// Mergeable per-channel statistics (count, mean, M2 = sum of squared deviations), in
 /// double. Partials from different arrays merge exactly (Chan et al.); see merge_moments.
-/// An empty batch is allowed here (count 0, mean 0, M2 0).
+/// An empty batch is allowed here (count 0, mean 0, M2 0), and so is a mask that selects
+/// nothing. With a mask, mean and M2 are the weighted ones, to be merged with the mask's
+/// weight sum W as the count (the return value is the positions it selects).
 template <class T>
-BATCHNORM_API index_t partial_moments(const Geometry& g, In<T> x, double* mean, double* m2);
+BATCHNORM_API index_t partial_moments(const Geometry& g, In<T> x, double* mean, double* m2, In<T> mask = {});
 
 /// Merges (count_b, mean_b, m2_b) into (count_a, mean_a, m2_a), per channel.
 BATCHNORM_API void merge_moments(index_t channels, double* count_a, double* mean_a, double* m2_a, const double* count_b,
@@ -100,10 +109,11 @@ BATCHNORM_API void normalize(const Geometry& g, In<T> x, Out<T> y, const stat_t<
 
 /// Training pass: batch statistics, then y = act(gamma * (x - mean) * inv_std + beta)
 /// with inv_std = 1 / sqrt(variance + epsilon). Writes the statistics (variance biased)
-/// and returns the count reduced per channel. y may be x itself (in place).
+/// and returns the count reduced per channel (as moments). y may be x itself (in place).
 template <class T>
 BATCHNORM_API index_t forward(const Geometry& g, In<T> x, Out<T> y, Affine<stat_t<T>> affine, double epsilon,
-                              Activation activation, stat_t<T>* mean, stat_t<T>* variance, stat_t<T>* inv_std);
+                              Activation activation, stat_t<T>* mean, stat_t<T>* variance, stat_t<T>* inv_std,
+                              In<T> mask = {});
 
 /// Whether the statistics used in the forward pass were the batch's own (training) or
 /// constants such as moving averages (inference): the latter have no gradient.
@@ -116,7 +126,8 @@ enum class Statistics { batch, fixed };
 template <class T>
 BATCHNORM_API void backward(const Geometry& g, In<T> dy, In<T> x, Out<T> dx, const stat_t<T>* mean,
                             const stat_t<T>* inv_std, Affine<stat_t<T>> affine, Activation activation,
-                            stat_t<T>* dgamma, stat_t<T>* dbeta, Statistics statistics = Statistics::batch);
+                            stat_t<T>* dgamma, stat_t<T>* dbeta, Statistics statistics = Statistics::batch,
+                            In<T> mask = {});
 
 /// The two halves of backward, for callers that combine the sums of several arrays
 /// (synchronized batch norm across processes) before applying them.
@@ -126,11 +137,12 @@ template <class T>
 BATCHNORM_API void backward_sums(const Geometry& g, In<T> dy, In<T> x, const stat_t<T>* mean, const stat_t<T>* inv_std,
                                  Affine<stat_t<T>> affine, Activation activation, double* sum_dy, double* sum_dy_xc);
 
-/// backward_apply writes dx from (possibly combined) sums over `count` values per channel.
+/// backward_apply writes dx from (possibly combined) sums over `count` values per channel
+/// (with a mask, the statistics' count: the sum W of the mask's weights over all arrays).
 template <class T>
 BATCHNORM_API void backward_apply(const Geometry& g, In<T> dy, In<T> x, Out<T> dx, const stat_t<T>* mean,
                                   const stat_t<T>* inv_std, Affine<stat_t<T>> affine, Activation activation,
-                                  const double* sum_dy, const double* sum_dy_xc, index_t count,
-                                  Statistics statistics = Statistics::batch);
+                                  const double* sum_dy, const double* sum_dy_xc, double count,
+                                  Statistics statistics = Statistics::batch, In<T> mask = {});
 
 }  // namespace batchnorm

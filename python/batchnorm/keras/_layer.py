@@ -235,8 +235,9 @@ class BatchNormalization(LayerWeights, CopyableLayer):
         gamma = None if "gamma" not in w else np.array(w["gamma"], dtype=pdt, copy=True).reshape(-1)
         beta = None if "beta" not in w else np.array(w["beta"], dtype=pdt, copy=True).reshape(-1)
         weights = None if mask is None else _step.mask_weights(mask, x, self.compute_dtype)
+        cmask = None if weights is None else _step.core_mask(weights, xv, axes)
 
-        stats = self._batch_statistics(xv, axes, weights)
+        stats = self._batch_statistics(xv, axes, weights, cmask)
         if self.renorm:  # r and d scale and shift the normalized batch (tf-keras's composition with adjustment)
             assert stats is not None
             r, d = _step.renorm_correction(*_step.channel_moments(stats, reps), w, self.epsilon, self.renorm_clipping)
@@ -252,7 +253,9 @@ class BatchNormalization(LayerWeights, CopyableLayer):
         inv_std = np.empty(kept, pdt)
         if stats is None:  # one pass computes the statistics and normalizes with them
             stats = Stats(np.empty(kept, pdt), np.empty(kept, pdt))
-            _core.forward(xv, y, axes, g_tiled, b_tiled, self.epsilon, False, stats.mean, stats.variance, inv_std)
+            _core.forward(
+                xv, y, axes, g_tiled, b_tiled, self.epsilon, False, stats.mean, stats.variance, inv_std, mask=cmask
+            )
         else:
             _core.normalize(
                 xv, y, axes, stats.mean, stats.variance, g_tiled, b_tiled, self.epsilon, False, inv_std=inv_std
@@ -274,26 +277,30 @@ class BatchNormalization(LayerWeights, CopyableLayer):
             scale_mult=scale_mult,
             offset_mult=offset_mult,
             weights=weights,
+            mask=cmask,
             wsum=stats.wsum,
             count=stats.count,
             comm=stats.comm,
         )
         return y.reshape(x.shape), self._moving_updates(w, new_mean, new_var), last
 
-    def _batch_statistics(self, x: np.ndarray, axes: tuple[int, ...], weights: np.ndarray | None) -> Stats | None:
+    def _batch_statistics(
+        self, x: np.ndarray, axes: tuple[int, ...], weights: np.ndarray | None, mask: np.ndarray | None
+    ) -> Stats | None:
         """The batch's per-channel mean and biased variance (``axes`` kept; ``weights``: the
-        mask's), or None where the normalizing pass may compute them itself (neither a mask
-        nor renorm needs them first). The hook SyncBatchNormalization overrides."""
+        mask's, ``mask``: those weights as the kernels take them, or None where they cannot),
+        or None where the normalizing pass may compute them itself (renorm needs them first,
+        and weights the kernels cannot take). The hook SyncBatchNormalization overrides."""
         pdt = self.param_dtype
         kept = tuple(x.shape[a] for a in axes)
-        if weights is not None:
+        if weights is not None and mask is None:
             wsum, mean, m2 = _step.weighted_partials(x, axes, weights)
             with np.errstate(divide="ignore", invalid="ignore"):
                 var = np.where(wsum != 0, m2 / wsum, 0.0)
             return Stats(mean.astype(pdt).reshape(kept), var.astype(pdt).reshape(kept), wsum)
         if self.renorm:
             stats = Stats(np.empty(kept, pdt), np.empty(kept, pdt))
-            _core.moments(x, axes, stats.mean, stats.variance)
+            _core.moments(x, axes, stats.mean, stats.variance, mask=mask)
             return stats
         return None
 
@@ -366,13 +373,14 @@ class BatchNormalization(LayerWeights, CopyableLayer):
         dx = np.empty_like(last.x)
         dgamma = np.empty(kept, pdt)
         dbeta = np.empty(kept, pdt)
-        fixed = not last.training or last.weights is not None
+        numpy_mask = last.training and last.weights is not None and last.mask is None
+        fixed = not last.training or numpy_mask
         _core.backward(
-            dy, last.x, dx, last.axes, last.mean, last.inv_std, last.gamma, None, False, dgamma, dbeta, fixed
-        )
-        if last.weights is not None:  # the core's fixed-statistics dx, a*dy, minus the weighted moments' part
-            a, k = _step.masked_terms(last, dbeta.astype(np.float64), dgamma.astype(np.float64))
-            dx = (dx.astype(np.float64) - a * last.weights * k).astype(last.x.dtype)
+            dy, last.x, dx, last.axes, last.mean, last.inv_std, last.gamma, None, False, dgamma, dbeta, fixed,
+            mask=last.mask,
+        )  # fmt: skip
+        if numpy_mask:  # weights the kernels could not take: dx from the core's sums
+            dx = _step.masked_dx(last, dy, dbeta.astype(np.float64), dgamma.astype(np.float64))
         channels = dgamma.size // last.reps
         dg = dgamma.reshape(last.reps, channels).sum(axis=0, dtype=np.float64)
         db = dbeta.reshape(last.reps, channels).sum(axis=0, dtype=np.float64)

@@ -7,6 +7,7 @@ core's, made by the layer.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +41,7 @@ class Last:
     scale_mult: np.ndarray | None = None  # d y / d gamma = x_hat * scale_mult + offset_mult
     offset_mult: np.ndarray | None = None
     weights: np.ndarray | None = None  # mask frequency weights (broadcastable to x), mask path only
+    mask: np.ndarray | None = None  # the weights as the kernels took them (core_mask), if they did
     wsum: np.ndarray | None = None  # mask path: Stats.wsum
     count: int = 0  # Stats.count
     comm: Any = None  # Stats.comm
@@ -76,6 +78,25 @@ def mask_weights(mask: Any, x: np.ndarray, compute_dtype: np.dtype[Any]) -> np.n
         ) from None
     # tf-keras casts the mask to the compute dtype, then weights the moments with it.
     return m.astype(compute_dtype).astype(np.float64)[..., None]
+
+
+def core_mask(weights: np.ndarray, x: np.ndarray, axes: tuple[int, ...]) -> np.ndarray | None:
+    """The mask weights as the kernels take them: x's dtype (tf-keras's cast), x's shape
+    without the feature axes (a view that keeps the broadcast), or None where they cannot:
+    weights that vary along a feature axis (a mask over the last axis of channels-first
+    data) or whose sum is not positive (tf-keras then gives mean and variance 0)."""
+    varying = [a for a in axes if weights.shape[a] != 1]
+    if varying:  # the same weights for every channel, or the kernels cannot take them
+        first = weights[tuple(slice(0, 1) if i in varying else slice(None) for i in range(weights.ndim))]
+        if not np.array_equal(weights, np.broadcast_to(first, weights.shape)):
+            return None
+        weights = first
+    w = np.broadcast_to(weights, x.shape)
+    view = w[tuple(0 if i in axes else slice(None) for i in range(x.ndim))]
+    total = float(view.sum(dtype=np.float64)) if view.size else 0.0
+    if not (math.isfinite(total) and total > 0):
+        return None
+    return view.astype(x.dtype)  # exact: the weights were cast to the compute dtype
 
 
 def weighted_partials(
@@ -175,14 +196,16 @@ def moving_average(var: np.ndarray, value: np.ndarray, momentum: float) -> np.nd
     return (v - (v - value.astype(var.dtype)) * decay).reshape(var.shape)  # type: ignore[no-any-return]
 
 
-def masked_terms(last: Last, sum_dy: np.ndarray, sum_dy_xhat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(a, k) of a masked call's dx = a*(dy - w*k), a = gamma*inv_std, from the per-channel
-    sums over the masked batch: k = (sum(dy) + x_hat*sum(dy*x_hat)) / W (0 where W = 0).
+def masked_dx(last: Last, dy: np.ndarray, sum_dy: np.ndarray, sum_dy_xhat: np.ndarray) -> np.ndarray:
+    """A masked call's dx = a*(dy - w*k), a = gamma*inv_std, from the per-channel sums over
+    the batch: k = (sum(dy) + x_hat*sum(dy*x_hat)) / W (0 where W = 0), in float64 from dy
+    itself (a 16-bit a*dy would lose the digits the subtraction keeps), rounded once.
 
     With frequency weights w (W = sum w per channel), d mean/dx = w/W and
     d var/dx = 2w(x - mean)/W, which gives that dx.
     """
     assert last.wsum is not None
+    assert last.weights is not None
     wsum = last.wsum
     shape = wsum.shape
     inv = last.inv_std.astype(np.float64).reshape(shape)
@@ -192,4 +215,4 @@ def masked_terms(last: Last, sum_dy: np.ndarray, sum_dy_xhat: np.ndarray) -> tup
         k_mean = np.where(wsum != 0, sum_dy.reshape(shape) / wsum, 0.0)
         k_var = np.where(wsum != 0, sum_dy_xhat.reshape(shape) / wsum, 0.0)
     x_hat = (last.x.astype(np.float64) - mean) * inv
-    return a, k_mean + x_hat * k_var
+    return (a * (dy.astype(np.float64) - last.weights * (k_mean + x_hat * k_var))).astype(last.x.dtype)

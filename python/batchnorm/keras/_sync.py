@@ -114,18 +114,23 @@ class SyncBatchNormalization(BatchNormalization):
         except Exception:  # an input without a usable shape: nothing better to send
             return 1
 
-    def _batch_statistics(self, x: np.ndarray, axes: tuple[int, ...], weights: np.ndarray | None) -> Stats | None:
+    def _batch_statistics(
+        self, x: np.ndarray, axes: tuple[int, ...], weights: np.ndarray | None, mask: np.ndarray | None
+    ) -> Stats | None:
         """The mean and biased variance of all processes' batches: this process's partials
         (count, mean, M2; with a mask: weight sum, weighted mean and M2), merged in one all-reduce."""
         comm = self._call_comm
         if comm is None:
-            return super()._batch_statistics(x, axes, weights)
+            return super()._batch_statistics(x, axes, weights, mask)
         kept = tuple(x.shape[a] for a in axes)
         channels = math.prod(kept)
         count: Any = 0
         mean = np.zeros(channels, np.float64)
         m2 = np.zeros(channels, np.float64)
-        if weights is not None:
+        if mask is not None:  # the kernels' weighted partials (mask: the same weights for every channel)
+            count = np.full(channels, float(mask.sum(dtype=np.float64)))
+            _core.partial_moments(x, axes, mean, m2, mask=mask)
+        elif weights is not None:
             wsum, mu, sq = _step.weighted_partials(x, axes, weights)
             if (wsum < 0).any():
                 raise ValueError("SyncBatchNormalization needs mask weights >= 0")
@@ -178,16 +183,20 @@ class SyncBatchNormalization(BatchNormalization):
             raise
         total_dy, total_dy_xc = _mpi.allreduce_sum(comm, sum_dy, sum_dy_xc)
         inv64 = last.inv_std.astype(np.float64).reshape(-1)
-        if last.weights is None:
+        # The kernels take a mask whose weights are the same for every channel, here and (the
+        # weight sums tell) on every peer.
+        wsum = np.zeros(1) if last.wsum is None else last.wsum.reshape(-1)
+        on_kernels = last.mask is not None and bool(np.all(wsum == wsum[0]))
+        if last.weights is None or on_kernels:
             dx = np.empty_like(last.x)
-            if last.count and dx.size:
+            count = last.count if last.weights is None else float(wsum[0])
+            if count and dx.size:
                 _core.backward_apply(
                     dy, last.x, dx, last.axes, last.mean, last.inv_std, last.gamma, None, False,
-                    total_dy, total_dy_xc, last.count,
+                    total_dy, total_dy_xc, count, mask=last.mask,
                 )  # fmt: skip
         else:
-            a, k = _step.masked_terms(last, total_dy, total_dy_xc * inv64)
-            dx = (a * (dy.astype(np.float64) - last.weights * k)).astype(last.x.dtype)
+            dx = _step.masked_dx(last, dy, total_dy, total_dy_xc * inv64)
         return dx, sum_dy_xc * inv64, sum_dy
 
     def __repr__(self) -> str:

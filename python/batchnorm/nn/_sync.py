@@ -157,7 +157,9 @@ class SyncBatchNorm(_BatchNorm):
             _mpi.allreduce_sum_failed(comm, 2 * c)
             raise
         # This process's gradients, as the core's backward would round them.
-        dgamma = (sum_dy_xc * saved.inv_std.astype(np.float64)).astype(sdt)
+        # (inv_std 0, a variance beyond the double range: every x_hat is 0, as in the core.)
+        inv = saved.inv_std.astype(np.float64)
+        dgamma = np.where(inv == 0, 0 * sum_dy, sum_dy_xc * inv).astype(sdt)
         dbeta = sum_dy.astype(sdt)
         total_dy, total_dy_xc = _mpi.allreduce_sum(comm, sum_dy, sum_dy_xc)
         if saved.count:

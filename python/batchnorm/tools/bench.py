@@ -97,6 +97,11 @@ r50-28-nhwc       32x28x28x512     -1    large
 r50-7-nhwc        32x7x7x2048      -1    large
 dense-4096x1024   4096x1024        -1    large
 dense-256x4096    256x4096         -1    large
+seq-64x256x128    64x256x128       1     large
+seq-64x128x256    64x128x256       -1    large
+seq-512x64x32     512x64x32        1     large
+seq-512x32x64     512x32x64        -1    large
+small-8x256x14    8x256x14x14      1     large
 tiny-1x64         1x64             -1    tiny
 tiny-16x64        16x64            -1    tiny
 """

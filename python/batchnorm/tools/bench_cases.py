@@ -75,8 +75,8 @@ class Shape:
             return "NCHW" if self.axis % 4 == 1 else "NHWC" if self.axis % 4 == 3 else f"axis={self.axis}"
         if len(self.dims) == 2 and self.axis % 2 == 1:
             return "NC"
-        if len(self.dims) == 3 and self.axis % 3 == 1:
-            return "NCL"
+        if len(self.dims) == 3 and self.axis % 3 in (1, 2):
+            return "NCL" if self.axis % 3 == 1 else "NLC"
         return f"axis={self.axis}"
 
     @property

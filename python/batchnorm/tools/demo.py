@@ -12,7 +12,8 @@ mini-batches in the same order, and one optimizer of this library (``bn.optimize
 plain gradient descent as in the paper) updates every weight of both. The Dense layers,
 the sigmoid and the softmax cross-entropy are a few lines of NumPy below; the only batch
 norm is ``bn.BatchNormalization``. The held-out accuracy is measured in inference mode,
-i.e. with the layers' moving statistics.
+i.e. with the layers' moving statistics. ``--all`` and ``--study`` add three more studies on
+the same network, data and batches (``demo_studies.py``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 import numpy as np
@@ -43,6 +44,8 @@ DEFAULT_SEED = 0
 DEFAULT_TARGET = 0.9
 DEFAULT_BATCH_SIZE = 60  # the paper's
 DEFAULT_OUTPUT = "batchnorm_demo.png"
+STUDIES = ("scaling", "placement", "optimizers")  # --all, --study: tools/demo_studies.py
+DEFAULT_STUDY_STEPS = 1000  # each placement and optimizers run: batch norm is at 90% within 50 steps
 HIDDEN = (100, 100, 100)  # the paper's: 3 hidden layers of 100 sigmoid units
 PERCENTILES = (15.0, 50.0, 85.0)  # the paper's Figure 1 (b, c)
 DTYPE = np.float32
@@ -137,23 +140,31 @@ def _softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> tuple[floa
 
 
 class _Net:
-    """Dense -> [BN] -> sigmoid, three times, then Dense -> softmax."""
+    """Dense -> [BN] -> sigmoid, three times, then Dense -> softmax (``after``: Dense -> sigmoid -> BN)."""
 
-    def __init__(self, kernels: list[np.ndarray], batch_norm: bool) -> None:
+    def __init__(self, kernels: list[np.ndarray], batch_norm: bool, *, after: bool = False) -> None:
         self.layers: list[Any] = []
         self.batch_norm = batch_norm
         last = len(kernels) - 1
         for i, k in enumerate(kernels):
-            # With batch norm the hidden Dense layers have no bias: beta takes its place (the paper's "Wu").
-            use_bias = i == last or not batch_norm
+            # With batch norm before the sigmoid the hidden Dense layers have no bias: beta takes its
+            # place (the paper's "Wu"); after the sigmoid, beta cannot shift the sigmoid's input.
+            use_bias = i == last or not batch_norm or after
             bias = np.zeros(k.shape[1], k.dtype) if use_bias else None
             self.layers.append(_Dense(k.copy(), bias))
             if i != last:
-                if batch_norm:
+                if batch_norm and not after:
                     self.layers.append(_BatchNorm())
                 self.layers.append(_Sigmoid())
+                if batch_norm and after:
+                    self.layers.append(_BatchNorm())
         # The input of the last hidden layer's sigmoid, whose distribution Figure 1 (b, c) follows.
-        self.watched = len(self.layers) - 3
+        self.watched = len(self.layers) - (4 if batch_norm and after else 3)
+
+    def gamma_std(self) -> float:
+        """Standard deviation over every gamma value of the network (0 at the start: all ones)."""
+        gammas = [g for layer in self.layers if isinstance(layer, _BatchNorm) and (g := layer.layer.gamma) is not None]
+        return float(np.concatenate(gammas).astype(np.float64).std()) if gammas else math.nan
 
     def forward(self, x: np.ndarray, training: bool) -> tuple[np.ndarray, np.ndarray]:
         """(logits, the input of the watched sigmoid)."""
@@ -189,6 +200,9 @@ class Curve:
     loss: np.ndarray  # (E,) mean training loss since the previous evaluation (NaN at step 0)
     steps_to_target: int | None  # first evaluation step with accuracy >= target, None if never
     seconds: float  # training wall time
+    diverged: bool = False  # a training loss was NaN or infinite: training stopped there
+    # (E,) std over every gamma value of the network at each evaluation (NaN without batch norm)
+    gamma_std: np.ndarray = field(default_factory=lambda: np.empty(0))
 
 
 @dataclass
@@ -216,10 +230,11 @@ class DemoResult:
 class _Progress:
     """A one-line text progress bar (carriage returns on a terminal, a few lines otherwise)."""
 
-    def __init__(self, total: int, label: str, stream: TextIO | None) -> None:
+    def __init__(self, total: int, label: str, stream: TextIO | None, *, quarters: bool = True) -> None:
         self.total = max(total, 1)
         self.label = label
         self.stream = stream
+        self.quarters = quarters  # off a terminal: a line each quarter (else only the last)
         self.tty = bool(stream is not None and hasattr(stream, "isatty") and stream.isatty())
         self.start = time.perf_counter()
         self.last_draw = -math.inf
@@ -236,7 +251,7 @@ class _Progress:
                 return
         else:
             decile = int(frac * 4)
-            if not final and decile == self.last_decile:
+            if not final and (decile == self.last_decile or not self.quarters):
                 return
             self.last_decile = decile
         self.last_draw = now
@@ -278,6 +293,21 @@ def _initial_kernels(rng: np.random.Generator, sizes: list[int]) -> list[np.ndar
     return [rng.normal(0.0, 1.0 / math.sqrt(a), size=(a, b)).astype(DTYPE) for a, b in itertools.pairwise(sizes)]
 
 
+def _kernels_and_batches(
+    seed: int, train_shape: tuple[int, ...], steps: int, batch_size: int
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """The initial weights, then the sequence of mini-batches (shuffled epochs, drawn once), from one seed."""
+    n, features = train_shape
+    rng = np.random.default_rng(seed)
+    kernels = _initial_kernels(rng, [features, *HIDDEN, 10])
+    per_epoch = n // batch_size
+    epochs = -(-steps // per_epoch)
+    batches = np.concatenate(
+        [rng.permutation(n)[: per_epoch * batch_size].reshape(per_epoch, batch_size) for _ in range(epochs)]
+    )[:steps]
+    return kernels, batches
+
+
 def _train(
     net: _Net,
     name: str,
@@ -288,16 +318,25 @@ def _train(
     eval_every: int,
     target: float,
     stream: TextIO | None,
+    bn_optimizer: optimizers.Optimizer | None = None,
+    quarters: bool = True,
 ) -> Curve:
+    """Plain SGD on every weight; ``bn_optimizer``, if given, updates gamma and beta instead."""
     x_train, y_train, x_test, y_test = data
     opt = optimizers.SGD(learning_rate=learning_rate)
     params = net.trainable()
+    bn_params = []
+    if bn_optimizer is not None:
+        bn_params = [p for p in params if isinstance(p, BatchNormalization)]
+        params = [p for p in params if not isinstance(p, BatchNormalization)]
     steps_done: list[int] = []
     accuracy: list[float] = []
     pct: list[np.ndarray] = []
     losses: list[float] = []
+    gamma_std: list[float] = []
     running: list[float] = []
-    progress = _Progress(len(batches), name, stream)
+    progress = _Progress(len(batches), name, stream, quarters=quarters)
+    diverged = False
 
     def evaluate(step: int) -> None:
         logits, watched = net.forward(x_test, training=False)
@@ -305,6 +344,7 @@ def _train(
         accuracy.append(float((logits.argmax(axis=1) == y_test).mean()))
         pct.append(np.percentile(watched[:, 0].astype(np.float64), PERCENTILES))
         losses.append(float(np.mean(running)) if running else math.nan)
+        gamma_std.append(net.gamma_std())
         running.clear()
 
     start = time.perf_counter()
@@ -313,8 +353,15 @@ def _train(
         logits, _ = net.forward(x_train[idx], training=True)
         loss, dlogits = _softmax_cross_entropy(logits, y_train[idx])
         running.append(loss)
+        if not math.isfinite(loss):  # nothing left to learn from: stop, and say so
+            diverged = True
+            evaluate(step)
+            progress.update(len(batches), f"diverged at step {step}")
+            break
         net.backward(dlogits)
         opt.step(params)
+        if bn_optimizer is not None:
+            bn_optimizer.step(bn_params)
         if step % eval_every == 0 or step == len(batches):
             evaluate(step)
             progress.update(step, f"held-out accuracy {accuracy[-1]:.3f}")
@@ -329,6 +376,8 @@ def _train(
         loss=np.array(losses),
         steps_to_target=int(steps_done[reached[0]]) if reached.size else None,
         seconds=seconds,
+        diverged=diverged,
+        gamma_std=np.array(gamma_std),
     )
 
 
@@ -365,14 +414,7 @@ def run(
     x_train = data[0]
     if batch_size > len(x_train):
         raise ValueError(f"batch_size must be at most the {len(x_train)} training images, got {batch_size}")
-    rng = np.random.default_rng(seed)
-    kernels = _initial_kernels(rng, [x_train.shape[1], *HIDDEN, 10])
-    # The same sequence of mini-batches for both: shuffled epochs, drawn once.
-    per_epoch = len(x_train) // batch_size
-    epochs = -(-steps // per_epoch)
-    batches = np.concatenate(
-        [rng.permutation(len(x_train))[: per_epoch * batch_size].reshape(per_epoch, batch_size) for _ in range(epochs)]
-    )[:steps]
+    kernels, batches = _kernels_and_batches(seed, x_train.shape, steps, batch_size)
     with _one_blas_thread():
         curves = [
             _train(
@@ -458,8 +500,19 @@ def plot(result: DemoResult, path: str | os.PathLike[str]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    p, b = result.plain, result.batchnorm
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), constrained_layout=True)
+    plot_comparison(result, axes)
+    fig.suptitle(
+        f"3x100 sigmoid net, SGD learning rate {result.learning_rate:g}, batch {result.batch_size}, seed {result.seed}",
+        fontsize=10,
+    )
+    fig.savefig(path, dpi=110, format="png")  # the format given: saved under `path` exactly, no ".png" added
+    plt.close(fig)
+
+
+def plot_comparison(result: DemoResult, axes: Any) -> None:
+    """Panels (a, b, c) of :func:`plot` on three given matplotlib axes."""
+    p, b = result.plain, result.batchnorm
     ax = axes[0]
     ax.plot(p.steps, p.accuracy, color="tab:gray", ls="--", label="Without BN")
     ax.plot(b.steps, b.accuracy, color="tab:blue", label="With BN")
@@ -485,12 +538,6 @@ def plot(result: DemoResult, path: str | os.PathLike[str]) -> None:
         ax.set_title(
             f"{title}: a last-layer sigmoid's input,\n{', '.join(f'{q:.0f}' for q in PERCENTILES)}th percentiles"
         )
-    fig.suptitle(
-        f"3x100 sigmoid net, SGD learning rate {result.learning_rate:g}, batch {result.batch_size}, seed {result.seed}",
-        fontsize=10,
-    )
-    fig.savefig(path, dpi=110, format="png")  # the format given: saved under `path` exactly, no ".png" added
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -522,6 +569,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_TARGET,
         help=f"held-out accuracy to count steps to (default {DEFAULT_TARGET})",
     )
+    studies = parser.add_mutually_exclusive_group()
+    studies.add_argument(
+        "--all",
+        action="store_true",
+        help="also run the three studies (scaling, placement, optimizers): a table each, and a panel each "
+        "below the comparison's in the one figure; under 2 minutes on 2 cores",
+    )
+    studies.add_argument(
+        "--study",
+        action="append",
+        choices=STUDIES,
+        help="run this study alone, without the comparison (repeat the option for several): scaling: the "
+        "plain net on inputs of very different scales, raw and after scikit-learn's MinMaxScaler and "
+        "StandardScaler, and the batch-norm net raw and after StandardScaler; placement: batch norm "
+        "before each sigmoid against after it; optimizers: gamma and beta trained with SGD, SGD with "
+        "momentum, RMSprop and Adam",
+    )
+    parser.add_argument(
+        "--study-steps",
+        type=_args.integer("--study-steps", 1, MAX_STEPS),
+        default=DEFAULT_STUDY_STEPS,
+        help=f"training steps of each placement and optimizers run, over 3 seeds each (default "
+        f"{DEFAULT_STUDY_STEPS}); the scaling study trains for --steps",
+    )
     parser.add_argument(
         "--output",
         type=_args.writable,
@@ -536,6 +607,10 @@ def main(args: argparse.Namespace) -> int:
         print(f"The demo needs {' and '.join(missing)}, which are not installed. Install them with:", file=sys.stderr)
         print(f"    {INSTALL_HINT}", file=sys.stderr)
         return 1
+    if args.all or args.study:
+        from . import demo_studies
+
+        return demo_studies.main(args)
     print(
         f"Training a 3x100 sigmoid network on scikit-learn's digits, without and with batch norm "
         f"(same initialization and batches; SGD, learning rate {args.learning_rate:g}, {args.steps} steps, "

@@ -2,8 +2,10 @@
 
 The bindings take tensors directly (their data pointer, shape and strides) once
 ``_core.use_torch`` has been told torch's types, so no tensor goes through NumPy
-(which has no bfloat16). Per-channel tensors are passed as contiguous float32 (float64
-for float64 input), the core's statistics type.
+(which has no bfloat16). Per-channel tensors are passed contiguous, in the core's
+statistics type (float64 for float64 input, else float32) or, for 16-bit input, as
+float16/bfloat16 tensors, which the bindings convert (and round back into, for outputs)
+far more cheaply than torch's ``.to()``.
 """
 
 from __future__ import annotations
@@ -38,9 +40,17 @@ def stat_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def takes(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether the core reads (or writes) per-channel tensor t as it is, for statistics dtype dtype."""
+    return (t.dtype == dtype or (dtype == torch.float32 and t.dtype in _HALF)) and t.is_contiguous()
+
+
 def channels(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """A per-channel tensor as the core reads it (the same tensor when it already is one)."""
-    if t is None or (t.dtype == dtype and t.is_contiguous()):
+    if t is None or takes(t, dtype):
         return t
     return t.detach().to(dtype).contiguous()
 
@@ -110,10 +120,10 @@ def update_running(  # noqa: PLR0917 - the order of torch's batch_norm arguments
 ) -> None:
     """running = (1 - factor) * running + factor * batch (variance unbiased), in place."""
     sdt = torch.float64 if mean.itemsize == 8 else torch.float32  # a tensor or a NumPy array
-    if running_mean.dtype == running_var.dtype == sdt and running_mean.is_contiguous() and running_var.is_contiguous():
+    if takes(running_mean, sdt) and takes(running_var, sdt):  # 16-bit ones: updated in float, rounded once
         _core.update_running(running_mean, running_var, mean, var, float(factor), count)
         return
-    # 16-bit or strided buffers: the same rule through a float32/64 copy, written back once
+    # buffers of another dtype or strided: the same rule through a float32/64 copy, written back once
     rm, rv = running_mean.detach().to(sdt).contiguous(), running_var.detach().to(sdt).contiguous()
     _core.update_running(rm, rv, mean, var, float(factor), count)
     with torch.no_grad():
@@ -246,12 +256,14 @@ def backward(  # noqa: PLR0917 - the order of torch's batch_norm arguments
     dx = empty_output(x)
     if x.numel() == 0:
         return dx, torch.zeros(c, dtype=sdt), torch.zeros(c, dtype=sdt)
-    # NumPy arrays the core fills (every channel), handed to torch without a copy
-    dweight, dbias = np.empty(c, _NUMPY[sdt]), np.empty(c, _NUMPY[sdt])
     if dy.dtype != x.dtype:
         dy = dy.to(x.dtype)
-    _core.backward(dy, x, dx, AXES, mean, inv_std, channels(weight, sdt), None, False, dweight, dbias, fixed_statistics)
-    return dx, torch.from_numpy(dweight), torch.from_numpy(dbias)
+    if weight is not None and weight.dtype in _HALF and sdt == torch.float32:  # rounded to it by the core
+        grads = torch.empty(c, dtype=weight.dtype), torch.empty(c, dtype=weight.dtype)
+    else:  # NumPy arrays the core fills (every channel), handed to torch without a copy
+        grads = torch.from_numpy(np.empty(c, _NUMPY[sdt])), torch.from_numpy(np.empty(c, _NUMPY[sdt]))
+    _core.backward(dy, x, dx, AXES, mean, inv_std, channels(weight, sdt), None, False, *grads, fixed_statistics)
+    return dx, *grads
 
 
 def ghost_backward(  # noqa: PLR0917 - backward's order

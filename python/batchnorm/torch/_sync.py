@@ -141,7 +141,9 @@ class _SyncFunction(torch.autograd.Function):
             _sum_over_ranks(ctx.group, sum_dy, sum_dy_xc, failed=True)
             raise
         # This rank's gradients, rounded as the core's backward rounds them.
-        dweight = (sum_dy_xc * inv_std.double()).to(mean.dtype)
+        # (inv_std 0, a variance beyond the double range: every x_hat is 0, as in the core.)
+        inv = inv_std.double()
+        dweight = torch.where(inv == 0, 0 * sum_dy, sum_dy_xc * inv).to(mean.dtype)
         dbias = sum_dy.to(mean.dtype)
         total_dy, total_dy_xc = _sum_over_ranks(ctx.group, sum_dy, sum_dy_xc)
         dx = _kernels.empty_output(x)
