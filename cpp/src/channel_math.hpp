@@ -41,15 +41,19 @@ namespace batchnorm::detail {
 // the first the mask selects), unless that is infinite or NaN, which would turn every x - K
 // into NaN; K = 0 lets the sums follow IEEE arithmetic (mean([inf, 1]) = inf).
 template <class T>
-compute_t<T> channel_shift(const Plan& p, const T* x, index_t c, index_t at = 0) {
+compute_t<T> shift_of(const T* first) {
   using C = compute_t<T>;
-  const T* first = x + p.offset[0] + p.channel_offset(c, 0) + p.reduce_offset(at, p.reduce_dims.size(), 0);
   C v;
   if constexpr (std::is_same_v<T, C>)
     v = *first;
   else
     v = static_cast<float>(*first);
   return std::isfinite(v) ? v : C(0);
+}
+
+template <class T>
+compute_t<T> channel_shift(const Plan& p, const T* x, index_t c, index_t at = 0) {
+  return shift_of(x + p.offset[0] + p.channel_offset(c, 0) + p.reduce_offset(at, p.reduce_dims.size(), 0));
 }
 
 // mean and M2 of M values from their sums s = sum(x - K), ss = sum((x - K)^2).

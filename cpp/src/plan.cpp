@@ -139,7 +139,9 @@ Plan make_plan(const Geometry& g, const std::vector<const Strides*>& strides, bo
   p.channel_dims = coalesce(channel, p.operands);
   p.reduce_dims = coalesce(reduce, p.operands);
 
-  if (p.channel_dims.size() == 1 && unit_stride(p.channel_dims[0], p.operands - (masked ? 1 : 0)))
+  // Outer channel dims (several feature axes: ghost batches (G, k, C) with axes (0, 2)) make
+  // groups of rows, each with its own channels: still rows of contiguous channels.
+  if (!p.channel_dims.empty() && unit_stride(p.channel_dims.back(), p.operands - (masked ? 1 : 0)))
     p.kind = Kind::channels_last;
   else if (!p.reduce_dims.empty() && unit_stride(p.reduce_dims.back(), p.operands))
     p.kind = Kind::channels_first;

@@ -3,8 +3,10 @@
 // reduction dimensions, size-1 dimensions dropped and mergeable neighbours merged, so the
 // kernels see one of three layouts:
 //
-//   channels_last  (nspc): one channel dimension, stride 1 in every array. Work is split
-//                  by rows (each row: all channels, contiguous); vectorized across C.
+//   channels_last  (nspc): the innermost channel dimension has stride 1 in every array.
+//                  Work is split by rows (each row: the channels of that dimension,
+//                  contiguous; outer channel dimensions make groups of rows, each with
+//                  its own channels); vectorized across C.
 //   channels_first (ncsp): the innermost reduction dimension has stride 1 in every array.
 //                  Work is split by runs (a channel's contiguous stretch); vectorized along it.
 //   strided        anything else: runs along the innermost reduction dimension, any strides.
@@ -49,6 +51,24 @@ struct Plan {
   /// Offset of channel c in array op.
   index_t channel_offset(index_t c, int op) const { return offset_in(channel_dims, channel_dims.size(), c, op); }
 
+  /// Calls f(c, channel_offset(c, op)) for every channel in order, without a division per
+  /// channel (ghost batches have tens of thousands of channels).
+  template <class F>
+  void for_each_channel(int op, const F& f) const {
+    const auto o = static_cast<std::size_t>(op);
+    std::vector<index_t> i(channel_dims.size(), 0);
+    index_t off = 0;
+    for (index_t c = 0; c < channels; ++c) {
+      f(c, off);
+      for (std::size_t d = channel_dims.size(); d-- > 0;) {  // an odometer, the innermost dim first
+        off += channel_dims[d].stride[o];
+        if (++i[d] < channel_dims[d].size) break;
+        off -= channel_dims[d].stride[o] * channel_dims[d].size;
+        i[d] = 0;
+      }
+    }
+  }
+
   /// Offset (without `offset`) of the multi-index number i over the first n reduce dims.
   index_t reduce_offset(index_t i, std::size_t n, int op) const { return offset_in(reduce_dims, n, i, op); }
 
@@ -83,5 +103,14 @@ inline int mask_operand(const Plan& p) { return p.operands - 1; }
 inline std::vector<const Strides*> operand_strides(std::initializer_list<const Strides*> s) { return s; }
 
 const char* kind_name(Kind kind);
+
+/// The channels of one row of a channels_last plan (its innermost channel dimension).
+inline index_t row_channels(const Plan& p) { return p.channel_dims.empty() ? p.channels : p.channel_dims.back().size; }
+
+/// The groups of rows of a channels_last plan (the outer channel dimensions; 1 without them).
+inline index_t row_groups(const Plan& p) {
+  const index_t rc = row_channels(p);
+  return rc > 0 ? p.channels / rc : 1;
+}
 
 }  // namespace batchnorm::detail

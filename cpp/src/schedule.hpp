@@ -28,14 +28,18 @@ constexpr int kX = 0, kY = 1, kDy = 1, kDx = 2;
 // setup of the rows kernels (a copy of the coefficients) stays negligible; a multiple of 4,
 // the reduction tiles' height, so the sums are those of one call bit for bit.
 inline index_t interruptible_rows(const Plan& p) {
-  return std::max<index_t>(64, kInterruptibleValues / std::max<index_t>(1, p.channels)) / 4 * 4;
+  return std::max<index_t>(64, kInterruptibleValues / std::max<index_t>(1, row_channels(p))) / 4 * 4;
 }
 
-// Calls rows(offsets, nrows, row_strides) for rows [begin, end) of a channels_last plan.
+// Calls rows(offsets, nrows, row_strides) for rows [begin, end) of one group of rows of a
+// channels_last plan, whose first channel is c0.
 template <class F>
-void for_rows(const Plan& p, index_t begin, index_t end, const F& rows) {
+void for_group_rows(const Plan& p, index_t c0, index_t begin, index_t end, const F& rows) {
+  Offsets base{};
+  for (int op = 0; op < p.operands; ++op)
+    base[static_cast<std::size_t>(op)] = p.offset[static_cast<std::size_t>(op)] + p.channel_offset(c0, op);
   if (p.reduce_dims.empty()) {
-    if (begin < end) rows(p.offset, index_t{1}, Offsets{});
+    if (begin < end) rows(base, index_t{1}, Offsets{});
     return;
   }
   const Dim& inner = p.reduce_dims.back();
@@ -48,10 +52,23 @@ void for_rows(const Plan& p, index_t begin, index_t end, const F& rows) {
     Offsets off{};
     for (int op = 0; op < p.operands; ++op) {
       const auto o = static_cast<std::size_t>(op);
-      off[o] = p.offset[o] + p.reduce_offset(r / inner.size, outer_dims, op) + i * inner.stride[o];
+      off[o] = base[o] + p.reduce_offset(r / inner.size, outer_dims, op) + i * inner.stride[o];
     }
     rows(off, len, inner.stride);
     r += len;
+  }
+}
+
+// Calls rows(offsets, nrows, row_strides, c0) for rows [begin, end) of a channels_last plan,
+// numbered group by group (row r is row r % count of group r / count, whose channels start at c0).
+template <class F>
+void for_rows(const Plan& p, index_t begin, index_t end, const F& rows) {
+  const index_t count = std::max<index_t>(1, p.count), rc = row_channels(p);
+  for (index_t r = begin; r < end;) {
+    const index_t group = r / count, first = group * count, last = std::min(end, first + count);
+    for_group_rows(p, group * rc, r - first, last - first,
+                   [&](const Offsets& off, index_t nrows, const Offsets& rs) { rows(off, nrows, rs, group * rc); });
+    r = last;
   }
 }
 
@@ -158,7 +175,9 @@ RunArray<P> run_array(P* base, const RunGroup& g, int op) {
 inline RunShape run_shape(const RunGroup& g) { return {g.length, g.count, g.step}; }
 
 // Work items of a plan (rows or runs), for splitting among threads.
-inline index_t work_items(const Plan& p) { return p.kind == Kind::channels_last ? p.count : runs_of(p).total; }
+inline index_t work_items(const Plan& p) {
+  return p.kind == Kind::channels_last ? row_groups(p) * p.count : runs_of(p).total;
+}
 
 // Whether a pass splits channels among threads rather than work items: where per-thread
 // scratch (a sum pass's partial sums, two doubles per channel and thread; a rows kernel's
@@ -171,15 +190,18 @@ inline bool split_channels(const Plan& p, int nt, std::size_t value_bytes) {
          2 * sizeof(double) * static_cast<std::size_t>(nt) > static_cast<std::size_t>(p.count) * value_bytes;
 }
 
-// Calls rows(offsets, nrows, row_strides, c0, c1 - c0) for channels [c0, c1) of every row of a
-// channels_last plan (channels have stride 1: channel c0 is c0 elements on; a mask has one
-// value per row).
+// Calls rows(offsets, nrows, row_strides, c, nc) for channels [c0, c1) of every row of a
+// channels_last plan, a group of rows at a time (channels have stride 1 within a row; a mask
+// has one value per row: its channel offsets are 0).
 template <class F>
 void for_channel_rows(const Plan& p, index_t c0, index_t c1, const F& rows) {
-  for_rows(p, 0, p.count, [&](Offsets off, index_t nrows, const Offsets& rs) {
-    for (int op = 0; op < p.operands - (p.masked ? 1 : 0); ++op) off[static_cast<std::size_t>(op)] += c0;
-    rows(off, nrows, rs, c0, c1 - c0);
-  });
+  const index_t rc = row_channels(p);
+  for (index_t c = c0; c < c1;) {
+    const index_t group = c / rc, stop = std::min(c1, (group + 1) * rc);
+    for_group_rows(p, c, 0, p.count,
+                   [&](const Offsets& off, index_t nrows, const Offsets& rs) { rows(off, nrows, rs, c, stop - c); });
+    c = stop;
+  }
 }
 
 // A per-channel sum pass (reduce-1 or reduce-2), reading `value_bytes` per value: sums (s, ss)
@@ -216,8 +238,9 @@ void reduce_pass(const Plan& p, std::size_t value_bytes, double* out_s, double* 
     index_t begin, end;
     partition(items, t, n, begin, end);
     if (p.kind == Kind::channels_last)
-      for_rows(p, begin, end,
-               [&](const Offsets& off, index_t nrows, const Offsets& rs) { rows_fn(off, nrows, rs, 0, C, s, ss); });
+      for_rows(p, begin, end, [&](const Offsets& off, index_t nrows, const Offsets& rs, index_t c0) {
+        rows_fn(off, nrows, rs, c0, row_channels(p), s + c0, ss + c0);
+      });
     else
       for_run_groups(p, runs, runs.outer_major, begin, end, [&](const RunGroup& g) { run_fn(g, s + g.c, ss + g.c); });
   });
@@ -245,7 +268,7 @@ constexpr std::size_t kReverseMaxBytes = std::size_t{16} << 20;
 inline index_t reverse_chunk(const Plan& p, const Runs& runs, std::size_t reread_bytes) {
   const auto bytes = static_cast<std::size_t>(p.channels) * static_cast<std::size_t>(p.count) * reread_bytes;
   if (reread_bytes == 0 || bytes > kReverseMaxBytes) return 0;
-  const index_t item = p.kind == Kind::channels_last ? p.channels : runs.piece;
+  const index_t item = p.kind == Kind::channels_last ? row_channels(p) : runs.piece;
   const auto item_bytes = static_cast<std::size_t>(item) * reread_bytes;
   return static_cast<index_t>(std::max<std::size_t>(1, kReverseChunkBytes / std::max<std::size_t>(1, item_bytes)));
 }
@@ -273,8 +296,8 @@ void map_pass(const Plan& p, std::size_t value_bytes, const RowsFn& rows_fn, con
     partition(items, t, n, begin, end);
     auto range = [&](index_t lo, index_t hi) {
       if (p.kind == Kind::channels_last)
-        for_rows(p, lo, hi, [&](const Offsets& off, index_t nrows, const Offsets& rs) {
-          rows_fn(off, nrows, rs, index_t{0}, p.channels);
+        for_rows(p, lo, hi, [&](const Offsets& off, index_t nrows, const Offsets& rs, index_t c0) {
+          rows_fn(off, nrows, rs, c0, row_channels(p));
         });
       else
         for_run_groups(p, runs, runs.outer_major, lo, hi, run_fn);
@@ -382,7 +405,9 @@ void sum_moments(const Plan& p, const T* x, double* mean, double* second, bool v
   using C = compute_t<T>;
   const index_t ch = p.channels;
   std::vector<C> shift(static_cast<std::size_t>(ch));
-  for (index_t c = 0; c < ch; ++c) shift[static_cast<std::size_t>(c)] = channel_shift(p, x, c, mask.sum.first);
+  const index_t at = p.reduce_offset(mask.sum.first, p.reduce_dims.size(), 0);  // the first value summed
+  p.for_each_channel(
+      0, [&](index_t c, index_t off) { shift[static_cast<std::size_t>(c)] = shift_of(x + p.offset[0] + off + at); });
   Coefs<C> k;
   k.m = shift.data();
   const KernelTable<T>& kt = kernels<T>();

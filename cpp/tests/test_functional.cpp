@@ -67,6 +67,12 @@ std::vector<Case> cases() {
        make_strides(nchw, {}, {}, {false, true, false, false})},
       {"features_1_3", nchw, {1, 3}, {}, {}},
       {"features_2_3", nchw, {2, 3}, {}, {}},
+      {"ghost_batches_nc", {4, 9, 37}, {0, 2}, {}, {}},  // (G, k, C): rows of C in G groups
+      {"ghost_batches_nhwc_view",
+       {3, 2, 5, 6, 7},
+       {0, 2},
+       make_strides({3, 2, 5, 6, 7}, {0, 1, 3, 4, 2}),
+       make_strides({3, 2, 5, 6, 7}, {0, 1, 3, 4, 2})},
       {"features_0_2_permuted", nchw, {2, 0}, nhwc_strides, make_strides(nchw, {3, 1, 2, 0})},
       {"c1", {4, 1, 9}, {1}, {}, {}},
       {"count1", {1, 7}, {1}, {}, {}},
@@ -629,7 +635,9 @@ TEST(Threads, CountsAgreeAndRepeatedCallsAreBitwiseIdentical) {
       {"channels_first", nchw, {1}, {}, {}},
       {"channels_last", {16, 48, 48, 8}, {-1}, {}, {}},
       {"channels_last_view", nchw, {1}, make_strides(nchw, {0, 2, 3, 1}), make_strides(nchw, {0, 2, 3, 1})},
-      {"strided", nchw, {1, 3}, {}, {}},
+      {"row_groups", nchw, {1, 3}, {}, {}},
+      {"strided", nchw, {1}, make_strides(nchw, {0, 2, 3, 1}), {}},
+      {"row_groups_few_values", {64, 2, 2304}, {0, 2}, {}, {}},
       {"one_channel", {8, 1, 192, 192}, {1}, {}, {}},
       {"many_channels_few_values", {2, 147456}, {1}, {}, {}},
   };

@@ -151,10 +151,13 @@ TEST(Plan, Coalescing) {
 }
 
 TEST(Plan, SeveralFeatureAxes) {
-  // C and W: channel dims do not coalesce (20 != 5), the innermost reduce dim H has stride 5.
+  // C and W: channel dims do not coalesce (20 != 5); W has stride 1, so rows of 5 channels
+  // in 3 groups (one per C), as ghost batches (G, k, C) with axes (0, 2) give.
   Plan p = plan1({2, 3, 4, 5}, {1, 3});
-  EXPECT_EQ(p.kind, Kind::strided) << kind_name(p.kind);
+  EXPECT_EQ(p.kind, Kind::channels_last) << kind_name(p.kind);
   EXPECT_EQ(p.channels, 15);
+  EXPECT_EQ(row_channels(p), 5);
+  EXPECT_EQ(row_groups(p), 3);
   EXPECT_EQ(dims0(p.channel_dims), (P{{3, 20}, {5, 1}}));
   EXPECT_EQ(dims0(p.reduce_dims), (P{{2, 60}, {4, 5}}));
   // Axes given unsorted or negative mean the same.
@@ -174,6 +177,14 @@ TEST(Plan, SeveralFeatureAxes) {
   EXPECT_EQ(p.count, 1);
   EXPECT_EQ(p.channels, 6);
   EXPECT_EQ(p.kind, Kind::channels_last);
+  // Ghost batches of an (N, C) array: (G, k, C), axes (0, 2).
+  p = plan1({4, 8, 16}, {0, 2});
+  EXPECT_EQ(p.kind, Kind::channels_last) << kind_name(p.kind);
+  EXPECT_EQ(row_groups(p), 4);
+  EXPECT_EQ(dims0(p.reduce_dims), (P{{8, 16}}));
+  // A channel dim with stride 1 in one array only: strided.
+  p = plan1({3, 4, 5}, {0, 2}, make_strides({3, 4, 5}, {}, {1, 1, 2}));
+  EXPECT_EQ(p.kind, Kind::strided) << kind_name(p.kind);
 }
 
 TEST(Plan, SeveralOperands) {
@@ -199,6 +210,25 @@ TEST(Plan, SeveralOperands) {
   p = make_plan(Geometry{{6, 7}, {-1}}, {&none, &none, &none});
   EXPECT_EQ(p.kind, Kind::channels_last);
   EXPECT_EQ(p.operands, 3);
+}
+
+TEST(Plan, ForEachChannelGivesEveryChannelOffset) {
+  const Shape s4 = {2, 3, 4, 5};
+  const std::vector<std::pair<Axes, Strides>> cases = {
+      {{1, 3}, {}},
+      {{0, 2}, make_strides(s4, {3, 1, 0, 2})},
+      {{1, 2, 3}, make_strides(s4, {}, {}, {false, true, false, true})},
+      {{1}, {}},
+  };
+  for (const auto& [axes, strides] : cases) {
+    const Plan p = plan1(s4, axes, strides);
+    index_t next = 0;
+    p.for_each_channel(0, [&](index_t c, index_t off) {
+      EXPECT_EQ(c, next++);
+      EXPECT_EQ(off, p.channel_offset(c, 0)) << "channel " << c;
+    });
+    EXPECT_EQ(next, p.channels);
+  }
 }
 
 TEST(Plan, Errors) {

@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from torch._dynamo.testing import CompileCounterWithBackend  # noqa: E402 - counts graphs, keeps them
-from torch_cases import channel_tensors, close, make  # noqa: E402
+from torch_cases import channel_tensors, close, close_models, make  # noqa: E402
 
 import batchnorm.torch as bnt  # noqa: E402 - only once torch is known to be there
 from batchnorm.torch import _ops  # noqa: E402
@@ -133,13 +133,7 @@ def test_compiled_model_matches_eager_in_a_training_step_and_in_eval():
     assert counter.frame_count == 1  # one graph: no graph break
     assert "batchnorm.train_forward" in str(counter.graphs[0].graph)
     assert "batchnorm.update_running" in str(counter.graphs[0].graph)
-    for a, b in zip(eager.parameters(), compiled_model.parameters(), strict=True):
-        close(b.grad, a.grad, ulps=64)
-    for (name, a), (_, b) in zip(eager.named_buffers(), compiled_model.named_buffers(), strict=True):
-        if a.is_floating_point():
-            close(b, a, ulps=16)
-        else:
-            assert torch.equal(a, b), name
+    close_models(compiled_model, eager)
     assert compiled_model[1].num_batches_tracked.item() == 1
     eager.eval()
     compiled.eval()

@@ -25,6 +25,17 @@ def close(ours: torch.Tensor | None, exact: torch.Tensor | None, ulps: float = 4
     assert err <= ulps * eps * scale, f"max |ours - exact| = {err:.3g} > {ulps} eps * {scale:.3g}"
 
 
+def close_models(ours: torch.nn.Module, exact: torch.nn.Module) -> None:
+    """ours' parameter gradients and buffers == exact's (a model run the other way, same dtype)."""
+    for a, b in zip(exact.parameters(), ours.parameters(), strict=True):
+        close(b.grad, a.grad, ulps=64)
+    for (name, a), (_, b) in zip(exact.named_buffers(), ours.named_buffers(), strict=True):
+        if a.is_floating_point():
+            close(b, a, ulps=16)
+        else:
+            assert torch.equal(a, b), name
+
+
 def make(shape: tuple[int, ...], dtype: torch.dtype, seed: int, layout: str = "contiguous") -> torch.Tensor:
     """Random data (mean 1, scale 2) of shape in the given layout: contiguous, channels_last or a strided view."""
     g = torch.Generator().manual_seed(seed)

@@ -5,6 +5,7 @@ They behave as ``torch.nn.BatchNorm{1,2,3}d`` do (torch 2.13, CPU): channel axis
 variance in ``running_var``, ``track_running_stats=False``, torch's errors, and
 ``state_dict()``/``load_state_dict()`` with torch's keys. Parameters and buffers are
 NumPy arrays; gradients come from an explicit ``backward(dy)`` of the last call.
+``virtual_batch_size=k`` trains on ghost batches (``batchnorm._ghost``).
 
 Every call is one pass of the C++ core over the caller's buffer (no copy, whatever the
 strides, e.g. a NumPy view of a ``torch.channels_last`` tensor). State changes are
@@ -25,7 +26,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .. import _core
+from .. import _core, _ghost
 from .._functional import CopyableLayer, _data, real_array
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
@@ -141,6 +142,7 @@ class Saved:
     count: int  # values per channel the statistics came from (all ranks when synchronized)
     fixed: bool  # running statistics (no gradient through them) rather than batch ones
     comm: Any = None  # the communicator that shared the batch statistics (SyncBatchNorm)
+    chunk: int | None = None  # ghost batches: the chunk size (mean and inv_std are then per chunk)
 
 
 @dataclass(frozen=True)
@@ -152,14 +154,16 @@ class Batch:
     mean: np.ndarray
     inv_std: np.ndarray
     count: int
-    running: tuple[np.ndarray, np.ndarray] | None  # (mean, unbiased variance), float64
+    running: tuple[np.ndarray, np.ndarray] | None  # (mean, unbiased variance), float64; per chunk for ghosts
     comm: Any = None  # set when the statistics are global (SyncBatchNorm)
+    chunks: int = 1  # batches the running statistics take (ghost batches: the chunks)
 
 
 class _BatchNorm(CopyableLayer):
     """The common base of BatchNorm1d/2d/3d (and SyncBatchNorm); see the module docstring."""
 
     _new_lock = staticmethod(threading.Lock)
+    virtual_batch_size: int | None = None  # layers pickled before it existed
 
     def __init__(  # noqa: PLR0917 - torch's positional signature
         self,
@@ -169,8 +173,11 @@ class _BatchNorm(CopyableLayer):
         affine: bool = True,
         track_running_stats: bool = True,
         dtype: Any = "float32",
+        *,
+        virtual_batch_size: int | None = None,
     ) -> None:
         self.num_features = _count(num_features)
+        self.virtual_batch_size = _ghost.check_size(virtual_batch_size)
         self.eps: float = _real(eps, "eps")
         self.momentum: float | None = None if momentum is None else _real(momentum, "momentum")
         self.affine = bool(affine)
@@ -342,13 +349,16 @@ class _BatchNorm(CopyableLayer):
             )
 
     def forward(self, x: Any) -> np.ndarray:
-        """Normalize x (N, C, ...) along axis 1; see the class docstring for the modes."""
+        """Normalize x (N, C, ...) along axis 1; see the class docstring for the modes.
+        With ``virtual_batch_size=k``, training normalizes each chunk of k samples with its
+        own statistics, as ``np.concatenate([m(c) for c in np.split(x, range(k, len(x), k))])``."""
         x = self._input(x)
         batch_stats = self.training or self._running_mean is None
-        self._check_pass(x, batch_stats)
-        return self._run(x, batch_stats)
+        chunk = _ghost.chunk_of(self.virtual_batch_size, self.training, x.shape[0])
+        self._check_pass(x if chunk is None else _ghost.smallest(x, chunk), batch_stats)
+        return self._run(x, batch_stats, chunk=chunk)
 
-    def _run(self, x: np.ndarray, batch_stats: bool, comm: Any = None) -> np.ndarray:
+    def _run(self, x: np.ndarray, batch_stats: bool, comm: Any = None, chunk: int | None = None) -> np.ndarray:
         """The pass on a checked input, then the commit of the state it changes."""
         with self._lock:  # a consistent snapshot of what the pass reads
             sdt = stat_dtype(x.dtype)
@@ -360,15 +370,17 @@ class _BatchNorm(CopyableLayer):
                 else (np.array(self._running_mean, sdt), np.array(self._running_var, sdt))
             )
         if running is None:
-            batch = self._batch_pass(x, weight, bias, comm)
-            saved = Saved(x, weight, batch.mean, batch.inv_std, batch.count, False, batch.comm)
+            batch = (
+                self._batch_pass(x, weight, bias, comm) if chunk is None else self._ghost_pass(x, weight, bias, chunk)
+            )
+            saved = Saved(x, weight, batch.mean, batch.inv_std, batch.count, False, batch.comm, chunk)
             y = batch.y
             update = self.training and self.track_running_stats
             with self._lock:
                 if update and self._precise_stats is not None:  # bn.precise_statistics: pool the batch's
                     self._precise_stats.add(x, AXES)  # values instead of updating the running statistics
                 elif update:
-                    self._commit_running(batch.running)
+                    self._commit_running(batch.running, batch.chunks)
                 self._saved = saved
             return y
         mean, var = running
@@ -401,20 +413,34 @@ class _BatchNorm(CopyableLayer):
         unbiased = var.astype(np.float64) * (count / (count - 1)) if count > 1 else np.full(c, np.nan)
         return Batch(y, mean, inv_std, count, (mean.astype(np.float64), unbiased))
 
-    def _commit_running(self, stats: tuple[np.ndarray, np.ndarray] | None) -> None:
-        """num_batches_tracked += 1 and the running update; call with the lock held."""
+    def _ghost_pass(self, x: np.ndarray, weight: np.ndarray | None, bias: np.ndarray | None, chunk: int) -> Batch:
+        """One training pass over ghost batches of `chunk` samples: statistics per chunk."""
+        sdt = stat_dtype(x.dtype)
+        ch = _ghost.chunks(x.shape[0], chunk)
+        shape = (ch.number, x.shape[1])
+        y = np.empty_like(x)
+        if x.size == 0:  # every chunk empty: as torch on each, running statistics untouched
+            return Batch(y, np.zeros(shape, sdt), np.ones(shape, sdt), 0, None, chunks=ch.number)
+        mean, var, inv_std = np.empty(shape, sdt), np.empty(shape, sdt), np.empty(shape, sdt)
+        _ghost.forward(x, y, weight, bias, float(self.eps), ch, mean, var, inv_std)
+        unbiased = _ghost.unbiased(var, ch.values(_ghost.values_per_sample(x)))
+        return Batch(y, mean, inv_std, 0, (mean.astype(np.float64), unbiased), chunks=ch.number)
+
+    def _commit_running(self, stats: tuple[np.ndarray, np.ndarray] | None, batches: int = 1) -> None:
+        """num_batches_tracked += batches and the running update by each batch's statistics
+        in turn (rows of stats); call with the lock held."""
         nbt = self._num_batches_tracked
         rm, rv = self._running_mean, self._running_var
         if nbt is None or rm is None or rv is None:
             return
-        factor = 1.0 / float(nbt + 1) if self.momentum is None else float(self.momentum)
         if stats is not None:
-            mean, unbiased = stats
-            new_mean = ((1.0 - factor) * rm.astype(np.float64) + factor * mean).astype(self.dtype)
-            new_var = ((1.0 - factor) * rv.astype(np.float64) + factor * unbiased).astype(self.dtype)
+            weights = _ghost.factors(self.momentum, int(nbt), batches)
+            mean, unbiased = (s.reshape(batches, -1) for s in stats)
+            new_mean = _ghost.running_after(rm, mean, weights).astype(self.dtype)
+            new_var = _ghost.running_after(rv, unbiased, weights).astype(self.dtype)
             rm[...] = new_mean  # both computed first: nothing that can fail runs between the writes
             rv[...] = new_var
-        nbt += 1
+        nbt += batches
 
     # ---- backward
 
@@ -457,6 +483,12 @@ class _BatchNorm(CopyableLayer):
 
     def _backward_pass(self, saved: Saved, dy: np.ndarray, dx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         sdt = stat_dtype(saved.x.dtype)
+        if saved.chunk is not None:  # ghost batches: gradients per chunk, summed
+            dgammas, dbetas = np.zeros_like(saved.mean), np.zeros_like(saved.mean)
+            if saved.x.size:
+                ch = _ghost.chunks(saved.x.shape[0], saved.chunk)
+                _ghost.backward(dy, saved.x, dx, saved.mean, saved.inv_std, saved.weight, ch, dgammas, dbetas)
+            return dgammas.sum(0, dtype=np.float64).astype(sdt), dbetas.sum(0, dtype=np.float64).astype(sdt)
         c = saved.mean.shape[0]
         dgamma = np.empty(c, sdt)
         dbeta = np.empty(c, sdt)
@@ -544,7 +576,9 @@ class _BatchNorm(CopyableLayer):
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
             f"track_running_stats={self.track_running_stats}"
         )
-        return s if self.dtype == np.float32 else f"{s}, dtype={self.dtype.name}"
+        if self.dtype != np.float32:
+            s = f"{s}, dtype={self.dtype.name}"
+        return s if self.virtual_batch_size is None else f"{s}, virtual_batch_size={self.virtual_batch_size}"
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.extra_repr()})"

@@ -25,6 +25,13 @@ from ._layers import AXES, Batch, Saved, _BatchNorm, stat_dtype
 
 __all__ = ["SyncBatchNorm"]
 
+# Ghost batches are chunks of one process's batch, and processes may hold different batch
+# sizes, so chunk i would not exist on every process: no per-chunk collective fits.
+NO_GHOST_BATCHES = (
+    "SyncBatchNorm does not support virtual_batch_size: ghost batches are chunks of one process's "
+    "batch, which may differ in size between processes; use BatchNorm1d/2d/3d for ghost batches"
+)
+
 
 class SyncBatchNorm(_BatchNorm):
     """Batch norm synchronized over the processes of an MPI communicator.
@@ -36,9 +43,12 @@ class SyncBatchNorm(_BatchNorm):
     input with at least 2 dimensions, channels on axis 1. Every process of ``comm`` must
     make the same sequence of training calls (forward, then backward), as with any
     collective operation; processes may hold different batch sizes, also zero.
+    ``virtual_batch_size`` is refused (ValueError): see ``NO_GHOST_BATCHES``.
     """
 
     def __init__(self, *args: Any, comm: Any = None, **kwargs: Any) -> None:
+        if kwargs.get("virtual_batch_size") is not None:
+            raise ValueError(NO_GHOST_BATCHES)
         super().__init__(*args, **kwargs)
         self.comm = _mpi.check_comm(comm)
 
@@ -55,6 +65,8 @@ class SyncBatchNorm(_BatchNorm):
         BatchNorm1d/2d/3d layer (copies), as torch's ``convert_sync_batchnorm`` does."""
         if not isinstance(layer, _BatchNorm):
             raise TypeError(f"expected a BatchNorm1d/2d/3d layer, got {type(layer).__name__}")
+        if layer.virtual_batch_size is not None:
+            raise ValueError(NO_GHOST_BATCHES)
         new = cls(layer.num_features, layer.eps, layer.momentum, layer.affine, layer.track_running_stats, layer.dtype)
         new.comm = _mpi.check_comm(comm)
         new.load_state_dict(layer.state_dict())
@@ -71,6 +83,8 @@ class SyncBatchNorm(_BatchNorm):
 
     def forward(self, x: Any) -> np.ndarray:
         """Normalize x (N, C, ...) along axis 1, with global batch statistics in training."""
+        if self.virtual_batch_size is not None:
+            raise ValueError(NO_GHOST_BATCHES)
         comm = self._sync_comm()
         if comm is None:
             a = x if type(x) is np.ndarray else np.asarray(x)

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from .. import _ghost
 from . import _kernels, _ops
 
 
@@ -60,10 +61,15 @@ class _BatchNorm(torch.autograd.Function):
         running_mean: torch.Tensor | None,
         running_var: torch.Tensor | None,
         training: bool,
-        momentum: float,
+        momentum: Any,
         eps: float,
+        chunk: int | None,
     ) -> torch.Tensor:
-        if training:
+        if chunk is not None:  # ghost batches: momentum holds the factor of each chunk
+            y, mean, inv_std = _kernels.ghost_train_forward(
+                x, weight, bias, running_mean, running_var, momentum, eps, chunk, numpy=True
+            )
+        elif training:
             y, mean, inv_std = _kernels.train_forward(
                 x, weight, bias, running_mean, running_var, momentum, eps, numpy=True
             )
@@ -72,6 +78,7 @@ class _BatchNorm(torch.autograd.Function):
             assert running_var is not None
             y, mean, inv_std = _kernels.infer_forward(x, weight, bias, running_mean, running_var, eps, numpy=True)
         ctx.fixed = not training
+        ctx.chunk = chunk
         ctx.stats = mean, inv_std  # NumPy (or the running mean): not tensors autograd must guard
         ctx.save_for_backward(x, weight)
         return y
@@ -82,9 +89,12 @@ class _BatchNorm(torch.autograd.Function):
             raise RuntimeError(_ops.SECOND_ORDER)
         x, weight = ctx.saved_tensors
         mean, inv_std = ctx.stats
-        dx, dweight, dbias = _kernels.backward(dy, x, mean, inv_std, weight, ctx.fixed)
+        if ctx.chunk is not None:
+            dx, dweight, dbias = _kernels.ghost_backward(dy, x, mean, inv_std, weight, ctx.chunk)
+        else:
+            dx, dweight, dbias = _kernels.backward(dy, x, mean, inv_std, weight, ctx.fixed)
         need = ctx.needs_input_grad
-        return (dx if need[0] else None, *_kernels.param_grads(need, dweight, dbias, weight), *[None] * 5)
+        return (dx if need[0] else None, *_kernels.param_grads(need, dweight, dbias, weight), *[None] * 6)
 
 
 # autograd's C entry point, without Function.apply's Python wrapper, whose only extra work
@@ -117,15 +127,46 @@ def batch_norm(  # noqa: PLR0917 - torch.nn.functional.batch_norm's positional s
     Differentiable in input, weight and bias; in training the running statistics (if
     given) are updated in place, as torch does. Results equal torch's to rounding.
     """
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, None)
+
+
+def ghost_batch_norm(  # noqa: PLR0917 - batch_norm's order
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    factors: list[float],
+    eps: float,
+    chunk: int,
+) -> torch.Tensor:
+    """A training batch_norm over ghost batches of `chunk` samples (more than one chunk):
+    ``torch.cat([batch_norm(c, ..., training=True) for c in input.split(chunk)])``, chunk i
+    moving the running statistics with weight factors[i]."""
+    return _batch_norm(input, running_mean, running_var, weight, bias, True, factors, eps, chunk)
+
+
+def _batch_norm(  # noqa: PLR0917 - batch_norm's order
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    training: bool,
+    momentum: Any,
+    eps: float,
+    chunk: int | None,
+) -> torch.Tensor:
+    checked = input if chunk is None else _ghost.smallest(input, chunk)  # torch's checks judge one chunk
     if _tracing(input):
-        _verify(input, running_mean, running_var, weight, bias, training, eps)
-        return _ops.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    _verify(input, running_mean, running_var, weight, bias, training, eps, tensors=False)
+        _verify(checked, running_mean, running_var, weight, bias, training, eps)
+        return _ops.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, chunk)
+    _verify(checked, running_mean, running_var, weight, bias, training, eps, tensors=False)
     try:
-        return _eager(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        return _eager(input, running_mean, running_var, weight, bias, training, momentum, eps, chunk)
     except (TypeError, ValueError, RuntimeError):
         try:  # torch's words, if torch refuses the call too
-            _verify(input, running_mean, running_var, weight, bias, training, eps)
+            _verify(checked, running_mean, running_var, weight, bias, training, eps)
         except (ValueError, RuntimeError) as refused:
             raise refused from None
         raise
@@ -138,14 +179,19 @@ def _eager(  # noqa: PLR0917 - torch.nn.functional.batch_norm's positional signa
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     training: bool,
-    momentum: float,
+    momentum: Any,
     eps: float,
+    chunk: int | None,
 ) -> torch.Tensor:
     if not (torch.is_grad_enabled() and _any_requires_grad(x, weight, bias)):  # no autograd node to make
+        if chunk is not None:
+            return _kernels.ghost_train_forward(
+                x, weight, bias, running_mean, running_var, momentum, eps, chunk, numpy=True
+            )[0]
         if training:
             return _kernels.train_forward(x, weight, bias, running_mean, running_var, momentum, eps, numpy=True)[0]
         assert running_mean is not None
         assert running_var is not None
         return _kernels.normalize(x, weight, bias, running_mean, running_var, eps)[0]
-    y: torch.Tensor = _apply(x, weight, bias, running_mean, running_var, training, momentum, eps)  # type: ignore[no-untyped-call]
+    y: torch.Tensor = _apply(x, weight, bias, running_mean, running_var, training, momentum, eps, chunk)  # type: ignore[no-untyped-call]
     return y

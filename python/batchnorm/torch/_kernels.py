@@ -15,7 +15,7 @@ import math
 import numpy as np
 import torch
 
-from .. import _core
+from .. import _core, _ghost
 
 _core.use_torch(torch.Tensor, torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.strided, torch.int64)
 
@@ -131,6 +131,78 @@ def update_running(  # noqa: PLR0917 - the order of torch's batch_norm arguments
         running_var.copy_(rv)
 
 
+def ghost_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    chunk: int,
+    *,
+    numpy: bool = False,
+) -> tuple[torch.Tensor, Stat, Stat, Stat]:
+    """batch_forward over ghost batches of `chunk` samples: mean, inv_std and variance per
+    chunk, (chunks, C)."""
+    follow_torch_threads()
+    sdt = stat_dtype(x)
+    ch = _ghost.chunks(x.shape[0], chunk)
+    shape = (ch.number, x.shape[1])
+    y = empty_output(x)
+    if x.numel() == 0:  # torch: an empty output, statistics (0, 1)
+        return y, torch.zeros(shape, dtype=sdt), torch.ones(shape, dtype=sdt), torch.zeros(shape, dtype=sdt)
+    mean: Stat
+    inv_std: Stat
+    var: Stat
+    if numpy:
+        mean, inv_std, var = (np.empty(shape, _NUMPY[sdt]) for _ in range(3))
+    else:
+        mean, inv_std, var = (torch.empty(shape, dtype=sdt) for _ in range(3))
+    _ghost.forward(x, y, channels(weight, sdt), channels(bias, sdt), eps, ch, mean, var, inv_std)
+    return y, mean, inv_std, var
+
+
+def ghost_train_forward(  # noqa: PLR0917 - the order of torch's batch_norm arguments
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    factors: list[float],
+    eps: float,
+    chunk: int,
+    *,
+    numpy: bool = False,
+) -> tuple[torch.Tensor, Stat, Stat]:
+    """train_forward over ghost batches: the running statistics move once per chunk, in order,
+    chunk i with weight factors[i]."""
+    y, mean, inv_std, var = ghost_forward(x, weight, bias, eps, chunk, numpy=numpy)
+    if x.numel() and running_mean is not None and running_var is not None:  # torch skips empty batches
+        update_running_chunks(running_mean, running_var, mean, var, factors, chunk_counts(x, chunk))
+    return y, mean, inv_std
+
+
+def chunk_counts(x: torch.Tensor, chunk: int) -> list[int]:
+    """Values per channel of each ghost batch of x."""
+    return _ghost.chunks(x.shape[0], chunk).values(_ghost.values_per_sample(x))
+
+
+def update_running_chunks(  # noqa: PLR0917 - update_running's order
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    mean: Stat,
+    var: Stat,
+    factors: list[float],
+    counts: list[int],
+) -> None:
+    """update_running once per row of mean and var (chunk i: factors[i], counts[i] values),
+    in closed form: float64, rounded once."""
+    unbiased = _ghost.unbiased(var, counts)
+    new_mean = _ghost.running_after(running_mean.detach().double().numpy(), np.asarray(mean), factors)
+    new_var = _ghost.running_after(running_var.detach().double().numpy(), unbiased, factors)
+    with torch.no_grad():
+        running_mean.copy_(torch.from_numpy(new_mean))
+        running_var.copy_(torch.from_numpy(new_var))
+
+
 def infer_forward(  # noqa: PLR0917 - the order of torch's batch_norm arguments
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -192,6 +264,23 @@ def backward(  # noqa: PLR0917 - the order of torch's batch_norm arguments
         grads = torch.from_numpy(np.empty(c, _NUMPY[sdt])), torch.from_numpy(np.empty(c, _NUMPY[sdt]))
     _core.backward(dy, x, dx, AXES, mean, inv_std, channels(weight, sdt), None, False, *grads, fixed_statistics)
     return dx, *grads
+
+
+def ghost_backward(  # noqa: PLR0917 - backward's order
+    dy: torch.Tensor, x: torch.Tensor, mean: Stat, inv_std: Stat, weight: torch.Tensor | None, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """backward of a ghost_forward pass: dx, and dweight, dbias summed over the chunks."""
+    follow_torch_threads()
+    sdt = stat_dtype(x)
+    ch = _ghost.chunks(x.shape[0], chunk)
+    dx = empty_output(x)
+    dweights, dbiases = np.zeros((ch.number, x.shape[1]), _NUMPY[sdt]), np.zeros((ch.number, x.shape[1]), _NUMPY[sdt])
+    if x.numel():
+        if dy.dtype != x.dtype:
+            dy = dy.to(x.dtype)
+        _ghost.backward(dy, x, dx, mean, inv_std, channels(weight, sdt), ch, dweights, dbiases)
+    dweight, dbias = (torch.from_numpy(g.sum(0, dtype=np.float64).astype(_NUMPY[sdt])) for g in (dweights, dbiases))
+    return dx, dweight, dbias
 
 
 def param_grads(

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from .. import _core
-from ._functional import _tracing, batch_norm
+from .. import _core, _ghost
+from ._functional import _tracing, batch_norm, ghost_batch_norm
 
 
 class _Forward:
@@ -18,6 +19,7 @@ class _Forward:
     track_running_stats: bool
     momentum: float | None
     eps: float
+    virtual_batch_size: int | None = None  # ghost batches (BatchNorm1d/2d/3d only)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)  # type: ignore[attr-defined]  # torch's, per dimension
@@ -27,6 +29,10 @@ class _Forward:
         counter = buffers["num_batches_tracked"]
         training = self.training
         tracking = training and self.track_running_stats and counter is not None
+        if self.virtual_batch_size is not None:
+            chunk = _ghost.chunk_of(self.virtual_batch_size, training, input.shape[0])
+            if chunk is not None:
+                return self._ghost_forward(input, chunk, counter, tracking)
         factor = self._factor(counter, tracking)
         use_running = not training or self.track_running_stats
         y = batch_norm(
@@ -41,6 +47,32 @@ class _Forward:
         )
         if tracking:
             _count_batch(counter, input)
+        return y
+
+    def _ghost_forward(
+        self, input: torch.Tensor, chunk: int, counter: torch.Tensor | None, tracking: bool
+    ) -> torch.Tensor:
+        """A training call over ghost batches of `chunk` samples (more than one)."""
+        params, buffers = self._parameters, self._buffers  # type: ignore[attr-defined]
+        chunks = _ghost.chunks(input.shape[0], chunk).number
+        if tracking and counter is not None:
+            tracked = 0 if self.momentum is not None else int(counter)
+            factors = _ghost.factors(self.momentum, tracked, chunks)
+        else:
+            factors = [0.0] * chunks
+        use_running = self.track_running_stats
+        y: torch.Tensor = ghost_batch_norm(
+            input,
+            buffers["running_mean"] if use_running else None,
+            buffers["running_var"] if use_running else None,
+            params["weight"],
+            params["bias"],
+            factors,
+            self.eps,
+            chunk,
+        )
+        if tracking and counter is not None:
+            counter.add_(chunks)
         return y
 
     def _factor(self, counter: torch.Tensor | None, tracking: bool) -> float:
@@ -60,16 +92,33 @@ def _count_batch(counter: torch.Tensor, input: torch.Tensor) -> None:
         _core.count_batch(counter)  # add_ without its dispatch, which costs as much as a small batch
 
 
-class BatchNorm1d(_Forward, torch.nn.BatchNorm1d):
-    """torch.nn.BatchNorm1d on batchnorm's kernels: same parameters, buffers and state_dict."""
+class _Ghost(_Forward):
+    """The keyword ``virtual_batch_size=k``: in training, each chunk of k samples is normalized
+    with its own statistics and moves the running statistics once, as
+    ``torch.cat([m(c) for c in x.split(k)])`` does, in one pass (``batchnorm._ghost``)."""
+
+    def __init__(self, *args: Any, virtual_batch_size: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.virtual_batch_size = _ghost.check_size(virtual_batch_size)
+
+    def extra_repr(self) -> str:
+        s: str = super().extra_repr()  # type: ignore[misc]
+        return s if self.virtual_batch_size is None else f"{s}, virtual_batch_size={self.virtual_batch_size}"
 
 
-class BatchNorm2d(_Forward, torch.nn.BatchNorm2d):
-    """torch.nn.BatchNorm2d on batchnorm's kernels: same parameters, buffers and state_dict."""
+class BatchNorm1d(_Ghost, torch.nn.BatchNorm1d):
+    """torch.nn.BatchNorm1d on batchnorm's kernels: same parameters, buffers and state_dict,
+    and ``virtual_batch_size`` (ghost batches)."""
 
 
-class BatchNorm3d(_Forward, torch.nn.BatchNorm3d):
-    """torch.nn.BatchNorm3d on batchnorm's kernels: same parameters, buffers and state_dict."""
+class BatchNorm2d(_Ghost, torch.nn.BatchNorm2d):
+    """torch.nn.BatchNorm2d on batchnorm's kernels: same parameters, buffers and state_dict,
+    and ``virtual_batch_size`` (ghost batches)."""
+
+
+class BatchNorm3d(_Ghost, torch.nn.BatchNorm3d):
+    """torch.nn.BatchNorm3d on batchnorm's kernels: same parameters, buffers and state_dict,
+    and ``virtual_batch_size`` (ghost batches)."""
 
 
 _OURS: dict[type[torch.nn.Module], type[torch.nn.Module]] = {

@@ -45,8 +45,22 @@ def _backward(  # noqa: PLR0917 - the op's schema
     return _kernels.backward(dy, x, mean, inv_std, weight, fixed_statistics)
 
 
-def _stats(x: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(x.shape[1], dtype=_kernels.stat_dtype(x))
+def _ghost_forward(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, mean, inv_std, var = _kernels.ghost_forward(x, weight, bias, eps, chunk)
+    assert isinstance(mean, torch.Tensor)  # an op's outputs: tensors, not NumPy arrays
+    assert isinstance(inv_std, torch.Tensor)
+    assert isinstance(var, torch.Tensor)
+    return y, mean, inv_std, var
+
+
+def _stats(x: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """A per-channel statistic, or with `chunk` one per ghost batch and channel."""
+    if chunk is None:
+        return x.new_empty(x.shape[1], dtype=_kernels.stat_dtype(x))
+    chunks = (x.shape[0] + chunk - 1) // chunk
+    return x.new_empty((chunks, x.shape[1]), dtype=_kernels.stat_dtype(x))
 
 
 def _train_forward_fake(
@@ -77,6 +91,34 @@ def _backward_fake(  # noqa: PLR0917 - the op's schema
     return _kernels.empty_output(x), _stats(x), _stats(x)
 
 
+def _ghost_forward_fake(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _kernels.empty_output(x), _stats(x, chunk), _stats(x, chunk), _stats(x, chunk)
+
+
+def _ghost_backward_fake(  # noqa: PLR0917 - the op's schema
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    inv_std: torch.Tensor,
+    weight: torch.Tensor | None,
+    chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _kernels.empty_output(x), _stats(x), _stats(x)
+
+
+def _update_running_chunks_fake(  # noqa: PLR0917 - the op's schema
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    factors: list[float],
+    counts: list[int],
+) -> None:
+    return None
+
+
 def _update_running_fake(  # noqa: PLR0917 - the op's schema
     running_mean: torch.Tensor,
     running_var: torch.Tensor,
@@ -96,6 +138,12 @@ SCHEMAS = {
     " -> (Tensor, Tensor, Tensor)",
     "update_running": "(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var,"
     " float factor, int count) -> ()",
+    "ghost_forward": "(Tensor x, Tensor? weight, Tensor? bias, float eps, int chunk)"
+    " -> (Tensor, Tensor, Tensor, Tensor)",
+    "ghost_backward": "(Tensor dy, Tensor x, Tensor mean, Tensor inv_std, Tensor? weight, int chunk)"
+    " -> (Tensor, Tensor, Tensor)",
+    "update_running_chunks": "(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var,"
+    " float[] factors, int[] counts) -> ()",
 }
 _LIB = torch.library.Library("batchnorm", "DEF")  # type: ignore[no-untyped-call]  # define/impl: cheaper than custom_op
 for _name, _kernel, _fake in (
@@ -103,6 +151,9 @@ for _name, _kernel, _fake in (
     ("infer_forward", _infer_forward, _infer_forward_fake),
     ("backward", _backward, _backward_fake),
     ("update_running", _kernels.update_running, _update_running_fake),
+    ("ghost_forward", _ghost_forward, _ghost_forward_fake),
+    ("ghost_backward", _kernels.ghost_backward, _ghost_backward_fake),
+    ("update_running_chunks", _kernels.update_running_chunks, _update_running_chunks_fake),
 ):
     _LIB.define(_name + SCHEMAS[_name])  # type: ignore[no-untyped-call]
     _LIB.impl(_name, _kernel, "CPU")  # type: ignore[no-untyped-call]
@@ -121,6 +172,21 @@ def _train_backward(ctx: Any, dy: torch.Tensor, *_: Any) -> tuple[torch.Tensor |
     dx, dweight, dbias = torch.ops.batchnorm.backward(dy, x, mean, inv_std, weight, False)
     need = ctx.needs_input_grad
     return (dx if need[0] else None, *_kernels.param_grads(need, dweight, dbias, weight), None)
+
+
+def _ghost_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
+    x, weight, _, _, chunk = inputs
+    _, mean, inv_std, var = output
+    ctx.mark_non_differentiable(mean, inv_std, var)
+    ctx.chunk = chunk
+    ctx.save_for_backward(x, weight, mean, inv_std)
+
+
+def _ghost_train_backward(ctx: Any, dy: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
+    x, weight, mean, inv_std = ctx.saved_tensors
+    dx, dweight, dbias = torch.ops.batchnorm.ghost_backward(dy, x, mean, inv_std, weight, ctx.chunk)
+    need = ctx.needs_input_grad
+    return (dx if need[0] else None, *_kernels.param_grads(need, dweight, dbias, weight), None, None)
 
 
 def _infer_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
@@ -148,7 +214,9 @@ def _no_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
     return None
 
 
-torch.library.register_autograd("batchnorm::backward", _second_order, setup_context=_no_context, lib=_LIB)
+for _name in ("backward", "ghost_backward"):
+    torch.library.register_autograd(f"batchnorm::{_name}", _second_order, setup_context=_no_context, lib=_LIB)
+torch.library.register_autograd("batchnorm::ghost_forward", _ghost_train_backward, setup_context=_ghost_setup, lib=_LIB)
 torch.library.register_autograd("batchnorm::train_forward", _train_backward, setup_context=_train_setup, lib=_LIB)
 torch.library.register_autograd("batchnorm::infer_forward", _infer_backward, setup_context=_infer_setup, lib=_LIB)
 
@@ -160,12 +228,20 @@ def batch_norm(  # noqa: PLR0917 - torch.nn.functional.batch_norm's positional s
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     training: bool,
-    momentum: float,
+    momentum: Any,
     eps: float,
+    chunk: int | None = None,
 ) -> torch.Tensor:
-    """torch.nn.functional.batch_norm through the ops (arguments already checked)."""
+    """torch.nn.functional.batch_norm through the ops (arguments already checked); with
+    `chunk`, over ghost batches, momentum then holding the factor of each chunk."""
+    y: torch.Tensor
+    if chunk is not None:
+        y, mean, _, var = torch.ops.batchnorm.ghost_forward(x, weight, bias, eps, chunk)
+        if x.numel() and running_mean is not None and running_var is not None:
+            counts = _kernels.chunk_counts(x, chunk)
+            torch.ops.batchnorm.update_running_chunks(running_mean, running_var, mean, var, momentum, counts)
+        return y
     if training:
-        y: torch.Tensor
         y, mean, _, var = torch.ops.batchnorm.train_forward(x, weight, bias, eps)
         count = _kernels.values_per_channel(x)
         if count and running_mean is not None and running_var is not None:

@@ -34,6 +34,13 @@ __all__ = ["SyncBatchNorm"]
 
 _PEER_FAILED = "another rank failed in this synchronized batch-norm call"
 
+# Ghost batches are chunks of one rank's batch, and ranks may hold different batch sizes, so
+# chunk i would not exist on every rank: no per-chunk collective fits.
+NO_GHOST_BATCHES = (
+    "SyncBatchNorm does not support virtual_batch_size: ghost batches are chunks of one rank's batch, "
+    "which may differ in size between ranks; use BatchNorm1d/2d/3d for ghost batches"
+)
+
 
 def _all_gather(group: Any, t: torch.Tensor) -> list[torch.Tensor]:
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
@@ -154,7 +161,13 @@ class SyncBatchNorm(_Forward, torch.nn.SyncBatchNorm):
     Same arguments, parameters, buffers and state_dict as torch's. Every rank of
     ``process_group`` (default: the whole world) must make the same sequence of training
     calls, forward then backward, as with any collective; batch sizes may differ, also 0.
+    ``virtual_batch_size`` is refused (ValueError): see ``NO_GHOST_BATCHES``.
     """
+
+    def __init__(self, *args: Any, virtual_batch_size: int | None = None, **kwargs: Any) -> None:
+        if virtual_batch_size is not None:
+            raise ValueError(NO_GHOST_BATCHES)
+        super().__init__(*args, **kwargs)
 
     def _sync_group(self) -> Any | None:
         """The group a call synchronizes over, or None when it runs as a plain batch norm."""
@@ -164,6 +177,8 @@ class SyncBatchNorm(_Forward, torch.nn.SyncBatchNorm):
         return group if dist.get_world_size(group) > 1 else None
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self.virtual_batch_size is not None:
+            raise ValueError(NO_GHOST_BATCHES)
         group = self._sync_group()
         try:  # torch's checks, in torch's order and words
             self._check_input_dim(input)
