@@ -279,6 +279,29 @@ for label, n, exc, msg in [
     row(f"set_num_threads/{label}", exc, msg, bn.set_num_threads, n)
 
 
+# masks (moments, forward, backward): x is (8, 3) with axis -1, so a mask is shaped (8,)
+_MASK_FUNCTIONS = {
+    "moments": lambda mask: bn.moments(X, -1, mask=mask),
+    "forward": lambda mask: bn.forward(X, mask=mask),
+    "backward": lambda mask: bn.backward(DY, X, ST, mask=mask),
+}
+for name, fn in _MASK_FUNCTIONS.items():
+    for label, error, pattern, mask in [
+        ("shape", ValueError, r"mask of shape \(5,\) does not broadcast to \(8,\)", np.ones(5, bool)),
+        ("per-channel", ValueError, r"mask of shape \(8, 3\) does not broadcast to \(8,\)", np.ones((8, 3), bool)),
+        (
+            "float",
+            TypeError,
+            r"mask must be a boolean \(or 0/1 integer\) array, got dtype float32",
+            np.ones(8, np.float32),
+        ),
+        ("str", TypeError, r"mask must be a boolean \(or 0/1 integer\) array", "ab"),
+        ("not-0-1", ValueError, r"mask must hold only 0 and 1", np.full(8, 2)),
+        ("selects-nothing", ValueError, r"the mask selects nothing", np.zeros(8, bool)),
+    ]:
+        row(f"{name}/mask-{label}", error, pattern, fn, mask)
+
+
 # ---- the Keras-style layer ---------------------------------------------------------------------
 
 K = bn.BatchNormalization
@@ -602,6 +625,15 @@ TORCH_BAD_NDIM = {
     "BatchNorm3d": [(X4, r"expected 5D input \(got 4D input\)")],
     "SyncBatchNorm": [(X[0], r"expected at least 2D input \(got 1D input\)")],
 }
+
+
+for cname in ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d"):  # ghost batches
+    for label, value, error in [("zero", 0, ValueError), ("negative", -1, ValueError), ("float", 2.5, TypeError),
+                                ("bool", True, TypeError)]:  # fmt: skip
+        row(f"{cname}/init-vbs-{label}", error, r"virtual_batch_size must be a positive int or None", TORCH[cname], 3,
+            virtual_batch_size=value)  # fmt: skip
+row("SyncBatchNorm/init-vbs", ValueError, r"SyncBatchNorm does not support virtual_batch_size", bn.SyncBatchNorm, 3,
+    virtual_batch_size=2)  # fmt: skip
 
 
 def _set(**attrs: Any) -> Callable[[Any], None]:
