@@ -181,7 +181,8 @@ def update_running_counted(  # noqa: PLR0917 - update_running's order
     """update_running with the count a tensor (a masked count, which traced code cannot
     read as a number): torch ops, in float64, rounded once into the buffers."""
     with torch.no_grad():
-        unbiased = var.double() * (count / (count - 1))
+        n = count.double()
+        unbiased = var.double() * (n / (n - 1))
         running_mean.copy_(running_mean.double() * (1 - factor) + mean.double() * factor)
         running_var.copy_(running_var.double() * (1 - factor) + unbiased * factor)
 

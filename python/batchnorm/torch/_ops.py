@@ -39,7 +39,7 @@ def _backward(  # noqa: PLR0917 - the op's schema
     inv_std: torch.Tensor,
     weight: torch.Tensor | None,
     fixed_statistics: bool,
-    mask: torch.Tensor | None,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     sdt = _kernels.stat_dtype(x)
     mean = _kernels.channels(mean, sdt)  # type: ignore[assignment]  # running_mean in eval
@@ -65,7 +65,11 @@ def _stats(x: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
 
 
 def _train_forward_fake(
-    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, mask: torch.Tensor | None
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _kernels.empty_output(x), _stats(x), _stats(x), _stats(x)
 
@@ -88,7 +92,7 @@ def _backward_fake(  # noqa: PLR0917 - the op's schema
     inv_std: torch.Tensor,
     weight: torch.Tensor | None,
     fixed_statistics: bool,
-    mask: torch.Tensor | None,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _kernels.empty_output(x), _stats(x), _stats(x)
 
@@ -133,12 +137,12 @@ def _update_running_fake(  # noqa: PLR0917 - the op's schema
 
 
 SCHEMAS = {
-    "train_forward": "(Tensor x, Tensor? weight, Tensor? bias, float eps, Tensor? mask)"
+    "train_forward": "(Tensor x, Tensor? weight, Tensor? bias, float eps, Tensor? mask=None)"
     " -> (Tensor, Tensor, Tensor, Tensor)",
     "infer_forward": "(Tensor x, Tensor? weight, Tensor? bias, Tensor running_mean, Tensor running_var, float eps)"
     " -> (Tensor, Tensor)",
     "backward": "(Tensor dy, Tensor x, Tensor mean, Tensor inv_std, Tensor? weight, bool fixed_statistics,"
-    " Tensor? mask) -> (Tensor, Tensor, Tensor)",
+    " Tensor? mask=None) -> (Tensor, Tensor, Tensor)",
     "update_running": "(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var,"
     " float factor, int count) -> ()",
     "ghost_forward": "(Tensor x, Tensor? weight, Tensor? bias, float eps, int chunk)"
