@@ -217,15 +217,6 @@ def test_masked_ops_pass_opcheck_and_gradcheck():
     assert torch.autograd.gradcheck(f, (x, w, b))
 
 
-@pytest.fixture
-def fresh_dynamo():
-    """Dynamo's caches emptied before and after: compiles of the same code objects count
-    toward its recompile limit across the whole pytest run."""
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 class Net(torch.nn.Module):
     """conv or linear -> BatchNorm(mask) -> ReLU."""
 
