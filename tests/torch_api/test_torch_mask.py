@@ -249,3 +249,22 @@ def test_compiled_training_step_matches_eager(kind, shape, mshape):
     assert "batchnorm.train_forward" in graphs[0]
     close_models(compiled_model, eager)
     assert compiled_model.bn.num_batches_tracked.item() == 1
+
+
+def test_the_numpy_layers_make_no_copy_of_x():
+    """A masked training step allocates its outputs (y, dx) and the mask's size, never a
+    copy of x (tracemalloc sees NumPy's allocations)."""
+    import tracemalloc
+
+    x = make((32, 64, 128), torch.float32, seed=17).numpy()
+    mask = make_mask((32, 128), seed=18).numpy()
+    m = bn.BatchNorm1d(64)
+    tracemalloc.start()
+    try:
+        y = m(x, mask=mask)
+        dx = m.backward(x)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * x.nbytes + x.nbytes // 8  # y and dx, and the mask's size
+    assert y.shape == dx.shape == x.shape
