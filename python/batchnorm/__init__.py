@@ -14,6 +14,9 @@ See ``bn.info()`` for the instruction set and threads in use.
 import sys
 
 try:  # the compiled core, first: everything else needs it
+    from ._openmp import share_torch_runtime
+
+    share_torch_runtime()  # before the core loads: its OpenMP calls then bind to torch's runtime
     from ._core import __version__
 except ImportError as error:
     raise ImportError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import io
+import os
 import pickle
 import subprocess
 import sys
@@ -253,3 +254,28 @@ def test_openmp_runtimes_in_either_import_order(imports):
     torch_own = [m for m in mapped if Path(m).parent == torch_lib]
     assert len(torch_own) == 1, mapped
     assert mapped == {torch_own[0], str(bundled[0].resolve())}, mapped
+
+
+_ONE_POOL = """
+import os, sys
+for name in sys.argv[1].split(", "):
+    __import__(name)
+import numpy as np, torch
+import batchnorm as bn
+torch.set_num_threads(2)
+bn.set_num_threads(2)
+before = len(os.listdir("/proc/self/task"))
+torch.nn.functional.conv2d(torch.ones(8, 16, 64, 64), torch.ones(16, 16, 3, 3))  # torch's parallel region
+bn.forward(np.ones((64, 32, 32, 32), np.float32), axis=1)  # ours, big enough for two threads
+print(len(os.listdir("/proc/self/task")) - before)
+"""
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two processors for a second thread")
+@pytest.mark.parametrize("imports", ["batchnorm", "torch, batchnorm"])
+def test_one_openmp_pool_with_torch_in_either_import_order(imports):
+    """batchnorm loads torch's OpenMP runtime before its core (batchnorm/_openmp.py), so its
+    parallel regions run on torch's pool: two threads in all at two threads each, not a
+    second pool (whose idle workers would spin on the cores torch's regions need)."""
+    out = subprocess.run([sys.executable, "-c", _ONE_POOL, imports], capture_output=True, text=True, check=True)
+    assert int(out.stdout) == 1, out.stdout  # one worker beside the calling thread
