@@ -128,8 +128,50 @@ def check_collectives() -> None:
     assert (gmean == comm.bcast(gmean)).all(), "every rank has the same statistics"
 
 
+def check_masked(shape: tuple[int, ...], dtype: str, layout: str) -> None:
+    """m(x, mask=): the masked counts of all ranks are merged, so the sync layer on R ranks
+    equals the plain masked layer on the whole batch, also when one rank's mask selects
+    nothing (its rows, or rank 0's in the second step); a global mask that selects
+    nothing raises on every rank and changes nothing."""
+    c = shape[1]
+    rng = np.random.default_rng(99)
+    sync = bn.SyncBatchNorm(c, dtype=dtype)
+    ref = bn.SyncBatchNorm(c, dtype=dtype, comm=MPI.COMM_SELF)  # = plain layer
+    w, b = rng.normal(1.0, 0.3, c), rng.normal(0.0, 0.3, c)
+    sync.weight, sync.bias, ref.weight, ref.bias = w, b, w, b
+    rows = my_rows(shape[0])
+    for step in range(3):
+        x = (rng.normal(size=shape) * 2 + 3).astype(dtype)
+        dy = rng.normal(size=shape).astype(dtype)
+        if layout == "channels_last":
+            x = np.moveaxis(np.ascontiguousarray(np.moveaxis(x, 1, -1)), -1, 1)
+        mask = rng.random((shape[0], *shape[2:])) < 0.6
+        if step == 1:
+            mask[my_rows_of(0, shape[0])] = False
+        y = sync(x[rows], mask=mask[rows])
+        close(y, ref(x, mask=mask)[rows], f"masked y, step {step}, {shape} {layout}")
+        close(sync.backward(dy[rows]), ref.backward(dy)[rows], f"masked dx, step {step}")
+        close(summed(sync.grads["weight"]), ref.grads["weight"], f"masked weight grad, step {step}")
+        close(summed(sync.grads["bias"]), ref.grads["bias"], f"masked bias grad, step {step}")
+        close(sync.running_mean, ref.running_mean, f"masked running_mean, step {step}")
+        close(sync.running_var, ref.running_var, f"masked running_var, step {step}")
+    before = sync.state_dict()
+    nothing = np.zeros((shape[0], *shape[2:]), bool)
+    expect_error(lambda: sync(x[rows], mask=nothing[rows]), f"got 0 selected by the mask over all {SIZE}", ValueError)
+    for k, v in sync.state_dict().items():
+        assert (v == before[k]).all(), k
+
+
+def my_rows_of(rank: int, n: int) -> slice:
+    s = splits(n)
+    return slice(sum(s[:rank]), sum(s[: rank + 1]))
+
+
 def main() -> None:
     check_collectives()
+    check_masked((13, 3, 7), "float32", "contiguous")
+    check_masked((13, 4, 3, 3), "float64", "channels_last")
+    check_masked((11, 5), "float32", "contiguous")
     for shape, dtype, layout in [
         ((13, 4, 3, 3), "float32", "contiguous"),
         ((13, 4, 3, 3), "float32", "channels_last"),

@@ -60,8 +60,9 @@ def run_case(case: dict, rank: int) -> dict:
         if (step, rank) == case.get("bad"):  # this rank's call fails: one channel too many
             x = torch.cat([x, x[:, :1]], 1)
         x.requires_grad_()
+        masks = case.get("masks")  # masked cases: each step's mask, (N, *spatial), sliced as x
         try:
-            y = m(x)
+            y = m(x) if masks is None else m(x, mask=local_slice(masks[step], case["splits"], rank))
         except (ValueError, RuntimeError) as error:
             out["errors"].append(f"{type(error).__name__}: {error}")
             continue

@@ -226,15 +226,6 @@ def test_gradcheck_in_float64(path):
     assert torch.autograd.gradcheck(f, inputs)
 
 
-@pytest.fixture
-def fresh_dynamo():
-    """Dynamo's caches emptied before and after: compiles of the same code objects count
-    toward its recompile limit across the whole pytest run."""
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # inductor's import
 @pytest.mark.usefixtures("fresh_dynamo")
 @pytest.mark.parametrize(("layout", "dynamic"), [("contiguous", None), ("channels_last", None), ("contiguous", True)])

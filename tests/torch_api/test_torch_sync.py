@@ -16,6 +16,8 @@ dist = pytest.importorskip("torch.distributed")
 if not dist.is_available():
     pytest.skip("torch without torch.distributed", allow_module_level=True)
 
+from torch_cases import MaskedReference  # noqa: E402
+
 import batchnorm.torch as bnt  # noqa: E402 - only once torch is known to be there
 
 WORKER = Path(__file__).parent / "sync_worker.py"
@@ -66,7 +68,22 @@ def cases(world: int) -> list[dict]:
         make_case("peer_fails_backward", (n, 4, 3, 3), uneven, bad_backward=(0, 0)),
         # (a conv's weight gradient on inputs near 100 is ill-conditioned in float32, even in torch)
         make_case("ddp", (n, 2, 3, 3), uneven, offset=0.0, state=ddp_model().state_dict()),
+        # masks: uneven masked counts, and in the second step rank 0's mask selects nothing
+        make_case("masked_ncl_f32", (n, 3, 7), uneven, masks=masks((n, 7), uneven)),
+        make_case("masked_channels_last", (n, 4, 5, 6), other, channels_last=True, masks=masks((n, 5, 6), other)),
+        # (a few values per channel: x - mean near 100 would be ill-conditioned in float32, even in torch)
+        make_case("masked_nc_cumulative", (n, 6), uneven, momentum=None, offset=0.0, masks=masks((n,), uneven)),
+        # a global mask that selects nothing: every rank raises, no buffer moves
+        make_case("masked_nothing", (n, 3, 7), uneven, masks=[torch.zeros(n, 7, dtype=torch.bool)] * STEPS),
     ]
+
+
+def masks(shape: tuple[int, ...], splits: list[int]) -> list[torch.Tensor]:
+    """A random mask per step; in the last step, rank 0's rows select nothing."""
+    g = torch.Generator().manual_seed(sum(shape))
+    out = [torch.rand(shape, generator=g) < 0.6 for _ in range(STEPS)]
+    out[-1][: splits[0]] = False
+    return out
 
 
 def ddp_model() -> torch.nn.Module:
@@ -116,8 +133,31 @@ def run(request, tmp_path_factory) -> tuple[int, list[dict], list[dict]]:
     return world, all_cases, [torch.load(tmp / f"rank{r}.pt") for r in range(world)]
 
 
+def masked_reference(case: dict) -> dict:
+    """Masked batch norm by its definition in float64 on the whole batch of each step."""
+    ref = MaskedReference(case["channels"], case["momentum"], weight=case["weight"], bias=case["bias"])
+    out: dict = {"y": [], "dx": [], "dweight": [], "dbias": []}
+    for x_all, dy, mask in zip(case["xs"], case["dys"], case["masks"], strict=True):
+        x = x_all.double().requires_grad_()
+        y = ref(x, mask)
+        y.backward(dy.double())
+        out["y"].append(y.detach())
+        out["dx"].append(x.grad)
+        out["dweight"].append(ref.weight.grad)
+        out["dbias"].append(ref.bias.grad)
+        ref.weight.grad = ref.bias.grad = None
+    out["running_mean"], out["running_var"] = ref.running_mean, ref.running_var
+    out["num_batches_tracked"] = ref.num_batches_tracked
+    keep = [1, -1] + [1] * (case["xs"][0].dim() - 2)
+    scale = (ref.weight.detach() / torch.sqrt(ref.running_var + 1e-5)).view(keep)
+    out["eval"] = (case["xs"][0].double() - ref.running_mean.view(keep)) * scale + ref.bias.detach().view(keep)
+    return out
+
+
 def reference(case: dict, steps: list[int]) -> dict:
     """torch's batch norm in float64 on the whole batch of each step in `steps`."""
+    if "masks" in case:
+        return masked_reference(case)
     cls = torch.nn.BatchNorm1d if case["xs"][0].dim() < 4 else torch.nn.BatchNorm2d
     m = cls(case["channels"], momentum=case["momentum"], affine=case["affine"], track_running_stats=case["track"])
     m = m.double()
@@ -177,6 +217,13 @@ def test_sync_equals_one_process(run, name):
                                    f"got 1 value per channel over all {world} ranks"] * STEPS  # fmt: skip
             assert torch.equal(r["running_mean"], torch.zeros(case["channels"]))
             assert torch.equal(r["running_var"], torch.ones(case["channels"]))
+            assert r["num_batches_tracked"] == 0
+        return
+    if name == "masked_nothing":
+        for r in ranks:
+            assert r["errors"] == ["ValueError: Expected more than 1 value per channel when training, "
+                                   f"got 0 selected by the mask over all {world} ranks"] * STEPS  # fmt: skip
+            assert torch.equal(r["running_mean"], torch.zeros(case["channels"]))
             assert r["num_batches_tracked"] == 0
         return
     steps = [s for s in range(STEPS) if bad is None or s != bad[0]]

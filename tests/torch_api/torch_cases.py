@@ -57,3 +57,36 @@ def channel_tensors(c: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor
     w, b, rm = (torch.randn(c, generator=g, dtype=torch.float64) for _ in range(3))
     rv = 0.5 + torch.rand(c, generator=g, dtype=torch.float64)
     return tuple(t.to(dtype) for t in (w, b, rm, rv))
+
+
+class MaskedReference:
+    """Masked batch norm by its definition, in float64 torch ops (autograd gives the
+    gradients): statistics of the positions the mask selects, every position normalized
+    with them; running statistics by torch's rule, the variance unbiased with the masked
+    count. Called with float64 x (requires_grad for dx) and a mask of x's shape without
+    the channel axis (or broadcastable to it)."""
+
+    def __init__(self, c: int, momentum: float | None = 0.1, eps: float = 1e-5, weight=None, bias=None) -> None:
+        self.momentum, self.eps = momentum, eps
+        self.weight = None if weight is None else weight.detach().double().clone().requires_grad_()
+        self.bias = None if bias is None else bias.detach().double().clone().requires_grad_()
+        self.running_mean = torch.zeros(c, dtype=torch.float64)
+        self.running_var = torch.ones(c, dtype=torch.float64)
+        self.num_batches_tracked = 0
+
+    def __call__(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        keep = [1, x.shape[1]] + [1] * (x.dim() - 2)
+        w = torch.broadcast_to(mask, (x.shape[0], *x.shape[2:])).unsqueeze(1).double()
+        red = [d for d in range(x.dim()) if d != 1]
+        count = w.sum()
+        mean = (w * x).sum(red, keepdim=True) / count
+        var = (w * (x - mean) ** 2).sum(red, keepdim=True) / count
+        y = (x - mean) / torch.sqrt(var + self.eps)
+        if self.weight is not None:
+            y = y * self.weight.view(keep) + self.bias.view(keep)
+        f = self.momentum if self.momentum is not None else 1.0 / (self.num_batches_tracked + 1)
+        with torch.no_grad():
+            self.running_mean = (1 - f) * self.running_mean + f * mean.flatten()
+            self.running_var = (1 - f) * self.running_var + f * var.flatten() * (count / (count - 1))
+        self.num_batches_tracked += 1
+        return y

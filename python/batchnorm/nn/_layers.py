@@ -5,7 +5,8 @@ They behave as ``torch.nn.BatchNorm{1,2,3}d`` do (torch 2.13, CPU): channel axis
 variance in ``running_var``, ``track_running_stats=False``, torch's errors, and
 ``state_dict()``/``load_state_dict()`` with torch's keys. Parameters and buffers are
 NumPy arrays; gradients come from an explicit ``backward(dy)`` of the last call.
-``virtual_batch_size=k`` trains on ghost batches (``batchnorm._ghost``).
+``virtual_batch_size=k`` trains on ghost batches (``batchnorm._ghost``); ``m(x, mask=m)``
+takes batch statistics from the positions a mask selects (padded sequences).
 
 Every call is one pass of the C++ core over the caller's buffer (no copy, whatever the
 strides, e.g. a NumPy view of a ``torch.channels_last`` tensor). State changes are
@@ -27,7 +28,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .. import _core, _ghost
-from .._functional import CopyableLayer, _data, real_array
+from .._functional import CopyableLayer, _data, _mask, real_array
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
@@ -106,6 +107,15 @@ def _torch_size(shape: tuple[int, ...]) -> str:
     return f"torch.Size({list(shape)})"
 
 
+def check_masked_count(count: int, shape: tuple[int, ...], where: str = "") -> None:
+    """torch's "more than 1 value per channel" rule, for the positions a mask selects."""
+    if count < 2:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got {count} selected by the mask"
+            f"{where or ' in input size ' + _torch_size(shape)}"
+        )
+
+
 def _to_numpy(value: Any) -> np.ndarray:
     """A NumPy array from an array-like or a (CPU) torch tensor, without importing torch."""
     if type(value).__module__.startswith("torch") and hasattr(value, "detach"):
@@ -143,6 +153,7 @@ class Saved:
     fixed: bool  # running statistics (no gradient through them) rather than batch ones
     comm: Any = None  # the communicator that shared the batch statistics (SyncBatchNorm)
     chunk: int | None = None  # ghost batches: the chunk size (mean and inv_std are then per chunk)
+    mask: np.ndarray | None = None  # the mask of a masked call, as the core reads it
 
 
 @dataclass(frozen=True)
@@ -307,8 +318,8 @@ class _BatchNorm(CopyableLayer):
     def _check_input_dim(self, x: np.ndarray) -> None:
         raise NotImplementedError
 
-    def __call__(self, x: Any) -> np.ndarray:
-        return self.forward(x)
+    def __call__(self, x: Any, mask: Any = None) -> np.ndarray:
+        return self.forward(x, mask)
 
     def _input(self, x: Any) -> np.ndarray:
         a = x if type(x) is np.ndarray else _to_numpy(x)
@@ -348,17 +359,35 @@ class _BatchNorm(CopyableLayer):
                 f"Expected more than 1 value per channel when training, got input size {_torch_size(x.shape)}"
             )
 
-    def forward(self, x: Any) -> np.ndarray:
+    def forward(self, x: Any, mask: Any = None) -> np.ndarray:
         """Normalize x (N, C, ...) along axis 1; see the class docstring for the modes.
         With ``virtual_batch_size=k``, training normalizes each chunk of k samples with its
-        own statistics, as ``np.concatenate([m(c) for c in np.split(x, range(k, len(x), k))])``."""
+        own statistics, as ``np.concatenate([m(c) for c in np.split(x, range(k, len(x), k))])``.
+
+        ``mask`` (boolean or 0/1, x's shape without the channel axis, e.g. (N, L) for
+        (N, C, L), or broadcastable to it): batch statistics come from the positions where
+        it is true, every position is normalized with them, and the running statistics
+        take the masked mean and the variance unbiased with the masked count. Where the
+        call uses the running statistics (eval) it changes nothing. With
+        ``virtual_batch_size`` it is a ValueError."""
         x = self._input(x)
         batch_stats = self.training or self._running_mean is None
-        chunk = _ghost.chunk_of(self.virtual_batch_size, self.training, x.shape[0])
+        chunk = _ghost.chunk_of(self.virtual_batch_size, self.training, x.shape[0], mask)
         self._check_pass(x if chunk is None else _ghost.smallest(x, chunk), batch_stats)
-        return self._run(x, batch_stats, chunk=chunk)
+        m = self._layer_mask(mask, x, batch_stats)
+        return self._run(x, batch_stats, chunk=chunk, mask=m)
 
-    def _run(self, x: np.ndarray, batch_stats: bool, comm: Any = None, chunk: int | None = None) -> np.ndarray:
+    @staticmethod
+    def _layer_mask(mask: Any, x: np.ndarray, batch_stats: bool) -> np.ndarray | None:
+        """The mask as the core reads it (checked), or None where the call takes no batch statistics."""
+        if mask is None:
+            return None
+        m = _mask(_to_numpy(mask), x, AXES)
+        return m if batch_stats else None
+
+    def _run(
+        self, x: np.ndarray, batch_stats: bool, comm: Any = None, chunk: int | None = None, mask: Any = None
+    ) -> np.ndarray:
         """The pass on a checked input, then the commit of the state it changes."""
         with self._lock:  # a consistent snapshot of what the pass reads
             sdt = stat_dtype(x.dtype)
@@ -371,14 +400,18 @@ class _BatchNorm(CopyableLayer):
             )
         if running is None:
             batch = (
-                self._batch_pass(x, weight, bias, comm) if chunk is None else self._ghost_pass(x, weight, bias, chunk)
+                self._batch_pass(x, weight, bias, comm, mask)
+                if chunk is None
+                else self._ghost_pass(x, weight, bias, chunk)
             )
-            saved = Saved(x, weight, batch.mean, batch.inv_std, batch.count, False, batch.comm, chunk)
+            saved = Saved(x, weight, batch.mean, batch.inv_std, batch.count, False, batch.comm, chunk, mask)
             y = batch.y
             update = self.training and self.track_running_stats
             with self._lock:
                 if update and self._precise_stats is not None:  # bn.precise_statistics: pool the batch's
-                    self._precise_stats.add(x, AXES)  # values instead of updating the running statistics
+                    self._precise_stats.add(  # values instead of updating the running statistics
+                        x, AXES, None if mask is None else np.expand_dims(mask, 1)
+                    )
                 elif update:
                     self._commit_running(batch.running, batch.chunks)
                 self._saved = saved
@@ -398,7 +431,9 @@ class _BatchNorm(CopyableLayer):
         self._check_eps(batch_stats)
         self._check_compatible(x)
 
-    def _batch_pass(self, x: np.ndarray, weight: np.ndarray | None, bias: np.ndarray | None, comm: Any) -> Batch:
+    def _batch_pass(
+        self, x: np.ndarray, weight: np.ndarray | None, bias: np.ndarray | None, comm: Any, mask: Any = None
+    ) -> Batch:
         """One training pass of the core on this process's batch (comm: see SyncBatchNorm)."""
         sdt = stat_dtype(x.dtype)
         c = x.shape[1]
@@ -406,10 +441,12 @@ class _BatchNorm(CopyableLayer):
         count = x.shape[0] * math.prod(x.shape[2:])
         if count == 0:  # torch: an empty output, running statistics untouched
             return Batch(y, np.zeros(c, sdt), np.ones(c, sdt), 0, None)
+        if mask is not None:
+            check_masked_count(int(np.count_nonzero(mask)), x.shape)
         mean = np.empty(c, sdt)
         var = np.empty(c, sdt)
         inv_std = np.empty(c, sdt)
-        count = _core.forward(x, y, AXES, weight, bias, float(self.eps), False, mean, var, inv_std)
+        count = _core.forward(x, y, AXES, weight, bias, float(self.eps), False, mean, var, inv_std, mask=mask)
         unbiased = var.astype(np.float64) * (count / (count - 1)) if count > 1 else np.full(c, np.nan)
         return Batch(y, mean, inv_std, count, (mean.astype(np.float64), unbiased))
 
@@ -493,8 +530,9 @@ class _BatchNorm(CopyableLayer):
         dgamma = np.empty(c, sdt)
         dbeta = np.empty(c, sdt)
         _core.backward(
-            dy, saved.x, dx, AXES, saved.mean, saved.inv_std, saved.weight, None, False, dgamma, dbeta, saved.fixed
-        )
+            dy, saved.x, dx, AXES, saved.mean, saved.inv_std, saved.weight, None, False, dgamma, dbeta, saved.fixed,
+            mask=saved.mask,
+        )  # fmt: skip
         return dgamma, dbeta
 
     # ---- state dict

@@ -21,7 +21,7 @@ import numpy as np
 
 from .. import _core
 from ..distributed import _mpi
-from ._layers import AXES, Batch, Saved, _BatchNorm, stat_dtype
+from ._layers import AXES, Batch, Saved, _BatchNorm, check_masked_count, stat_dtype
 
 __all__ = ["SyncBatchNorm"]
 
@@ -81,8 +81,10 @@ class SyncBatchNorm(_BatchNorm):
         """The communicator of a training call, or None when it runs unsynchronized."""
         return _mpi.active_comm(self.comm) if self.training else None
 
-    def forward(self, x: Any) -> np.ndarray:
-        """Normalize x (N, C, ...) along axis 1, with global batch statistics in training."""
+    def forward(self, x: Any, mask: Any = None) -> np.ndarray:
+        """Normalize x (N, C, ...) along axis 1, with global batch statistics in training;
+        ``mask`` as BatchNorm1d's, its selected positions counted over all processes (a
+        process whose mask selects nothing still takes part)."""
         if self.virtual_batch_size is not None:
             raise ValueError(NO_GHOST_BATCHES)
         comm = self._sync_comm()
@@ -90,7 +92,7 @@ class SyncBatchNorm(_BatchNorm):
             a = x if type(x) is np.ndarray else np.asarray(x)
             if a.ndim >= 2 and a.shape[1] == 0:
                 raise ValueError("SyncBatchNorm number of input channels should be non-zero")
-            return super().forward(x)
+            return super().forward(x, mask)
         try:
             a = self._input(x)
             if a.shape[1] == 0:
@@ -99,24 +101,29 @@ class SyncBatchNorm(_BatchNorm):
             # matter here (checked on the global count, the same on every process).
             self._check_eps(True)
             self._check_compatible(a)
+            m = self._layer_mask(mask, a, True)
         except Exception:
             _mpi.allreduce_moments_failed(comm, self.num_features)
             raise
-        return self._run(a, True, comm)
+        return self._run(a, True, comm, mask=m)
 
-    def _batch_pass(self, x: np.ndarray, weight: np.ndarray | None, bias: np.ndarray | None, comm: Any) -> Batch:
+    def _batch_pass(
+        self, x: np.ndarray, weight: np.ndarray | None, bias: np.ndarray | None, comm: Any, mask: Any = None
+    ) -> Batch:
         if comm is None:
-            return super()._batch_pass(x, weight, bias, comm)
+            return super()._batch_pass(x, weight, bias, comm, mask)
         c = self.num_features
         try:
             mean = np.empty(c, np.float64)
             m2 = np.empty(c, np.float64)
-            count = _core.partial_moments(x, AXES, mean, m2)
+            count = _core.partial_moments(x, AXES, mean, m2, mask=mask)
         except Exception:
             _mpi.allreduce_moments_failed(comm, c)
             raise
         counts, mean, m2 = _mpi.allreduce_moments(comm, count, mean, m2)
         total = int(counts[0]) if c else 0
+        if mask is not None and c:  # judged on the global count, the same on every process
+            check_masked_count(total, x.shape, f" over all {_mpi.world_size(comm)} processes")
         if total == 1:
             raise ValueError(
                 "Expected more than 1 value per channel when training, got 1 value per channel "
@@ -165,6 +172,6 @@ class SyncBatchNorm(_BatchNorm):
         if saved.count:
             _core.backward_apply(
                 dy, saved.x, dx, AXES, saved.mean, saved.inv_std, saved.weight, None, False,
-                total_dy, total_dy_xc, saved.count,
+                total_dy, total_dy_xc, saved.count, mask=saved.mask,
             )  # fmt: skip
         return dgamma, dbeta

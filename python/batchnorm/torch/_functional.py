@@ -64,6 +64,7 @@ class _BatchNorm(torch.autograd.Function):
         momentum: Any,
         eps: float,
         chunk: int | None,
+        mask: torch.Tensor | None,
     ) -> torch.Tensor:
         if chunk is not None:  # ghost batches: momentum holds the factor of each chunk
             y, mean, inv_std = _kernels.ghost_train_forward(
@@ -71,7 +72,7 @@ class _BatchNorm(torch.autograd.Function):
             )
         elif training:
             y, mean, inv_std = _kernels.train_forward(
-                x, weight, bias, running_mean, running_var, momentum, eps, numpy=True
+                x, weight, bias, running_mean, running_var, momentum, eps, mask, numpy=True
             )
         else:
             assert running_mean is not None
@@ -79,6 +80,7 @@ class _BatchNorm(torch.autograd.Function):
             y, mean, inv_std = _kernels.infer_forward(x, weight, bias, running_mean, running_var, eps, numpy=True)
         ctx.fixed = not training
         ctx.chunk = chunk
+        ctx.mask = mask  # converted (x's dtype, broadcast): no gradient flows to it
         ctx.stats = mean, inv_std  # NumPy (or the running mean): not tensors autograd must guard
         ctx.save_for_backward(x, weight)
         return y
@@ -92,9 +94,9 @@ class _BatchNorm(torch.autograd.Function):
         if ctx.chunk is not None:
             dx, dweight, dbias = _kernels.ghost_backward(dy, x, mean, inv_std, weight, ctx.chunk)
         else:
-            dx, dweight, dbias = _kernels.backward(dy, x, mean, inv_std, weight, ctx.fixed)
+            dx, dweight, dbias = _kernels.backward(dy, x, mean, inv_std, weight, ctx.fixed, ctx.mask)
         need = ctx.needs_input_grad
-        return (dx if need[0] else None, *_kernels.param_grads(need, dweight, dbias, weight), *[None] * 6)
+        return (dx if need[0] else None, *_kernels.param_grads(need, dweight, dbias, weight), *[None] * 7)
 
 
 # autograd's C entry point, without Function.apply's Python wrapper, whose only extra work
@@ -121,13 +123,21 @@ def batch_norm(  # noqa: PLR0917 - torch.nn.functional.batch_norm's positional s
     training: bool = False,
     momentum: float = 0.1,
     eps: float = 1e-5,
+    *,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """torch.nn.functional.batch_norm, on batchnorm's kernels (CPU tensors).
 
     Differentiable in input, weight and bias; in training the running statistics (if
     given) are updated in place, as torch does. Results equal torch's to rounding.
+
+    ``mask``: a bool (or 0/1 integer) tensor of the input's shape without the channel axis
+    (e.g. (N, L) for (N, C, L)), or broadcastable to it. In training the statistics come
+    from the positions where it is true and every position is normalized with them; the
+    running statistics take the masked mean and the variance unbiased with the masked
+    count. With ``training=False`` it is not used.
     """
-    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, None)
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, None, mask)
 
 
 def ghost_batch_norm(  # noqa: PLR0917 - batch_norm's order
@@ -156,14 +166,19 @@ def _batch_norm(  # noqa: PLR0917 - batch_norm's order
     momentum: Any,
     eps: float,
     chunk: int | None,
+    mask: Any = None,
 ) -> torch.Tensor:
     checked = input if chunk is None else _ghost.smallest(input, chunk)  # torch's checks judge one chunk
+    if mask is not None and not training:  # running statistics: the mask changes nothing
+        mask = None
     if _tracing(input):
         _verify(checked, running_mean, running_var, weight, bias, training, eps)
-        return _ops.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, chunk)
+        if mask is not None and not isinstance(mask, torch.Tensor):
+            mask = torch.as_tensor(mask)
+        return _ops.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, chunk, mask)
     _verify(checked, running_mean, running_var, weight, bias, training, eps, tensors=False)
     try:
-        return _eager(input, running_mean, running_var, weight, bias, training, momentum, eps, chunk)
+        return _eager(input, running_mean, running_var, weight, bias, training, momentum, eps, chunk, mask)
     except (TypeError, ValueError, RuntimeError):
         try:  # torch's words, if torch refuses the call too
             _verify(checked, running_mean, running_var, weight, bias, training, eps)
@@ -182,16 +197,18 @@ def _eager(  # noqa: PLR0917 - torch.nn.functional.batch_norm's positional signa
     momentum: Any,
     eps: float,
     chunk: int | None,
+    mask: Any = None,
 ) -> torch.Tensor:
+    m = _kernels.mask_for(x, mask)
     if not (torch.is_grad_enabled() and _any_requires_grad(x, weight, bias)):  # no autograd node to make
         if chunk is not None:
             return _kernels.ghost_train_forward(
                 x, weight, bias, running_mean, running_var, momentum, eps, chunk, numpy=True
             )[0]
         if training:
-            return _kernels.train_forward(x, weight, bias, running_mean, running_var, momentum, eps, numpy=True)[0]
+            return _kernels.train_forward(x, weight, bias, running_mean, running_var, momentum, eps, m, numpy=True)[0]
         assert running_mean is not None
         assert running_var is not None
         return _kernels.normalize(x, weight, bias, running_mean, running_var, eps)[0]
-    y: torch.Tensor = _apply(x, weight, bias, running_mean, running_var, training, momentum, eps, chunk)  # type: ignore[no-untyped-call]
+    y: torch.Tensor = _apply(x, weight, bias, running_mean, running_var, training, momentum, eps, chunk, m)  # type: ignore[no-untyped-call]
     return y

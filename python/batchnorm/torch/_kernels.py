@@ -11,11 +11,13 @@ far more cheaply than torch's ``.to()``.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
 
 from .. import _core, _ghost
+from ..nn._layers import check_masked_count
 
 _core.use_torch(torch.Tensor, torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.strided, torch.int64)
 
@@ -71,24 +73,81 @@ def values_per_channel(x: torch.Tensor) -> int:
     return n // x.shape[1] if n else x.shape[0] * math.prod(x.shape[2:])  # C == 0: still N * spatial
 
 
+_MASK_INTS = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def reduced_shape(x: torch.Tensor) -> tuple[int, ...]:
+    """x's shape without the channel axis: the shape of a mask."""
+    return (x.shape[0], *x.shape[2:])
+
+
+def mask_for(x: torch.Tensor, mask: Any) -> torch.Tensor | None:
+    """A mask (bool, or 0/1 integers) as the core reads it: x's dtype (a copy of the mask's
+    own size, never of x's), broadcast without a copy to x's shape without the channel axis."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        mask = torch.as_tensor(mask)
+    if mask.dtype != torch.bool:
+        if mask.dtype not in _MASK_INTS:
+            raise TypeError(f"mask must be a bool (or 0/1 integer) tensor, got dtype {mask.dtype}")
+        if bool(((mask != 0) & (mask != 1)).any()):
+            raise ValueError("mask must hold only 0 and 1 (or be boolean)")
+    if not mask.is_cpu:
+        raise ValueError(f"batchnorm.torch runs on CPU tensors; mask is on {mask.device}")
+    reduced = reduced_shape(x)
+    try:
+        m: torch.Tensor = mask.detach().to(x.dtype).expand(reduced)
+    except RuntimeError:
+        raise ValueError(
+            f"mask of shape {tuple(mask.shape)} does not broadcast to {reduced}, "
+            "the shape of the input without its channel axis"
+        ) from None
+    return m
+
+
 def batch_forward(
-    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, *, numpy: bool = False
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    mask: torch.Tensor | None = None,
+    *,
+    numpy: bool = False,
 ) -> tuple[torch.Tensor, Stat, Stat, Stat]:
     """y normalized with the batch's statistics; the batch mean, inv_std and (biased) variance,
-    as tensors, or with ``numpy`` as NumPy arrays (see ``Stat``)."""
+    as tensors, or with ``numpy`` as NumPy arrays (see ``Stat``). With a mask (as
+    ``mask_for`` takes it) the statistics are those of the positions it selects."""
+    y, mean, inv_std, var, _ = counted_forward(x, weight, bias, eps, mask_for(x, mask), numpy=numpy)
+    return y, mean, inv_std, var
+
+
+def counted_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    mask: torch.Tensor | None,
+    *,
+    numpy: bool = False,
+) -> tuple[torch.Tensor, Stat, Stat, Stat, int]:
+    """batch_forward with a mask already converted (``mask_for``), and the count the
+    statistics came from (the masked count with a mask)."""
     follow_torch_threads()
     sdt = stat_dtype(x)
     c = x.shape[1]
     y = empty_output(x)
     w, b = channels(weight, sdt), channels(bias, sdt)
     if x.numel() == 0:  # torch: an empty output, statistics (0, 1)
-        return y, torch.zeros(c, dtype=sdt), torch.ones(c, dtype=sdt), torch.zeros(c, dtype=sdt)
+        return y, torch.zeros(c, dtype=sdt), torch.ones(c, dtype=sdt), torch.zeros(c, dtype=sdt), 0
+    if mask is not None:  # torch's rule for the selected positions, before anything is computed
+        check_masked_count(int(torch.count_nonzero(mask)), tuple(x.shape))
     if numpy:  # the core allocates them
-        m, v, inv, _ = _core.forward(x, y, AXES, w, b, eps, False)
-        return y, m, inv, v
+        m, v, inv, count = _core.forward(x, y, AXES, w, b, eps, False, mask=mask)
+        return y, m, inv, v, count
     mean, inv_std, var = torch.empty(c, dtype=sdt), torch.empty(c, dtype=sdt), torch.empty(c, dtype=sdt)
-    _core.forward(x, y, AXES, w, b, eps, False, mean, var, inv_std)
-    return y, mean, inv_std, var
+    count = _core.forward(x, y, AXES, w, b, eps, False, mean, var, inv_std, mask=mask)
+    return y, mean, inv_std, var, count
 
 
 def train_forward(  # noqa: PLR0917 - the order of torch's batch_norm arguments
@@ -99,15 +158,33 @@ def train_forward(  # noqa: PLR0917 - the order of torch's batch_norm arguments
     running_var: torch.Tensor | None,
     momentum: float,
     eps: float,
+    mask: torch.Tensor | None = None,
     *,
     numpy: bool = False,
 ) -> tuple[torch.Tensor, Stat, Stat]:
-    """y, batch mean, batch inv_std; the running statistics (if given) move toward the batch's."""
-    y, mean, inv_std, var = batch_forward(x, weight, bias, eps, numpy=numpy)
-    count = values_per_channel(x)
+    """y, batch mean, batch inv_std; the running statistics (if given) move toward the batch's
+    (with a mask converted by ``mask_for``: the masked statistics, unbiased by the masked count)."""
+    y, mean, inv_std, var, count = counted_forward(x, weight, bias, eps, mask, numpy=numpy)
     if count and running_mean is not None and running_var is not None:  # torch skips an empty batch
         update_running(running_mean, running_var, mean, var, momentum, count)
     return y, mean, inv_std
+
+
+def update_running_counted(  # noqa: PLR0917 - update_running's order
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    factor: float,
+    count: torch.Tensor,
+) -> None:
+    """update_running with the count a tensor (a masked count, which traced code cannot
+    read as a number): torch ops, in float64, rounded once into the buffers."""
+    with torch.no_grad():
+        n = count.double()
+        unbiased = var.double() * (n / (n - 1))
+        running_mean.copy_(running_mean.double() * (1 - factor) + mean.double() * factor)
+        running_var.copy_(running_var.double() * (1 - factor) + unbiased * factor)
 
 
 def update_running(  # noqa: PLR0917 - the order of torch's batch_norm arguments
@@ -248,8 +325,10 @@ def backward(  # noqa: PLR0917 - the order of torch's batch_norm arguments
     inv_std: Stat,
     weight: torch.Tensor | None,
     fixed_statistics: bool,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dx, dweight, dbias (statistics dtype) of a pass that used mean and inv_std."""
+    """dx, dweight, dbias (statistics dtype) of a pass that used mean and inv_std (with a
+    mask converted by ``mask_for``: the pass's masked statistics)."""
     follow_torch_threads()
     sdt = stat_dtype(x)
     c = x.shape[1]
@@ -262,7 +341,9 @@ def backward(  # noqa: PLR0917 - the order of torch's batch_norm arguments
         grads = torch.empty(c, dtype=weight.dtype), torch.empty(c, dtype=weight.dtype)
     else:  # NumPy arrays the core fills (every channel), handed to torch without a copy
         grads = torch.from_numpy(np.empty(c, _NUMPY[sdt])), torch.from_numpy(np.empty(c, _NUMPY[sdt]))
-    _core.backward(dy, x, dx, AXES, mean, inv_std, channels(weight, sdt), None, False, *grads, fixed_statistics)
+    _core.backward(
+        dy, x, dx, AXES, mean, inv_std, channels(weight, sdt), None, False, *grads, fixed_statistics, mask=mask
+    )
     return dx, *grads
 
 

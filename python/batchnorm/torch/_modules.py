@@ -21,7 +21,12 @@ class _Forward:
     eps: float
     virtual_batch_size: int | None = None  # ghost batches (BatchNorm1d/2d/3d only)
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """torch's forward; ``mask`` (bool, or 0/1 integers; the input's shape without the
+        channel axis, or broadcastable to it) restricts the batch statistics to the
+        positions it selects (every position is normalized with them; the running
+        statistics take them, the variance unbiased with the masked count). Where the
+        running statistics are used (eval) it changes nothing."""
         self._check_input_dim(input)  # type: ignore[attr-defined]  # torch's, per dimension
         # Each read once: a Module attribute read goes through __getattr__, slow beside a small kernel.
         params, buffers = self._parameters, self._buffers  # type: ignore[attr-defined]
@@ -30,7 +35,7 @@ class _Forward:
         training = self.training
         tracking = training and self.track_running_stats and counter is not None
         if self.virtual_batch_size is not None:
-            chunk = _ghost.chunk_of(self.virtual_batch_size, training, input.shape[0])
+            chunk = _ghost.chunk_of(self.virtual_batch_size, training, input.shape[0], mask)
             if chunk is not None:
                 return self._ghost_forward(input, chunk, counter, tracking)
         factor = self._factor(counter, tracking)
@@ -44,6 +49,7 @@ class _Forward:
             training or (running_mean is None and running_var is None),
             factor,
             self.eps,
+            mask=mask,
         )
         if tracking:
             _count_batch(counter, input)

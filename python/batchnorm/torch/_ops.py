@@ -39,10 +39,11 @@ def _backward(  # noqa: PLR0917 - the op's schema
     inv_std: torch.Tensor,
     weight: torch.Tensor | None,
     fixed_statistics: bool,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     sdt = _kernels.stat_dtype(x)
     mean = _kernels.channels(mean, sdt)  # type: ignore[assignment]  # running_mean in eval
-    return _kernels.backward(dy, x, mean, inv_std, weight, fixed_statistics)
+    return _kernels.backward(dy, x, mean, inv_std, weight, fixed_statistics, _kernels.mask_for(x, mask))
 
 
 def _ghost_forward(
@@ -64,7 +65,11 @@ def _stats(x: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
 
 
 def _train_forward_fake(
-    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _kernels.empty_output(x), _stats(x), _stats(x), _stats(x)
 
@@ -87,6 +92,7 @@ def _backward_fake(  # noqa: PLR0917 - the op's schema
     inv_std: torch.Tensor,
     weight: torch.Tensor | None,
     fixed_statistics: bool,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _kernels.empty_output(x), _stats(x), _stats(x)
 
@@ -131,11 +137,12 @@ def _update_running_fake(  # noqa: PLR0917 - the op's schema
 
 
 SCHEMAS = {
-    "train_forward": "(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor, Tensor)",
+    "train_forward": "(Tensor x, Tensor? weight, Tensor? bias, float eps, Tensor? mask=None)"
+    " -> (Tensor, Tensor, Tensor, Tensor)",
     "infer_forward": "(Tensor x, Tensor? weight, Tensor? bias, Tensor running_mean, Tensor running_var, float eps)"
     " -> (Tensor, Tensor)",
-    "backward": "(Tensor dy, Tensor x, Tensor mean, Tensor inv_std, Tensor? weight, bool fixed_statistics)"
-    " -> (Tensor, Tensor, Tensor)",
+    "backward": "(Tensor dy, Tensor x, Tensor mean, Tensor inv_std, Tensor? weight, bool fixed_statistics,"
+    " Tensor? mask=None) -> (Tensor, Tensor, Tensor)",
     "update_running": "(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var,"
     " float factor, int count) -> ()",
     "ghost_forward": "(Tensor x, Tensor? weight, Tensor? bias, float eps, int chunk)"
@@ -161,17 +168,17 @@ for _name, _kernel, _fake in (
 
 
 def _train_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
-    x, weight, _, _ = inputs
+    x, weight, _, _, mask = inputs
     _, mean, inv_std, var = output
     ctx.mark_non_differentiable(mean, inv_std, var)
-    ctx.save_for_backward(x, weight, mean, inv_std)
+    ctx.save_for_backward(x, weight, mean, inv_std, mask)
 
 
 def _train_backward(ctx: Any, dy: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
-    x, weight, mean, inv_std = ctx.saved_tensors
-    dx, dweight, dbias = torch.ops.batchnorm.backward(dy, x, mean, inv_std, weight, False)
+    x, weight, mean, inv_std, mask = ctx.saved_tensors
+    dx, dweight, dbias = torch.ops.batchnorm.backward(dy, x, mean, inv_std, weight, False, mask)
     need = ctx.needs_input_grad
-    return (dx if need[0] else None, *_kernels.param_grads(need, dweight, dbias, weight), None)
+    return (dx if need[0] else None, *_kernels.param_grads(need, dweight, dbias, weight), None, None)
 
 
 def _ghost_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
@@ -198,7 +205,7 @@ def _infer_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, 
 
 def _infer_backward(ctx: Any, dy: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
     x, weight, running_mean, inv_std = ctx.saved_tensors
-    dx, dweight, dbias = torch.ops.batchnorm.backward(dy, x, running_mean, inv_std, weight, True)
+    dx, dweight, dbias = torch.ops.batchnorm.backward(dy, x, running_mean, inv_std, weight, True, None)
     need = ctx.needs_input_grad
     return (dx if need[0] else None, *_kernels.param_grads(need, dweight, dbias, weight), None, None, None)
 
@@ -231,9 +238,11 @@ def batch_norm(  # noqa: PLR0917 - torch.nn.functional.batch_norm's positional s
     momentum: Any,
     eps: float,
     chunk: int | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """torch.nn.functional.batch_norm through the ops (arguments already checked); with
-    `chunk`, over ghost batches, momentum then holding the factor of each chunk."""
+    `chunk`, over ghost batches, momentum then holding the factor of each chunk; with `mask`
+    (a tensor, training only), statistics of the positions it selects."""
     y: torch.Tensor
     if chunk is not None:
         y, mean, _, var = torch.ops.batchnorm.ghost_forward(x, weight, bias, eps, chunk)
@@ -242,7 +251,13 @@ def batch_norm(  # noqa: PLR0917 - torch.nn.functional.batch_norm's positional s
             torch.ops.batchnorm.update_running_chunks(running_mean, running_var, mean, var, momentum, counts)
         return y
     if training:
-        y, mean, _, var = torch.ops.batchnorm.train_forward(x, weight, bias, eps)
+        y, mean, _, var = torch.ops.batchnorm.train_forward(x, weight, bias, eps, mask)
+        if mask is not None:
+            if x.numel() and running_mean is not None and running_var is not None:
+                # the masked count is data, not a number traced code can read
+                selected = torch.broadcast_to(mask, _kernels.reduced_shape(x)).ne(0).sum()
+                _kernels.update_running_counted(running_mean, running_var, mean, var, momentum, selected)
+            return y
         count = _kernels.values_per_channel(x)
         if count and running_mean is not None and running_var is not None:
             torch.ops.batchnorm.update_running(running_mean, running_var, mean, var, momentum, count)

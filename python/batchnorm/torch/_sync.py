@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from .. import _core
+from ..nn._layers import check_masked_count
 from . import _kernels
 from ._modules import _count_batch, _Forward
 
@@ -93,15 +94,19 @@ class _SyncFunction(torch.autograd.Function):
         factor: float,
         eps: float,
         group: Any,
+        mask: Any,
     ) -> torch.Tensor:
         c = x.shape[1]
         partials = torch.zeros(3, c, dtype=torch.float64)
         try:
-            partials[0] = _core.partial_moments(x, _kernels.AXES, partials[1], partials[2])
+            m = _kernels.mask_for(x, mask)
+            partials[0] = _core.partial_moments(x, _kernels.AXES, partials[1], partials[2], mask=m)
         except Exception:
             _failed(group, c)
             raise
         count, mean64, m2 = _gather_moments(group, partials)
+        if m is not None and c:  # judged on the global masked count, the same on every rank
+            check_masked_count(count, tuple(x.shape), f" over all {dist.get_world_size(group)} ranks")
         if count == 1:  # judged on the global batch, the same on every rank
             raise ValueError(
                 "Expected more than 1 value per channel when training, got 1 value per channel "
@@ -120,6 +125,7 @@ class _SyncFunction(torch.autograd.Function):
                 _kernels.update_running(running_mean, running_var, mean, var, factor, count)
         ctx.count = count
         ctx.group = group
+        ctx.mask = m
         ctx.save_for_backward(x, weight, mean, inv_std)
         return y
 
@@ -149,10 +155,11 @@ class _SyncFunction(torch.autograd.Function):
         dx = _kernels.empty_output(x)
         if x.numel():
             _core.backward_apply(
-                dy, x, dx, _kernels.AXES, mean, inv_std, gamma, None, False, total_dy, total_dy_xc, ctx.count
-            )
+                dy, x, dx, _kernels.AXES, mean, inv_std, gamma, None, False, total_dy, total_dy_xc, ctx.count,
+                mask=ctx.mask,
+            )  # fmt: skip
         need = ctx.needs_input_grad
-        return (dx if need[0] else None, *_kernels.param_grads(need, dweight, dbias, weight), *[None] * 5)
+        return (dx if need[0] else None, *_kernels.param_grads(need, dweight, dbias, weight), *[None] * 6)
 
 
 class SyncBatchNorm(_Forward, torch.nn.SyncBatchNorm):
@@ -176,7 +183,9 @@ class SyncBatchNorm(_Forward, torch.nn.SyncBatchNorm):
         group = self.process_group or dist.group.WORLD
         return group if dist.get_world_size(group) > 1 else None
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """torch's forward; ``mask`` as BatchNorm1d's, its selected positions counted over
+        all ranks (a rank whose mask selects nothing still takes part)."""
         if self.virtual_batch_size is not None:
             raise ValueError(NO_GHOST_BATCHES)
         group = self._sync_group()
@@ -194,7 +203,7 @@ class SyncBatchNorm(_Forward, torch.nn.SyncBatchNorm):
                 _failed(group, self.num_features)
             raise
         if group is None:
-            return super().forward(input)
+            return super().forward(input, mask)
         counter = self.num_batches_tracked
         tracking = self.track_running_stats and counter is not None
         factor = self._factor(counter, tracking)
@@ -208,6 +217,7 @@ class SyncBatchNorm(_Forward, torch.nn.SyncBatchNorm):
             factor,
             self.eps,
             group,
+            mask,
         )
         if tracking:
             assert counter is not None
