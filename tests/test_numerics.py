@@ -4,6 +4,8 @@ propagation of NaN/Inf confined to their channel."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -297,3 +299,25 @@ def test_nan_passes_through_normalize_and_relu():
     y = bn.normalize(x, [0.0, np.nan], [1.0, 1.0], epsilon=0.0)
     assert np.isnan(y[:, 1]).all()
     assert np.isfinite(y[:, 0]).all()
+
+
+@pytest.mark.parametrize("layout", ["channels-last", "channels-first", "strided"])
+def test_float64_first_value_far_from_the_mean(layout, restore_threads):
+    """The shifted sums use a channel's first value as the shift; a first value 100 standard
+    deviations from the mean would cost M2 about (100)^2 ulps of the sums' rounding. Such a
+    channel is summed again around its mean: the variance is as exact as float64 allows."""
+    rng = np.random.default_rng(7)
+    x = rng.normal(100.0, 1.0, (60000, 3))
+    x[0] = 0.0  # the first value of every channel, 100 standard deviations out
+    axis = 1
+    if layout == "channels-first":
+        x, axis = np.ascontiguousarray(x.T).reshape(3, 200, 300).transpose(1, 0, 2), 1
+    elif layout == "strided":
+        big = np.zeros((60000, 3, 2))
+        big[..., 0] = x
+        x = big[..., 0]
+    channels = np.moveaxis(x, axis, -1).reshape(-1, 3).T
+    exact = [math.fsum((c - math.fsum(c) / c.size) ** 2) / c.size for c in channels]  # two exact sums
+    for threads in (1, 2):
+        bn.set_num_threads(threads)
+        np.testing.assert_allclose(bn.moments(x, axis)[1], exact, rtol=1e-13)

@@ -6,7 +6,9 @@
 //     mean = K + s/M,   M2 = ss - s^2/M,   variance = M2/M.
 // The shift removes the offset that ruins the textbook E[x^2] - E[x]^2 (float32 data with
 // mean/std = 1e4 loses all digits there); what cancels in M2 is at most about the ratio
-// of (K - mean)^2 to the variance, harmless in double. Per-thread partial sums share K,
+// of (K - mean)^2 to the variance, harmless in double for float32 and 16-bit data; a
+// float64 channel whose K is over 4 standard deviations out is summed again around its
+// mean (recentre_moments). Per-thread partial sums share K,
 // so they add; they are merged in thread order, so a result depends only on the data and
 // the thread count, and across thread counts only in double rounding.
 //
@@ -98,6 +100,32 @@ void rescue_moments([[maybe_unused]] const Plan& p, [[maybe_unused]] const T* x,
     mean = std::ldexp(mean, e);
     var = std::ldexp(m2 / M, 2 * e);
     m2 = std::ldexp(m2, 2 * e);
+  }
+}
+
+// A float64 channel whose shift K (its first value) lies far from its mean loses digits in
+// M2 = ss - s^2/M, about (K - mean)^2 / variance times the rounding of the sums (a first
+// value 90 standard deviations out: 1.7e-10 relative). Such a channel (K beyond 4 standard
+// deviations) is summed again by a scalar loop around its mean. Float32 and 16-bit data
+// keep far more digits in these double sums than their statistics store.
+template <class T>
+void recentre_moments([[maybe_unused]] const Plan& p, [[maybe_unused]] const T* x, [[maybe_unused]] index_t c,
+                      [[maybe_unused]] double shift, [[maybe_unused]] double& mean, [[maybe_unused]] double& m2,
+                      [[maybe_unused]] double& var) {
+  if constexpr (std::is_same_v<T, double>) {
+    const double d = shift - mean;
+    if (!(d * d > 16 * var) || !std::isfinite(mean) || !std::isfinite(m2)) return;
+    const T* base = x + p.offset[0] + p.channel_offset(c, 0);
+    const std::size_t dims = p.reduce_dims.size();
+    double s = 0, ss = 0;
+    for (index_t i = 0; i < p.count; ++i) {
+      const double e = base[p.reduce_offset(i, dims, 0)] - mean;
+      s += e;
+      ss += e * e;
+    }
+    const auto M = static_cast<double>(p.count);
+    moments_from_sums(mean, s, ss, M, mean, m2);
+    var = m2 / M;
   }
 }
 

@@ -387,14 +387,17 @@ double stat_count(const Plan& p, const Mask<T>& mask) {
 }
 
 // mean and variance of channel c from its sums (summed into mean, var); without a mask, a
-// float64 channel whose sums overflowed is summed again (rescue_moments).
+// float64 channel whose shift was far from its mean is summed again around it
+// (recentre_moments), and one whose sums overflowed, scaled (rescue_moments).
 template <class T>
 void finish_moments(const Plan& p, const T* x, const Mask<T>& mask, index_t c, double shift, double& mean, double& m2,
                     double& var) {
   const double M = stat_count(p, mask);
   moments_from_sums(shift, mean, m2, M, mean, m2);
   var = m2 / M;
-  if (!mask.w) rescue_moments(p, x, c, mean, m2, var);
+  if (mask.w) return;
+  recentre_moments(p, x, c, shift, mean, m2, var);
+  rescue_moments(p, x, c, mean, m2, var);
 }
 
 // Per-channel sums of x - K over the whole array (streaming; weighted by a mask), then in
