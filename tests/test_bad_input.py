@@ -632,6 +632,8 @@ for cname in ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d"):  # ghost batches
                                 ("bool", True, TypeError)]:  # fmt: skip
         row(f"{cname}/init-vbs-{label}", error, r"virtual_batch_size must be a positive int or None", TORCH[cname], 3,
             virtual_batch_size=value)  # fmt: skip
+row("BatchNorm1d/vbs-with-mask", ValueError, r"virtual_batch_size cannot be combined with a mask",
+    lambda: bn.BatchNorm1d(3, virtual_batch_size=4)(X, mask=np.ones(8, bool)))  # fmt: skip
 row("SyncBatchNorm/init-vbs", ValueError, r"SyncBatchNorm does not support virtual_batch_size", bn.SyncBatchNorm, 3,
     virtual_batch_size=2)  # fmt: skip
 
@@ -662,6 +664,15 @@ for cname, cls in TORCH.items():
         row(f"{cname}/init-{label}", exc, msg, cls, **kwargs)
     for bad, msg in TORCH_BAD_NDIM[cname]:
         row(f"{cname}/call-ndim-{bad.ndim}", ValueError, msg, "__call__", L, bad)
+    reduced = (x.shape[0], *x.shape[2:])  # a mask's shape: x's without the channel axis
+    one = np.zeros(reduced, bool)
+    one.flat[0] = True
+    for label, mask, msg in [
+        ("one", one, r"got 1 selected by the mask"),
+        ("none", np.zeros(reduced, bool), r"got 0 selected by the mask"),
+        ("shape", np.ones((x.shape[0] + 1, *x.shape[2:]), bool), r"mask of shape"),
+    ]:
+        row(f"{cname}/call-mask-selects-{label}", ValueError, msg, "__call__", L, x, mask=mask)
     row(
         f"{cname}/call-channels",
         RuntimeError,
