@@ -65,6 +65,14 @@ inline void moments_from_sums(double shift, double s, double ss, double M, doubl
   if (m2 < 0) m2 = 0;  // rounding only; NaN stays NaN
 }
 
+// Value i (0 <= i < p.count) of channel c of x, in the plan's order: the scalar re-sums below.
+template <class T>
+auto channel_values(const Plan& p, const T* x, index_t c) {
+  const T* base = x + p.offset[0] + p.channel_offset(c, 0);
+  const std::size_t dims = p.reduce_dims.size();
+  return [&p, base, dims](index_t i) { return base[p.reduce_offset(i, dims, 0)]; };
+}
+
 // Float64 data of magnitude near the largest double overflows the shifted sums (x - K, or
 // its square, beyond 1.8e308) and would give mean -inf and M2 = inf - inf = NaN. A channel
 // whose mean or M2 came out non-finite is summed again, by a scalar loop, scaled by a power
@@ -77,9 +85,7 @@ void rescue_moments([[maybe_unused]] const Plan& p, [[maybe_unused]] const T* x,
                     [[maybe_unused]] double& mean, [[maybe_unused]] double& m2, [[maybe_unused]] double& var) {
   if constexpr (std::is_same_v<T, double>) {
     if (std::isfinite(mean) && std::isfinite(m2)) return;
-    const T* base = x + p.offset[0] + p.channel_offset(c, 0);
-    const std::size_t dims = p.reduce_dims.size();
-    auto value = [&](index_t i) { return base[p.reduce_offset(i, dims, 0)]; };
+    const auto value = channel_values(p, x, c);
     double largest = 0;
     for (index_t i = 0; i < p.count; ++i) {
       const double v = std::fabs(value(i));
@@ -115,11 +121,10 @@ void recentre_moments([[maybe_unused]] const Plan& p, [[maybe_unused]] const T* 
   if constexpr (std::is_same_v<T, double>) {
     const double d = shift - mean;
     if (!(d * d > 16 * var) || !std::isfinite(mean) || !std::isfinite(m2)) return;
-    const T* base = x + p.offset[0] + p.channel_offset(c, 0);
-    const std::size_t dims = p.reduce_dims.size();
+    const auto value = channel_values(p, x, c);
     double s = 0, ss = 0;
     for (index_t i = 0; i < p.count; ++i) {
-      const double e = base[p.reduce_offset(i, dims, 0)] - mean;
+      const double e = value(i) - mean;
       s += e;
       ss += e * e;
     }
