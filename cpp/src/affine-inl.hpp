@@ -114,6 +114,7 @@ void affine1_direct(const T* x, T* y, index_t n, const Coefs<compute_t<T>>& k, i
   if constexpr (Periodic) {
     auto loop = [&](auto streamed, index_t end) {
       for (; i + L <= end; i += L) {
+        if (ahead) prefetch(x + i + ahead);
         const V z = affine(load<V>(x + i), load<V>(k.a + c), load<V>(k.m + c), load<V>(k.b + c));
         write<streamed.value>(y + i, Relu ? relu(z) : z);
         c += L;
@@ -173,6 +174,7 @@ void affine2_direct(const T* x, const T* dy, T* dx, index_t n, const Coefs<compu
   if constexpr (Periodic) {
     auto loop = [&](auto streamed, index_t end) {
       for (; i + L <= end; i += L) {
+        if (ahead) prefetch(x + i + ahead), prefetch(dy + i + ahead);
         vec(streamed, Relu ? load<V>(k.a + c) : V{}, load<V>(k.m + c), Relu ? load<V>(k.b + c) : V{}, load<V>(k.k1 + c),
             load<V>(k.k2 + c), load<V>(k.k3 + c));
         c += L;
@@ -291,9 +293,10 @@ inline void affine2_channels(const C* x, const C* dy, C* dx, index_t n, const Co
 
 template <class T>
 void affine1_rows(Strided<const T> x, Strided<T> y, index_t rows, index_t channels, Coefs<compute_t<T>> k, bool relu_on,
-                  bool stream) {
+                  Output out) {
   using C = compute_t<T>;
   if (rows <= 0 || channels <= 0) return;
+  const bool stream = out.stream;
   if constexpr (kDirect<T>) {
     const PeriodicCoefs pc(k, false, channels, y.p, stream);
     const Coefs<float>& kk = pc.k;
@@ -309,7 +312,7 @@ void affine1_rows(Strided<const T> x, Strided<T> y, index_t rows, index_t channe
                                                     channels, kg);
           },
           [&](index_t off, index_t n, index_t c) {
-            affine1_direct<T, r.value, st.value, true>(x.p + off, y.p + off, n, kk, channels, 0, c);
+            affine1_direct<T, r.value, st.value, true>(x.p + off, y.p + off, n, kk, channels, out.ahead, c);
           },
           [&](index_t i) {
             affine1_direct<T, r.value, st.value, true>(x.p + i * x.stride, y.p + i * y.stride, channels, kk, channels);
@@ -334,9 +337,10 @@ void affine1_rows(Strided<const T> x, Strided<T> y, index_t rows, index_t channe
 
 template <class T>
 void affine2_rows(Strided<const T> x, Strided<const T> dy, Strided<T> dx, index_t rows, index_t channels,
-                  Coefs<compute_t<T>> k, bool relu_on, bool stream) {
+                  Coefs<compute_t<T>> k, bool relu_on, Output out) {
   using C = compute_t<T>;
   if (rows <= 0 || channels <= 0) return;
+  const bool stream = out.stream;
   const bool contiguous = x.stride == channels && dy.stride == channels && dx.stride == channels;
   if constexpr (kDirect<T>) {
     const PeriodicCoefs pc(k, true, channels, dx.p, stream);
@@ -352,7 +356,8 @@ void affine2_rows(Strided<const T> x, Strided<const T> dy, Strided<T> dx, index_
                                                     dy.stride, dx.p + i * dx.stride + g, dx.stride, channels, kg);
           },
           [&](index_t off, index_t n, index_t c) {
-            affine2_direct<T, r.value, st.value, true>(x.p + off, dy.p + off, dx.p + off, n, kk, channels, 0, c);
+            affine2_direct<T, r.value, st.value, true>(x.p + off, dy.p + off, dx.p + off, n, kk, channels, out.ahead,
+                                                       c);
           },
           [&](index_t i) {
             affine2_direct<T, r.value, st.value, true>(x.p + i * x.stride, dy.p + i * dy.stride, dx.p + i * dx.stride,

@@ -97,7 +97,7 @@ struct KernelTable {
   void (*reduce1_runs)(const RunArray<const T>& x, const RunShape& shape, Coefs<C> k, double* s, double* ss,
                        index_t ahead);
   void (*affine1_rows)(Strided<const T> x, Strided<T> y, index_t rows, index_t channels, Coefs<C> k, bool relu,
-                       bool stream);
+                       Output out);
   void (*affine1_runs)(const RunArray<const T>& x, const RunArray<T>& y, const RunShape& shape, Coefs<C> k, bool relu,
                        Output out);
   void (*reduce2_rows)(Strided<const T> x, Strided<const T> dy, index_t rows, index_t channels, Coefs<C> k, bool relu,
@@ -105,7 +105,7 @@ struct KernelTable {
   void (*reduce2_runs)(const RunArray<const T>& x, const RunArray<const T>& dy, const RunShape& shape, Coefs<C> k,
                        bool relu, double* s, double* ss, index_t ahead);
   void (*affine2_rows)(Strided<const T> x, Strided<const T> dy, Strided<T> dx, index_t rows, index_t channels,
-                       Coefs<C> k, bool relu, bool stream);
+                       Coefs<C> k, bool relu, Output out);
   void (*affine2_runs)(const RunArray<const T>& x, const RunArray<const T>& dy, const RunArray<T>& dx,
                        const RunShape& shape, Coefs<C> k, bool relu, Output out);
   // Masked statistics (w: the mask's weights).

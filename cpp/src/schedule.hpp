@@ -329,6 +329,15 @@ bool stream_output(const Plan& p) {
          static_cast<std::size_t>(p.reduce_dims.back().size) * sizeof(T) >= kMinStreamRunBytes;
 }
 
+// How far ahead (bytes of x) the elementwise passes in memory order prefetch: a 16-bit pass
+// does twice the work per cache line of x, and the hardware prefetcher alone then leaves
+// its loads waiting on memory (measured: docs/performance.md).
+constexpr std::size_t kAheadBytes = 2048;
+template <class T>
+constexpr index_t ahead_elements() {
+  return static_cast<index_t>(kAheadBytes / sizeof(T));
+}
+
 template <class T>
 const KernelTable<T>& kernels() {
   return active_tables().get<T>();
@@ -501,10 +510,12 @@ void affine1(const Plan& p, const T* x, T* y, const Coefs<compute_t<T>>& k, bool
   map_pass(
       p, sizeof(T),
       [&](const Offsets& off, index_t rows, const Offsets& rs, index_t c0, index_t nc) {
-        kt.affine1_rows(rows_array(x, off, rs, kX), rows_array(y, off, rs, kY), rows, nc, k.from(c0), relu, stream);
+        kt.affine1_rows(rows_array(x, off, rs, kX), rows_array(y, off, rs, kY), rows, nc, k.from(c0), relu,
+                        Output(stream, ahead_elements<T>()));
       },
       [&](const RunGroup& g) {
-        kt.affine1_runs(run_array(x, g, kX), run_array(y, g, kY), run_shape(g), k.from(g.c), relu, stream);
+        kt.affine1_runs(run_array(x, g, kX), run_array(y, g, kY), run_shape(g), k.from(g.c), relu,
+                        Output(stream, ahead_elements<T>()));
       },
       after_sums ? sizeof(T) : 0);
 }
@@ -652,7 +663,7 @@ void affine2(BackwardSetup<T>& b, const T* dy, const T* x, T* dx, const Affine<s
                            rows_array(dx, off, rs, kDx), rows, nc, kv.from(c0), relu, stream);
         else
           kt.affine2_rows(rows_array(x, off, rs, kX), rows_array(dy, off, rs, kDy), rows_array(dx, off, rs, kDx), rows,
-                          nc, kv.from(c0), relu, stream);
+                          nc, kv.from(c0), relu, Output(stream, ahead_elements<T>()));
       },
       [&](const RunGroup& g) {
         if (w)
@@ -660,7 +671,7 @@ void affine2(BackwardSetup<T>& b, const T* dy, const T* x, T* dx, const Affine<s
                            run_shape(g), kv.from(g.c), relu, stream);
         else
           kt.affine2_runs(run_array(x, g, kX), run_array(dy, g, kDy), run_array(dx, g, kDx), run_shape(g), kv.from(g.c),
-                          relu, stream);
+                          relu, Output(stream, ahead_elements<T>()));
       },
       2 * sizeof(T));  // x and dy were just summed, or were by backward_sums
 }
