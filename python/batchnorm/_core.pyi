@@ -82,6 +82,35 @@ def forward(
     inv_std: None = None,
     mask: _Buffer | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]: ...
+def train_forward(
+    x: Any,
+    out: Any,
+    gamma: Any | None,
+    beta: Any | None,
+    epsilon: float,
+    mask: Any | None,
+    running_mean: Any | None,
+    running_var: Any | None,
+    factor: float,
+    counter: Any | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]: ...
+@overload
+def backward(
+    dy: _Buffer,
+    x: _Buffer,
+    out: _Buffer,
+    axes: Sequence[int],
+    mean: _Buffer | None,
+    inv_std: np.ndarray,
+    gamma: _Buffer | None,
+    beta: _Buffer | None,
+    relu: bool,
+    dgamma: None,
+    dbeta: None,
+    fixed_statistics: bool = False,
+    mask: _Buffer | None = None,
+) -> tuple[np.ndarray, np.ndarray]: ...
+@overload
 def backward(
     dy: _Buffer,
     x: _Buffer,

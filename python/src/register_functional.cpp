@@ -530,6 +530,43 @@ void backward_into(const py::object& dy, const py::object& x, const py::object& 
   });
 }
 
+namespace {
+
+// The data of num_batches_tracked, checked: a CPU int64 tensor of one element.
+std::int64_t* counter_data(const py::object& counter) {
+  if (!is_tensor(counter)) throw type_error("num_batches_tracked must be a torch tensor");
+  check_cpu_strided(counter, "num_batches_tracked");
+  if (tensor_attr(counter, "dtype").ptr() != torch_types.int64 ||
+      tensor_attr(counter, "numel", true).cast<index_t>() != 1)
+    throw type_error("num_batches_tracked must be an int64 tensor of one element");
+  return reinterpret_cast<std::int64_t*>(tensor_attr(counter, "data_ptr", true).cast<std::uintptr_t>());
+}
+
+// The layer's rule (layer.hpp), the batch variance unbiased by count / (count - 1) (NaN
+// for a count of 1, as torch). The buffers are checked before either is written.
+void update_running_into(const py::object& running_mean, const py::object& running_var, const py::object& mean,
+                         const py::object& variance, double factor, index_t count) {
+  auto update = [&](auto tag) {
+    using S = decltype(tag);
+    const auto channels = static_cast<index_t>(py::len(mean));
+    Converted conv;  // 16-bit buffers: updated in float, rounded once (as torch's copy back)
+    S* rm = channel_array<S>(running_mean, "running_mean", channels, true, false, &conv);
+    S* rv = channel_array<S>(running_var, "running_var", channels, true, false, &conv);
+    const S* mu = channel_array<S>(mean, "mean", channels, false);
+    const S* var = channel_array<S>(variance, "variance", channels, false);
+    const double unbias = count > 1 ? static_cast<double>(count) / static_cast<double>(count - 1)
+                                    : std::numeric_limits<double>::quiet_NaN();
+    update_running_pytorch(channels, rm, rv, mu, var, factor, unbias);
+    conv.write_back();
+  };
+  if (holds_float64(running_mean))
+    update(double{});
+  else
+    update(float{});
+}
+
+}  // namespace
+
 void register_functional(py::module_& m) {
   m.def(
       "use_torch",
@@ -547,18 +584,8 @@ void register_functional(py::module_& m) {
       py::arg("strided"), py::arg("int64"), "Takes CPU torch tensors wherever the bindings take arrays from now on");
 
   m.def(
-      "count_batch",
-      [](const py::object& counter) {
-        // num_batches_tracked += 1 on the tensor's memory: torch's add_ costs more than the
-        // kernels of a small batch. Eager calls only: traced code uses add_.
-        if (!is_tensor(counter)) throw type_error("count_batch takes a torch tensor");
-        check_cpu_strided(counter, "num_batches_tracked");
-        if (tensor_attr(counter, "dtype").ptr() != torch_types.int64 ||
-            tensor_attr(counter, "numel", true).cast<index_t>() != 1)
-          throw type_error("num_batches_tracked must be an int64 tensor of one element");
-        ++*reinterpret_cast<std::int64_t*>(tensor_attr(counter, "data_ptr", true).cast<std::uintptr_t>());
-      },
-      py::arg("counter"), "Adds one to an int64 counter tensor in place");
+      "count_batch", [](const py::object& counter) { ++*counter_data(counter); }, py::arg("counter"),
+      "Adds one to an int64 counter tensor in place");
 
   m.def("feature_axes", &feature_axes_of, py::arg("axis"), py::arg("ndim"),
         "The feature axes of an array of ndim dimensions, validated, sorted and non-negative");
@@ -616,40 +643,55 @@ void register_functional(py::module_& m) {
       py::arg("count_a").noconvert(), py::arg("mean_a"), py::arg("m2_a"), py::arg("count_b"), py::arg("mean_b"),
       py::arg("m2_b"), "Merges the per-channel partials b into a, in place (Chan et al.)");
 
+  m.def("update_running", &update_running_into, py::arg("running_mean"), py::arg("running_var"), py::arg("mean"),
+        py::arg("variance"), py::arg("factor"), py::arg("count"),
+        "Moves the running statistics toward a batch's, in place, as torch.nn.BatchNorm does");
+
   m.def(
-      "update_running",
-      [](const py::object& running_mean, const py::object& running_var, const py::object& mean,
-         const py::object& variance, double factor, index_t count) {
-        // The layer's rule (layer.hpp), the batch variance unbiased by count / (count - 1)
-        // (NaN for a count of 1, as torch).
-        auto update = [&](auto tag) {
-          using S = decltype(tag);
-          const auto channels = static_cast<index_t>(py::len(mean));
-          Converted conv;  // 16-bit buffers: updated in float, rounded once (as torch's copy back)
-          S* rm = channel_array<S>(running_mean, "running_mean", channels, true, false, &conv);
-          S* rv = channel_array<S>(running_var, "running_var", channels, true, false, &conv);
-          const S* mu = channel_array<S>(mean, "mean", channels, false);
-          const S* var = channel_array<S>(variance, "variance", channels, false);
-          const double unbias = count > 1 ? static_cast<double>(count) / static_cast<double>(count - 1)
-                                          : std::numeric_limits<double>::quiet_NaN();
-          update_running_pytorch(channels, rm, rv, mu, var, factor, unbias);
-          conv.write_back();
-        };
-        if (holds_float64(running_mean))
-          update(double{});
-        else
-          update(float{});
+      "train_forward",
+      [](const py::object& x, const py::object& y, const py::object& gamma, const py::object& beta, double epsilon,
+         const py::object& mask, const py::object& running_mean, const py::object& running_var, double factor,
+         const py::object& counter) {
+        // batchnorm.torch's eager training call in one binding (each binding call costs about
+        // a microsecond, as much as a small batch's kernels): forward over axis 1, then the
+        // running statistics (if given) and num_batches_tracked (if given) move, only after a
+        // pass that succeeded. Returns forward's (mean, variance, inv_std, count), allocated.
+        std::int64_t* tracked = counter.is_none() ? nullptr : counter_data(counter);  // checked before anything moves
+        const py::tuple r =
+            forward_into(x, y, {1}, gamma, beta, epsilon, false, py::none(), py::none(), py::none(), mask);
+        const auto count = r[3].cast<index_t>();
+        if (count && !running_mean.is_none()) update_running_into(running_mean, running_var, r[0], r[1], factor, count);
+        if (tracked) ++*tracked;
+        return r;
       },
-      py::arg("running_mean"), py::arg("running_var"), py::arg("mean"), py::arg("variance"), py::arg("factor"),
-      py::arg("count"), "Moves the running statistics toward a batch's, in place, as torch.nn.BatchNorm does");
+      py::arg("x").noconvert(), py::arg("out").noconvert(), py::arg("gamma"), py::arg("beta"), py::arg("epsilon"),
+      py::arg("mask"), py::arg("running_mean"), py::arg("running_var"), py::arg("factor"), py::arg("counter"));
 
   m.def("forward", &forward_into, py::arg("x").noconvert(), py::arg("out").noconvert(), py::arg("axes"),
         py::arg("gamma"), py::arg("beta"), py::arg("epsilon"), py::arg("relu"), py::arg("mean") = py::none(),
         py::arg("variance") = py::none(), py::arg("inv_std") = py::none(), py::arg("mask") = py::none());
 
-  m.def("backward", &backward_into, py::arg("dy").noconvert(), py::arg("x").noconvert(), py::arg("out").noconvert(),
-        py::arg("axes"), py::arg("mean"), py::arg("inv_std"), py::arg("gamma"), py::arg("beta"), py::arg("relu"),
-        py::arg("dgamma"), py::arg("dbeta"), py::arg("fixed_statistics") = false, py::arg("mask") = py::none());
+  m.def(
+      "backward",
+      [](const py::object& dy, const py::object& x, const py::object& dx, const std::vector<int>& axes,
+         const py::object& mean, const py::object& inv_std, const py::object& gamma, const py::object& beta, bool relu,
+         const py::object& dgamma, const py::object& dbeta, bool fixed_statistics,
+         const py::object& mask) -> py::object {
+        if (!dgamma.is_none() || !dbeta.is_none()) {
+          backward_into(dy, x, dx, axes, mean, inv_std, gamma, beta, relu, dgamma, dbeta, fixed_statistics, mask);
+          return py::none();
+        }
+        // Both None: allocated like inv_std (the statistics dtype, one per channel) and returned.
+        if (!py::isinstance<py::array>(inv_std))
+          throw type_error("dgamma and dbeta may be None only with an array inv_std");
+        const auto inv = py::reinterpret_borrow<py::array>(inv_std);
+        const py::array dg(inv.dtype(), inv.size()), db(inv.dtype(), inv.size());
+        backward_into(dy, x, dx, axes, mean, inv_std, gamma, beta, relu, dg, db, fixed_statistics, mask);
+        return py::make_tuple(dg, db);
+      },
+      py::arg("dy").noconvert(), py::arg("x").noconvert(), py::arg("out").noconvert(), py::arg("axes"), py::arg("mean"),
+      py::arg("inv_std"), py::arg("gamma"), py::arg("beta"), py::arg("relu"), py::arg("dgamma"), py::arg("dbeta"),
+      py::arg("fixed_statistics") = false, py::arg("mask") = py::none());
 
   m.def(
       "backward_sums",

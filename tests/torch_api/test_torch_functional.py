@@ -92,6 +92,25 @@ def test_empty_batch_gives_an_empty_output_and_keeps_the_running_statistics():
     assert torch.equal(rv, before[1])
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_strided_parameters_and_running_statistics(training):
+    """Per-channel tensors that are views with a stride: read, and in training updated in
+    place (through a copy, written back), as torch's."""
+    x = make((4, 5, 7), torch.float32, seed=11, layout="contiguous")
+
+    def strided():
+        return [torch.stack([t, t]).t().reshape(-1)[::2] for t in channel_tensors(5, torch.float32, seed=12)]
+
+    theirs, ours = strided(), strided()
+    assert not ours[2].is_contiguous()
+    y0 = F.batch_norm(x, theirs[2], theirs[3], theirs[0], theirs[1], training, 0.3, 1e-5)
+    y1 = bnt.batch_norm(x, ours[2], ours[3], ours[0], ours[1], training, 0.3, 1e-5)
+    close(y1, y0)
+    for a, b in zip(ours[2:], theirs[2:], strict=True):
+        assert a.stride() == (2,)
+        close(a, b)
+
+
 def test_large_mean_is_stable():
     """Data of mean 1e4 and std 1e-2 in float32: torch's CPU kernel is stable too."""
     g = torch.Generator().manual_seed(11)

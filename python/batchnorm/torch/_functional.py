@@ -65,6 +65,7 @@ class _BatchNorm(torch.autograd.Function):
         eps: float,
         chunk: int | None,
         mask: torch.Tensor | None,
+        counter: torch.Tensor | None,
     ) -> torch.Tensor:
         if chunk is not None:  # ghost batches: momentum holds the factor of each chunk
             y, mean, inv_std = _kernels.ghost_train_forward(
@@ -72,16 +73,15 @@ class _BatchNorm(torch.autograd.Function):
             )
         elif training:
             y, mean, inv_std = _kernels.train_forward(
-                x, weight, bias, running_mean, running_var, momentum, eps, mask, numpy=True
+                x, weight, bias, running_mean, running_var, momentum, eps, mask, counter
             )
         else:
             assert running_mean is not None
             assert running_var is not None
             y, mean, inv_std = _kernels.infer_forward(x, weight, bias, running_mean, running_var, eps, numpy=True)
-        ctx.fixed = not training
-        ctx.chunk = chunk
-        ctx.mask = mask  # converted (x's dtype, broadcast): no gradient flows to it
-        ctx.stats = mean, inv_std  # NumPy (or the running mean): not tensors autograd must guard
+        # mean and inv_std: NumPy (or the running mean), not tensors autograd must guard; the
+        # mask converted (x's dtype, broadcast), no gradient flows to it. One attribute: each costs.
+        ctx.state = mean, inv_std, not training, chunk, mask
         ctx.save_for_backward(x, weight)
         return y
 
@@ -90,13 +90,13 @@ class _BatchNorm(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: the kernels' gradient is not differentiable
             raise RuntimeError(_ops.SECOND_ORDER)
         x, weight = ctx.saved_tensors
-        mean, inv_std = ctx.stats
-        if ctx.chunk is not None:
-            dx, dweight, dbias = _kernels.ghost_backward(dy, x, mean, inv_std, weight, ctx.chunk)
+        mean, inv_std, fixed, chunk, mask = ctx.state
+        if chunk is not None:
+            dx, dweight, dbias = _kernels.ghost_backward(dy, x, mean, inv_std, weight, chunk)
         else:
-            dx, dweight, dbias = _kernels.backward(dy, x, mean, inv_std, weight, ctx.fixed, ctx.mask)
+            dx, dweight, dbias = _kernels.backward(dy, x, mean, inv_std, weight, fixed, mask)
         need = ctx.needs_input_grad
-        return (dx if need[0] else None, *_kernels.param_grads(need, dweight, dbias, weight), *[None] * 7)
+        return (dx if need[0] else None, *_kernels.param_grads(need, dweight, dbias, weight), *[None] * 8)
 
 
 # autograd's C entry point, without Function.apply's Python wrapper, whose only extra work
@@ -167,7 +167,10 @@ def _batch_norm(  # noqa: PLR0917 - batch_norm's order
     eps: float,
     chunk: int | None,
     mask: Any = None,
+    counter: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """batch_norm; ghost batches of `chunk` samples (not None); ``counter``
+    (num_batches_tracked, if given) advances by one after a pass that succeeded."""
     checked = input if chunk is None else _ghost.smallest(input, chunk)  # torch's checks judge one chunk
     if mask is not None and not training:  # running statistics: the mask changes nothing
         mask = None
@@ -175,40 +178,31 @@ def _batch_norm(  # noqa: PLR0917 - batch_norm's order
         _verify(checked, running_mean, running_var, weight, bias, training, eps)
         if mask is not None and not isinstance(mask, torch.Tensor):
             mask = torch.as_tensor(mask)
-        return _ops.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, chunk, mask)
+        y = _ops.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, chunk, mask)
+        if counter is not None:
+            counter.add_(1)
+        return y
     _verify(checked, running_mean, running_var, weight, bias, training, eps, tensors=False)
+    x = input
     try:
-        return _eager(input, running_mean, running_var, weight, bias, training, momentum, eps, chunk, mask)
+        m = _kernels.mask_for(x, mask)
+        if torch.is_grad_enabled() and _any_requires_grad(x, weight, bias):  # one autograd node
+            node: torch.Tensor = _apply(  # type: ignore[no-untyped-call]
+                x, weight, bias, running_mean, running_var, training, momentum, eps, chunk, m, counter
+            )
+            return node
+        if chunk is not None:
+            return _kernels.ghost_train_forward(
+                x, weight, bias, running_mean, running_var, momentum, eps, chunk, numpy=True
+            )[0]
+        if training:
+            return _kernels.train_forward(x, weight, bias, running_mean, running_var, momentum, eps, m, counter)[0]
+        assert running_mean is not None
+        assert running_var is not None
+        return _kernels.normalize(x, weight, bias, running_mean, running_var, eps)[0]
     except (TypeError, ValueError, RuntimeError):
         try:  # torch's words, if torch refuses the call too
             _verify(checked, running_mean, running_var, weight, bias, training, eps)
         except (ValueError, RuntimeError) as refused:
             raise refused from None
         raise
-
-
-def _eager(  # noqa: PLR0917 - torch.nn.functional.batch_norm's positional signature
-    x: torch.Tensor,
-    running_mean: torch.Tensor | None,
-    running_var: torch.Tensor | None,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    training: bool,
-    momentum: Any,
-    eps: float,
-    chunk: int | None,
-    mask: Any = None,
-) -> torch.Tensor:
-    m = _kernels.mask_for(x, mask)
-    if not (torch.is_grad_enabled() and _any_requires_grad(x, weight, bias)):  # no autograd node to make
-        if chunk is not None:
-            return _kernels.ghost_train_forward(
-                x, weight, bias, running_mean, running_var, momentum, eps, chunk, numpy=True
-            )[0]
-        if training:
-            return _kernels.train_forward(x, weight, bias, running_mean, running_var, momentum, eps, m, numpy=True)[0]
-        assert running_mean is not None
-        assert running_var is not None
-        return _kernels.normalize(x, weight, bias, running_mean, running_var, eps)[0]
-    y: torch.Tensor = _apply(x, weight, bias, running_mean, running_var, training, momentum, eps, chunk, m)  # type: ignore[no-untyped-call]
-    return y

@@ -112,42 +112,22 @@ def batch_forward(
     bias: torch.Tensor | None,
     eps: float,
     mask: torch.Tensor | None = None,
-    *,
-    numpy: bool = False,
-) -> tuple[torch.Tensor, Stat, Stat, Stat]:
-    """y normalized with the batch's statistics; the batch mean, inv_std and (biased) variance,
-    as tensors, or with ``numpy`` as NumPy arrays (see ``Stat``). With a mask (as
-    ``mask_for`` takes it) the statistics are those of the positions it selects."""
-    y, mean, inv_std, var, _ = counted_forward(x, weight, bias, eps, mask_for(x, mask), numpy=numpy)
-    return y, mean, inv_std, var
-
-
-def counted_forward(
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    eps: float,
-    mask: torch.Tensor | None,
-    *,
-    numpy: bool = False,
-) -> tuple[torch.Tensor, Stat, Stat, Stat, int]:
-    """batch_forward with a mask already converted (``mask_for``), and the count the
-    statistics came from (the masked count with a mask)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y normalized with the batch's statistics; the batch mean, inv_std and (biased)
+    variance. With a mask (as ``mask_for`` takes it) the statistics are those of the
+    positions it selects."""
+    m = mask_for(x, mask)
     follow_torch_threads()
     sdt = stat_dtype(x)
     c = x.shape[1]
     y = empty_output(x)
-    w, b = channels(weight, sdt), channels(bias, sdt)
     if x.numel() == 0:  # torch: an empty output, statistics (0, 1)
-        return y, torch.zeros(c, dtype=sdt), torch.ones(c, dtype=sdt), torch.zeros(c, dtype=sdt), 0
-    if mask is not None:  # torch's rule for the selected positions, before anything is computed
-        check_masked_count(int(torch.count_nonzero(mask)), tuple(x.shape))
-    if numpy:  # the core allocates them
-        m, v, inv, count = _core.forward(x, y, AXES, w, b, eps, False, mask=mask)
-        return y, m, inv, v, count
+        return y, torch.zeros(c, dtype=sdt), torch.ones(c, dtype=sdt), torch.zeros(c, dtype=sdt)
+    if m is not None:  # torch's rule for the selected positions, before anything is computed
+        check_masked_count(int(torch.count_nonzero(m)), tuple(x.shape))
     mean, inv_std, var = torch.empty(c, dtype=sdt), torch.empty(c, dtype=sdt), torch.empty(c, dtype=sdt)
-    count = _core.forward(x, y, AXES, w, b, eps, False, mean, var, inv_std, mask=mask)
-    return y, mean, inv_std, var, count
+    _core.forward(x, y, AXES, channels(weight, sdt), channels(bias, sdt), eps, False, mean, var, inv_std, m)
+    return y, mean, inv_std, var
 
 
 def train_forward(  # noqa: PLR0917 - the order of torch's batch_norm arguments
@@ -159,14 +139,32 @@ def train_forward(  # noqa: PLR0917 - the order of torch's batch_norm arguments
     momentum: float,
     eps: float,
     mask: torch.Tensor | None = None,
-    *,
-    numpy: bool = False,
+    counter: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Stat, Stat]:
-    """y, batch mean, batch inv_std; the running statistics (if given) move toward the batch's
-    (with a mask converted by ``mask_for``: the masked statistics, unbiased by the masked count)."""
-    y, mean, inv_std, var, count = counted_forward(x, weight, bias, eps, mask, numpy=numpy)
-    if count and running_mean is not None and running_var is not None:  # torch skips an empty batch
+    """The eager training call: y, and the batch mean and inv_std as NumPy arrays (the core
+    allocates them). After a pass that succeeded, the running statistics (if given) move
+    toward the batch's (with a mask converted by ``mask_for``: the masked statistics,
+    unbiased by the masked count) and ``counter`` (num_batches_tracked, if given) advances."""
+    follow_torch_threads()
+    sdt = stat_dtype(x)
+    y = empty_output(x)
+    if x.numel() == 0:  # torch: an empty output, statistics (0, 1), the running ones untouched
+        if counter is not None:
+            _core.count_batch(counter)
+        c = x.shape[1]
+        return y, torch.zeros(c, dtype=sdt), torch.ones(c, dtype=sdt)
+    if mask is not None:  # torch's rule for the selected positions, before anything is computed
+        check_masked_count(int(torch.count_nonzero(mask)), tuple(x.shape))
+    w, b = channels(weight, sdt), channels(bias, sdt)
+    if running_mean is None or running_var is None or (takes(running_mean, sdt) and takes(running_var, sdt)):
+        mean, _, inv_std, _ = _core.train_forward(x, y, w, b, eps, mask, running_mean, running_var, momentum, counter)
+        return y, mean, inv_std
+    # buffers of another dtype, or strided: update_running's copy
+    mean, var, inv_std, count = _core.train_forward(x, y, w, b, eps, mask, None, None, 0.0, None)
+    if count:
         update_running(running_mean, running_var, mean, var, momentum, count)
+    if counter is not None:
+        _core.count_batch(counter)
     return y, mean, inv_std
 
 
@@ -330,20 +328,22 @@ def backward(  # noqa: PLR0917 - the order of torch's batch_norm arguments
     """dx, dweight, dbias (statistics dtype) of a pass that used mean and inv_std (with a
     mask converted by ``mask_for``: the pass's masked statistics)."""
     follow_torch_threads()
-    sdt = stat_dtype(x)
-    c = x.shape[1]
     dx = empty_output(x)
+    sdt = stat_dtype(x)
     if x.numel() == 0:
-        return dx, torch.zeros(c, dtype=sdt), torch.zeros(c, dtype=sdt)
+        return dx, torch.zeros(x.shape[1], dtype=sdt), torch.zeros(x.shape[1], dtype=sdt)
     if dy.dtype != x.dtype:
         dy = dy.to(x.dtype)
-    if weight is not None and weight.dtype in _HALF and sdt == torch.float32:  # rounded to it by the core
-        grads = torch.empty(c, dtype=weight.dtype), torch.empty(c, dtype=weight.dtype)
-    else:  # NumPy arrays the core fills (every channel), handed to torch without a copy
-        grads = torch.from_numpy(np.empty(c, _NUMPY[sdt])), torch.from_numpy(np.empty(c, _NUMPY[sdt]))
-    _core.backward(
-        dy, x, dx, AXES, mean, inv_std, channels(weight, sdt), None, False, *grads, fixed_statistics, mask=mask
-    )
+    gamma = channels(weight, sdt)
+    half = weight is not None and weight.dtype in _HALF and sdt == torch.float32  # rounded to it by the core
+    if isinstance(inv_std, np.ndarray) and not half:  # the eager path: NumPy arrays the core allocates
+        dweight, dbias = _core.backward(
+            dy, x, dx, AXES, mean, inv_std, gamma, None, False, None, None, fixed_statistics, mask
+        )
+        return dx, torch.from_numpy(dweight), torch.from_numpy(dbias)
+    dtype = weight.dtype if half else sdt  # type: ignore[union-attr]
+    grads = torch.empty(x.shape[1], dtype=dtype), torch.empty(x.shape[1], dtype=dtype)
+    _core.backward(dy, x, dx, AXES, mean, inv_std, gamma, None, False, *grads, fixed_statistics, mask)
     return dx, *grads
 
 

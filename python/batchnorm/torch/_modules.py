@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from .. import _core, _ghost
-from ._functional import _tracing, batch_norm, ghost_batch_norm
+from ._functional import _batch_norm, _tracing, ghost_batch_norm
 
 
 class _Forward:
@@ -40,7 +40,7 @@ class _Forward:
                 return self._ghost_forward(input, chunk, counter, tracking)
         factor = self._factor(counter, tracking)
         use_running = not training or self.track_running_stats
-        y = batch_norm(
+        return _batch_norm(
             input,
             running_mean if use_running else None,
             running_var if use_running else None,
@@ -49,11 +49,10 @@ class _Forward:
             training or (running_mean is None and running_var is None),
             factor,
             self.eps,
-            mask=mask,
+            None,
+            mask,
+            counter if tracking else None,
         )
-        if tracking:
-            _count_batch(counter, input)
-        return y
 
     def _ghost_forward(
         self, input: torch.Tensor, chunk: int, counter: torch.Tensor | None, tracking: bool
