@@ -18,14 +18,8 @@ def _verify(  # noqa: PLR0917 - torch.nn.functional.batch_norm's arguments
     bias: torch.Tensor | None,
     training: bool,
     eps: float,
-    *,
-    tensors: bool = True,
 ) -> None:
-    """torch's checks, in torch's order and words (a failed call then changes nothing).
-
-    ``tensors=False`` leaves out the per-tensor device and size checks, which the core
-    makes too before it writes anything: the eager path runs them only to word an error
-    the core raised (they cost as much as a small batch's kernels)."""
+    """torch's checks, in torch's order and words (a failed call then changes nothing)."""
     if not x.is_cpu:
         raise ValueError(f"batchnorm.torch runs on CPU tensors; input is on {x.device}")
     if training and _kernels.values_per_channel(x) == 1:
@@ -38,8 +32,6 @@ def _verify(  # noqa: PLR0917 - torch.nn.functional.batch_norm's arguments
         raise ValueError("running_mean and running_var must either both be None or neither be None")
     if not training and running_mean is None:
         raise RuntimeError("running_mean must be defined in evaluation mode")
-    if not tensors:
-        return
     c = x.shape[1]
     for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
         if t is not None:
@@ -182,7 +174,13 @@ def _batch_norm(  # noqa: PLR0917 - batch_norm's order
         if counter is not None:
             counter.add_(1)
         return y
-    _verify(checked, running_mean, running_var, weight, bias, training, eps, tensors=False)
+    # The eager path runs _verify only where torch may refuse the call for a reason the core
+    # does not check (a cheap test first: it costs as much as a small batch's kernels); the
+    # core checks devices and sizes before it writes anything, and _verify words its errors.
+    if (eps <= 0.0 or checked.numel() == checked.shape[1] if training else eps < 0.0 or running_mean is None) or (
+        running_mean is None
+    ) != (running_var is None):
+        _verify(checked, running_mean, running_var, weight, bias, training, eps)
     x = input
     try:
         m = _kernels.mask_for(x, mask)
