@@ -176,6 +176,10 @@ def test_bad_masks(impl):
     for mask, error, words in bad:
         with pytest.raises(error, match=words):
             m(conv(x), mask=conv(mask))
+        m.eval()  # where the mask changes nothing, a bad one is refused all the same
+        with pytest.raises(error, match=words):
+            m(conv(x), mask=conv(mask))
+        m.train()
     with pytest.raises(ValueError, match="virtual_batch_size cannot be combined with a mask"):
         ghost(conv(x), mask=conv(torch.ones(4, 5, dtype=torch.bool)))
     assert int(m.num_batches_tracked) == 0

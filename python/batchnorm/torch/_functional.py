@@ -127,7 +127,7 @@ def batch_norm(  # noqa: PLR0917 - torch.nn.functional.batch_norm's positional s
     (e.g. (N, L) for (N, C, L)), or broadcastable to it. In training the statistics come
     from the positions where it is true and every position is normalized with them; the
     running statistics take the masked mean and the variance unbiased with the masked
-    count. With ``training=False`` it is not used.
+    count. With ``training=False`` it is not used (an eager call still checks it).
     """
     return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, None, mask)
 
@@ -164,9 +164,12 @@ def _batch_norm(  # noqa: PLR0917 - batch_norm's order
     """batch_norm; ghost batches of `chunk` samples (not None); ``counter``
     (num_batches_tracked, if given) advances by one after a pass that succeeded."""
     checked = input if chunk is None else _ghost.smallest(input, chunk)  # torch's checks judge one chunk
+    tracing = _tracing(input)
     if mask is not None and not training:  # running statistics: the mask changes nothing
+        if not tracing:  # but a bad one is refused all the same, as the NumPy layers do
+            _kernels.mask_for(input, mask)
         mask = None
-    if _tracing(input):
+    if tracing:
         _verify(checked, running_mean, running_var, weight, bias, training, eps)
         if mask is not None and not isinstance(mask, torch.Tensor):
             mask = torch.as_tensor(mask)
