@@ -100,3 +100,24 @@ def test_epsilon_error_prints_the_value_as_python_does(epsilon: float) -> None:
         _core.normalize(
             x, np.empty_like(x), [1], np.zeros(3, np.float32), np.ones(3, np.float32), None, None, epsilon, False
         )
+
+
+@pytest.mark.parametrize("sdt", [np.float32, np.float64], ids=str)
+def test_parameter_gradients_are_backwards(rng: np.random.Generator, sdt: Any) -> None:
+    """The synchronized layers' own dgamma and dbeta: backward's, from backward_sums' sums."""
+    x = (3 + 2 * rng.standard_normal((6, 4, 5))).astype(sdt)
+    dy = rng.standard_normal(x.shape).astype(sdt)
+    mean, _, inv, _ = _core.forward(x, np.empty_like(x), [1], None, None, EPS, False)
+    want = np.empty(4, sdt), np.empty(4, sdt)
+    _core.backward(dy, x, np.empty_like(x), [1], mean, inv, None, None, False, *want)
+    sums = np.empty(4), np.empty(4)
+    _core.backward_sums(dy, x, [1], mean, inv, None, None, False, *sums)
+    got = np.empty(4, sdt), np.empty(4, sdt)
+    _core.parameter_gradients(inv, *sums, *got)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g, w)
+    # inv_std 0 (a variance beyond the range): dgamma 0, whatever the sum of products holds
+    dgamma, dbeta = np.empty(2, sdt), np.empty(2, sdt)
+    _core.parameter_gradients(np.zeros(2, sdt), np.array([2.0, -3.0]), np.array([np.inf, np.nan]), dgamma, dbeta)
+    np.testing.assert_array_equal(dgamma, [0, 0])
+    np.testing.assert_array_equal(dbeta, [2, -3])

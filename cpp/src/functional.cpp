@@ -218,6 +218,20 @@ void backward_sums(const Geometry& g, In<T> dy, In<T> x, const stat_t<T>* mean, 
   reduce2(b, dy.data, x.data, sum_dy, sum_dy_xc);
 }
 
+template <class S>
+void parameter_gradients(index_t channels, const S* inv_std, const double* sum_dy, const double* sum_dy_xc, S* dgamma,
+                         S* dbeta) {
+  if (channels < 0) throw value_error("channels must be >= 0");
+  for (const void* ptr :
+       {static_cast<const void*>(inv_std), static_cast<const void*>(sum_dy), static_cast<const void*>(sum_dy_xc),
+        static_cast<const void*>(dgamma), static_cast<const void*>(dbeta)})
+    check_not_null(ptr, "parameter_gradients' arrays");
+  for (index_t c = 0; c < channels; ++c) {
+    dbeta[c] = static_cast<S>(sum_dy[c]);
+    dgamma[c] = static_cast<S>(dgamma_of(static_cast<double>(inv_std[c]), sum_dy[c], sum_dy_xc[c]));
+  }
+}
+
 template <class T>
 void backward_apply(const Geometry& g, In<T> dy, In<T> x, Out<T> dx, const stat_t<T>* mean, const stat_t<T>* inv_std,
                     Affine<stat_t<T>> affine, Activation activation, const double* sum_dy, const double* sum_dy_xc,
@@ -271,10 +285,7 @@ void backward(const Geometry& g, In<T> dy, In<T> x, Out<T> dx, const stat_t<T>* 
   }
   std::vector<double> sum_dy(static_cast<std::size_t>(ch)), sum_dy_xc(sum_dy.size());
   reduce2(b, dy.data, x.data, sum_dy.data(), sum_dy_xc.data());
-  for (std::size_t c = 0; c < sum_dy.size(); ++c) {
-    dbeta[c] = static_cast<stat_t<T>>(sum_dy[c]);
-    dgamma[c] = static_cast<stat_t<T>>(dgamma_of(b.inv[c], sum_dy[c], sum_dy_xc[c]));
-  }
+  parameter_gradients(ch, inv_std, sum_dy.data(), sum_dy_xc.data(), dgamma, dbeta);
   affine2(b, dy.data, x.data, dx.data, affine, sum_dy.data(), sum_dy_xc.data(), stat_count(b.plan, b.mask), statistics);
 }
 
@@ -297,5 +308,7 @@ BATCHNORM_INSTANTIATE(float)
 BATCHNORM_INSTANTIATE(double)
 BATCHNORM_INSTANTIATE(float16_t)
 BATCHNORM_INSTANTIATE(bfloat16_t)
+template void parameter_gradients<float>(index_t, const float*, const double*, const double*, float*, float*);
+template void parameter_gradients<double>(index_t, const double*, const double*, const double*, double*, double*);
 
 }  // namespace batchnorm

@@ -579,6 +579,45 @@ TYPED_TEST(Functional, PartialMomentsMerge) {
   EXPECT_TRUE(bntest::all_close(m0, ma, 1e-15, 0));
 }
 
+TYPED_TEST(Functional, BackwardSumsAndParameterGradientsAreBackward) {
+  using T = TypeParam;
+  using S = stat_t<T>;
+  // backward_sums, parameter_gradients and backward_apply give backward's outputs bit for bit.
+  const Case c{"nchw", {3, 4, 5}, {1}, {}, {}};
+  const std::vector<T> x = this->make_x(c).values();
+  const Geometry g{c.shape, c.axes};
+  std::vector<S> mean(4), var(4), inv(4), gamma{S(0.5), S(1), S(2), S(-1)}, beta{S(0), S(1), S(-1), S(2)};
+  std::vector<T> y(x.size()), dy(x.size());
+  std::normal_distribution<double> normal;
+  for (auto& v : dy) v = from_d<T>(normal(this->rng));
+  bn::forward<T>(g, {x.data()}, {y.data()}, {gamma.data(), beta.data()}, 1e-3, Activation::relu, mean.data(),
+                 var.data(), inv.data());
+  const Affine<S> affine{gamma.data(), beta.data()};
+  std::vector<T> dx(x.size()), dx2(x.size());
+  std::vector<S> dgamma(4), dbeta(4), dgamma2(4), dbeta2(4);
+  bn::backward<T>(g, {dy.data()}, {x.data()}, {dx.data()}, mean.data(), inv.data(), affine, Activation::relu,
+                  dgamma.data(), dbeta.data());
+  std::vector<double> s(4), sx(4);
+  bn::backward_sums<T>(g, {dy.data()}, {x.data()}, mean.data(), inv.data(), affine, Activation::relu, s.data(),
+                       sx.data());
+  bn::parameter_gradients<S>(4, inv.data(), s.data(), sx.data(), dgamma2.data(), dbeta2.data());
+  bn::backward_apply<T>(g, {dy.data()}, {x.data()}, {dx2.data()}, mean.data(), inv.data(), affine, Activation::relu,
+                        s.data(), sx.data(), 15.0);
+  EXPECT_EQ(dgamma2, dgamma);
+  EXPECT_EQ(dbeta2, dbeta);
+  for (std::size_t i = 0; i < dx.size(); ++i) EXPECT_EQ(bntest::bits_of(dx2[i]), bntest::bits_of(dx[i])) << i;
+  // inv_std 0 (a variance beyond the range): dgamma 0 whatever the sum of products holds.
+  const std::vector<S> zero(2, S(0));
+  const std::vector<double> sums{2.0, -3.0},
+      products{std::numeric_limits<double>::infinity(), std::numeric_limits<double>::quiet_NaN()};
+  std::vector<S> dg(2), db(2);
+  bn::parameter_gradients<S>(2, zero.data(), sums.data(), products.data(), dg.data(), db.data());
+  EXPECT_EQ(dg, zero);
+  EXPECT_EQ(db, (std::vector<S>{S(2), S(-3)}));
+  EXPECT_THROW(bn::parameter_gradients<S>(2, nullptr, sums.data(), products.data(), dg.data(), db.data()),
+               bn::value_error);
+}
+
 TYPED_TEST(Functional, NormalizeReturnsInvStd) {
   using T = TypeParam;
   using S = stat_t<T>;

@@ -126,6 +126,9 @@ def backward(
     fixed_statistics: bool = False,
     mask: _Buffer | None = None,
 ) -> None: ...
+def parameter_gradients(
+    inv_std: _Buffer, sum_dy: _Buffer, sum_dy_xc: _Buffer, dgamma: _Buffer, dbeta: _Buffer
+) -> None: ...
 def backward_sums(
     dy: _Buffer,
     x: _Buffer,

@@ -713,6 +713,27 @@ void register_functional(py::module_& m) {
       py::arg("gamma"), py::arg("beta"), py::arg("relu"), py::arg("sum_dy"), py::arg("sum_dy_xc"));
 
   m.def(
+      "parameter_gradients",
+      [](const py::object& inv_std, const py::object& sum_dy, const py::object& sum_dy_xc, const py::object& dgamma,
+         const py::object& dbeta) {
+        const auto channels = static_cast<index_t>(py::len(sum_dy));
+        const double* s = channel_array<double>(sum_dy, "sum_dy", channels, false);
+        const double* sx = channel_array<double>(sum_dy_xc, "sum_dy_xc", channels, false);
+        auto fill = [&](auto tag) {
+          using S = decltype(tag);
+          parameter_gradients<S>(channels, channel_array<S>(inv_std, "inv_std", channels, false), s, sx,
+                                 channel_array<S>(dgamma, "dgamma", channels, true),
+                                 channel_array<S>(dbeta, "dbeta", channels, true));
+        };
+        if (holds_float64(inv_std))
+          fill(double{});
+        else
+          fill(float{});
+      },
+      py::arg("inv_std"), py::arg("sum_dy"), py::arg("sum_dy_xc"), py::arg("dgamma"), py::arg("dbeta"),
+      "dgamma and dbeta from backward_sums' sums, as backward computes and rounds them");
+
+  m.def(
       "backward_apply",
       [](const py::object& dy, const py::object& x, const py::object& dx, const std::vector<int>& axes,
          const py::object& mean, const py::object& inv_std, const py::object& gamma, const py::object& beta, bool relu,

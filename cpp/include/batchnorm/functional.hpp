@@ -132,10 +132,19 @@ BATCHNORM_API void backward(const Geometry& g, In<T> dy, In<T> x, Out<T> dx, con
 /// The two halves of backward, for callers that combine the sums of several arrays
 /// (synchronized batch norm across processes) before applying them.
 /// backward_sums writes per channel sum_dy = sum(dy') and sum_dy_xc = sum(dy' * (x - mean)),
-/// in double (then dgamma = sum_dy_xc * inv_std, dbeta = sum_dy).
+/// in double (parameter_gradients turns them into dgamma and dbeta).
 template <class T>
 BATCHNORM_API void backward_sums(const Geometry& g, In<T> dy, In<T> x, const stat_t<T>* mean, const stat_t<T>* inv_std,
                                  Affine<stat_t<T>> affine, Activation activation, double* sum_dy, double* sum_dy_xc);
+
+/// dgamma and dbeta from backward_sums' sums, computed and rounded as backward computes them
+/// (for a synchronized layer, each process's own, from its sums before they are combined):
+/// dbeta = sum_dy; dgamma = inv_std * sum_dy_xc, or 0 * sum_dy where inv_std is 0 (a
+/// variance beyond the range: every x_hat is 0, whatever sum_dy_xc holds). S is stat_t of
+/// the data (float or double).
+template <class S>
+BATCHNORM_API void parameter_gradients(index_t channels, const S* inv_std, const double* sum_dy,
+                                       const double* sum_dy_xc, S* dgamma, S* dbeta);
 
 /// backward_apply writes dx from (possibly combined) sums over `count` values per channel
 /// (with a mask, the statistics' count: the sum W of the mask's weights over all arrays).

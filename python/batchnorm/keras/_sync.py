@@ -183,6 +183,13 @@ class SyncBatchNormalization(BatchNormalization):
             raise
         total_dy, total_dy_xc = _mpi.allreduce_sum(comm, sum_dy, sum_dy_xc)
         inv64 = last.inv_std.astype(np.float64).reshape(-1)
+
+        def gradients(s: np.ndarray, sx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            """(dgamma, dbeta) from a pair of sums, by backward's rule, in float64."""
+            dgamma, dbeta = np.empty(c), np.empty(c)
+            _core.parameter_gradients(inv64, s, sx, dgamma, dbeta)
+            return dgamma, dbeta
+
         # The kernels take a mask whose weights are the same for every channel, here and (the
         # weight sums tell) on every peer.
         wsum = np.zeros(1) if last.wsum is None else last.wsum.reshape(-1)
@@ -196,8 +203,8 @@ class SyncBatchNormalization(BatchNormalization):
                     total_dy, total_dy_xc, count, mask=last.mask,
                 )  # fmt: skip
         else:
-            dx = _step.masked_dx(last, dy, total_dy, total_dy_xc * inv64)
-        return dx, sum_dy_xc * inv64, sum_dy
+            dx = _step.masked_dx(last, dy, total_dy, gradients(total_dy, total_dy_xc)[0])
+        return dx, *gradients(sum_dy, sum_dy_xc)
 
     def __repr__(self) -> str:
         return "Sync" + super().__repr__()

@@ -163,11 +163,8 @@ class SyncBatchNorm(_BatchNorm):
         except Exception:
             _mpi.allreduce_sum_failed(comm, 2 * c)
             raise
-        # This process's gradients, as the core's backward would round them.
-        # (inv_std 0, a variance beyond the double range: every x_hat is 0, as in the core.)
-        inv = saved.inv_std.astype(np.float64)
-        dgamma = np.where(inv == 0, 0 * sum_dy, sum_dy_xc * inv).astype(sdt)
-        dbeta = sum_dy.astype(sdt)
+        dgamma, dbeta = np.empty(c, sdt), np.empty(c, sdt)  # this process's, as backward rounds them
+        _core.parameter_gradients(saved.inv_std, sum_dy, sum_dy_xc, dgamma, dbeta)
         total_dy, total_dy_xc = _mpi.allreduce_sum(comm, sum_dy, sum_dy_xc)
         if saved.count:
             _core.backward_apply(

@@ -146,11 +146,8 @@ class _SyncFunction(torch.autograd.Function):
         except Exception:
             _sum_over_ranks(ctx.group, sum_dy, sum_dy_xc, failed=True)
             raise
-        # This rank's gradients, rounded as the core's backward rounds them.
-        # (inv_std 0, a variance beyond the double range: every x_hat is 0, as in the core.)
-        inv = inv_std.double()
-        dweight = torch.where(inv == 0, 0 * sum_dy, sum_dy_xc * inv).to(mean.dtype)
-        dbias = sum_dy.to(mean.dtype)
+        dweight, dbias = torch.empty(c, dtype=mean.dtype), torch.empty(c, dtype=mean.dtype)  # this rank's
+        _core.parameter_gradients(inv_std, sum_dy, sum_dy_xc, dweight, dbias)
         total_dy, total_dy_xc = _sum_over_ranks(ctx.group, sum_dy, sum_dy_xc)
         dx = _kernels.empty_output(x)
         if x.numel():
