@@ -112,6 +112,10 @@ def main() -> None:
     rank = dist.get_rank()
     cases = torch.load(cases_file)
     results = {case["name"]: (run_ddp if "state" in case else run_case)(case, rank) for case in cases}
+    # Every rank past its last collective before any tears the group down: a rank that closed
+    # its gloo pairs while a peer still used them once aborted ("terminate called without an
+    # active exception").
+    dist.barrier()
     dist.destroy_process_group()
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
