@@ -194,6 +194,14 @@ double store_stats(index_t c, double mean, double var, double epsilon, S* mean_o
 // have overflowed (centred at 0, see forward_coef).
 inline double dgamma_of(double inv, double sum_dy, double sum_dy_xc) { return inv == 0 ? 0 * sum_dy : sum_dy_xc * inv; }
 
+// Channel c's dgamma and dbeta from its two sums, rounded to the statistics type: what
+// backward stores, and parameter_gradients gives the synchronized layers.
+template <class S>
+inline void store_parameter_gradients(std::size_t c, double inv, double sum_dy, double sum_dy_xc, S* dgamma, S* dbeta) {
+  dbeta[c] = static_cast<S>(sum_dy);
+  dgamma[c] = static_cast<S>(dgamma_of(inv, sum_dy, sum_dy_xc));
+}
+
 // k1, k2, k3 of channel c from its sums over `count` values (see the comment at the top;
 // with a mask, count is the sum of its weights W).
 template <class T>

@@ -226,10 +226,8 @@ void parameter_gradients(index_t channels, const S* inv_std, const double* sum_d
        {static_cast<const void*>(inv_std), static_cast<const void*>(sum_dy), static_cast<const void*>(sum_dy_xc),
         static_cast<const void*>(dgamma), static_cast<const void*>(dbeta)})
     check_not_null(ptr, "parameter_gradients' arrays");
-  for (index_t c = 0; c < channels; ++c) {
-    dbeta[c] = static_cast<S>(sum_dy[c]);
-    dgamma[c] = static_cast<S>(dgamma_of(static_cast<double>(inv_std[c]), sum_dy[c], sum_dy_xc[c]));
-  }
+  for (std::size_t c = 0; c < static_cast<std::size_t>(channels); ++c)
+    detail::store_parameter_gradients(c, static_cast<double>(inv_std[c]), sum_dy[c], sum_dy_xc[c], dgamma, dbeta);
 }
 
 template <class T>

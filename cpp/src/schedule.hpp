@@ -611,8 +611,7 @@ void backward_channel_blocks(BackwardSetup<T>& b, int nt, const T* dy, const T* 
                         ahead);
       });
       const auto i = static_cast<std::size_t>(c);
-      dbeta[c] = static_cast<stat_t<T>>(sum_dy);
-      dgamma[c] = static_cast<stat_t<T>>(dgamma_of(b.inv[i], sum_dy, sum_dy_xc));
+      store_parameter_gradients(i, b.inv[i], sum_dy, sum_dy_xc, dgamma, dbeta);
       b.set_apply_coef(i, affine, sum_dy, sum_dy_xc, stat_count(p, b.mask), statistics);
       channel_halves(p, runs, c, next, false, [&](const RunGroup& g, index_t ahead) {
         if (b.mask.w)

@@ -657,8 +657,9 @@ void register_functional(py::module_& m) {
         // running statistics (if given) and num_batches_tracked (if given) move, only after a
         // pass that succeeded. Returns forward's (mean, variance, inv_std, count), allocated.
         std::int64_t* tracked = counter.is_none() ? nullptr : counter_data(counter);  // checked before anything moves
+        static const std::vector<int> channel_axis{1};                                // not a vector allocated per call
         const py::tuple r =
-            forward_into(x, y, {1}, gamma, beta, epsilon, false, py::none(), py::none(), py::none(), mask);
+            forward_into(x, y, channel_axis, gamma, beta, epsilon, false, py::none(), py::none(), py::none(), mask);
         const auto count = r[3].cast<index_t>();
         if (count && !running_mean.is_none()) update_running_into(running_mean, running_var, r[0], r[1], factor, count);
         if (tracked) ++*tracked;

@@ -180,9 +180,11 @@ def _batch_norm(  # noqa: PLR0917 - batch_norm's order
     # The eager path runs _verify only where torch may refuse the call for a reason the core
     # does not check (a cheap test first: it costs as much as a small batch's kernels); the
     # core checks devices and sizes before it writes anything, and _verify words its errors.
-    if (eps <= 0.0 or checked.numel() == checked.shape[1] if training else eps < 0.0 or running_mean is None) or (
-        running_mean is None
-    ) != (running_var is None):
+    # (one value per channel: numel == C, a cheap first test)
+    may_refuse = (
+        (eps <= 0.0 or checked.numel() == checked.shape[1]) if training else (eps < 0.0 or running_mean is None)
+    )
+    if may_refuse or (running_mean is None) != (running_var is None):
         _verify(checked, running_mean, running_var, weight, bias, training, eps)
     x = input
     try:

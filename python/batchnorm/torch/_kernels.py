@@ -62,11 +62,10 @@ _LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 def empty_output(x: torch.Tensor) -> torch.Tensor:
     """An output shaped and laid out as torch's batch norm lays out its own."""
-    if x.is_contiguous():  # the common case first
-        return torch.empty_like(x, memory_format=torch.contiguous_format)
-    last = _LAST.get(x.dim())
-    if last is not None and x.is_contiguous(memory_format=last):
-        return torch.empty_like(x, memory_format=last)
+    if not x.is_contiguous():  # (the common case skips the layout lookup)
+        last = _LAST.get(x.dim())
+        if last is not None and x.is_contiguous(memory_format=last):
+            return torch.empty_like(x, memory_format=last)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
