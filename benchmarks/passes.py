@@ -35,12 +35,27 @@ SHAPES = {s.name: (s.dims, s.axis) for s in parse_shapes(DEFAULT_SHAPES) if s.ki
 MODEL_BYTES = {"moments": 1, **MODE_BYTES}
 
 
+def spaced(shape, dtype, k, fill=None):
+    """An array of its own pages whose start is 64 * (67 * k mod 1024) bytes into a page
+    group: arrays allocated one after another on the heap lie a power of two plus a few
+    bytes apart when their size is a power of two, and a pass whose output starts a few
+    bytes after its input modulo a large power of two runs at a third of its speed here
+    (copies too: docs/performance.md). Filled (touched: no page faults when timed)."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    offset = 64 * (67 * k % 1024)
+    raw = np.empty(nbytes + offset + 4096, np.uint8)
+    start = (-raw.ctypes.data) % 4096 + offset
+    a = raw[start : start + nbytes].view(dtype).reshape(shape)
+    a[...] = 1 if fill is None else fill
+    return a
+
+
 def make_calls(shape, axis, dtype, nbuf):
     """nbuf sets of (x, dy, out) and, per mode, a call on set i."""
     rng = np.random.default_rng(0)
-    xs = [rng.standard_normal(shape, dtype=np.float32).astype(dtype) for _ in range(nbuf)]
-    dys = [rng.standard_normal(shape, dtype=np.float32).astype(dtype) for _ in range(nbuf)]
-    outs = [np.ones_like(x) for x in xs]  # touched: no page faults in the timed calls
+    xs = [spaced(shape, dtype, 3 * i, rng.standard_normal(shape, dtype=np.float32)) for i in range(nbuf)]
+    dys = [spaced(shape, dtype, 3 * i + 1, rng.standard_normal(shape, dtype=np.float32)) for i in range(nbuf)]
+    outs = [spaced(shape, dtype, 3 * i + 2) for i in range(nbuf)]
     channels = shape[axis]
     mean, var = np.zeros(channels, np.float32), np.ones(channels, np.float32)
     gamma, beta = np.ones(channels, np.float32), np.zeros(channels, np.float32)
@@ -74,7 +89,7 @@ def measure(shape, axis, mode, dtype, threads, *, repeats=11, warmup=2):
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
     nbuf = max(4, int(512e6 // (3 * nbytes)))
     calls = make_calls(shape, axis, dtype, nbuf)
-    copies = [np.ones(nbytes // 4, np.float32) for _ in range(max(8, int(8e8 // nbytes)))]
+    copies = [spaced((nbytes // 4,), np.float32, 3 * nbuf + i) for i in range(max(8, int(8e8 // nbytes)))]
     times, fractions = [], []
     for r in range(warmup + repeats):
         src, dst = copies[(2 * r) % len(copies)], copies[(2 * r + 1) % len(copies)]

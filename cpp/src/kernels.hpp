@@ -29,6 +29,10 @@
 
 namespace batchnorm::detail {
 
+// Rows per block of the rows reductions' float sums (reduce-inl.hpp): a call's sums depend
+// on where its blocks start, so the schedule cuts rows at multiples of it.
+constexpr index_t kBlockRows = 8;
+
 template <class T>
 using compute_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 

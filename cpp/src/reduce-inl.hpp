@@ -97,17 +97,15 @@ void reduce2_runs(const RunArray<const T>& x, const RunArray<const T>& dy, const
 
 // ---- rows ----------------------------------------------------------------------------
 
-// Row tiles (the direct body): for each vector of kLanesF channels, the sums of a tile of
-// rows are kept in registers and added to the per-channel accumulators once per tile,
-// instead of loading and storing the accumulators for every row. Channels past the last
+// Row tiles (the direct body): the sums of a tile of kBlockRows rows (kernels.hpp) by
+// kTileVectors vectors of channels are kept in double registers and added to the per-channel
+// accumulators once per tile, instead of loading and storing the accumulators for every row;
+// a tile's 2 * kTileVectors * kHalves sums are independent, so their adds overlap. Tiles
+// start at multiples of kBlockRows from the first row of the call. Channels past the last
 // whole vector go through a scalar loop per row.
-constexpr index_t kTileRows = 4;
-// Elements the row reductions prefetch ahead of their loads: the accumulator stores between
-// the loads keep the hardware prefetcher behind.
+constexpr std::size_t kTileVectors = 2;
+// Elements the row reductions prefetch ahead of their loads, in each row of a tile.
 constexpr index_t kAheadRows = 2048;
-// Rows per tile for `channels`: with many channels a tile's rows are far apart and their
-// accumulators are few per row, so one row at a time (accumulators in L1) reads faster.
-inline index_t tile_rows(index_t channels) { return channels <= 128 ? kTileRows : 1; }
 
 // s[0..kLanesF) += sum, ss[0..kLanesF) += sq, every load before any store: s and ss are
 // often a multiple of 4 KiB apart (per-thread partials of C channels), and a load behind a
@@ -120,74 +118,103 @@ inline void add_sums(double* s, double* ss, const VD (&sum)[kHalves], const VD (
   for (int h = 0; h < kHalves; ++h) store(ss + h * kLanesD, add(b[h], sq[h]));
 }
 
+// The first channel of vector j of a tile.
+inline index_t lane0(std::size_t j) { return static_cast<index_t>(j) * kLanesF; }
+
+// Calls tile(r0, r1, c, nv) for the tiles of rows [r0, r1) and nv vectors of channels from c
+// on, after prefetching ahead in each row of the tile (`operands`: the arrays read, with
+// their row strides), then scalar(r) for each row of the block where channels remain.
+template <class T, class Tile, class Scalar>
+void for_row_tiles(std::initializer_list<Strided<const T>> operands, index_t rows, index_t channels, const Tile& tile,
+                   const Scalar& scalar) {
+  const index_t vec_channels = channels / kLanesF * kLanesF;
+  for (index_t r0 = 0; r0 < rows; r0 += kBlockRows) {
+    const index_t r1 = std::min(rows, r0 + kBlockRows);
+    index_t c = 0;
+    for (; c + lane0(kTileVectors) <= vec_channels; c += lane0(kTileVectors)) {
+      for (const Strided<const T>& a : operands)
+        for (index_t r = r0; r < r1; ++r) prefetch(a.p + r * a.stride + c + kAheadRows);
+      tile(r0, r1, c, std::integral_constant<std::size_t, kTileVectors>{});
+    }
+    for (; c < vec_channels; c += kLanesF) tile(r0, r1, c, std::integral_constant<std::size_t, 1>{});
+    for (index_t r = r0; r < r1 && vec_channels < channels; ++r) scalar(r, vec_channels);
+  }
+}
+
 // Weighted: row r's values weighted by the mask value w.p[r * w.stride] (not read otherwise).
 template <bool Weighted, class T>
 void reduce1_tiles(Strided<const T> x, Strided<const T> w, index_t rows, index_t channels, const float* m, double* s,
                    double* ss) {
-  const index_t vec_channels = channels / kLanesF * kLanesF, tile = tile_rows(channels);
-  auto weight = [&](index_t r) { return Weighted ? promote(to_compute(w.p + r * w.stride)) : 1.0; };
-  for (index_t r0 = 0; r0 < rows; r0 += tile) {
-    const index_t r1 = std::min(rows, r0 + tile);
-    for (index_t c = 0; c < vec_channels; c += kLanesF) {
-      VD md[kHalves], sum[kHalves], sq[kHalves];
-      halves(load<VF>(m + c), md);
-      for (int h = 0; h < kHalves; ++h) sum[h] = zero<VD>(), sq[h] = zero<VD>();
-      for (index_t r = r0; r < r1; ++r) {
-        if (Weighted && weight(r) == 0) continue;  // a padded row adds nothing, whatever it holds
+  auto weight = [&](index_t r) { return Weighted ? to_compute(w.p + r * w.stride) : 1.0f; };
+  auto tile = [&](index_t r0, index_t r1, index_t c, auto vectors) {
+    constexpr std::size_t NV = vectors.value;
+    VD md[NV][kHalves], sum[NV][kHalves], sq[NV][kHalves];
+    for (std::size_t j = 0; j < NV; ++j) {
+      halves(load<VF>(m + c + lane0(j)), md[j]);
+      for (int h = 0; h < kHalves; ++h) sum[j][h] = zero<VD>(), sq[j][h] = zero<VD>();
+    }
+    for (index_t r = r0; r < r1; ++r) {
+      if (Weighted && weight(r) == 0) continue;  // a padded row adds nothing, whatever it holds
+      const VD wr = set<VD>(weight(r));
+      for (std::size_t j = 0; j < NV; ++j) {
         VD v[kHalves];
-        prefetch(x.p + r * x.stride + c + kAheadRows);
-        halves(load<VF>(x.p + r * x.stride + c), v);
-        const VD wr = set<VD>(weight(r));
+        halves(load<VF>(x.p + r * x.stride + c + lane0(j)), v);
         for (int h = 0; h < kHalves; ++h) {
-          const VD d = sub(v[h], md[h]), wd = Weighted ? mul(wr, d) : d;
-          sum[h] = add(sum[h], wd);
-          sq[h] = mul_add(wd, d, sq[h]);
+          const VD d = sub(v[h], md[j][h]), wd = Weighted ? mul(wr, d) : d;
+          sum[j][h] = add(sum[j][h], wd);
+          sq[j][h] = mul_add(wd, d, sq[j][h]);
         }
       }
-      add_sums(s + c, ss + c, sum, sq);
     }
-    for (index_t r = r0; r < r1 && vec_channels < channels; ++r)
-      for (index_t c = vec_channels; c < channels && !(Weighted && weight(r) == 0); ++c) {
-        const double d = promote(to_compute(x.p + r * x.stride + c)) - promote(m[c]), wd = Weighted ? weight(r) * d : d;
-        s[c] += wd;
-        ss[c] += wd * d;
-      }
-  }
+    for (std::size_t j = 0; j < NV; ++j) add_sums(s + c + lane0(j), ss + c + lane0(j), sum[j], sq[j]);
+  };
+  for_row_tiles<T>({x}, rows, channels, tile, [&](index_t r, index_t c0) {
+    if (Weighted && weight(r) == 0) return;
+    for (index_t c = c0; c < channels; ++c) {
+      const double d = promote(to_compute(x.p + r * x.stride + c)) - promote(m[c]);
+      const double wd = Weighted ? promote(weight(r)) * d : d;
+      s[c] += wd;
+      ss[c] += wd * d;
+    }
+  });
 }
 
 template <bool Relu, class T>
 void reduce2_tiles(Strided<const T> x, Strided<const T> dy, index_t rows, index_t channels, const Coefs<float>& k,
                    double* s, double* ss) {
-  const index_t vec_channels = channels / kLanesF * kLanesF, tile = tile_rows(channels);
-  for (index_t r0 = 0; r0 < rows; r0 += tile) {
-    const index_t r1 = std::min(rows, r0 + tile);
-    for (index_t c = 0; c < vec_channels; c += kLanesF) {
-      const VF mf = load<VF>(k.m + c);
-      const VF a = Relu ? load<VF>(k.a + c) : mf, b = Relu ? load<VF>(k.b + c) : mf;  // a, b only with the ReLU
-      VD md[kHalves], sum[kHalves], sq[kHalves];
-      halves(mf, md);
-      for (int h = 0; h < kHalves; ++h) sum[h] = zero<VD>(), sq[h] = zero<VD>();
-      for (index_t r = r0; r < r1; ++r) {
-        prefetch(x.p + r * x.stride + c + kAheadRows), prefetch(dy.p + r * dy.stride + c + kAheadRows);
-        const VF xv = load<VF>(x.p + r * x.stride + c);
+  auto tile = [&](index_t r0, index_t r1, index_t c, auto vectors) {
+    constexpr std::size_t NV = vectors.value;
+    VF mf[NV], a[NV], b[NV];
+    VD md[NV][kHalves], sum[NV][kHalves], sq[NV][kHalves];
+    for (std::size_t j = 0; j < NV; ++j) {
+      mf[j] = load<VF>(k.m + c + lane0(j));
+      a[j] = Relu ? load<VF>(k.a + c + lane0(j)) : mf[j];  // a, b exist only with the ReLU
+      b[j] = Relu ? load<VF>(k.b + c + lane0(j)) : mf[j];
+      halves(mf[j], md[j]);
+      for (int h = 0; h < kHalves; ++h) sum[j][h] = zero<VD>(), sq[j][h] = zero<VD>();
+    }
+    for (index_t r = r0; r < r1; ++r)
+      for (std::size_t j = 0; j < NV; ++j) {
+        const VF xv = load<VF>(x.p + r * x.stride + c + lane0(j));
         VD g[kHalves], xd[kHalves];
-        halves(grad<Relu>(load<VF>(dy.p + r * dy.stride + c), xv, a, mf, b), g), halves(xv, xd);
+        halves(grad<Relu>(load<VF>(dy.p + r * dy.stride + c + lane0(j)), xv, a[j], mf[j], b[j]), g);
+        halves(xv, xd);
         for (int h = 0; h < kHalves; ++h) {
-          sum[h] = add(sum[h], g[h]);
-          sq[h] = mul_add(g[h], sub(xd[h], md[h]), sq[h]);
+          sum[j][h] = add(sum[j][h], g[h]);
+          sq[j][h] = mul_add(g[h], sub(xd[h], md[j][h]), sq[j][h]);
         }
       }
-      add_sums(s + c, ss + c, sum, sq);
+    for (std::size_t j = 0; j < NV; ++j) add_sums(s + c + lane0(j), ss + c + lane0(j), sum[j], sq[j]);
+  };
+  for_row_tiles<T>({x, dy}, rows, channels, tile, [&](index_t r, index_t c0) {
+    for (index_t c = c0; c < channels; ++c) {
+      const float xv = to_compute(x.p + r * x.stride + c);
+      const float a = Relu ? k.a[c] : 1.0f, b = Relu ? k.b[c] : 0.0f;
+      const double g = promote(grad<Relu>(to_compute(dy.p + r * dy.stride + c), xv, a, k.m[c], b));
+      s[c] += g;
+      ss[c] += g * (promote(xv) - promote(k.m[c]));
     }
-    for (index_t r = r0; r < r1 && vec_channels < channels; ++r)
-      for (index_t c = vec_channels; c < channels; ++c) {
-        const float xv = to_compute(x.p + r * x.stride + c);
-        const float a = Relu ? k.a[c] : 1.0f, b = Relu ? k.b[c] : 0.0f;
-        const double g = promote(grad<Relu>(to_compute(dy.p + r * dy.stride + c), xv, a, k.m[c], b));
-        s[c] += g;
-        ss[c] += g * (promote(xv) - promote(k.m[c]));
-      }
-  }
+  });
 }
 
 // The general loops' rows: channel c uses coefficient [c] and accumulator [c]; Weighted:
