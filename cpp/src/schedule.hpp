@@ -455,51 +455,82 @@ void sum_moments(const Plan& p, const T* x, double* mean, double* second, bool v
 // still there (or in L2) when it is read again (measured: docs/performance.md).
 constexpr std::size_t kChannelCacheBytes = std::size_t{4} << 20;
 constexpr std::size_t kMinBlockRunBytes = 1024;
+// Short runs (BatchNorm1d's (N, C, L) sequences, 7x7 maps) scatter a channel over many small
+// pieces of memory: one channel's 64 runs of 512 bytes sit 128 KB apart, each a cold miss.
+// A block of several consecutive channels is read sample by sample instead, each sample's
+// runs of the block one contiguous stretch of at least kMinStretchBytes (shorter ones, read
+// a few KiB apart, lost to streaming: measured, docs/performance.md), and the block's inputs
+// (up to kBlockCacheBytes, a share of L2) are still in L2 for the elementwise pass.
+constexpr std::size_t kBlockCacheBytes = std::size_t{1} << 20;
+constexpr std::size_t kMinStretchBytes = std::size_t{4} << 10;
 
-// Threads for the channel-block schedule, or 0 where streaming passes are the better choice.
-inline int channel_block_threads(const Plan& p, std::size_t bytes_per_value) {
-  if (p.kind == Kind::channels_last) return 0;
-  if (static_cast<std::size_t>(p.count) * bytes_per_value > kChannelCacheBytes) return 0;
-  // Short runs (ResNet's 7x7 maps) scatter a channel over many small pieces of memory: one
-  // channel's 32 runs of 196 bytes sit 400 KB apart, each a cold miss. Streaming passes
-  // read them in memory order instead (measured: docs/performance.md).
-  if (static_cast<std::size_t>(p.reduce_dims.empty() ? 1 : p.reduce_dims.back().size) * bytes_per_value <
-      kMinBlockRunBytes)
-    return 0;
+struct ChannelBlocks {
+  int threads = 0;       // 0: streaming passes instead
+  index_t channels = 1;  // consecutive channels per block
+};
+
+// The channel-block schedule of a plan reading bytes_per_value per value (x, or x and dy),
+// or threads 0 where streaming passes are the better choice. Blocks of several channels
+// (short runs) only where `several` (the training forward: a backward's blocks measured no
+// faster than streaming, docs/performance.md).
+inline ChannelBlocks channel_blocks(const Plan& p, std::size_t bytes_per_value, bool several) {
+  if (p.kind == Kind::channels_last) return {};
+  const auto channel_bytes = static_cast<std::size_t>(p.count) * bytes_per_value;
+  if (channel_bytes > kChannelCacheBytes) return {};
   const int nt = threads_for(p.channels * p.count);
-  return nt == 1 || p.channels >= 4 * nt ? nt : 0;  // few channels: balance by pieces instead
+  const auto run_bytes =
+      static_cast<std::size_t>(p.reduce_dims.empty() ? 1 : p.reduce_dims.back().size) * bytes_per_value;
+  if (run_bytes >= kMinBlockRunBytes) {
+    if (nt == 1 || p.channels >= 4 * nt) return {nt, 1};
+    return {};  // few channels: balance by pieces instead
+  }
+  // Short runs: blocks of k channels whose runs are contiguous in each sample (NCL, NCHW).
+  const Runs r = runs_of(p);
+  if (!several || p.kind != Kind::channels_first || p.channel_dims.size() != 1 || p.reduce_dims.size() != 2 ||
+      !r.outer_major || r.pieces != 1)
+    return {};
+  const index_t k =
+      std::min(static_cast<index_t>(kBlockCacheBytes / channel_bytes), p.channels / (4 * static_cast<index_t>(nt)));
+  if (k < 1 || static_cast<std::size_t>(k) * run_bytes < kMinStretchBytes) return {};
+  return {nt, k};
 }
 
-// Element distance from channel c's values to channel c + 1's in the given input arrays,
+// Element distance from channel c's values to channel c + k's in the given input arrays,
 // when it is the same in all of them (the prefetch distance of the channel-block
 // schedule), else 0 (no prefetch).
-inline index_t next_channel_distance(const Plan& p, index_t c, std::initializer_list<int> inputs) {
+inline index_t next_block_distance(const Plan& p, index_t c, index_t k, std::initializer_list<int> inputs) {
   index_t distance = 0;
   for (int op : inputs) {
-    const index_t d = p.channel_offset(c + 1, op) - p.channel_offset(c, op);
+    const index_t d = p.channel_offset(c + k, op) - p.channel_offset(c, op);
     if (op != *inputs.begin() && d != distance) return 0;
     distance = d;
   }
   return distance;
 }
 
-// Calls run(group) for units [u0, u1) of channel c (numbered 0 .. runs.per_channel - 1).
+// The channel-block schedule overlaps memory traffic with arithmetic: while the block of
+// channels [c, c + k) is summed and then written, the next block is prefetched, the first
+// half of its units during the sums and the rest during the elementwise pass (which also
+// writes this block), so the memory never idles while a block is processed from cache.
+// Distances of 0 prefetch nothing. Calls pass(group, ahead) for the units of the block: the
+// first half with ahead = the distance to the next block when `first_half_ahead`, the
+// second half with it otherwise. One channel goes run after run; a block of several,
+// sample by sample, each sample's runs of the block one group.
 template <class F>
-void for_channel(const Plan& p, const Runs& r, index_t c, index_t u0, index_t u1, const F& run) {
-  for_run_groups(p, r, false, c * r.per_channel + u0, c * r.per_channel + u1, run);
-}
-
-// The channel-block schedule overlaps memory traffic with arithmetic: while channel c is
-// summed and then written, channel c + 1 is prefetched, the first half of its units during
-// the sums and the rest during the elementwise pass (which also writes c), so the memory
-// never idles while a channel is processed from cache. Distances of 0 prefetch nothing.
-// Calls pass(group, ahead) for the units of channel c: the first half with ahead = the
-// distance to channel c + 1 when `first_half_ahead`, the second half with it otherwise.
-template <class F>
-void channel_halves(const Plan& p, const Runs& r, index_t c, index_t distance, bool first_half_ahead, const F& pass) {
+void block_halves(const Plan& p, const Runs& r, index_t c, index_t k, index_t distance, bool first_half_ahead,
+                  const F& pass) {
   const index_t half = r.per_channel / 2;
-  for_channel(p, r, c, 0, half, [&](const RunGroup& g) { pass(g, first_half_ahead ? distance : 0); });
-  for_channel(p, r, c, half, r.per_channel, [&](const RunGroup& g) { pass(g, first_half_ahead ? 0 : distance); });
+  auto ahead = [&](index_t u) { return (u < half) == first_half_ahead ? distance : 0; };
+  if (k == 1) {
+    const index_t u0 = c * r.per_channel;
+    for_run_groups(p, r, false, u0, u0 + half, [&](const RunGroup& g) { pass(g, ahead(0)); });
+    for_run_groups(p, r, false, u0 + half, u0 + r.per_channel, [&](const RunGroup& g) { pass(g, ahead(half)); });
+    return;
+  }
+  for (index_t outer = 0; outer < r.per_channel; ++outer) {
+    const index_t u0 = outer * p.channels + c;
+    for_run_groups(p, r, true, u0, u0 + k, [&](const RunGroup& g) { pass(g, ahead(outer)); });
+  }
 }
 
 // after_sums: x was just read front to back (see kReverseChunkBytes).
@@ -520,37 +551,49 @@ void affine1(const Plan& p, const T* x, T* y, const Coefs<compute_t<T>>& k, bool
       after_sums ? sizeof(T) : 0);
 }
 
-// The training forward in channel blocks (see channel_block_threads).
+// The training forward in channel blocks (see channel_blocks).
 template <class T>
-void forward_channel_blocks(const Plan& p, int nt, const T* x, T* y, const Affine<stat_t<T>>& affine, double epsilon,
-                            bool relu, stat_t<T>* mean, stat_t<T>* variance, stat_t<T>* inv_std, const Mask<T>& mask) {
+void forward_channel_blocks(const Plan& p, ChannelBlocks cb, const T* x, T* y, const Affine<stat_t<T>>& affine,
+                            double epsilon, bool relu, stat_t<T>* mean, stat_t<T>* variance, stat_t<T>* inv_std,
+                            const Mask<T>& mask) {
   using C = compute_t<T>;
   const Runs runs = runs_of(p);
   const KernelTable<T>& kt = kernels<T>();
   const int kM = mask_operand(p);
   const bool stream = stream_output<T>(p);
-  parallel(nt, p.channels * p.count, [&](int t, int n) {
+  const auto nk = static_cast<std::size_t>(cb.channels);
+  parallel(cb.threads, p.channels * p.count, [&](int t, int n) {
     index_t c0, c1;
     partition(p.channels, t, n, c0, c1);
-    for (index_t c = c0; c < c1; ++c) {
-      C shift = channel_shift(p, x, c, mask.sum.first);
-      Coefs<C> k;
-      k.m = &shift;
-      const index_t next = c + 1 < c1 ? next_channel_distance(p, c, {kX}) : 0;
-      double mu = 0, m2 = 0, var;
-      channel_halves(p, runs, c, next, true, [&](const RunGroup& g, index_t ahead) {
+    std::vector<C> shift(nk), a(nk), m(nk), b(nk);
+    std::vector<double> mu(nk), m2(nk);
+    for (index_t c = c0; c < c1; c += cb.channels) {
+      const index_t k = std::min(cb.channels, c1 - c);
+      for (index_t j = 0; j < k; ++j) shift[static_cast<std::size_t>(j)] = channel_shift(p, x, c + j, mask.sum.first);
+      Coefs<C> ks;
+      ks.m = shift.data();
+      std::fill(mu.begin(), mu.end(), 0.0);
+      std::fill(m2.begin(), m2.end(), 0.0);
+      const index_t next = c + k < c1 ? next_block_distance(p, c, k, {kX}) : 0;
+      block_halves(p, runs, c, k, next, true, [&](const RunGroup& g, index_t ahead) {
+        const index_t j = g.c - c;
         if (mask.w)
-          kt.reduce1w_runs(run_array(x, g, kX), run_array(mask.w, g, kM), run_shape(g), k, &mu, &m2, ahead);
+          kt.reduce1w_runs(run_array(x, g, kX), run_array(mask.w, g, kM), run_shape(g), ks.from(j), mu.data() + j,
+                           m2.data() + j, ahead);
         else
-          kt.reduce1_runs(run_array(x, g, kX), run_shape(g), k, &mu, &m2, ahead);
+          kt.reduce1_runs(run_array(x, g, kX), run_shape(g), ks.from(j), mu.data() + j, m2.data() + j, ahead);
       });
-      finish_moments(p, x, mask, c, static_cast<double>(shift), mu, m2, var);
-      const double inv = store_stats(c, mu, var, epsilon, mean, variance, inv_std);
-      C a, m, b;
-      forward_coef<T>(affine, c, mean[c], inv, a, m, b);
-      const Coefs<C> kc{&a, &m, &b};
-      channel_halves(p, runs, c, next, false, [&](const RunGroup& g, index_t ahead) {
-        kt.affine1_runs(run_array(x, g, kX), run_array(y, g, kY), run_shape(g), kc, relu, Output(stream, ahead));
+      for (index_t j = 0; j < k; ++j) {
+        const auto i = static_cast<std::size_t>(j);
+        double var;
+        finish_moments(p, x, mask, c + j, static_cast<double>(shift[i]), mu[i], m2[i], var);
+        const double inv = store_stats(c + j, mu[i], var, epsilon, mean, variance, inv_std);
+        forward_coef<T>(affine, c + j, mean[c + j], inv, a[i], m[i], b[i]);
+      }
+      const Coefs<C> kc{a.data(), m.data(), b.data()};
+      block_halves(p, runs, c, k, next, false, [&](const RunGroup& g, index_t ahead) {
+        kt.affine1_runs(run_array(x, g, kX), run_array(y, g, kY), run_shape(g), kc.from(g.c - c), relu,
+                        Output(stream, ahead));
       });
     }
   });
@@ -589,9 +632,9 @@ struct BackwardSetup {
   }
 };
 
-// The whole backward in channel blocks (see channel_block_threads).
+// The whole backward in channel blocks (see channel_blocks).
 template <class T>
-void backward_channel_blocks(BackwardSetup<T>& b, int nt, const T* dy, const T* x, T* dx,
+void backward_channel_blocks(BackwardSetup<T>& b, ChannelBlocks cb, const T* dy, const T* x, T* dx,
                              const Affine<stat_t<T>>& affine, Statistics statistics, stat_t<T>* dgamma,
                              stat_t<T>* dbeta) {
   const Plan& p = b.plan;
@@ -599,27 +642,33 @@ void backward_channel_blocks(BackwardSetup<T>& b, int nt, const T* dy, const T* 
   const KernelTable<T>& kt = kernels<T>();
   const Coefs<compute_t<T>> kv = b.k.view();
   const bool stream = stream_output<T>(p);
-  parallel(nt, p.channels * p.count, [&](int t, int n) {
+  const auto nk = static_cast<std::size_t>(cb.channels);
+  parallel(cb.threads, p.channels * p.count, [&](int t, int n) {
     index_t c0, c1;
     partition(p.channels, t, n, c0, c1);
-    for (index_t c = c0; c < c1; ++c) {
-      const Coefs<compute_t<T>> kc = kv.from(c);
-      const index_t next = c + 1 < c1 ? next_channel_distance(p, c, {kX, kDy}) : 0;
-      double sum_dy = 0, sum_dy_xc = 0;
-      channel_halves(p, runs, c, next, true, [&](const RunGroup& g, index_t ahead) {
-        kt.reduce2_runs(run_array(x, g, kX), run_array(dy, g, kDy), run_shape(g), kc, b.relu, &sum_dy, &sum_dy_xc,
-                        ahead);
+    std::vector<double> sum_dy(nk), sum_dy_xc(nk);
+    for (index_t c = c0; c < c1; c += cb.channels) {
+      const index_t k = std::min(cb.channels, c1 - c);
+      const index_t next = c + k < c1 ? next_block_distance(p, c, k, {kX, kDy}) : 0;
+      std::fill(sum_dy.begin(), sum_dy.end(), 0.0);
+      std::fill(sum_dy_xc.begin(), sum_dy_xc.end(), 0.0);
+      block_halves(p, runs, c, k, next, true, [&](const RunGroup& g, index_t ahead) {
+        const auto j = static_cast<std::size_t>(g.c - c);
+        kt.reduce2_runs(run_array(x, g, kX), run_array(dy, g, kDy), run_shape(g), kv.from(g.c), b.relu,
+                        sum_dy.data() + j, sum_dy_xc.data() + j, ahead);
       });
-      const auto i = static_cast<std::size_t>(c);
-      store_parameter_gradients(i, b.inv[i], sum_dy, sum_dy_xc, dgamma, dbeta);
-      b.set_apply_coef(i, affine, sum_dy, sum_dy_xc, stat_count(p, b.mask), statistics);
-      channel_halves(p, runs, c, next, false, [&](const RunGroup& g, index_t ahead) {
+      for (index_t j = 0; j < k; ++j) {
+        const auto i = static_cast<std::size_t>(c + j), s = static_cast<std::size_t>(j);
+        store_parameter_gradients(i, b.inv[i], sum_dy[s], sum_dy_xc[s], dgamma, dbeta);
+        b.set_apply_coef(i, affine, sum_dy[s], sum_dy_xc[s], stat_count(p, b.mask), statistics);
+      }
+      block_halves(p, runs, c, k, next, false, [&](const RunGroup& g, index_t ahead) {
         if (b.mask.w)
           kt.affine2w_runs(run_array(x, g, kX), run_array(dy, g, kDy), run_array(b.mask.w, g, mask_operand(p)),
-                           run_array(dx, g, kDx), run_shape(g), kc, b.relu, Output(stream, ahead));
+                           run_array(dx, g, kDx), run_shape(g), kv.from(g.c), b.relu, Output(stream, ahead));
         else
-          kt.affine2_runs(run_array(x, g, kX), run_array(dy, g, kDy), run_array(dx, g, kDx), run_shape(g), kc, b.relu,
-                          Output(stream, ahead));
+          kt.affine2_runs(run_array(x, g, kX), run_array(dy, g, kDy), run_array(dx, g, kDx), run_shape(g), kv.from(g.c),
+                          b.relu, Output(stream, ahead));
       });
     }
   });
