@@ -29,8 +29,8 @@
 
 namespace batchnorm::detail {
 
-// Rows per block of the rows reductions' float sums (reduce-inl.hpp): a call's sums depend
-// on where its blocks start, so the schedule cuts rows at multiples of it.
+// Rows per tile of the rows reductions (reduce-inl.hpp; half as many for reduce-2): a call's
+// sums depend on where its tiles start, so the schedule cuts rows at multiples of it.
 constexpr index_t kBlockRows = 8;
 
 template <class T>

@@ -97,12 +97,14 @@ void reduce2_runs(const RunArray<const T>& x, const RunArray<const T>& dy, const
 
 // ---- rows ----------------------------------------------------------------------------
 
-// Row tiles (the direct body): the sums of a tile of kBlockRows rows (kernels.hpp) by
-// kTileVectors vectors of channels are kept in double registers and added to the per-channel
-// accumulators once per tile, instead of loading and storing the accumulators for every row;
-// a tile's 2 * kTileVectors * kHalves sums are independent, so their adds overlap. Tiles
-// start at multiples of kBlockRows from the first row of the call. Channels past the last
-// whole vector go through a scalar loop per row.
+// Row tiles (the direct body): the sums of a tile of rows by kTileVectors vectors of channels
+// are kept in double registers and added to the per-channel accumulators once per tile,
+// instead of loading and storing the accumulators for every row; a tile's
+// 2 * kTileVectors * kHalves sums are independent, so their adds overlap. A tile is
+// kBlockRows rows (kernels.hpp) of one array, or half as many of two (x and dy): rows whose
+// distance is a multiple of 4 KiB fall in one L1 set, and 16 lines there lost to 8 (256x4096
+// backward, docs/performance.md). Tiles start at multiples of their height from the first
+// row of the call. Channels past the last whole vector go through a scalar loop per row.
 constexpr std::size_t kTileVectors = 2;
 // Elements the row reductions prefetch ahead of their loads, in each row of a tile.
 constexpr index_t kAheadRows = 2048;
@@ -123,13 +125,14 @@ inline index_t lane0(std::size_t j) { return static_cast<index_t>(j) * kLanesF; 
 
 // Calls tile(r0, r1, c, nv) for the tiles of rows [r0, r1) and nv vectors of channels from c
 // on, after prefetching ahead in each row of the tile (`operands`: the arrays read, with
-// their row strides), then scalar(r) for each row of the block where channels remain.
+// their row strides), then scalar(r) for each row of the tile's rows where channels remain.
 template <class T, class Tile, class Scalar>
 void for_row_tiles(std::initializer_list<Strided<const T>> operands, index_t rows, index_t channels, const Tile& tile,
                    const Scalar& scalar) {
   const index_t vec_channels = channels / kLanesF * kLanesF;
-  for (index_t r0 = 0; r0 < rows; r0 += kBlockRows) {
-    const index_t r1 = std::min(rows, r0 + kBlockRows);
+  const index_t height = kBlockRows / static_cast<index_t>(operands.size());
+  for (index_t r0 = 0; r0 < rows; r0 += height) {
+    const index_t r1 = std::min(rows, r0 + height);
     index_t c = 0;
     for (; c + lane0(kTileVectors) <= vec_channels; c += lane0(kTileVectors)) {
       for (const Strided<const T>& a : operands)

@@ -26,7 +26,7 @@ constexpr int kX = 0, kY = 1, kDy = 1, kDx = 2;
 // Rows per kernel call in an interruptible pass (threads.hpp): about kInterruptibleValues
 // values, so the pass can stop every few milliseconds; at least 64 rows, so the per-call
 // setup of the rows kernels (a copy of the coefficients) stays negligible; a multiple of
-// kBlockRows, the reductions' float blocks, so the sums are those of one call bit for bit.
+// kBlockRows, the height of the reductions' row tiles, so the sums are those of one call bit for bit.
 inline index_t interruptible_rows(const Plan& p) {
   return std::max<index_t>(64, kInterruptibleValues / std::max<index_t>(1, row_channels(p))) / kBlockRows * kBlockRows;
 }
