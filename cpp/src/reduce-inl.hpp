@@ -106,7 +106,8 @@ void reduce2_runs(const RunArray<const T>& x, const RunArray<const T>& dy, const
 // backward, docs/performance.md). Tiles start at multiples of their height from the first
 // row of the call. Channels past the last whole vector go through a scalar loop per row.
 constexpr std::size_t kTileVectors = 2;
-// Elements the row reductions prefetch ahead of their loads, in each row of a tile.
+// Elements the row reductions prefetch ahead of their loads, at least: a tile prefetches the
+// same columns of the next tile, whose rows are further on where rows are short.
 constexpr index_t kAheadRows = 2048;
 
 // s[0..kLanesF) += sum, ss[0..kLanesF) += sq, every load before any store: s and ss are
@@ -135,8 +136,13 @@ void for_row_tiles(std::initializer_list<Strided<const T>> operands, index_t row
     const index_t r1 = std::min(rows, r0 + height);
     index_t c = 0;
     for (; c + lane0(kTileVectors) <= vec_channels; c += lane0(kTileVectors)) {
-      for (const Strided<const T>& a : operands)
-        for (index_t r = r0; r < r1; ++r) prefetch(a.p + r * a.stride + c + kAheadRows);
+      for (const Strided<const T>& a : operands) {
+        const index_t ahead = std::max(kAheadRows, height * a.stride);  // at least the next tile's rows
+        for (index_t r = r0; r < r1; ++r) {
+          const T* next = a.p + r * a.stride + c + ahead;
+          prefetch(next), prefetch(next + lane0(kTileVectors) - 1);
+        }
+      }
       tile(r0, r1, c, std::integral_constant<std::size_t, kTileVectors>{});
     }
     for (; c < vec_channels; c += kLanesF) tile(r0, r1, c, std::integral_constant<std::size_t, 1>{});
