@@ -106,8 +106,8 @@ void reduce2_runs(const RunArray<const T>& x, const RunArray<const T>& dy, const
 // backward, docs/performance.md). Tiles start at multiples of their height from the first
 // row of the call. Channels past the last whole vector go through a scalar loop per row.
 constexpr std::size_t kTileVectors = 2;
-// Elements the row reductions prefetch ahead of their loads, at least: a tile prefetches the
-// same columns of the next tile, whose rows are further on where rows are short.
+// Elements the row reductions prefetch ahead of their loads: the same columns of the next
+// tile, or this many elements on where the next tile is nearer (short rows).
 constexpr index_t kAheadRows = 2048;
 
 // s[0..kLanesF) += sum, ss[0..kLanesF) += sq, every load before any store: s and ss are
