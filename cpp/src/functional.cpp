@@ -278,7 +278,7 @@ void backward(const Geometry& g, In<T> dy, In<T> x, Out<T> dx, const stat_t<T>* 
   }
   check_inputs({dy.data, x.data, dx.data});
   if (const ChannelBlocks cb = channel_blocks(b.plan, 2 * sizeof(T), false); cb.threads) {  // x and dy stay in cache
-    backward_channel_blocks(b, cb, dy.data, x.data, dx.data, affine, statistics, dgamma, dbeta);
+    backward_channel_blocks(b, cb.threads, dy.data, x.data, dx.data, affine, statistics, dgamma, dbeta);
     return;
   }
   std::vector<double> sum_dy(static_cast<std::size_t>(ch)), sum_dy_xc(sum_dy.size());

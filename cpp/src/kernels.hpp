@@ -31,7 +31,7 @@ namespace batchnorm::detail {
 
 // Rows per tile of the rows reductions (reduce-inl.hpp; half as many for reduce-2): a call's
 // sums depend on where its tiles start, so the schedule cuts rows at multiples of it.
-constexpr index_t kBlockRows = 8;
+constexpr index_t kTileRows = 8;
 
 template <class T>
 using compute_t = std::conditional_t<std::is_same_v<T, double>, double, float>;

@@ -101,7 +101,7 @@ void reduce2_runs(const RunArray<const T>& x, const RunArray<const T>& dy, const
 // are kept in double registers and added to the per-channel accumulators once per tile,
 // instead of loading and storing the accumulators for every row; a tile's
 // 2 * kTileVectors * kHalves sums are independent, so their adds overlap. A tile is
-// kBlockRows rows (kernels.hpp) of one array, or half as many of two (x and dy): rows whose
+// kTileRows rows (kernels.hpp) of one array, or half as many of two (x and dy): rows whose
 // distance is a multiple of 4 KiB fall in one L1 set, and 16 lines there lost to 8 (256x4096
 // backward, docs/performance.md). Tiles start at multiples of their height from the first
 // row of the call. Channels past the last whole vector go through a scalar loop per row.
@@ -131,7 +131,7 @@ template <class T, class Tile, class Scalar>
 void for_row_tiles(std::initializer_list<Strided<const T>> operands, index_t rows, index_t channels, const Tile& tile,
                    const Scalar& scalar) {
   const index_t vec_channels = channels / kLanesF * kLanesF;
-  const index_t height = kBlockRows / static_cast<index_t>(operands.size());
+  const index_t height = kTileRows / static_cast<index_t>(operands.size());
   for (index_t r0 = 0; r0 < rows; r0 += height) {
     const index_t r1 = std::min(rows, r0 + height);
     index_t c = 0;

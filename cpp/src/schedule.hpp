@@ -26,9 +26,9 @@ constexpr int kX = 0, kY = 1, kDy = 1, kDx = 2;
 // Rows per kernel call in an interruptible pass (threads.hpp): about kInterruptibleValues
 // values, so the pass can stop every few milliseconds; at least 64 rows, so the per-call
 // setup of the rows kernels (a copy of the coefficients) stays negligible; a multiple of
-// kBlockRows, the height of the reductions' row tiles, so the sums are those of one call bit for bit.
+// kTileRows, the height of the reductions' row tiles, so the sums are those of one call bit for bit.
 inline index_t interruptible_rows(const Plan& p) {
-  return std::max<index_t>(64, kInterruptibleValues / std::max<index_t>(1, row_channels(p))) / kBlockRows * kBlockRows;
+  return std::max<index_t>(64, kInterruptibleValues / std::max<index_t>(1, row_channels(p))) / kTileRows * kTileRows;
 }
 
 // Calls rows(offsets, nrows, row_strides) for rows [begin, end) of one group of rows of a
@@ -632,9 +632,9 @@ struct BackwardSetup {
   }
 };
 
-// The whole backward in channel blocks (see channel_blocks).
+// The whole backward in channel blocks of one channel each (see channel_blocks).
 template <class T>
-void backward_channel_blocks(BackwardSetup<T>& b, ChannelBlocks cb, const T* dy, const T* x, T* dx,
+void backward_channel_blocks(BackwardSetup<T>& b, int nt, const T* dy, const T* x, T* dx,
                              const Affine<stat_t<T>>& affine, Statistics statistics, stat_t<T>* dgamma,
                              stat_t<T>* dbeta) {
   const Plan& p = b.plan;
@@ -642,33 +642,27 @@ void backward_channel_blocks(BackwardSetup<T>& b, ChannelBlocks cb, const T* dy,
   const KernelTable<T>& kt = kernels<T>();
   const Coefs<compute_t<T>> kv = b.k.view();
   const bool stream = stream_output<T>(p);
-  const auto nk = static_cast<std::size_t>(cb.channels);
-  parallel(cb.threads, p.channels * p.count, [&](int t, int n) {
+  parallel(nt, p.channels * p.count, [&](int t, int n) {
     index_t c0, c1;
     partition(p.channels, t, n, c0, c1);
-    std::vector<double> sum_dy(nk), sum_dy_xc(nk);
-    for (index_t c = c0; c < c1; c += cb.channels) {
-      const index_t k = std::min(cb.channels, c1 - c);
-      const index_t next = c + k < c1 ? next_block_distance(p, c, k, {kX, kDy}) : 0;
-      std::fill(sum_dy.begin(), sum_dy.end(), 0.0);
-      std::fill(sum_dy_xc.begin(), sum_dy_xc.end(), 0.0);
-      block_halves(p, runs, c, k, next, true, [&](const RunGroup& g, index_t ahead) {
-        const auto j = static_cast<std::size_t>(g.c - c);
-        kt.reduce2_runs(run_array(x, g, kX), run_array(dy, g, kDy), run_shape(g), kv.from(g.c), b.relu,
-                        sum_dy.data() + j, sum_dy_xc.data() + j, ahead);
+    for (index_t c = c0; c < c1; ++c) {
+      const Coefs<compute_t<T>> kc = kv.from(c);
+      const index_t next = c + 1 < c1 ? next_block_distance(p, c, 1, {kX, kDy}) : 0;
+      double sum_dy = 0, sum_dy_xc = 0;
+      block_halves(p, runs, c, 1, next, true, [&](const RunGroup& g, index_t ahead) {
+        kt.reduce2_runs(run_array(x, g, kX), run_array(dy, g, kDy), run_shape(g), kc, b.relu, &sum_dy, &sum_dy_xc,
+                        ahead);
       });
-      for (index_t j = 0; j < k; ++j) {
-        const auto i = static_cast<std::size_t>(c + j), s = static_cast<std::size_t>(j);
-        store_parameter_gradients(i, b.inv[i], sum_dy[s], sum_dy_xc[s], dgamma, dbeta);
-        b.set_apply_coef(i, affine, sum_dy[s], sum_dy_xc[s], stat_count(p, b.mask), statistics);
-      }
-      block_halves(p, runs, c, k, next, false, [&](const RunGroup& g, index_t ahead) {
+      const auto i = static_cast<std::size_t>(c);
+      store_parameter_gradients(i, b.inv[i], sum_dy, sum_dy_xc, dgamma, dbeta);
+      b.set_apply_coef(i, affine, sum_dy, sum_dy_xc, stat_count(p, b.mask), statistics);
+      block_halves(p, runs, c, 1, next, false, [&](const RunGroup& g, index_t ahead) {
         if (b.mask.w)
           kt.affine2w_runs(run_array(x, g, kX), run_array(dy, g, kDy), run_array(b.mask.w, g, mask_operand(p)),
-                           run_array(dx, g, kDx), run_shape(g), kv.from(g.c), b.relu, Output(stream, ahead));
+                           run_array(dx, g, kDx), run_shape(g), kc, b.relu, Output(stream, ahead));
         else
-          kt.affine2_runs(run_array(x, g, kX), run_array(dy, g, kDy), run_array(dx, g, kDx), run_shape(g), kv.from(g.c),
-                          b.relu, Output(stream, ahead));
+          kt.affine2_runs(run_array(x, g, kX), run_array(dy, g, kDy), run_array(dx, g, kDx), run_shape(g), kc, b.relu,
+                          Output(stream, ahead));
       });
     }
   });
