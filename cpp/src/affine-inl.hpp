@@ -95,7 +95,7 @@ inline V coef(const lane_t<V>* p, index_t c) {
 // periodic loop reads k through memory (its stores may alias it), as it was measured fastest.
 template <class T, bool Relu, bool Stream, bool Periodic>
 void affine1_direct(const T* x, T* y, index_t n, const Coefs<compute_t<T>>& k, index_t period, index_t ahead = 0,
-                    index_t first_channel = 0) {
+                    index_t ahead_out = 0, index_t first_channel = 0) {
   using V = Wide<T>;
   constexpr index_t L = kLanes<V>;
   index_t i = 0, c = first_channel;
@@ -115,6 +115,7 @@ void affine1_direct(const T* x, T* y, index_t n, const Coefs<compute_t<T>>& k, i
     auto loop = [&](auto streamed, index_t end) {
       for (; i + L <= end; i += L) {
         if (ahead) prefetch(x + i + ahead);
+        if (ahead_out) prefetch(y + i + ahead_out);
         const V z = affine(load<V>(x + i), load<V>(k.a + c), load<V>(k.m + c), load<V>(k.b + c));
         write<streamed.value>(y + i, Relu ? relu(z) : z);
         c += L;
@@ -127,6 +128,7 @@ void affine1_direct(const T* x, T* y, index_t n, const Coefs<compute_t<T>>& k, i
     auto loop = [&](auto streamed, index_t end) {
       for (; i + L <= end; i += L) {
         if (ahead) prefetch(x + i + ahead);
+        if (ahead_out) prefetch(y + i + ahead_out);
         const V z = affine(load<V>(x + i), a, m, b);
         write<streamed.value>(y + i, Relu ? relu(z) : z);
       }
@@ -141,7 +143,7 @@ void affine1_direct(const T* x, T* y, index_t n, const Coefs<compute_t<T>>& k, i
 // statistics, dx_of_weighted.
 template <class T, bool Relu, bool Stream, bool Periodic, Weights Wt = Weights::none>
 void affine2_direct(const T* x, const T* dy, T* dx, index_t n, const Coefs<compute_t<T>>& k, index_t period,
-                    index_t ahead = 0, index_t first_channel = 0, const T* w = nullptr) {
+                    index_t ahead = 0, index_t ahead_out = 0, index_t first_channel = 0, const T* w = nullptr) {
   using V = Wide<T>;
   constexpr index_t L = kLanes<V>;
   index_t i = 0, c = first_channel;
@@ -175,6 +177,7 @@ void affine2_direct(const T* x, const T* dy, T* dx, index_t n, const Coefs<compu
     auto loop = [&](auto streamed, index_t end) {
       for (; i + L <= end; i += L) {
         if (ahead) prefetch(x + i + ahead), prefetch(dy + i + ahead);
+        if (ahead_out) prefetch(dx + i + ahead_out);
         vec(streamed, Relu ? load<V>(k.a + c) : V{}, load<V>(k.m + c), Relu ? load<V>(k.b + c) : V{}, load<V>(k.k1 + c),
             load<V>(k.k2 + c), load<V>(k.k3 + c));
         c += L;
@@ -188,6 +191,7 @@ void affine2_direct(const T* x, const T* dy, T* dx, index_t n, const Coefs<compu
     auto loop = [&](auto streamed, index_t end) {
       for (; i + L <= end; i += L) {
         if (ahead) prefetch(x + i + ahead), prefetch(dy + i + ahead);
+        if (ahead_out) prefetch(dx + i + ahead_out);
         vec(streamed, a, m, b, k1, k2, k3);
       }
     };
@@ -312,7 +316,8 @@ void affine1_rows(Strided<const T> x, Strided<T> y, index_t rows, index_t channe
                                                     channels, kg);
           },
           [&](index_t off, index_t n, index_t c) {
-            affine1_direct<T, r.value, st.value, true>(x.p + off, y.p + off, n, kk, channels, out.ahead, c);
+            affine1_direct<T, r.value, st.value, true>(x.p + off, y.p + off, n, kk, channels, out.ahead,
+                                                       st.value ? 0 : out.ahead_out, c);
           },
           [&](index_t i) {
             affine1_direct<T, r.value, st.value, true>(x.p + i * x.stride, y.p + i * y.stride, channels, kk, channels);
@@ -357,7 +362,7 @@ void affine2_rows(Strided<const T> x, Strided<const T> dy, Strided<T> dx, index_
           },
           [&](index_t off, index_t n, index_t c) {
             affine2_direct<T, r.value, st.value, true>(x.p + off, dy.p + off, dx.p + off, n, kk, channels, out.ahead,
-                                                       c);
+                                                       st.value ? 0 : out.ahead_out, c);
           },
           [&](index_t i) {
             affine2_direct<T, r.value, st.value, true>(x.p + i * x.stride, dy.p + i * dy.stride, dx.p + i * dx.stride,
@@ -393,7 +398,7 @@ void affine2w_rows(Strided<const T> x, Strided<const T> dy, Strided<const T> w, 
       for (index_t i = 0; i < rows; ++i)
         affine2_direct<T, r.value, st.value, true, Weights::one>(x.p + i * x.stride, dy.p + i * dy.stride,
                                                                  dx.p + i * dx.stride, channels, pc.k, channels, 0, 0,
-                                                                 w.p + i * w.stride);
+                                                                 0, w.p + i * w.stride);
     });
   } else {
     C xbuf[kBlock], dbuf[kBlock], obuf[kBlock];
@@ -420,10 +425,10 @@ void affine1_runs(const RunArray<const T>& x, const RunArray<T>& y, const RunSha
                   bool relu_on, Output out) {
   with_flags(relu_on, out.stream, [&](auto relu, auto stream) {
     map_runs<stream.value>(
-        shape, out.ahead,
-        [&](index_t c, index_t n, index_t ahead, auto streamed, const auto* xp, auto* yp) {
+        shape, out,
+        [&](index_t c, index_t n, index_t ahead, index_t ahead_out, auto streamed, const auto* xp, auto* yp) {
           using E = std::remove_pointer_t<decltype(yp)>;  // T, or the compute type in the general loops
-          affine1_direct<E, relu.value, streamed.value, false>(xp, yp, n, k.from(c), 0, ahead);
+          affine1_direct<E, relu.value, streamed.value, false>(xp, yp, n, k.from(c), 0, ahead, ahead_out);
         },
         y, x);
   });
@@ -435,10 +440,11 @@ void affine2_runs(const RunArray<const T>& x, const RunArray<const T>& dy, const
                   Coefs<compute_t<T>> k, bool relu_on, Output out) {
   with_flags(relu_on, out.stream, [&](auto relu, auto stream) {
     map_runs<stream.value>(
-        shape, out.ahead,
-        [&](index_t c, index_t n, index_t ahead, auto streamed, const auto* xp, const auto* dyp, auto* dxp) {
+        shape, out,
+        [&](index_t c, index_t n, index_t ahead, index_t ahead_out, auto streamed, const auto* xp, const auto* dyp,
+            auto* dxp) {
           using E = std::remove_pointer_t<decltype(dxp)>;
-          affine2_direct<E, relu.value, streamed.value, false>(xp, dyp, dxp, n, k.from(c), 0, ahead);
+          affine2_direct<E, relu.value, streamed.value, false>(xp, dyp, dxp, n, k.from(c), 0, ahead, ahead_out);
         },
         dx, x, dy);
   });
@@ -450,12 +456,12 @@ void affine2w_runs(const RunArray<const T>& x, const RunArray<const T>& dy, cons
                    const RunArray<T>& dx, const RunShape& shape, Coefs<compute_t<T>> k, bool relu_on, Output out) {
   with_flags(relu_on, out.stream, [&](auto relu, auto stream) {
     map_runs<stream.value>(
-        shape, out.ahead,
-        [&](index_t c, index_t n, index_t ahead, auto streamed, const auto* xp, const auto* dyp, const auto* wp,
-            auto* dxp) {
+        shape, out,
+        [&](index_t c, index_t n, index_t ahead, index_t ahead_out, auto streamed, const auto* xp, const auto* dyp,
+            const auto* wp, auto* dxp) {
           using E = std::remove_pointer_t<decltype(dxp)>;
-          affine2_direct<E, relu.value, streamed.value, false, Weights::each>(xp, dyp, dxp, n, k.from(c), 0, ahead, 0,
-                                                                              wp);
+          affine2_direct<E, relu.value, streamed.value, false, Weights::each>(xp, dyp, dxp, n, k.from(c), 0, ahead,
+                                                                              ahead_out, 0, wp);
         },
         dx, x, dy, w);
   });

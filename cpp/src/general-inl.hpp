@@ -156,8 +156,8 @@ template <class C, class Body, class... In, std::size_t... I>
 inline void map_block(std::index_sequence<I...>, const Body& body, index_t c, index_t j, index_t i, index_t len, C* out,
                       const In&... in) {
   C buf[sizeof...(In)][kBlock];
-  body(c, len, index_t{0}, std::false_type{}, view(in.p + j * in.run_stride + i * in.stride, in.stride, len, buf[I])...,
-       out);
+  body(c, len, index_t{0}, index_t{0}, std::false_type{},
+       view(in.p + j * in.run_stride + i * in.stride, in.stride, len, buf[I])..., out);
 }
 
 // The drivers below are inlined into each kernel and their general loops are not: a call
@@ -216,17 +216,17 @@ template <class T, class Body, class... In>
   reduce_runs_general<T>(sh, s, ss, body, in...);
 }
 
-// An elementwise pass: body(c, n, ahead, stream, in..., out) writes n values of channel c;
-// stream (std::bool_constant) says whether the direct body streams its output (the general
-// loops compute into a block and stream that).
+// An elementwise pass: body(c, n, ahead, ahead_out, stream, in..., out) writes n values of
+// channel c, prefetching as Output says; stream (std::bool_constant) says whether the
+// direct body streams its output (the general loops compute into a block and stream that).
 template <bool Stream, class T, class Body, class... In>
-[[gnu::always_inline]] inline void map_runs(const RunShape& sh, index_t ahead, const Body& body, const RunArray<T>& out,
-                                            const In&... in) {
+[[gnu::always_inline]] inline void map_runs(const RunShape& sh, const Output& o, const Body& body,
+                                            const RunArray<T>& out, const In&... in) {
   if constexpr (kDirect<T>) {
     if (unit_strides(out, in...)) {
       for (index_t j = 0; j < sh.count; ++j)
-        body(j * sh.step, sh.n, ahead, std::bool_constant<Stream>{}, (in.p + j * in.run_stride)...,
-             out.p + j * out.run_stride);
+        body(j * sh.step, sh.n, o.ahead, Stream ? 0 : o.ahead_out, std::bool_constant<Stream>{},
+             (in.p + j * in.run_stride)..., out.p + j * out.run_stride);
       return;
     }
   }

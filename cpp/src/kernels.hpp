@@ -88,10 +88,15 @@ struct RunShape {
 ///           input (x, and dy in affine-2) into cache, for the pass that reads there next
 ///           (the channel-block schedule's next channel); 0 prefetches nothing. The reduce
 ///           runs kernels take the same distance as their last argument.
+///   ahead_out: without streaming, while writing element i, prefetch element i + ahead_out
+///           of the output: an ordinary store to a line not in cache first reads it, and a
+///           line fetched early is in cache, owned, when the store comes; 0 prefetches nothing.
 struct Output {
   bool stream = false;
   index_t ahead = 0;
-  Output(bool stream_ = false, index_t ahead_ = 0) : stream(stream_), ahead(ahead_) {}  // NOLINT: from bool
+  index_t ahead_out = 0;
+  Output(bool stream_ = false, index_t ahead_ = 0, index_t ahead_out_ = 0)  // NOLINT: from bool
+      : stream(stream_), ahead(ahead_), ahead_out(ahead_out_) {}
 };
 
 template <class T>

@@ -338,6 +338,18 @@ constexpr index_t ahead_elements() {
   return static_cast<index_t>(kAheadBytes / sizeof(T));
 }
 
+// Output prefetch distance (Output::ahead_out) of the elementwise passes in memory order:
+// as far as their reads, where stores are ordinary (measured: docs/performance.md).
+template <class T>
+index_t ahead_out_elements(bool stream) {
+  return stream ? 0 : ahead_elements<T>();
+}
+// ... and of the channel-block passes, whose runs lie far apart: two runs on, so the line
+// arrives while the run before is written.
+inline index_t block_ahead_out(const RunGroup& g, int op, bool stream) {
+  return stream ? 0 : 2 * g.stride[static_cast<std::size_t>(op)];
+}
+
 template <class T>
 const KernelTable<T>& kernels() {
   return active_tables().get<T>();
@@ -542,11 +554,11 @@ void affine1(const Plan& p, const T* x, T* y, const Coefs<compute_t<T>>& k, bool
       p, sizeof(T),
       [&](const Offsets& off, index_t rows, const Offsets& rs, index_t c0, index_t nc) {
         kt.affine1_rows(rows_array(x, off, rs, kX), rows_array(y, off, rs, kY), rows, nc, k.from(c0), relu,
-                        Output(stream, ahead_elements<T>()));
+                        Output(stream, ahead_elements<T>(), ahead_out_elements<T>(stream)));
       },
       [&](const RunGroup& g) {
         kt.affine1_runs(run_array(x, g, kX), run_array(y, g, kY), run_shape(g), k.from(g.c), relu,
-                        Output(stream, ahead_elements<T>()));
+                        Output(stream, ahead_elements<T>(), ahead_out_elements<T>(stream)));
       },
       after_sums ? sizeof(T) : 0);
 }
@@ -593,7 +605,7 @@ void forward_channel_blocks(const Plan& p, ChannelBlocks cb, const T* x, T* y, c
       const Coefs<C> kc{a.data(), m.data(), b.data()};
       block_halves(p, runs, c, k, next, false, [&](const RunGroup& g, index_t ahead) {
         kt.affine1_runs(run_array(x, g, kX), run_array(y, g, kY), run_shape(g), kc.from(g.c - c), relu,
-                        Output(stream, ahead));
+                        Output(stream, ahead, block_ahead_out(g, kY, stream)));
       });
     }
   });
@@ -659,10 +671,11 @@ void backward_channel_blocks(BackwardSetup<T>& b, int nt, const T* dy, const T* 
       block_halves(p, runs, c, 1, next, false, [&](const RunGroup& g, index_t ahead) {
         if (b.mask.w)
           kt.affine2w_runs(run_array(x, g, kX), run_array(dy, g, kDy), run_array(b.mask.w, g, mask_operand(p)),
-                           run_array(dx, g, kDx), run_shape(g), kc, b.relu, Output(stream, ahead));
+                           run_array(dx, g, kDx), run_shape(g), kc, b.relu,
+                           Output(stream, ahead, block_ahead_out(g, kDx, stream)));
         else
           kt.affine2_runs(run_array(x, g, kX), run_array(dy, g, kDy), run_array(dx, g, kDx), run_shape(g), kc, b.relu,
-                          Output(stream, ahead));
+                          Output(stream, ahead, block_ahead_out(g, kDx, stream)));
       });
     }
   });
@@ -705,7 +718,7 @@ void affine2(BackwardSetup<T>& b, const T* dy, const T* x, T* dx, const Affine<s
                            rows_array(dx, off, rs, kDx), rows, nc, kv.from(c0), relu, stream);
         else
           kt.affine2_rows(rows_array(x, off, rs, kX), rows_array(dy, off, rs, kDy), rows_array(dx, off, rs, kDx), rows,
-                          nc, kv.from(c0), relu, Output(stream, ahead_elements<T>()));
+                          nc, kv.from(c0), relu, Output(stream, ahead_elements<T>(), ahead_out_elements<T>(stream)));
       },
       [&](const RunGroup& g) {
         if (w)
@@ -713,7 +726,7 @@ void affine2(BackwardSetup<T>& b, const T* dy, const T* x, T* dx, const Affine<s
                            run_shape(g), kv.from(g.c), relu, stream);
         else
           kt.affine2_runs(run_array(x, g, kX), run_array(dy, g, kDy), run_array(dx, g, kDx), run_shape(g), kv.from(g.c),
-                          relu, Output(stream, ahead_elements<T>()));
+                          relu, Output(stream, ahead_elements<T>(), ahead_out_elements<T>(stream)));
       },
       2 * sizeof(T));  // x and dy were just summed, or were by backward_sums
 }

@@ -24,6 +24,7 @@ using batchnorm::index_t;
 using batchnorm::detail::Coefs;
 using batchnorm::detail::compute_t;
 using batchnorm::detail::KernelTable;
+using batchnorm::detail::Output;
 using batchnorm::detail::RunShape;
 using batchnorm::detail::Strided;
 using batchnorm::detail::Tables;
@@ -681,7 +682,7 @@ TYPED_TEST(Kernels, Reduce2WithoutReluNeedsNoActivationCoefs) {
 
 // Non-temporal stores change how outputs are written, never what: for every ISA, type,
 // length and misalignment of the output, streamed and ordinary writes give the same bits.
-TYPED_TEST(Kernels, StreamedOutputEqualsOrdinaryOutput) {
+TYPED_TEST(Kernels, StreamedOrPrefetchingOutputEqualsOrdinaryOutput) {
   using T = TypeParam;
   using C = compute_t<T>;
   const index_t n = 1100;
@@ -706,34 +707,31 @@ TYPED_TEST(Kernels, StreamedOutputEqualsOrdinaryOutput) {
         for (bool relu : {false, true}) {
           SCOPED_TRACE(::testing::Message() << isa << " n " << len << " offset " << shift << " relu " << relu);
           const KernelTable<T>& kt = table<T>(isa);
-          std::vector<T> plain(x.size()), streamed(x.size());
-          kt.affine1_runs({x.data() + shift, 1}, {plain.data() + shift, 1}, {len}, k, relu, false);
-          kt.affine1_runs({x.data() + shift, 1}, {streamed.data() + shift, 1}, {len}, k, relu, true);
-          EXPECT_EQ(bits(plain), bits(streamed)) << "affine1_run";
-          kt.affine2_runs({x.data() + shift, 1}, {dy.data() + shift, 1}, {plain.data() + shift, 1}, {len}, k, relu,
-                          false);
-          kt.affine2_runs({x.data() + shift, 1}, {dy.data() + shift, 1}, {streamed.data() + shift, 1}, {len}, k, relu,
-                          true);
-          EXPECT_EQ(bits(plain), bits(streamed)) << "affine2_run";
-          kt.affine1_rows({x.data() + shift, len}, {plain.data() + shift, len}, 1, len, k, relu, false);
-          kt.affine1_rows({x.data() + shift, len}, {streamed.data() + shift, len}, 1, len, k, relu, true);
-          EXPECT_EQ(bits(plain), bits(streamed)) << "affine1_rows";
-          kt.affine2_rows({x.data() + shift, len}, {dy.data() + shift, len}, {plain.data() + shift, len}, 1, len, k,
-                          relu, false);
-          kt.affine2_rows({x.data() + shift, len}, {dy.data() + shift, len}, {streamed.data() + shift, len}, 1, len, k,
-                          relu, true);
-          EXPECT_EQ(bits(plain), bits(streamed)) << "affine2_rows";
+          // call(out, output) writes into out + shift: ordinary stores, streamed, and ordinary
+          // stores that prefetch the inputs and the output ahead all write the same bits.
+          auto agree = [&](const char* what, const auto& call) {
+            std::vector<T> plain(x.size()), streamed(x.size()), fetched(x.size());
+            call(plain.data() + shift, Output(false));
+            call(streamed.data() + shift, Output(true));
+            call(fetched.data() + shift, Output(false, 48, 48));
+            EXPECT_EQ(bits(plain), bits(streamed)) << what << ", streamed";
+            EXPECT_EQ(bits(plain), bits(fetched)) << what << ", prefetching";
+          };
+          const T* xs = x.data() + shift;
+          const T* dys = dy.data() + shift;
+          agree("affine1_run", [&](T* o, Output out) { kt.affine1_runs({xs, 1}, {o, 1}, {len}, k, relu, out); });
+          agree("affine2_run",
+                [&](T* o, Output out) { kt.affine2_runs({xs, 1}, {dys, 1}, {o, 1}, {len}, k, relu, out); });
+          agree("affine1_rows", [&](T* o, Output out) { kt.affine1_rows({xs, len}, {o, len}, 1, len, k, relu, out); });
+          agree("affine2_rows",
+                [&](T* o, Output out) { kt.affine2_rows({xs, len}, {dys, len}, {o, len}, 1, len, k, relu, out); });
           // Four rows in one stretch, of a quarter of len's whole vectors each: the channel of
           // the vector loop carries over from row to row.
           if (len < 16) continue;
           const index_t ch = len / 16 * 16 / 4, rows = len / ch;
-          kt.affine1_rows({x.data() + shift, ch}, {plain.data() + shift, ch}, rows, ch, k, relu, false);
-          kt.affine1_rows({x.data() + shift, ch}, {streamed.data() + shift, ch}, rows, ch, k, relu, true);
-          EXPECT_EQ(bits(plain), bits(streamed)) << "affine1_rows, " << rows << " rows of " << ch;
-          kt.affine2_rows({x.data() + shift, ch}, {dy.data() + shift, ch}, {plain.data() + shift, ch}, rows, ch, k,
-                          relu, false);
-          kt.affine2_rows({x.data() + shift, ch}, {dy.data() + shift, ch}, {streamed.data() + shift, ch}, rows, ch, k,
-                          relu, true);
-          EXPECT_EQ(bits(plain), bits(streamed)) << "affine2_rows, " << rows << " rows of " << ch;
+          SCOPED_TRACE(::testing::Message() << rows << " rows of " << ch);
+          agree("affine1_rows", [&](T* o, Output out) { kt.affine1_rows({xs, ch}, {o, ch}, rows, ch, k, relu, out); });
+          agree("affine2_rows",
+                [&](T* o, Output out) { kt.affine2_rows({xs, ch}, {dys, ch}, {o, ch}, rows, ch, k, relu, out); });
         }
 }
