@@ -182,7 +182,7 @@ index_t forward(const Geometry& g, In<T> x, Out<T> y, Affine<stat_t<T>> affine, 
   check_not_null(x.data, "x");
   check_not_null(y.data, "y");
   const bool relu = activation == Activation::relu;
-  if (const ChannelBlocks cb = channel_blocks(p, sizeof(T), true); cb.threads) {
+  if (const ChannelBlocks cb = channel_blocks(p, sizeof(T)); cb.threads) {
     forward_channel_blocks(p, cb, x.data, y.data, affine, epsilon, relu, mean, variance, inv_std, m);
     return reported_count(p, m);
   }
@@ -277,8 +277,8 @@ void backward(const Geometry& g, In<T> dy, In<T> x, Out<T> dx, const stat_t<T>* 
     return;
   }
   check_inputs({dy.data, x.data, dx.data});
-  if (const ChannelBlocks cb = channel_blocks(b.plan, 2 * sizeof(T), false); cb.threads) {  // x and dy stay in cache
-    backward_channel_blocks(b, cb.threads, dy.data, x.data, dx.data, affine, statistics, dgamma, dbeta);
+  if (const ChannelBlocks cb = channel_blocks(b.plan, 2 * sizeof(T)); cb.threads) {  // x and dy stay in cache
+    backward_channel_blocks(b, cb, dy.data, x.data, dx.data, affine, statistics, dgamma, dbeta);
     return;
   }
   std::vector<double> sum_dy(static_cast<std::size_t>(ch)), sum_dy_xc(sum_dy.size());

@@ -466,13 +466,14 @@ void sum_moments(const Plan& p, const T* x, double* mean, double* second, bool v
 // The limit is a share of the last-level cache rather than L2: a channel of a few MiB is
 // still there (or in L2) when it is read again (measured: docs/performance.md).
 constexpr std::size_t kChannelCacheBytes = std::size_t{4} << 20;
-constexpr std::size_t kMinBlockRunBytes = 1024;
-// Short runs (BatchNorm1d's (N, C, L) sequences, 7x7 maps) scatter a channel over many small
-// pieces of memory: one channel's 64 runs of 512 bytes sit 128 KB apart, each a cold miss.
+// Short runs, of at most kShortRunBytes (counting each array read: x, or x and dy), such as
+// BatchNorm1d's (N, C, L) sequences and 7x7 maps, scatter a channel over many small pieces
+// of memory: one channel's 64 runs of 512 bytes sit 128 KB apart, each a cold miss.
 // A block of several consecutive channels is read sample by sample instead, each sample's
 // runs of the block one contiguous stretch of at least kMinStretchBytes (shorter ones, read
 // a few KiB apart, lost to streaming: measured, docs/performance.md), and the block's inputs
 // (up to kBlockCacheBytes, a share of L2) are still in L2 for the elementwise pass.
+constexpr std::size_t kShortRunBytes = 1024;
 constexpr std::size_t kBlockCacheBytes = std::size_t{1} << 20;
 constexpr std::size_t kMinStretchBytes = std::size_t{4} << 10;
 
@@ -482,24 +483,23 @@ struct ChannelBlocks {
 };
 
 // The channel-block schedule of a plan reading bytes_per_value per value (x, or x and dy),
-// or threads 0 where streaming passes are the better choice. Blocks of several channels
-// (short runs) only where `several` (the training forward: a backward's blocks measured no
-// faster than streaming, docs/performance.md).
-inline ChannelBlocks channel_blocks(const Plan& p, std::size_t bytes_per_value, bool several) {
+// or threads 0 where streaming passes are the better choice: one channel per block for long
+// runs, blocks of several for short ones.
+inline ChannelBlocks channel_blocks(const Plan& p, std::size_t bytes_per_value) {
   if (p.kind == Kind::channels_last) return {};
   const auto channel_bytes = static_cast<std::size_t>(p.count) * bytes_per_value;
   if (channel_bytes > kChannelCacheBytes) return {};
   const int nt = threads_for(p.channels * p.count);
   const auto run_bytes =
       static_cast<std::size_t>(p.reduce_dims.empty() ? 1 : p.reduce_dims.back().size) * bytes_per_value;
-  if (run_bytes >= kMinBlockRunBytes) {
+  if (run_bytes > kShortRunBytes) {
     if (nt == 1 || p.channels >= 4 * nt) return {nt, 1};
     return {};  // few channels: balance by pieces instead
   }
   // Short runs: blocks of k channels whose runs are contiguous in each sample (NCL, NCHW).
   const Runs r = runs_of(p);
-  if (!several || p.kind != Kind::channels_first || p.channel_dims.size() != 1 || p.reduce_dims.size() != 2 ||
-      !r.outer_major || r.pieces != 1)
+  if (p.kind != Kind::channels_first || p.channel_dims.size() != 1 || p.reduce_dims.size() != 2 || !r.outer_major ||
+      r.pieces != 1)
     return {};
   const index_t k =
       std::min(static_cast<index_t>(kBlockCacheBytes / channel_bytes), p.channels / (4 * static_cast<index_t>(nt)));
@@ -646,7 +646,7 @@ struct BackwardSetup {
 
 // The whole backward in channel blocks of one channel each (see channel_blocks).
 template <class T>
-void backward_channel_blocks(BackwardSetup<T>& b, int nt, const T* dy, const T* x, T* dx,
+void backward_channel_blocks(BackwardSetup<T>& b, ChannelBlocks cb, const T* dy, const T* x, T* dx,
                              const Affine<stat_t<T>>& affine, Statistics statistics, stat_t<T>* dgamma,
                              stat_t<T>* dbeta) {
   const Plan& p = b.plan;
@@ -654,28 +654,34 @@ void backward_channel_blocks(BackwardSetup<T>& b, int nt, const T* dy, const T* 
   const KernelTable<T>& kt = kernels<T>();
   const Coefs<compute_t<T>> kv = b.k.view();
   const bool stream = stream_output<T>(p);
-  parallel(nt, p.channels * p.count, [&](int t, int n) {
+  const auto nk = static_cast<std::size_t>(cb.channels);
+  parallel(cb.threads, p.channels * p.count, [&](int t, int n) {
     index_t c0, c1;
     partition(p.channels, t, n, c0, c1);
-    for (index_t c = c0; c < c1; ++c) {
-      const Coefs<compute_t<T>> kc = kv.from(c);
-      const index_t next = c + 1 < c1 ? next_block_distance(p, c, 1, {kX, kDy}) : 0;
-      double sum_dy = 0, sum_dy_xc = 0;
-      block_halves(p, runs, c, 1, next, true, [&](const RunGroup& g, index_t ahead) {
-        kt.reduce2_runs(run_array(x, g, kX), run_array(dy, g, kDy), run_shape(g), kc, b.relu, &sum_dy, &sum_dy_xc,
-                        ahead);
+    std::vector<double> sum_dy(nk), sum_dy_xc(nk);
+    for (index_t c = c0; c < c1; c += cb.channels) {
+      const index_t k = std::min(cb.channels, c1 - c);
+      const index_t next = c + k < c1 ? next_block_distance(p, c, k, {kX, kDy}) : 0;
+      std::fill(sum_dy.begin(), sum_dy.end(), 0.0);
+      std::fill(sum_dy_xc.begin(), sum_dy_xc.end(), 0.0);
+      block_halves(p, runs, c, k, next, true, [&](const RunGroup& g, index_t ahead) {
+        const auto j = static_cast<std::size_t>(g.c - c);
+        kt.reduce2_runs(run_array(x, g, kX), run_array(dy, g, kDy), run_shape(g), kv.from(g.c), b.relu,
+                        sum_dy.data() + j, sum_dy_xc.data() + j, ahead);
       });
-      const auto i = static_cast<std::size_t>(c);
-      store_parameter_gradients(i, b.inv[i], sum_dy, sum_dy_xc, dgamma, dbeta);
-      b.set_apply_coef(i, affine, sum_dy, sum_dy_xc, stat_count(p, b.mask), statistics);
-      block_halves(p, runs, c, 1, next, false, [&](const RunGroup& g, index_t ahead) {
+      for (index_t j = 0; j < k; ++j) {
+        const auto i = static_cast<std::size_t>(c + j), s = static_cast<std::size_t>(j);
+        store_parameter_gradients(i, b.inv[i], sum_dy[s], sum_dy_xc[s], dgamma, dbeta);
+        b.set_apply_coef(i, affine, sum_dy[s], sum_dy_xc[s], stat_count(p, b.mask), statistics);
+      }
+      block_halves(p, runs, c, k, next, false, [&](const RunGroup& g, index_t ahead) {
+        const Output out(stream, ahead, block_ahead_out(g, kDx, stream));
         if (b.mask.w)
           kt.affine2w_runs(run_array(x, g, kX), run_array(dy, g, kDy), run_array(b.mask.w, g, mask_operand(p)),
-                           run_array(dx, g, kDx), run_shape(g), kc, b.relu,
-                           Output(stream, ahead, block_ahead_out(g, kDx, stream)));
+                           run_array(dx, g, kDx), run_shape(g), kv.from(g.c), b.relu, out);
         else
-          kt.affine2_runs(run_array(x, g, kX), run_array(dy, g, kDy), run_array(dx, g, kDx), run_shape(g), kc, b.relu,
-                          Output(stream, ahead, block_ahead_out(g, kDx, stream)));
+          kt.affine2_runs(run_array(x, g, kX), run_array(dy, g, kDy), run_array(dx, g, kDx), run_shape(g), kv.from(g.c),
+                          b.relu, out);
       });
     }
   });

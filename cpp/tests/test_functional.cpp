@@ -82,7 +82,7 @@ std::vector<Case> cases() {
       {"nc_2d", {37, 33}, {1}, {}, {}},
       {"cn_2d", {33, 37}, {0}, {}, {}},
       {"long_runs", {2, 3, 700}, {1}, {}, {}},
-      {"short_runs_channel_blocks", {6, 200, 24}, {1}, {}, {}},  // the training forward's blocks of 50 channels
+      {"short_runs_channel_blocks", {6, 200, 24}, {1}, {}, {}},  // blocks of 25-50 channels (forward and backward)
       {"wide_channels", {5, 600}, {1}, {}, {}},
       {"wide_channels_reversed_rows", {5, 600}, {1}, {-600, 1}, {-600, 1}},
       {"broadcast_x", {3, 5, 7}, {1}, {0, 7, 1}, {}},
