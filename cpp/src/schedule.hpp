@@ -471,11 +471,13 @@ constexpr std::size_t kChannelCacheBytes = std::size_t{4} << 20;
 // of memory: one channel's 64 runs of 512 bytes sit 128 KB apart, each a cold miss.
 // A block of several consecutive channels is read sample by sample instead, each sample's
 // runs of the block one contiguous stretch of at least kMinStretchBytes (shorter ones, read
-// a few KiB apart, lost to streaming: measured, docs/performance.md), and the block's inputs
-// (up to kBlockCacheBytes, a share of L2) are still in L2 for the elementwise pass.
+// a few KiB apart, lost to streaming: measured, docs/performance.md) and at most
+// kMaxStretchBytes (longer ones measured slower: r50-7's 32 KiB stretches), and the block's
+// inputs (up to kBlockCacheBytes, a share of L2) are still in L2 for the elementwise pass.
 constexpr std::size_t kShortRunBytes = 1024;
 constexpr std::size_t kBlockCacheBytes = std::size_t{1} << 20;
 constexpr std::size_t kMinStretchBytes = std::size_t{4} << 10;
+constexpr std::size_t kMaxStretchBytes = std::size_t{16} << 10;
 
 struct ChannelBlocks {
   int threads = 0;       // 0: streaming passes instead
@@ -502,7 +504,8 @@ inline ChannelBlocks channel_blocks(const Plan& p, std::size_t bytes_per_value) 
       r.pieces != 1)
     return {};
   const index_t k =
-      std::min(static_cast<index_t>(kBlockCacheBytes / channel_bytes), p.channels / (4 * static_cast<index_t>(nt)));
+      std::min({static_cast<index_t>(kBlockCacheBytes / channel_bytes),
+                static_cast<index_t>(kMaxStretchBytes / run_bytes), p.channels / (4 * static_cast<index_t>(nt))});
   if (k < 1 || static_cast<std::size_t>(k) * run_bytes < kMinStretchBytes) return {};
   return {nt, k};
 }
