@@ -338,17 +338,10 @@ constexpr index_t ahead_elements() {
   return static_cast<index_t>(kAheadBytes / sizeof(T));
 }
 
-// Output prefetch distance (Output::ahead_out) of the elementwise passes in memory order:
-// as far as their reads, where stores are ordinary (measured: docs/performance.md).
-template <class T>
-index_t ahead_out_elements(bool stream) {
-  return stream ? 0 : ahead_elements<T>();
-}
-// ... and of the channel-block passes, whose runs lie far apart: two runs on, so the line
+// The channel-block passes prefetch their output two runs on (Output::ahead_out; the
+// memory-order passes, as far as their reads): the runs lie far apart, and the line then
 // arrives while the run before is written.
-inline index_t block_ahead_out(const RunGroup& g, int op, bool stream) {
-  return stream ? 0 : 2 * g.stride[static_cast<std::size_t>(op)];
-}
+inline index_t block_ahead_out(const RunGroup& g, int op) { return 2 * g.stride[static_cast<std::size_t>(op)]; }
 
 template <class T>
 const KernelTable<T>& kernels() {
@@ -557,11 +550,11 @@ void affine1(const Plan& p, const T* x, T* y, const Coefs<compute_t<T>>& k, bool
       p, sizeof(T),
       [&](const Offsets& off, index_t rows, const Offsets& rs, index_t c0, index_t nc) {
         kt.affine1_rows(rows_array(x, off, rs, kX), rows_array(y, off, rs, kY), rows, nc, k.from(c0), relu,
-                        Output(stream, ahead_elements<T>(), ahead_out_elements<T>(stream)));
+                        Output(stream, ahead_elements<T>(), ahead_elements<T>()));
       },
       [&](const RunGroup& g) {
         kt.affine1_runs(run_array(x, g, kX), run_array(y, g, kY), run_shape(g), k.from(g.c), relu,
-                        Output(stream, ahead_elements<T>(), ahead_out_elements<T>(stream)));
+                        Output(stream, ahead_elements<T>(), ahead_elements<T>()));
       },
       after_sums ? sizeof(T) : 0);
 }
@@ -608,7 +601,7 @@ void forward_channel_blocks(const Plan& p, ChannelBlocks cb, const T* x, T* y, c
       const Coefs<C> kc{a.data(), m.data(), b.data()};
       block_halves(p, runs, c, k, next, false, [&](const RunGroup& g, index_t ahead) {
         kt.affine1_runs(run_array(x, g, kX), run_array(y, g, kY), run_shape(g), kc.from(g.c - c), relu,
-                        Output(stream, ahead, block_ahead_out(g, kY, stream)));
+                        Output(stream, ahead, block_ahead_out(g, kY)));
       });
     }
   });
@@ -647,7 +640,7 @@ struct BackwardSetup {
   }
 };
 
-// The whole backward in channel blocks of one channel each (see channel_blocks).
+// The whole backward in channel blocks (see channel_blocks).
 template <class T>
 void backward_channel_blocks(BackwardSetup<T>& b, ChannelBlocks cb, const T* dy, const T* x, T* dx,
                              const Affine<stat_t<T>>& affine, Statistics statistics, stat_t<T>* dgamma,
@@ -678,7 +671,7 @@ void backward_channel_blocks(BackwardSetup<T>& b, ChannelBlocks cb, const T* dy,
         b.set_apply_coef(i, affine, sum_dy[s], sum_dy_xc[s], stat_count(p, b.mask), statistics);
       }
       block_halves(p, runs, c, k, next, false, [&](const RunGroup& g, index_t ahead) {
-        const Output out(stream, ahead, block_ahead_out(g, kDx, stream));
+        const Output out(stream, ahead, block_ahead_out(g, kDx));
         if (b.mask.w)
           kt.affine2w_runs(run_array(x, g, kX), run_array(dy, g, kDy), run_array(b.mask.w, g, mask_operand(p)),
                            run_array(dx, g, kDx), run_shape(g), kv.from(g.c), b.relu, out);
@@ -727,7 +720,7 @@ void affine2(BackwardSetup<T>& b, const T* dy, const T* x, T* dx, const Affine<s
                            rows_array(dx, off, rs, kDx), rows, nc, kv.from(c0), relu, stream);
         else
           kt.affine2_rows(rows_array(x, off, rs, kX), rows_array(dy, off, rs, kDy), rows_array(dx, off, rs, kDx), rows,
-                          nc, kv.from(c0), relu, Output(stream, ahead_elements<T>(), ahead_out_elements<T>(stream)));
+                          nc, kv.from(c0), relu, Output(stream, ahead_elements<T>(), ahead_elements<T>()));
       },
       [&](const RunGroup& g) {
         if (w)
@@ -735,7 +728,7 @@ void affine2(BackwardSetup<T>& b, const T* dy, const T* x, T* dx, const Affine<s
                            run_shape(g), kv.from(g.c), relu, stream);
         else
           kt.affine2_runs(run_array(x, g, kX), run_array(dy, g, kDy), run_array(dx, g, kDx), run_shape(g), kv.from(g.c),
-                          relu, Output(stream, ahead_elements<T>(), ahead_out_elements<T>(stream)));
+                          relu, Output(stream, ahead_elements<T>(), ahead_elements<T>()));
       },
       2 * sizeof(T));  // x and dy were just summed, or were by backward_sums
 }
