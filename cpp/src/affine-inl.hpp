@@ -5,9 +5,10 @@
 //   affine-2:  dx = k1*(g - k3) + k2*(x - m),  g = dy masked by relu(a*(x - m) + b)
 //              with masked statistics: dx = k1*(g - w*k3) + w*k2*(x - m), w the mask beside x
 // The direct bodies compute in registers and write large outputs with non-temporal stores
-// straight from them, after a head that aligns the output to a cache line; run edges are
-// partial vectors. Every value is computed by the same operations whichever part of a
-// body (or the general loops) computes it.
+// straight from them, after a head that aligns the output to a cache line (rows align it
+// whether streamed or not: NumPy puts large arrays 16 bytes past a line, and vectors that
+// straddle lines cost row groups half their speed); run edges are partial vectors. Every value is computed by the same
+// operations whichever part of a body (or the general loops) computes it.
 
 // Elements before p is on a 64-byte boundary, or -1 if it never is (p not T-aligned).
 template <class T>
@@ -44,12 +45,12 @@ inline void write(T* p, V v) {
 // so that a vector starting at channel c reads coefficient (c + j) mod channels at lane j.
 //
 // Phase: the arrays start where, in a cache line, the vector loop's first coefficient load
-// falls when its output positions are whole lines (after the head that aligns a streamed
-// output; at channel 0 otherwise), so those loads are whole lines too: a load that
-// straddles two lines costs two L1 accesses, and a pass over memory has few to spare.
+// falls when its output positions are whole lines (after the head that aligns the output),
+// so those loads are whole lines too: a load that straddles two lines costs two L1
+// accesses, and a pass over memory has few to spare.
 //
 // Extension: a vector starts at a channel c < channels, or, where row groups start at the
-// head that aligns a streamed output (group_shift), up to 64 / sizeof(T) - 1 channels past
+// head that aligns the output (group_shift), up to 64 / sizeof(T) - 1 channels past
 // a row, so each array holds channels + max(kLanesF, 64 / sizeof(T)) values (no more: the
 // arrays compete with the data for L1).
 struct PeriodicCoefs {
@@ -57,12 +58,12 @@ struct PeriodicCoefs {
   Coefs<float> k;  // the extended arrays
   // a, m, b (and k1, k2, k3 for backward) of `src`; a missing one (unused) repeats m.
   template <class T>
-  PeriodicCoefs(const Coefs<float>& src, bool backward, index_t channels, const T* out, bool stream) {
+  PeriodicCoefs(const Coefs<float>& src, bool backward, index_t channels, const T* out) {
     auto or_m = [&](const float* p) { return p ? p : src.m; };
     const float* arrays[] = {or_m(src.a), src.m, or_m(src.b), or_m(src.k1), or_m(src.k2), or_m(src.k3)};
     const std::size_t count = backward ? 6 : 3;
     constexpr std::size_t line = 64 / sizeof(float);
-    const index_t head = stream ? line_head(out) : 0;
+    const index_t head = line_head(out);
     const std::size_t phase = head > 0 ? (64 - static_cast<std::size_t>(head) * sizeof(float) % 64) % 64 : 0;
     const auto len = static_cast<std::size_t>(channels + std::max<index_t>(kLanesF, 64 / sizeof(T)));
     const std::size_t stride = (len + line - 1) / line * line;  // in floats, from one array to the next
@@ -109,7 +110,7 @@ void affine1_direct(const T* x, T* y, index_t n, const Coefs<compute_t<T>>& k, i
       if (Periodic && (c += len) >= period) c %= period;
     }
   };
-  if (Stream) partial(unaligned_head(y, n));
+  if (Stream || Periodic) partial(unaligned_head(y, n));
   const index_t lines_end = Stream ? whole_lines_end<T>(i, n) : n;
   if constexpr (Periodic) {
     auto loop = [&](auto streamed, index_t end) {
@@ -171,7 +172,7 @@ void affine2_direct(const T* x, const T* dy, T* dx, index_t n, const Coefs<compu
   auto vec = [&](auto streamed, V a, V m, V b, V k1, V k2, V k3) {
     write<streamed.value>(dx + i, dx_at(load<V>(dy + i), load<V>(x + i), a, m, b, k1, k2, k3, L));
   };
-  if (Stream) partial(unaligned_head(dx, n));
+  if (Stream || Periodic) partial(unaligned_head(dx, n));
   const index_t lines_end = Stream ? whole_lines_end<T>(i, n) : n;
   if constexpr (Periodic) {
     auto loop = [&](auto streamed, index_t end) {
@@ -207,12 +208,12 @@ void affine2_direct(const T* x, const T* dy, T* dx, index_t n, const Coefs<compu
 // makes them the larger part of the traffic. Groups of kRowGroup rows then load each
 // coefficient vector once for all of them; narrower rows keep the one stretch, which is
 // faster there.
-// Groups need whole vectors and, when streamed, group rows that start on a cache line and
-// are whole lines (the streamed-store rule of whole_lines_end): rows a multiple of 64
-// bytes long and apart, and an output that starts on a line, or, for one contiguous
-// stretch, group rows shifted by the head that aligns it: a group row then runs from
-// channel h of one row to channel h - 1 of the next (NumPy puts large arrays 16 bytes
-// past a line).
+// Groups need whole vectors, and take group rows that start on a cache line and are whole
+// lines (required when streamed, by the rule of whole_lines_end; twice as fast otherwise):
+// rows a multiple of 64 bytes long and apart, and an output that starts on a line, or, for
+// one contiguous stretch, group rows shifted by the head that aligns it: a group row then
+// runs from channel h of one row to channel h - 1 of the next (NumPy puts large arrays 16
+// bytes past a line). Other rows take unaligned groups, or none when streamed.
 constexpr index_t kRowGroup = 4;
 constexpr std::size_t kRowGroupCoefBytes = 32 << 10;
 
@@ -223,11 +224,10 @@ inline index_t group_shift(index_t rows, index_t channels, int coef_arrays, bool
   if (rows < kRowGroup || channels % kLanesF != 0) return -1;
   if (static_cast<std::size_t>(channels) * sizeof(float) * static_cast<std::size_t>(coef_arrays) < kRowGroupCoefBytes)
     return -1;
-  if (!stream) return 0;
   const auto line = static_cast<index_t>(64 / sizeof(T));
-  if (out_stride % line != 0 || channels % line != 0) return -1;
   const index_t head = line_head(out);
-  return head == 0 || (head > 0 && contiguous) ? head : -1;
+  if (out_stride % line == 0 && channels % line == 0 && (head == 0 || (head > 0 && contiguous))) return head;
+  return stream ? -1 : 0;  // else groups whose stores straddle lines, which streamed stores must not
 }
 
 // Order of a wide-rows pass: with groups (h = group_shift(...) >= 0), the first h values
@@ -302,7 +302,7 @@ void affine1_rows(Strided<const T> x, Strided<T> y, index_t rows, index_t channe
   if (rows <= 0 || channels <= 0) return;
   const bool stream = out.stream;
   if constexpr (kDirect<T>) {
-    const PeriodicCoefs pc(k, false, channels, y.p, stream);
+    const PeriodicCoefs pc(k, false, channels, y.p);
     const Coefs<float>& kk = pc.k;
     with_flags(relu_on, stream, [&](auto r, auto st) {
       const bool contiguous = x.stride == channels && y.stride == channels;
@@ -348,7 +348,7 @@ void affine2_rows(Strided<const T> x, Strided<const T> dy, Strided<T> dx, index_
   const bool stream = out.stream;
   const bool contiguous = x.stride == channels && dy.stride == channels && dx.stride == channels;
   if constexpr (kDirect<T>) {
-    const PeriodicCoefs pc(k, true, channels, dx.p, stream);
+    const PeriodicCoefs pc(k, true, channels, dx.p);
     const Coefs<float>& kk = pc.k;
     with_flags(relu_on, stream, [&](auto r, auto st) {
       const index_t h = group_shift(rows, channels, r.value ? 6 : 4, stream, dx.p, dx.stride, contiguous);
@@ -393,7 +393,7 @@ void affine2w_rows(Strided<const T> x, Strided<const T> dy, Strided<const T> w, 
   using C = compute_t<T>;
   if (rows <= 0 || channels <= 0) return;
   if constexpr (kDirect<T>) {
-    const PeriodicCoefs pc(k, true, channels, dx.p, stream);
+    const PeriodicCoefs pc(k, true, channels, dx.p);
     with_flags(relu_on, stream, [&](auto r, auto st) {
       for (index_t i = 0; i < rows; ++i)
         affine2_direct<T, r.value, st.value, true, Weights::one>(x.p + i * x.stride, dy.p + i * dy.stride,

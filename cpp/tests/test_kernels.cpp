@@ -489,9 +489,10 @@ TYPED_TEST(Kernels, RowsKernels) {
 // Wide rows (C = 2048 and 4096: the coefficient arrays no longer fit L1) are written a group
 // of rows at a time; each value must come out as it does when the rows are passed one by
 // one. Rows 4, 6 and 9 leave 0, 2 and 1 rows after the last group; the output is 64-byte
-// aligned or 1 or 5 elements off (streamed and dense, the groups then start at the head
-// that aligns the output, in the middle of a row; padded, no groups), streamed or not,
-// dense or padded (a padded row of 16 more keeps every row aligned).
+// aligned or 1 or 5 elements off (dense, the groups then start at the head that aligns the
+// output, in the middle of a row; padded, no groups when streamed and groups that straddle
+// lines when not), streamed or not, dense or padded (a padded row of 16 more keeps every
+// row aligned).
 TYPED_TEST(Kernels, WideRowGroupsEqualRowByRow) {
   using T = TypeParam;
   using C = compute_t<T>;
