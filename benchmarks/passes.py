@@ -11,11 +11,14 @@ table, use ``python -m batchnorm bench`` (docs/performance.md).
     python benchmarks/passes.py                       # every shape, float32, 2 threads
     python benchmarks/passes.py r50-56-nchw,dense-4096x1024 moments,forward,backward float16 1,2
     python benchmarks/passes.py 64x4096@-1,16x8192 inference float32 1 --in-cache
+    python benchmarks/passes.py dense-256x4096 inference float32 1 --numpy-offset
 
 A shape is a name of the table or dimensions with an optional feature axis
 (``64x4096@-1``; the default axis is -1, channels last). ``--in-cache`` times the
 arithmetic rather than the memory: one set of arrays, small enough to stay in cache,
 called over and over; it prints microseconds per call (the best of 7 loops).
+``--numpy-offset`` starts x, dy and the output 16 bytes past a cache line, where NumPy
+puts its large arrays (glibc's block header), instead of on one.
 """
 
 from __future__ import annotations
@@ -35,14 +38,15 @@ SHAPES = {s.name: (s.dims, s.axis) for s in parse_shapes(DEFAULT_SHAPES) if s.ki
 MODEL_BYTES = {"moments": 1, **MODE_BYTES}
 
 
-def spaced(shape, dtype, k, fill=None):
+def spaced(shape, dtype, k, fill=None, extra=0):
     """An array of its own pages whose start is 64 * (67 * k mod 1024) bytes into a page
     group: arrays allocated one after another on the heap lie a power of two plus a few
     bytes apart when their size is a power of two, and a pass whose output starts a few
     bytes after its input modulo a large power of two runs at a third of its speed here
-    (copies too: docs/performance.md). Filled (touched: no page faults when timed)."""
+    (copies too: docs/performance.md). `extra` bytes further on. Filled (touched: no page
+    faults when timed)."""
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    offset = 64 * (67 * k % 1024)
+    offset = 64 * (67 * k % 1024) + extra
     raw = np.empty(nbytes + offset + 4096, np.uint8)
     start = (-raw.ctypes.data) % 4096 + offset
     a = raw[start : start + nbytes].view(dtype).reshape(shape)
@@ -50,12 +54,12 @@ def spaced(shape, dtype, k, fill=None):
     return a
 
 
-def make_calls(shape, axis, dtype, nbuf):
-    """nbuf sets of (x, dy, out) and, per mode, a call on set i."""
+def make_calls(shape, axis, dtype, nbuf, extra=0):
+    """nbuf sets of (x, dy, out), each `extra` bytes past a line, and, per mode, a call on set i."""
     rng = np.random.default_rng(0)
-    xs = [spaced(shape, dtype, 3 * i, rng.standard_normal(shape, dtype=np.float32)) for i in range(nbuf)]
-    dys = [spaced(shape, dtype, 3 * i + 1, rng.standard_normal(shape, dtype=np.float32)) for i in range(nbuf)]
-    outs = [spaced(shape, dtype, 3 * i + 2) for i in range(nbuf)]
+    xs = [spaced(shape, dtype, 3 * i, rng.standard_normal(shape, dtype=np.float32), extra) for i in range(nbuf)]
+    dys = [spaced(shape, dtype, 3 * i + 1, rng.standard_normal(shape, dtype=np.float32), extra) for i in range(nbuf)]
+    outs = [spaced(shape, dtype, 3 * i + 2, None, extra) for i in range(nbuf)]
     channels = shape[axis]
     mean, var = np.zeros(channels, np.float32), np.ones(channels, np.float32)
     gamma, beta = np.ones(channels, np.float32), np.zeros(channels, np.float32)
@@ -68,11 +72,11 @@ def make_calls(shape, axis, dtype, nbuf):
     }
 
 
-def measure_in_cache(shape, axis, mode, dtype, threads, *, loops=7):
+def measure_in_cache(shape, axis, mode, dtype, threads, *, loops=7, extra=0):
     """Microseconds per call on one set of arrays (the best of `loops` loops of calls)."""
     bn.set_num_threads(threads)
     dtype = _numpy_dtype(dtype)
-    call = make_calls(shape, axis, dtype, 1)[mode]
+    call = make_calls(shape, axis, dtype, 1, extra)[mode]
     calls = max(20, int(2e7 // (int(np.prod(shape)) * np.dtype(dtype).itemsize)))
     best = float("inf")
     for _ in range(loops):
@@ -83,12 +87,12 @@ def measure_in_cache(shape, axis, mode, dtype, threads, *, loops=7):
     return best * 1e6
 
 
-def measure(shape, axis, mode, dtype, threads, *, repeats=11, warmup=2):
+def measure(shape, axis, mode, dtype, threads, *, repeats=11, warmup=2, extra=0):
     bn.set_num_threads(threads)
     dtype = _numpy_dtype(dtype)
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
     nbuf = max(4, int(512e6 // (3 * nbytes)))
-    calls = make_calls(shape, axis, dtype, nbuf)
+    calls = make_calls(shape, axis, dtype, nbuf, extra)
     copies = [spaced((nbytes // 4,), np.float32, 3 * nbuf + i) for i in range(max(8, int(8e8 // nbytes)))]
     times, fractions = [], []
     for r in range(warmup + repeats):
@@ -118,7 +122,8 @@ def shape_of(name: str) -> tuple[tuple[int, ...], int]:
 
 def main(argv: list[str]) -> None:
     in_cache = "--in-cache" in argv
-    argv = [a for a in argv if a != "--in-cache"]
+    extra = 16 if "--numpy-offset" in argv else 0
+    argv = [a for a in argv if a not in ("--in-cache", "--numpy-offset")]
     names = argv[0].split(",") if argv and argv[0] != "all" else list(SHAPES)
     modes = argv[1].split(",") if len(argv) > 1 else ["inference", "forward", "backward"]
     dtypes = argv[2].split(",") if len(argv) > 2 else ["float32"]
@@ -130,10 +135,10 @@ def main(argv: list[str]) -> None:
                 shape, axis = shape_of(name)
                 for mode in modes:
                     if in_cache:
-                        us = measure_in_cache(shape, axis, mode, dtype, nt)
+                        us = measure_in_cache(shape, axis, mode, dtype, nt, extra=extra)
                         print(f"{nt} threads  {dtype:8s} {name:16s} {mode:9s} {us:9.1f} us per call, in cache")
                         continue
-                    t, f = measure(shape, axis, mode, dtype, nt)
+                    t, f = measure(shape, axis, mode, dtype, nt, extra=extra)
                     print(f"{nt} threads  {dtype:8s} {name:16s} {mode:9s} {t * 1e3:8.3f} ms  {f:5.2f} of the limit")
 
 
