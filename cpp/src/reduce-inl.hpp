@@ -24,7 +24,7 @@ inline void reduce1_run(const T* x, const T* w, index_t n, double m, Sums& sums,
   auto weight = [&](index_t i) { return Weighted ? promote(load<Narrow<T>>(w + i)) : vm; };
   index_t i = 0;
   for (; i + kUnroll * W <= n; i += kUnroll * W) {
-    if (ahead) prefetch(x + i + ahead), prefetch(x + i + ahead + kUnroll * W - 1);
+    if (ahead) prefetch_lines(x + i + ahead, kUnroll * W);
     for (int u = 0; u < kUnroll; ++u) step(sub(promote(load<Narrow<T>>(x + i + u * W)), vm), weight(i + u * W), u);
   }
   for (; i + W <= n; i += W) step(sub(promote(load<Narrow<T>>(x + i)), vm), weight(i), 0);
@@ -48,8 +48,8 @@ inline void reduce2_run(const T* x, const T* dy, index_t n, C a, C m, C b, Sums&
   index_t i = 0;
   for (; i + kUnroll * W <= n; i += kUnroll * W) {
     if (ahead) {
-      prefetch(x + i + ahead), prefetch(x + i + ahead + kUnroll * W - 1);
-      prefetch(dy + i + ahead), prefetch(dy + i + ahead + kUnroll * W - 1);
+      prefetch_lines(x + i + ahead, kUnroll * W);
+      prefetch_lines(dy + i + ahead, kUnroll * W);
     }
     for (int u = 0; u < kUnroll; ++u) step(load<V>(x + i + u * W), load<V>(dy + i + u * W), u);
   }
@@ -139,8 +139,7 @@ void for_row_tiles(std::initializer_list<Strided<const T>> operands, index_t row
       for (const Strided<const T>& a : operands) {
         const index_t ahead = std::max(kAheadRows, height * a.stride);  // at least the next tile's rows
         for (index_t r = r0; r < r1; ++r) {
-          const T* next = a.p + r * a.stride + c + ahead;
-          prefetch(next), prefetch(next + lane0(kTileVectors) - 1);
+          prefetch_lines(a.p + r * a.stride + c + ahead, lane0(kTileVectors));
         }
       }
       tile(r0, r1, c, std::integral_constant<std::size_t, kTileVectors>{});
