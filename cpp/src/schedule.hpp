@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <cstddef>
 #include <initializer_list>
@@ -273,9 +274,16 @@ inline index_t reverse_chunk(const Plan& p, const Runs& runs, std::size_t reread
   return static_cast<index_t>(std::max<std::size_t>(1, kReverseChunkBytes / std::max<std::size_t>(1, item_bytes)));
 }
 
+// Pieces per thread of a front-to-back elementwise pass, taken in turn from a shared
+// counter: a thread that starts late (one woken from its sleep takes 30-250 us here) then
+// takes fewer, instead of the others waiting for its fixed share. Each value is computed
+// the same whichever thread computes it, so the result does not change.
+constexpr index_t kPiecesPerThread = 4;
+
 // An elementwise pass (affine-1 or affine-2) reading `value_bytes` per value; rows_fn takes
 // for_channel_rows's arguments. After a sum pass that read `reread_bytes` per element it goes
-// back to front where that pays (see kReverseChunkBytes); 0: front to back.
+// back to front where that pays (see kReverseChunkBytes), each thread over its own share;
+// 0: front to back, in pieces (kPiecesPerThread).
 template <class RowsFn, class RunFn>
 void map_pass(const Plan& p, std::size_t value_bytes, const RowsFn& rows_fn, const RunFn& run_fn,
               std::size_t reread_bytes = 0) {
@@ -291,18 +299,29 @@ void map_pass(const Plan& p, std::size_t value_bytes, const RowsFn& rows_fn, con
     });
     return;
   }
+  auto range = [&](index_t lo, index_t hi) {
+    if (p.kind == Kind::channels_last)
+      for_rows(p, lo, hi, [&](const Offsets& off, index_t nrows, const Offsets& rs, index_t c0) {
+        rows_fn(off, nrows, rs, c0, row_channels(p));
+      });
+    else
+      for_run_groups(p, runs, runs.outer_major, lo, hi, run_fn);
+  };
+  if (chunk <= 0) {
+    const auto pieces = static_cast<int>(nt > 1 ? std::min<index_t>(items, index_t{nt} * kPiecesPerThread) : 1);
+    std::atomic<int> next{0};
+    parallel(nt, p.channels * p.count, [&](int, int) {
+      for (int k; (k = next.fetch_add(1, std::memory_order_relaxed)) < pieces;) {
+        index_t lo, hi;
+        partition(items, k, pieces, lo, hi);
+        range(lo, hi);
+      }
+    });
+    return;
+  }
   parallel(nt, p.channels * p.count, [&](int t, int n) {
     index_t begin, end;
     partition(items, t, n, begin, end);
-    auto range = [&](index_t lo, index_t hi) {
-      if (p.kind == Kind::channels_last)
-        for_rows(p, lo, hi, [&](const Offsets& off, index_t nrows, const Offsets& rs, index_t c0) {
-          rows_fn(off, nrows, rs, c0, row_channels(p));
-        });
-      else
-        for_run_groups(p, runs, runs.outer_major, lo, hi, run_fn);
-    };
-    if (chunk <= 0) return range(begin, end);
     for (index_t hi = end; hi > begin;) {
       const index_t lo = std::max(begin, hi - chunk);
       range(lo, hi);

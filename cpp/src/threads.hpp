@@ -1,6 +1,7 @@
 // Static partitions for OpenMP: the work is split into contiguous, equal ranges by thread
 // number, so what each thread computes, and the order partial results are merged in,
-// depend only on the thread count.
+// depend only on the thread count. (Elementwise passes may also hand out pieces in turn,
+// map_pass: no value depends on which thread computes it.)
 #pragma once
 
 #include <algorithm>
