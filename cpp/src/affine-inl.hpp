@@ -7,8 +7,9 @@
 // The direct bodies compute in registers and write large outputs with non-temporal stores
 // straight from them, after a head that aligns the output to a cache line (rows align it
 // whether streamed or not: NumPy puts large arrays 16 bytes past a line, and vectors that
-// straddle lines cost row groups half their speed); run edges are partial vectors. Every value is computed by the same
-// operations whichever part of a body (or the general loops) computes it.
+// straddle lines cost row groups half their speed); run edges are partial vectors. Every
+// value is computed by the same operations whichever part of a body (or the general
+// loops) computes it.
 
 // Elements before p is on a 64-byte boundary, or -1 if it never is (p not T-aligned).
 template <class T>

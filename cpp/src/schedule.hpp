@@ -357,6 +357,13 @@ constexpr index_t ahead_elements() {
   return static_cast<index_t>(kAheadBytes / sizeof(T));
 }
 
+// The output of an elementwise pass in memory order: streamed, or prefetched as far ahead as
+// its reads (Output::ahead_out; measured: docs/performance.md).
+template <class T>
+Output memory_order_output(bool stream) {
+  return Output(stream, ahead_elements<T>(), ahead_elements<T>());
+}
+
 // The channel-block passes prefetch their output two runs on (Output::ahead_out; the
 // memory-order passes, as far as their reads): the runs lie far apart, and the line then
 // arrives while the run before is written.
@@ -569,11 +576,11 @@ void affine1(const Plan& p, const T* x, T* y, const Coefs<compute_t<T>>& k, bool
       p, sizeof(T),
       [&](const Offsets& off, index_t rows, const Offsets& rs, index_t c0, index_t nc) {
         kt.affine1_rows(rows_array(x, off, rs, kX), rows_array(y, off, rs, kY), rows, nc, k.from(c0), relu,
-                        Output(stream, ahead_elements<T>(), ahead_elements<T>()));
+                        memory_order_output<T>(stream));
       },
       [&](const RunGroup& g) {
         kt.affine1_runs(run_array(x, g, kX), run_array(y, g, kY), run_shape(g), k.from(g.c), relu,
-                        Output(stream, ahead_elements<T>(), ahead_elements<T>()));
+                        memory_order_output<T>(stream));
       },
       after_sums ? sizeof(T) : 0);
 }
@@ -739,7 +746,7 @@ void affine2(BackwardSetup<T>& b, const T* dy, const T* x, T* dx, const Affine<s
                            rows_array(dx, off, rs, kDx), rows, nc, kv.from(c0), relu, stream);
         else
           kt.affine2_rows(rows_array(x, off, rs, kX), rows_array(dy, off, rs, kDy), rows_array(dx, off, rs, kDx), rows,
-                          nc, kv.from(c0), relu, Output(stream, ahead_elements<T>(), ahead_elements<T>()));
+                          nc, kv.from(c0), relu, memory_order_output<T>(stream));
       },
       [&](const RunGroup& g) {
         if (w)
@@ -747,7 +754,7 @@ void affine2(BackwardSetup<T>& b, const T* dy, const T* x, T* dx, const Affine<s
                            run_shape(g), kv.from(g.c), relu, stream);
         else
           kt.affine2_runs(run_array(x, g, kX), run_array(dy, g, kDy), run_array(dx, g, kDx), run_shape(g), kv.from(g.c),
-                          relu, Output(stream, ahead_elements<T>(), ahead_elements<T>()));
+                          relu, memory_order_output<T>(stream));
       },
       2 * sizeof(T));  // x and dy were just summed, or were by backward_sums
 }
